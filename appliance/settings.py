@@ -1,0 +1,745 @@
+"""appliance.yml: schema, validation, derivation.
+
+The schema is a tree of frozen dataclasses; each field's metadata carries its doc line
+(used for the commented example config) and an optional check. `load()` collects every
+problem in one pass and raises one ConfigError listing them all with their key paths,
+so an admin fixes the file once instead of once per error. `derive()` is the one
+place that fills in values computed from others; it returns new objects and mutates
+nothing, so `show-config` prints exactly what the recipes see.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from appliance.errors import ConfigError
+
+DEFAULT_CONFIG = "/etc/appliance/appliance.yml"
+SENSITIVE_KEYS = {"initial_root_password", "internal_key", "secretkey", "accountkey",
+                  "accesskeysecret", "password", "keyfile_contents", "Authorization"}
+
+# ---------------------------------------------------------------- value checks
+# A check returns None when the value is fine, else what was expected.
+
+_HOST_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_HOSTNAME = re.compile(rf"^{_HOST_LABEL}(\.{_HOST_LABEL})*\.?$")
+_UNSAFE = re.compile(r"[;{}'\"\s\\$#`]")
+_DURATION = re.compile(r"^\d+(ns|us|µs|ms|s|m|h)$")
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096")
+
+
+def is_hostname(value: str) -> bool:
+    if _HOSTNAME.match(value):
+        return True
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return False
+
+
+def check_host_port(value: str) -> str | None:
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535 or not host \
+            or not is_hostname(host):
+        return "host:port with a port 1-65535"
+    return None
+
+
+def check_port(value: int) -> str | None:
+    return None if 1 <= value <= 65535 else "a port number 1-65535"
+
+
+def check_positive(value: int) -> str | None:
+    return None if value > 0 else "a number greater than 0"
+
+
+def check_safe_path(value: str) -> str | None:
+    if not value.startswith("/"):
+        return "an absolute path"
+    if _UNSAFE.search(value):
+        return "a path without spaces, quotes, ';', '{', '}', '$', '#' or backslashes"
+    return None
+
+
+def check_url(value: str, schemes: tuple[str, ...] = ("http", "https")) -> str | None:
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not parts.hostname:
+        return f"a URL starting with {' or '.join(s + '://' for s in schemes)}"
+    if _UNSAFE.search(value):
+        return "a URL without spaces, quotes, ';', '{', '}' or '$'"
+    if not is_hostname(parts.hostname):
+        return "a URL whose host is a valid host name"
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        return "a URL with a port 1-65535"
+    return None
+
+
+def check_site_url(value: str) -> str | None:
+    problem = check_url(value)
+    if problem:
+        return problem
+    parts = urlsplit(value)
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return "a URL with no path, like https://registry.example.com"
+    return None
+
+
+def check_listen_address(value: str) -> str | None:
+    if value in ("*", "[::]"):
+        return None
+    try:
+        ipaddress.ip_address(value.strip("[]"))
+        return None
+    except ValueError:
+        return "an IP address, '*' or '[::]'"
+
+
+def check_duration(value: str) -> str | None:
+    return None if _DURATION.match(str(value)) else "a duration such as 500ms, 1s or 5m"
+
+
+def check_key_type(value: str) -> str | None:
+    return None if value in KEY_TYPES else "one of " + ", ".join(KEY_TYPES)
+
+
+def check_email(value: str) -> str | None:
+    return None if re.match(r"^[^@\s;{}'\"]+@[A-Za-z0-9.-]+$", value) else "an email address"
+
+
+def check_username(value: str) -> str | None:
+    return None if re.match(r"^[a-z_][a-z0-9_-]{0,31}$", value) else "a system user name"
+
+
+def check_log_level(value: str) -> str | None:
+    levels = ("error", "warn", "info", "debug")
+    return None if value in levels else "one of " + ", ".join(levels)
+
+
+def check_pem_key(value: str) -> str | None:
+    return None if "-----BEGIN" in value and "PRIVATE KEY-----" in value \
+        else "a PEM private key (-----BEGIN ... PRIVATE KEY-----)"
+
+
+def doc(text: str, check: typing.Callable[[Any], str | None] | None = None,
+        example: Any = None) -> dict:
+    return {"doc": text, "check": check, "example": example}
+
+
+def setting(default: Any, text: str, check: typing.Callable | None = None,
+            example: Any = None) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d),
+                     metadata=doc(text, check, example))
+    return field(default=default, metadata=doc(text, check, example))
+
+
+def section(cls: type, text: str) -> Any:
+    return field(default_factory=cls, metadata=doc(text))
+
+
+# ---------------------------------------------------------------- the schema
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    enable: bool = setting(True, "Run the registry. false stops it and removes its vhost; "
+                                 "images stay on disk.")
+    http_addr: str = setting("127.0.0.1:5000", "Internal address the registry listens on "
+                             "(nginx proxies to it). Not the public port.", check_host_port)
+    storage_path: str | None = setting(None, "Filesystem storage directory. "
+                                       "Default: <root>/var/opt/appliance/registry/data.",
+                                       check_safe_path)
+    storage: dict = setting({}, "Storage driver hash, as in the registry's config: "
+                            "{s3: {bucket: ..., region: ...}}, azure, gcs, swift, oss; "
+                            "plus optional cache, redirect, maintenance. Empty = filesystem.",
+                            example={"s3": {"accesskey": "AKIA...", "secretkey": "...",
+                                            "bucket": "registry", "region": "us-east-1"}})
+    storage_delete_enabled: bool = setting(True, "Allow deleting images by digest or tag.")
+    notifications: list = setting([], "Webhook endpoints: name, url, headers, timeout, "
+                                  "threshold, backoff, disabled.",
+                                  example=[{"name": "listener", "url": "https://hooks.example.com/event",
+                                            "timeout": "500ms", "threshold": 5, "backoff": "1s",
+                                            "headers": {"Authorization": ["Bearer TOKEN"]}}])
+    debug_addr: str | None = setting(None, "Debug server address (/debug/health, /debug/vars, "
+                                     "/metrics), e.g. 127.0.0.1:5001.", check_host_port)
+    compatibility_schema1_enabled: bool = setting(False, "Accept schema1 manifests from "
+                                                  "Docker 1.9 and older.")
+    env: dict = setting({}, "Extra environment for the registry process, e.g. "
+                        "REGISTRY_HTTP_RELATIVEURLS: true.",
+                        example={"REGISTRY_HTTP_RELATIVEURLS": True})
+    issuer: str = setting("appliance-issuer", "Token issuer: the auth service signs as this, "
+                          "the registry expects it.")
+    service: str = setting("container_registry", "Token service (audience) name.")
+    internal_key: str | None = setting(None, "PEM token-signing key to use instead of the "
+                                       "generated one (external registry set-ups).", check_pem_key)
+    key_path: str | None = setting(None, "Where the token-signing key is written. "
+                                   "Default: <root>/var/opt/appliance/auth/token-signing.key.",
+                                   check_safe_path)
+    token_key_type: str = setting("ec-p256", "Type of a generated token-signing key "
+                                  "(ec-p256 signs ~10x faster than rsa).", check_key_type)
+    log_level: str = setting("info", "Registry log level.", check_log_level)
+    health_storagedriver_enabled: bool = setting(True, "Registry health check of its storage.")
+    username: str = setting("appliance-registry", "Account the registry runs as (when "
+                            "reconfigure runs as root).", check_username)
+
+
+@dataclass(frozen=True)
+class RegistryNginxSettings:
+    enable: bool = setting(True, "Serve the registry through nginx (follows registry.enable).")
+    listen_port: int | None = setting(None, "Port of the registry vhost. Default: the port of "
+                                      "registry_external_url (5050 on the main host, 443 on its "
+                                      "own domain).", check_port)
+    ssl_certificate: str | None = setting(None, "Certificate file (full chain). Default: "
+                                          "<root>/etc/appliance/ssl/<registry host>.crt; setting "
+                                          "it turns Let's Encrypt off.", check_safe_path)
+    ssl_certificate_key: str | None = setting(None, "Key of ssl_certificate. Default: "
+                                              "<root>/etc/appliance/ssl/<registry host>.key.",
+                                              check_safe_path)
+    ssl_protocols: str = setting("TLSv1.2 TLSv1.3", "nginx ssl_protocols.")
+    proxy_timeout: int = setting(900, "Seconds nginx waits on a slow push or pull.",
+                                 check_positive)
+
+
+@dataclass(frozen=True)
+class NginxSettings:
+    http_port: int = setting(80, "Plain-HTTP port: redirects to https and answers Let's "
+                             "Encrypt http-01 challenges.", check_port)
+    listen_addresses: list = setting(["*"], "Addresses nginx listens on ('*', '[::]', or IPs).")
+    worker_processes: str = setting("auto", "nginx worker_processes.")
+    redirect_http_to_https: bool = setting(True, "Redirect plain HTTP to the registry's https URL.")
+
+
+@dataclass(frozen=True)
+class WebServerSettings:
+    username: str = setting("appliance-www", "Account nginx workers run as (when "
+                            "reconfigure runs as root).", check_username)
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    listen_addr: str = setting("127.0.0.1:5100", "Address the token service listens on.",
+                               check_host_port)
+    workers: int = setting(2, "Token service worker processes.", check_positive)
+    token_lifetime: int = setting(300, "Seconds a registry token is valid.", check_positive)
+    refresh_token_lifetime: int = setting(2592000, "Seconds a docker login refresh token "
+                                          "is valid.", check_positive)
+    database_path: str | None = setting(None, "SQLite database. Default: "
+                                        "<root>/var/opt/appliance/auth/auth.db.", check_safe_path)
+    max_failed_logins: int = setting(10, "Failed sign-ins per user or address before 429.",
+                                     check_positive)
+    failed_login_window: int = setting(300, "Seconds over which failed sign-ins count.",
+                                       check_positive)
+    credential_cache_ttl: int = setting(30, "Seconds a verified password is remembered "
+                                        "(a password change ends it at once).", check_positive)
+    username: str = setting("appliance-auth", "Account the token service runs as (when "
+                            "reconfigure runs as root).", check_username)
+
+
+@dataclass(frozen=True)
+class LetsEncryptSettings:
+    enable: bool | None = setting(None, "Obtain certificates from Let's Encrypt. Default: on "
+                                  "for an https URL with a public host name and no "
+                                  "certificate files configured.")
+    directory_url: str = setting("https://acme-v02.api.letsencrypt.org/directory",
+                                 "ACME directory (staging: https://acme-staging-v02.api."
+                                 "letsencrypt.org/directory).", check_url)
+    ca_bundle: str | None = setting(None, "CA bundle to trust for the ACME directory "
+                                    "(a private ACME server).", check_safe_path)
+    contact_emails: list = setting([], "Emails Let's Encrypt writes to about expiry.",
+                                   example=["admin@example.com"])
+    key_type: str = setting("ec-p256", "Certificate key type.", check_key_type)
+    renew_before_days: int = setting(30, "Renew this many days before expiry.", check_positive)
+    auto_renew: bool = setting(True, "Run the renewer (twice a day, per-host jitter).")
+    runs_per_day: int = setting(2, "Renewal checks per day.", check_positive)
+
+
+@dataclass(frozen=True)
+class DefaultProjectsFeatures:
+    container_registry: bool = setting(True, "Registry on for new projects (owners may "
+                                       "change it per project).")
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    max_bytes: int = setting(50 * 1024 * 1024, "Rotate a service log at this size.",
+                             check_positive)
+    backups: int = setting(10, "Rotated logs kept per service.", check_positive)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every path the appliance uses, derived from `root` (never read from the file)."""
+
+    root: Path
+    config_dir: Path
+    config_file: Path
+    secrets_file: Path
+    initial_root_password_file: Path
+    ssl_dir: Path
+    data_dir: Path
+    log_dir: Path
+    lock_file: Path
+    supervisor_dir: Path
+    supervisor_config: Path
+    supervisor_socket: Path
+    registry_dir: Path
+    registry_config: Path
+    token_bundle: Path
+    nginx_dir: Path
+    nginx_config: Path
+    acme_webroot: Path
+    auth_dir: Path
+    auth_config: Path
+    token_signing_certificate: Path
+
+    @classmethod
+    def under(cls, root: Path, config_file: Path) -> Paths:
+        config_dir = root / "etc/appliance"
+        data = root / "var/opt/appliance"
+        return cls(
+            root=root, config_dir=config_dir, config_file=config_file,
+            secrets_file=config_dir / "appliance-secrets.json",
+            initial_root_password_file=config_dir / "initial_root_password",
+            ssl_dir=config_dir / "ssl", data_dir=data, log_dir=root / "var/log/appliance",
+            lock_file=data / "reconfigure.lock",
+            supervisor_dir=data / "supervisor",
+            supervisor_config=data / "supervisor/supervisord.conf",
+            supervisor_socket=data / "supervisor/supervisor.sock",
+            registry_dir=data / "registry", registry_config=data / "registry/config.yml",
+            token_bundle=data / "registry/token-bundle.crt",
+            nginx_dir=data / "nginx", nginx_config=data / "nginx/conf/nginx.conf",
+            acme_webroot=data / "nginx/acme-webroot",
+            auth_dir=data / "auth", auth_config=data / "auth/config.json",
+            token_signing_certificate=data / "auth/token-signing.crt",
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    root: str = setting("/", "Every default path lives under this directory (tests and demos "
+                        "run the whole appliance unprivileged in a temporary one).",
+                        check_safe_path)
+    external_url: str = setting("https://localhost", "URL of this host.", check_site_url)
+    registry_external_url: str | None = setting(
+        None, "URL users docker login to. Default: port 5050 of external_url's host.",
+        check_site_url, example="https://registry.example.com")
+    initial_root_password: str | None = setting(None, "Password of the admin user root on "
+                                                "first reconfigure. Default: generated, written "
+                                                "to <root>/etc/appliance/initial_root_password.")
+    manage_accounts: bool = setting(True, "Create the service accounts when running as root.")
+    registry: RegistrySettings = section(RegistrySettings, "The Distribution registry.")
+    registry_nginx: RegistryNginxSettings = section(RegistryNginxSettings,
+                                                    "The registry's nginx vhost.")
+    nginx: NginxSettings = section(NginxSettings, "nginx as a whole.")
+    web_server: WebServerSettings = section(WebServerSettings, "nginx worker account.")
+    auth: AuthSettings = section(AuthSettings, "The token service.")
+    letsencrypt: LetsEncryptSettings = section(LetsEncryptSettings, "Let's Encrypt.")
+    default_projects_features: DefaultProjectsFeatures = section(
+        DefaultProjectsFeatures, "Defaults for new projects.")
+    logging: LoggingSettings = section(LoggingSettings, "Service logs.")
+
+    # Derived by derive(); never read from the file.
+    paths: Paths | None = field(default=None, metadata={"derived": True})
+    host: str = field(default="", metadata={"derived": True})
+    registry_host: str = field(default="", metadata={"derived": True})
+    registry_port: int = field(default=0, metadata={"derived": True})
+    registry_on_own_domain: bool = field(default=False, metadata={"derived": True})
+    token_realm: str = field(default="", metadata={"derived": True})
+    run_as_root: bool = field(default=False, metadata={"derived": True})
+
+    @property
+    def auth_database(self) -> Path:
+        return Path(self.auth.database_path)
+
+    @property
+    def default_registry_enabled(self) -> bool:
+        return self.default_projects_features.container_registry
+
+
+# ---------------------------------------------------------------- loading
+
+def config_path(cli_path: str | None) -> tuple[Path, bool]:
+    """Which config to read, and whether the admin named it (a named file must exist)."""
+    if cli_path:
+        return Path(cli_path), True
+    if os.environ.get("APPLIANCE_CONFIG"):
+        return Path(os.environ["APPLIANCE_CONFIG"]), True
+    return Path(DEFAULT_CONFIG), False
+
+
+def read_config(path: Path, must_exist: bool) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        if must_exist:
+            raise ConfigError(f"{path}: no such file; create it (appliance-ctl example-config "
+                              f"prints a commented one) or leave out -c.") from None
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc.strerror}.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, not "
+                          f"{type(data).__name__}.")
+    return data
+
+
+def load(path: Path, must_exist: bool = False, overrides: dict | None = None) -> Settings:
+    raw = read_config(path, must_exist)
+    if overrides:
+        raw = {**raw, **overrides}
+    problems: list[str] = []
+    settings = _build(Settings, raw, "", problems)
+    problems.extend(_cross_checks(settings))
+    if problems:
+        raise ConfigError(f"{path}: {len(problems)} problem{'s' * (len(problems) > 1)} "
+                          f"found; nothing was changed.", problems)
+    return derive(settings, path)
+
+
+def _type_name(tp: Any) -> str:
+    names = {bool: "true or false", int: "a whole number", str: "a string", list: "a list",
+             dict: "a mapping"}
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args:
+        return names.get(args[0], str(args[0]))
+    return names.get(tp, str(tp))
+
+
+def _matches(tp: Any, value: Any) -> bool:
+    args = typing.get_args(tp)
+    if args and (typing.get_origin(tp) in (typing.Union, types.UnionType)):
+        return any(_matches(a, value) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.')}: expected a mapping of keys, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("derived")}
+    values = {}
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else \
+                f"; valid keys here: {', '.join(sorted(fields))}"
+            problems.append(f"{path}: unknown key{hint}")
+            continue
+        f, tp = fields[key], hints[key]
+        if dataclasses.is_dataclass(tp):
+            values[key] = _build(tp, value if value is not None else {}, f"{path}.", problems)
+            continue
+        if not _matches(tp, value):
+            problems.append(f"{path}: {_show(key, value)} is not {_type_name(tp)}")
+            continue
+        check = f.metadata.get("check")
+        if check and value is not None:
+            problem = check(value)
+            if problem:
+                problems.append(f"{path}: {_show(key, value)} is not {problem}")
+                continue
+        values[key] = value
+    return cls(**values)
+
+
+def _show(key: str, value: Any) -> str:
+    if key in SENSITIVE_KEYS:
+        return "the value"
+    text = f'"{value}"' if isinstance(value, str) else repr(value)
+    return text if len(text) < 80 else text[:77] + '..."'
+
+
+# Storage drivers the registry knows, with the keys each one cannot do without.
+STORAGE_DRIVERS = {
+    "filesystem": (),
+    "s3": ("bucket", "region"),
+    "azure": ("accountname", "accountkey", "container"),
+    "gcs": ("bucket",),
+    "swift": ("username", "password", "authurl", "container"),
+    "oss": ("accesskeyid", "accesskeysecret", "region", "bucket"),
+    "inmemory": (),
+}
+STORAGE_EXTRAS = ("cache", "redirect", "maintenance", "delete")
+
+
+def _cross_checks(s: Settings) -> list[str]:
+    """Checks that look at more than one value, or inside free-form hashes."""
+    problems = []
+    storage = s.registry.storage
+    drivers = [k for k in storage if k not in STORAGE_EXTRAS]
+    for key in drivers:
+        if key not in STORAGE_DRIVERS:
+            close = difflib.get_close_matches(key, STORAGE_DRIVERS, n=1)
+            hint = f"; did you mean {close[0]}?" if close else \
+                f"; drivers: {', '.join(STORAGE_DRIVERS)}"
+            problems.append(f"registry.storage.{key}: unknown storage driver{hint}")
+    if len(drivers) > 1:
+        problems.append(f"registry.storage: one driver at a time, found {', '.join(drivers)}")
+    for key in drivers:
+        params = storage[key]
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            problems.append(f"registry.storage.{key}: expected a mapping of driver settings")
+            continue
+        for required in STORAGE_DRIVERS.get(key, ()):
+            if params.get(required) in (None, ""):
+                problems.append(f"registry.storage.{key}.{required}: required by the {key} driver")
+        if "regionendpoint" in params and check_url(str(params["regionendpoint"])):
+            problems.append(f"registry.storage.{key}.regionendpoint: "
+                            f"\"{params['regionendpoint']}\" is not a URL such as "
+                            f"http://127.0.0.1:9000")
+        if "chunksize" in params and (not isinstance(params["chunksize"], int)
+                                      or params["chunksize"] < 5 * 1024 * 1024):
+            problems.append(f"registry.storage.{key}.chunksize: must be a whole number of "
+                            f"bytes, at least 5242880 (25000000 to 50000000 is typical)")
+    redirect = storage.get("redirect")
+    if redirect is not None and (not isinstance(redirect, dict) or
+                                 not isinstance(redirect.get("disable", False), bool)):
+        problems.append("registry.storage.redirect: expected {disable: true|false}")
+
+    names = set()
+    for i, endpoint in enumerate(s.registry.notifications):
+        where = f"registry.notifications[{i}]"
+        if not isinstance(endpoint, dict):
+            problems.append(f"{where}: expected a mapping with name and url")
+            continue
+        allowed = {"name", "url", "headers", "timeout", "threshold", "backoff", "disabled",
+                   "ignoredmediatypes", "ignore"}
+        for key in endpoint:
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), allowed, n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                problems.append(f"{where}.{key}: unknown key{hint}")
+        if not endpoint.get("name"):
+            problems.append(f"{where}.name: required")
+        elif endpoint["name"] in names:
+            problems.append(f"{where}.name: \"{endpoint['name']}\" is used twice")
+        names.add(endpoint.get("name"))
+        if not endpoint.get("url") or check_url(str(endpoint["url"])):
+            problems.append(f"{where}.url: required, a URL starting with http:// or https://")
+        for key in ("timeout", "backoff"):
+            if key in endpoint and check_duration(endpoint[key]):
+                problems.append(f"{where}.{key}: \"{endpoint[key]}\" is not a duration such as "
+                                f"500ms, 1s or 5m")
+        if "threshold" in endpoint and (not isinstance(endpoint["threshold"], int)
+                                        or endpoint["threshold"] < 1):
+            problems.append(f"{where}.threshold: a whole number of failures, at least 1")
+        headers = endpoint.get("headers", {})
+        if not isinstance(headers, dict) or not all(
+                isinstance(v, list) and all(isinstance(x, str) for x in v)
+                for v in headers.values()):
+            problems.append(f"{where}.headers: a mapping of header name to a list of strings, "
+                            f"e.g. {{Authorization: [\"Bearer TOKEN\"]}}")
+
+    for key, value in s.registry.env.items():
+        if not _ENV_NAME.match(str(key)):
+            problems.append(f"registry.env.{key}: not an environment variable name "
+                            f"(A-Z, 0-9, _)")
+        elif not isinstance(value, (str, int, bool)) or "\n" in str(value):
+            problems.append(f"registry.env.{key}: a single-line string, number or boolean")
+
+    for i, address in enumerate(s.nginx.listen_addresses):
+        if not isinstance(address, str) or check_listen_address(address):
+            problems.append(f"nginx.listen_addresses[{i}]: \"{address}\" is not an IP address, "
+                            f"'*' or '[::]'")
+    if not s.nginx.listen_addresses:
+        problems.append("nginx.listen_addresses: at least one address")
+    for i, email in enumerate(s.letsencrypt.contact_emails):
+        if not isinstance(email, str) or check_email(email):
+            problems.append(f"letsencrypt.contact_emails[{i}]: \"{email}\" is not an email "
+                            f"address")
+    if not re.match(r"^(auto|\d{1,3})$", s.nginx.worker_processes):
+        problems.append(f"nginx.worker_processes: \"{s.nginx.worker_processes}\" is not "
+                        f"'auto' or a number")
+
+    rn = s.registry_nginx
+    if bool(rn.ssl_certificate) != bool(rn.ssl_certificate_key):
+        problems.append("registry_nginx.ssl_certificate_key: set both ssl_certificate and "
+                        "ssl_certificate_key, or neither")
+    if rn.ssl_certificate and s.letsencrypt.enable:
+        problems.append("letsencrypt.enable: true conflicts with registry_nginx.ssl_certificate; "
+                        "remove the certificate paths to use Let's Encrypt, or set "
+                        "letsencrypt.enable: false")
+    registry_url = s.registry_external_url or s.external_url
+    if urlsplit(registry_url).scheme != "https":
+        problems.append(f"registry_external_url: \"{registry_url}\" must be https; clients "
+                        f"refuse plain-HTTP registries unless each one is told it is insecure")
+    ports = {}
+    port = rn.listen_port or urlsplit(registry_url).port or \
+        (5050 if not s.registry_external_url else 443)
+    for name, value in (("nginx.http_port", s.nginx.http_port),
+                        ("registry_nginx.listen_port", port)):
+        if value in ports:
+            problems.append(f"{name}: {value} is also {ports[value]}; pick another port")
+        ports[value] = name
+    addrs = {"registry.http_addr": s.registry.http_addr, "auth.listen_addr": s.auth.listen_addr}
+    if s.registry.debug_addr:
+        addrs["registry.debug_addr"] = s.registry.debug_addr
+    seen: dict[str, str] = {}
+    for name, value in addrs.items():
+        if value in seen:
+            problems.append(f"{name}: {value} is also {seen[value]}; pick another port")
+        seen[value] = name
+    return problems
+
+
+# ---------------------------------------------------------------- derivation
+
+def is_public_name(host: str) -> bool:
+    """Let's Encrypt can only vouch for names the internet can resolve."""
+    try:
+        ipaddress.ip_address(host)
+        return False
+    except ValueError:
+        pass
+    return "." in host and not host.endswith((".local", ".localhost", ".test", ".internal",
+                                              ".example", ".invalid", ".lan", ".home.arpa"))
+
+
+def derive(s: Settings, config_file: Path | None = None) -> Settings:
+    """Fill in every value that follows from others; returns a new Settings."""
+    root = Path(s.root)
+    paths = Paths.under(root, config_file or Path(DEFAULT_CONFIG))
+    host = urlsplit(s.external_url).hostname or "localhost"
+    registry_url = s.registry_external_url or f"https://{host}:5050"
+    parts = urlsplit(registry_url)
+    registry_host = parts.hostname or host
+    registry_port = parts.port or 443
+    own_domain = registry_host != host
+
+    rn = s.registry_nginx
+    cert = rn.ssl_certificate or str(paths.ssl_dir / f"{registry_host}.crt")
+    key = rn.ssl_certificate_key or str(paths.ssl_dir / f"{registry_host}.key")
+    letsencrypt = s.letsencrypt.enable
+    if letsencrypt is None:
+        letsencrypt = (parts.scheme == "https" and not rn.ssl_certificate
+                       and is_public_name(registry_host))
+
+    def under_root(value: str | None, default: Path) -> str:
+        return value or str(default)
+
+    registry = dataclasses.replace(
+        s.registry,
+        storage_path=under_root(s.registry.storage_path, paths.registry_dir / "data"),
+        key_path=under_root(s.registry.key_path, paths.auth_dir / "token-signing.key"),
+    )
+    return dataclasses.replace(
+        s,
+        registry_external_url=registry_url.rstrip("/"),
+        registry=registry,
+        registry_nginx=dataclasses.replace(
+            rn, enable=rn.enable and s.registry.enable,
+            listen_port=rn.listen_port or registry_port,
+            ssl_certificate=cert, ssl_certificate_key=key),
+        auth=dataclasses.replace(
+            s.auth, database_path=under_root(s.auth.database_path, paths.auth_dir / "auth.db")),
+        letsencrypt=dataclasses.replace(s.letsencrypt, enable=letsencrypt),
+        paths=paths,
+        host=host,
+        registry_host=registry_host,
+        registry_port=registry_port,
+        registry_on_own_domain=own_domain,
+        token_realm=f"{registry_url.rstrip('/')}/jwt/auth",
+        run_as_root=os.geteuid() == 0,
+    )
+
+
+# ---------------------------------------------------------------- output
+
+def _masked(key: str, value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _masked(str(k), v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(key, v) for v in value]
+    if key in SENSITIVE_KEYS and value not in (None, "", [], {}):
+        return "********"
+    return value
+
+
+def as_dict(s: Any, mask: bool = True) -> dict:
+    """Settings as plain data (paths as strings), secrets masked unless mask=False."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(s):
+        value = getattr(s, f.name)
+        if dataclasses.is_dataclass(value):
+            value = as_dict(value, mask)
+        elif isinstance(value, Path):
+            value = str(value)
+        out[f.name] = _masked(f.name, value) if mask else value
+    return out
+
+
+def to_yaml(s: Settings) -> str:
+    return yaml.safe_dump(as_dict(s), sort_keys=False, default_flow_style=False)
+
+
+def example_config() -> str:
+    """The commented appliance.yml shipped as /etc/appliance/appliance.yml.
+
+    Generated from the schema, so a key can never be documented but missing or the reverse.
+    """
+    lines = ["# appliance.yml - the one file that describes this registry host.",
+             "# Every key is shown commented out with its default. Uncomment and edit, then run:",
+             "#   sudo appliance-ctl reconfigure",
+             "# Run `appliance-ctl show-config` to see the effective values.", ""]
+    _example_lines(Settings, "", lines)
+    return "\n".join(lines) + "\n"
+
+
+def _example_lines(cls: type, indent: str, lines: list[str]) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("derived"):
+            continue
+        text = f.metadata.get("doc", "")
+        lines.append(f"# {indent}# {text}" if indent else f"## {text}")
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(f"# {indent}{f.name}:")
+            _example_lines(hints[f.name], indent + "  ", lines)
+            lines.append("")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.extend(f"# {indent}{line}" for line in _dump({f.name: default}))
+        if f.metadata.get("example") is not None:
+            lines.append(f"# {indent}# for example:")
+            lines.extend(f"# {indent}#   {line}" for line in _dump({f.name: f.metadata["example"]}))
+
+
+def _dump(value: dict) -> list[str]:
+    return yaml.safe_dump(value, default_flow_style=False, sort_keys=False,
+                          width=1000).rstrip("\n").splitlines()

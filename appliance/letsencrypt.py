@@ -115,8 +115,7 @@ def obtain_certificate(
     acme-challenge/` for as long as the authorizations are pending and removed after,
     also on failure. The whole order, polling included, ends within `deadline_seconds`.
     """
-    if not domains:
-        raise IssuanceError("A certificate needs at least one host name.")
+    _refuse_names_http01_cannot_prove(domains)
     started = time.monotonic()
     deadline = started + deadline_seconds
     jwk, algorithm = _account_jwk(account_key_pem)
@@ -150,6 +149,23 @@ def obtain_certificate(
 
 
 # --- steps ---------------------------------------------------------------------------
+
+
+def _refuse_names_http01_cannot_prove(domains: list[str]) -> None:
+    """Fail before contacting the CA (and spending rate limit) for names it must refuse."""
+    if not domains:
+        raise IssuanceError("A certificate needs at least one host name.")
+    for name in domains:
+        if pki.is_ip_address(name):
+            raise IdentifierRejected(
+                f"Let's Encrypt does not issue certificates for the IP address {name}: "
+                "use a DNS name, or a self-signed or own certificate for this host."
+            )
+        if "*" in name:
+            raise IdentifierRejected(
+                f"A wildcard name ({name}) cannot be validated over http-01: configure the "
+                "wildcard certificate and key as files instead of Let's Encrypt."
+            )
 
 
 def _account_jwk(account_key_pem: bytes) -> tuple[jose.JWK, jose.JWASignature]:
@@ -346,9 +362,9 @@ def _translated_errors(hosts: str, deadline_seconds: float) -> Iterator[None]:
             "then retry."
         ) from None
     except acme_errors.IssuanceError as error:
-        raise _problem_error(error.error, hosts) from None
+        raise error_for_problem(error.error, hosts) from None
     except messages.Error as error:
-        raise _problem_error(error, hosts) from None
+        raise error_for_problem(error, hosts) from None
     except requests.exceptions.RequestException as error:
         raise DirectoryUnreachable(
             f"Lost the connection to the ACME server while ordering for {hosts}: "
@@ -365,17 +381,17 @@ def _validation_error(error: acme_errors.ValidationError) -> IssuanceError:
         host = authorization.body.identifier.value
         problems = [c.error for c in authorization.body.challenges if c.error is not None]
         problem = problems[0] if problems else messages.Error(detail="no reason given")
-        exception = _problem_error(problem, host)
+        exception = error_for_problem(problem, host)
         sentences.append(str(exception))
         first = first or exception
     assert first is not None
     return type(first)(" ".join(sentences))
 
 
-def _problem_error(problem: messages.Error, host: str) -> IssuanceError:
-    """One sentence per ACME problem type, saying what the operator should look at."""
+def error_for_problem(problem: messages.Error, host: str) -> IssuanceError:
+    """One sentence per ACME problem type (RFC 8555 6.7), saying what to look at."""
     code = problem.code
-    detail = (problem.detail or problem.description or problem.typ or "").rstrip(".")
+    detail = (problem.detail or problem.description or problem.typ or "").strip().rstrip(".")
     if problem.identifier is not None:
         host = problem.identifier.value
     if code in _CHALLENGE_CODES:

@@ -366,6 +366,11 @@ def _general_names(hostnames: list[str]) -> list[x509.GeneralName]:
     return names
 
 
+def is_ip_address(host: str) -> bool:
+    """IPv4 or IPv6 literal (brackets allowed), which only IP SANs can cover."""
+    return _ip_or_none(host) is not None
+
+
 def _ip_or_none(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         return ipaddress.ip_address(host.strip("[]"))

@@ -363,6 +363,7 @@ class Settings:
     registry_on_own_domain: bool = field(default=False, metadata={"derived": True})
     token_realm: str = field(default="", metadata={"derived": True})
     run_as_root: bool = field(default=False, metadata={"derived": True})
+    tls_mode: str = field(default="", metadata={"derived": True})  # letsencrypt|files|self-signed
 
     @property
     def auth_database(self) -> Path:
@@ -676,6 +677,7 @@ def derive(s: Settings, config_file: Path | None = None) -> Settings:
         registry_on_own_domain=own_domain,
         token_realm=f"{registry_url.rstrip('/')}/jwt/auth",
         run_as_root=os.geteuid() == 0,
+        tls_mode="letsencrypt" if letsencrypt else "files" if rn.ssl_certificate else "self-signed",
     )
 
 

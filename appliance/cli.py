@@ -1,0 +1,168 @@
+"""appliance-ctl: the admin's one command.
+
+Errors of the project's own hierarchy are caught here, once, and printed as one
+sentence (plus the list of problems for a bad config); any other exception is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from appliance import settings as settings_module
+from appliance.errors import ApplianceError, ConfigError, UsageError
+
+SERVICES = ("nginx", "registry", "auth", "renewer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="appliance-ctl",
+        description="Configure and control the container registry appliance.")
+    parser.add_argument("-c", "--config", help="appliance.yml to use (default: "
+                        "$APPLIANCE_CONFIG, else /etc/appliance/appliance.yml)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("reconfigure", help="make the host match appliance.yml")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.set_defaults(handler=cmd_reconfigure)
+
+    p = sub.add_parser("show-config", help="print the effective settings (secrets masked)")
+    p.set_defaults(handler=cmd_show_config)
+
+    p = sub.add_parser("example-config", help="print the commented example appliance.yml")
+    p.set_defaults(handler=cmd_example_config, needs_settings=False)
+
+    p = sub.add_parser("status", help="state of the services")
+    p.add_argument("service", nargs="?")
+    p.set_defaults(handler=cmd_status)
+    for verb, text in (("start", "start"), ("stop", "stop"), ("restart", "restart")):
+        p = sub.add_parser(verb, help=f"{text} one service, or all of them")
+        p.add_argument("service", nargs="?")
+        p.set_defaults(handler=cmd_control, verb=verb)
+    p = sub.add_parser("hup", help="reload a service (SIGHUP) without dropping connections")
+    p.add_argument("service")
+    p.set_defaults(handler=cmd_hup)
+    p = sub.add_parser("tail", help="follow a service's log (all services if none named)")
+    p.add_argument("service", nargs="?")
+    p.add_argument("--no-follow", action="store_true", help="print the end and exit")
+    p.set_defaults(handler=cmd_tail)
+
+    p = sub.add_parser("renew-certs", help="renew Let's Encrypt certificates that are due")
+    p.add_argument("--force", action="store_true", help="renew even if not due")
+    p.add_argument("--daemon", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(handler=cmd_renew_certs)
+
+    try:
+        from appliance.auth import cli as auth_cli
+    except ImportError:  # the auth package is optional only while it is being written
+        auth_cli = None
+    if auth_cli is not None:
+        auth_cli.register(sub)
+    return parser
+
+
+def load_settings(args: argparse.Namespace) -> settings_module.Settings:
+    path, named = settings_module.config_path(args.config)
+    return settings_module.load(path, must_exist=named)
+
+
+def cmd_reconfigure(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    from appliance import reconfigure
+
+    reconfigure.run(s, dry_run=args.dry_run)
+    return 0
+
+
+def cmd_show_config(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    sys.stdout.write(settings_module.to_yaml(s))
+    return 0
+
+
+def cmd_example_config(args: argparse.Namespace, s: object) -> int:
+    sys.stdout.write(settings_module.example_config())
+    return 0
+
+
+def _supervisor(s: settings_module.Settings):  # noqa: ANN202 - import kept lazy for speed
+    from appliance.services import Supervisor
+
+    return Supervisor(s.paths.supervisor_config, s.paths.supervisor_socket)
+
+
+def _check_service(name: str | None) -> None:
+    if name is not None and name not in SERVICES:
+        raise UsageError(f"unknown service {name!r}; services are: {', '.join(SERVICES)}.")
+
+
+def cmd_status(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    _check_service(args.service)
+    statuses = _supervisor(s).status(args.service)
+    down = 0
+    for st in statuses:
+        if st.state == "RUNNING":
+            print(f"run: {st.name}: (pid {st.pid}) {st.uptime}s")
+        else:
+            down += 1
+            print(f"down: {st.name}: {st.state.lower()} {st.description}".rstrip())
+    return 3 if down else 0
+
+
+def cmd_control(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    _check_service(args.service)
+    supervisor = _supervisor(s)
+    names = [args.service] if args.service else [p.name for p in supervisor.status()]
+    for name in names:
+        getattr(supervisor, args.verb)(name)
+        print(f"ok: {args.verb} {name}")
+    return 0
+
+
+def cmd_hup(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    _check_service(args.service)
+    _supervisor(s).signal(args.service, "HUP")
+    print(f"ok: hup {args.service}")
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    _check_service(args.service)
+    try:
+        for chunk in _supervisor(s).tail(args.service, follow=not args.no_follow):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_renew_certs(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    from recipes import tls
+
+    if args.daemon:
+        return tls.renew_forever(s)
+    return tls.renew(s, force=args.force)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        s = load_settings(args) if getattr(args, "needs_settings", True) else None
+        return args.handler(args, s)
+    except ConfigError as exc:
+        print(f"appliance-ctl: {exc}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return exc.exit_code
+    except ApplianceError as exc:
+        print(f"appliance-ctl: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""`appliance-ctl reconfigure`: make the host match appliance.yml.
+
+Order of a run: take the lock; load secrets (generated only if missing); ask every
+recipe for its resources; converge them; then bring supervisord in line (start it if
+needed, add/remove programs) and run the queued notifications once; then converge the
+resources that need running services (a Let's Encrypt order needs nginx up to answer
+its challenge) and notify again. Every line printed also goes to a log of the run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TextIO
+
+from appliance import secrets as secrets_module
+from appliance.engine import Engine, Report, raise_if_failed
+from appliance.errors import LockError
+from appliance.resources import Notify
+from appliance.settings import Settings
+
+LOCK_WAIT_SECONDS = 300
+RUN_LOGS_KEPT = 30
+
+
+@contextmanager
+def reconfigure_lock(path: Path, out: Callable[[str], None],
+                     wait: float = LOCK_WAIT_SECONDS) -> Iterator[None]:
+    """One reconfigure at a time; a second one waits, saying for whom, then gives up."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            out(f"reconfigure: waiting for the reconfigure run by pid {holder} to finish")
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise LockError(f"another reconfigure (pid {holder}) has held {path} "
+                                        f"for over {int(wait)} s; wait for it or stop it.") \
+                            from None
+                    time.sleep(0.1)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class RunLog:
+    """Tee of everything a run prints, kept under the log directory."""
+
+    def __init__(self, stream: TextIO, directory: Path | None):
+        self.stream = stream
+        self.lines: list[str] = []
+        self.directory = directory
+
+    def __call__(self, line: str) -> None:
+        self.lines.append(line)
+        print(line, file=self.stream, flush=True)
+
+    def save(self) -> Path | None:
+        if self.directory is None:
+            return None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        path = self.directory / f"{stamp}.log"
+        path.write_text("\n".join(self.lines) + "\n")
+        os.chmod(path, 0o600)
+        for old in sorted(self.directory.glob("*.log"))[:-RUN_LOGS_KEPT]:
+            old.unlink(missing_ok=True)
+        return path
+
+
+def run(settings: Settings, dry_run: bool = False, stream: TextIO = sys.stdout) -> Report:
+    import recipes
+
+    paths = settings.paths
+    recipes.preflight(settings)
+    out = RunLog(stream, None if dry_run else paths.log_dir / "reconfigure")
+    started = time.monotonic()
+    lock = reconfigure_lock(paths.lock_file, out) if not dry_run or paths.data_dir.exists() \
+        else _no_lock()
+    try:
+        with lock:
+            secrets = secrets_module.load_or_generate(
+                paths.secrets_file, settings.registry.internal_key,
+                settings.registry.token_key_type, settings.registry.issuer)
+            engine = Engine(out, dry_run=dry_run)
+            report = engine.converge(recipes.resources(settings, secrets))
+            notify(settings, report.notifications, dry_run, out)
+            if not report.failed:
+                late = Report()
+                engine.converge(recipes.late_resources(settings, secrets), late)
+                notify(settings, late.notifications, dry_run, out, start=False)
+                report.outcomes += late.outcomes
+            total, updated = len(report.outcomes), report.updated
+            elapsed = time.monotonic() - started
+            verb = "would be updated" if dry_run else "updated"
+            out(f"reconfigure{' (dry run)' if dry_run else ''}: {updated}/{total} resources "
+                f"{verb} in {elapsed:.2f} s")
+            for line in recipes.messages(settings, report):
+                out(line)
+            raise_if_failed(report)
+            return report
+    finally:
+        out.save()
+
+
+@contextmanager
+def _no_lock() -> Iterator[None]:
+    yield
+
+
+def notify(settings: Settings, notifications: list[Notify], dry_run: bool,
+            out: Callable[[str], None], start: bool = True) -> None:
+    """Bring supervisord in line with the program files, then run the queue once.
+
+    A program that supervisord has just started (because supervisord itself was started,
+    or because its program file was added or changed) already runs the new files, so a
+    queued restart or reload of it is skipped rather than done twice.
+    """
+    from appliance.services import Supervisor
+
+    paths = settings.paths
+    if dry_run:
+        for n in notifications:
+            out(f"  would {n.action} {n.service}")
+        return
+    supervisor = Supervisor(paths.supervisor_config, paths.supervisor_socket)
+    fresh: set[str] = set()
+    if start or supervisor.is_running():
+        if supervisor.ensure_running():
+            out("+ supervisord (started)")
+            fresh = {p.name for p in supervisor.status()}
+        changes = supervisor.update()
+        for verb in ("added", "changed", "removed"):
+            for name in changes.get(verb, []):
+                out(f"+ service {name} ({verb}{' and started' if verb != 'removed' else ''})")
+        fresh |= set(changes.get("added", [])) | set(changes.get("changed", []))
+        fresh |= set(changes.get("removed", []))
+    for n in notifications:
+        if n.service in fresh:
+            continue
+        if n.action == "reload" and n.service in RELOADABLE:
+            supervisor.signal(n.service, "HUP")
+            out(f"+ service {n.service} (reloaded)")
+        else:
+            supervisor.restart(n.service)
+            out(f"+ service {n.service} (restarted)")
+
+
+# Services that re-read their files on SIGHUP without dropping connections; the
+# registry has no reload, so a reload asked of it is a restart.
+RELOADABLE = {"nginx", "auth"}

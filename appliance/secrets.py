@@ -1,0 +1,68 @@
+"""appliance-secrets.json: generated once, reused forever, never printed.
+
+Harbor regenerates its secrets on every run and so invalidates every token and session;
+here a value is generated only when it is missing, and the file is written only when
+something was added. The token-signing certificate is kept beside its key so the
+registry's rootcertbundle is the same bytes run after run; it is regenerated only when
+the key it certifies changes (an admin-supplied `registry.internal_key`), so the key
+and the bundle cannot disagree after a reconfigure.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets as random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from appliance import pki
+from appliance.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Secrets:
+    token_signing_key: str
+    token_signing_certificate: str
+    registry_http_secret: str
+    auth_secret: str
+    letsencrypt_account_key: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+
+def read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read the secrets file ({exc}); restore it from a "
+                          f"backup - deleting it would invalidate every issued token.") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the secrets file is not a JSON object; restore it from a "
+                          f"backup.")
+    return data
+
+
+def load_or_generate(path: Path, internal_key: str | None = None,
+                     key_type: str = "ec-p256", issuer: str = "appliance-issuer") -> Secrets:
+    """The secrets to use: what the file holds, plus whatever is missing, generated."""
+    stored = read(path)
+    key = internal_key or stored.get("token_signing_key") or \
+        pki.generate_private_key(key_type).decode()
+    cert = stored.get("token_signing_certificate")
+    if not cert or not pki.public_key_matches(cert.encode(), key.encode()):
+        cert = pki.signing_certificate(key.encode(), issuer).decode()
+    account_key = stored.get("letsencrypt_account_key")
+    if not account_key:
+        from appliance.letsencrypt import generate_account_key
+
+        account_key = generate_account_key().decode()
+    return Secrets(
+        token_signing_key=key,
+        token_signing_certificate=cert,
+        registry_http_secret=stored.get("registry_http_secret") or random.token_hex(32),
+        auth_secret=stored.get("auth_secret") or random.token_hex(32),
+        letsencrypt_account_key=account_key,
+    )

@@ -1,0 +1,193 @@
+"""What the token service gets: its signing key and certificate, config, database,
+the initial admin, and its supervised program.
+
+The signing key is readable by the auth account alone. The key, its certificate and
+the registry's rootcertbundle all come from the same secrets entry in one run, so the
+registry can never be left trusting a key the service no longer signs with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets as random
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from appliance.engine import Report
+from appliance.resources import Change, Directory, File, Resource, atomic_write, restart
+from appliance.secrets import Secrets
+from appliance.settings import Settings
+from recipes import supervisor
+from recipes.base import service_user
+
+ADMIN_USERNAME = "root"
+
+
+def database_version(db_path: Path) -> int | None:
+    if not db_path.exists():
+        return None
+    connection = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        return connection.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        connection.close()
+
+
+def _chown_database(db_path: Path, owner: str | None) -> None:
+    if owner is None:
+        return
+    import pwd
+
+    entry = pwd.getpwnam(owner)
+    for suffix in ("", "-wal", "-shm"):
+        path = Path(f"{db_path}{suffix}")
+        if path.exists():
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+@dataclass
+class AuthDatabase(Resource):
+    """The SQLite file at the latest schema version, owned by the auth account."""
+
+    path: Path
+    owner: str | None = None
+    kind: ClassVar[str] = "database"
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    def current(self) -> int | None:
+        return database_version(self.path)
+
+    def plan(self, current: int | None) -> list[Change]:
+        from appliance.auth.store import MIGRATIONS
+
+        if current is None:
+            return [Change("create")]
+        if current < len(MIGRATIONS):
+            return [Change(f"migrate schema {current} -> {len(MIGRATIONS)}")]
+        return []
+
+    def apply(self) -> None:
+        from appliance.auth.store import ensure_schema
+
+        ensure_schema(self.path)
+        _chown_database(self.path, self.owner)
+
+
+@dataclass
+class AdminUser(Resource):
+    """The admin account `root`, created once; its password is never changed here.
+
+    With no initial_root_password set, a generated one is written (0600) to a file the
+    admin reads once, as Omnibus GitLab does; an existing admin is left alone.
+    """
+
+    db_path: Path
+    password: str | None
+    password_file: Path
+    owner: str | None = None
+    kind: ClassVar[str] = "user"
+
+    @property
+    def name(self) -> str:
+        return ADMIN_USERNAME
+
+    def current(self) -> bool:
+        if database_version(self.db_path) is None:
+            return False
+        connection = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True)
+        try:
+            row = connection.execute("SELECT 1 FROM users WHERE username = ?",
+                                     (ADMIN_USERNAME,)).fetchone()
+            return row is not None
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            connection.close()
+
+    def plan(self, current: bool) -> list[Change]:
+        if current:
+            return []
+        source = "initial_root_password" if self.password else \
+            f"a generated password written to {self.password_file}"
+        return [Change(f"create admin with {source}")]
+
+    def apply(self) -> None:
+        from appliance.auth.store import ensure_admin
+
+        password = self.password
+        if not password:
+            if self.password_file.exists():
+                password = self.password_file.read_text().strip()
+            else:
+                password = random.token_urlsafe(18)
+                atomic_write(self.password_file, (password + "\n").encode(), 0o600)
+        ensure_admin(self.db_path, ADMIN_USERNAME, password)
+        _chown_database(self.db_path, self.owner)
+
+
+def auth_config(settings: Settings) -> dict:
+    p = settings.paths
+    a = settings.auth
+    return {
+        "database": str(settings.auth_database),
+        "signing_key": settings.registry.key_path,
+        "signing_certificate": str(p.token_signing_certificate),
+        "issuer": settings.registry.issuer,
+        "service": settings.registry.service,
+        "realm": settings.token_realm,
+        "audit_log": str(p.log_dir / "auth" / "audit.log"),
+        "listen_addr": a.listen_addr,
+        "workers": a.workers,
+        "token_lifetime": a.token_lifetime,
+        "refresh_token_lifetime": a.refresh_token_lifetime,
+        "trusted_proxies": ["127.0.0.1", "::1"],
+        "rate_limit_window": a.failed_login_window,
+        "rate_limit_user_failures": a.max_failed_logins,
+        "rate_limit_address_failures": a.max_failed_logins * 3,
+        "credential_cache_ttl": a.credential_cache_ttl,
+        "default_registry_enabled": settings.default_projects_features.container_registry,
+    }
+
+
+def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
+    p = settings.paths
+    user = service_user(settings, settings.auth.username)
+    if not settings.registry.enable:
+        return supervisor.disabled(settings, "auth")
+    notify = (restart("auth"),)
+    return [
+        Directory(p.auth_dir, 0o750, owner=user, group=user),
+        File(Path(settings.registry.key_path), secrets.token_signing_key, 0o600,
+             owner=user, group=user, sensitive=True, notifies=notify),
+        File(p.token_signing_certificate, secrets.token_signing_certificate, 0o644,
+             notifies=notify),
+        File(p.auth_config, json.dumps(auth_config(settings), indent=2) + "\n", 0o640,
+             owner=user, group=user, notifies=notify),
+        AuthDatabase(settings.auth_database, owner=user),
+        AdminUser(settings.auth_database, settings.initial_root_password,
+                  p.initial_root_password_file, owner=user),
+        *supervisor.program(settings, "auth", [supervisor.executable("appliance-auth"),
+                                               "--config", str(p.auth_config)],
+                            user=user, stopsignal="TERM"),
+    ]
+
+
+def messages(settings: Settings, report: Report) -> list[str]:
+    if not settings.registry.enable:
+        return []
+    address = settings.registry_host if settings.registry_port == 443 else \
+        f"{settings.registry_host}:{settings.registry_port}"
+    lines = [f"Registry: {settings.registry_external_url}  (docker login {address} -u "
+             f"{ADMIN_USERNAME})"]
+    password_file = settings.paths.initial_root_password_file
+    if password_file.exists():
+        lines.append(f"The password of {ADMIN_USERNAME} is in {password_file}; delete that "
+                     f"file once you have changed it (appliance-ctl user passwd "
+                     f"{ADMIN_USERNAME}).")
+    return lines

@@ -1,0 +1,90 @@
+"""supervisord: its own config, and one program file per service.
+
+A service's program file is its "enable": present means supervised, absent means
+stopped and forgotten (its data stays). A changed program file needs no notification:
+supervisord's update restarts exactly the programs whose files changed. Other recipes
+call `program()` for their program files and `disabled()` when their service is off.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from appliance.resources import Absent, Directory, Resource, Template
+from appliance.secrets import Secrets
+from appliance.settings import Settings
+
+PROGRAMS = ("nginx", "registry", "auth", "renewer")
+
+
+def programs_dir(settings: Settings) -> Path:
+    return settings.paths.supervisor_dir / "conf.d"
+
+
+def service_log(settings: Settings, service: str) -> Path:
+    return settings.paths.log_dir / service / "current"
+
+
+def executable(name: str) -> str:
+    """A program of our own virtualenv (appliance-ctl, appliance-auth, supervisord)."""
+    return str(Path(sys.prefix) / "bin" / name)
+
+
+def quote_environment(environment: dict[str, object]) -> str:
+    """supervisord's environment= syntax: KEY="value",... with quotes and % escaped."""
+    def value(v: object) -> str:
+        text = str(v).lower() if isinstance(v, bool) else str(v)
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%") + '"'
+    return ",".join(f"{k}={value(v)}" for k, v in sorted(environment.items()))
+
+
+def program(settings: Settings, name: str, command: list[str], user: str | None = None,
+            environment: dict[str, object] | None = None, directory: Path | None = None,
+            stopsignal: str = "TERM", stopwaitsecs: int = 30) -> list[Resource]:
+    """The log directory and program file that make supervisord run `command` as `name`.
+
+    The log directory belongs to the service's account, so the service may write logs
+    of its own there (the auth service's audit log) beside supervisord's capture.
+    """
+    log_dir = settings.paths.log_dir / name
+    owner = user if settings.run_as_root else None
+    return [
+        Directory(log_dir, 0o750, owner=owner, group=owner),
+        Template(programs_dir(settings) / f"{name}.conf", "supervisor/program.conf.j2", {
+            "name": name,
+            "command": " ".join(shlex.quote(part) for part in command).replace("%", "%%"),
+            "user": user if settings.run_as_root else None,
+            "environment": quote_environment(environment or {}),
+            "directory": str(directory) if directory else None,
+            "stopsignal": stopsignal,
+            "stopwaitsecs": stopwaitsecs,
+            "log_file": str(service_log(settings, name)),
+            "max_bytes": settings.logging.max_bytes,
+            "backups": settings.logging.backups,
+        }),
+    ]
+
+
+def disabled(settings: Settings, name: str) -> list[Resource]:
+    return [Absent(programs_dir(settings) / f"{name}.conf")]
+
+
+def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
+    p = settings.paths
+    log_dir = p.log_dir / "supervisor"
+    return [
+        Directory(p.supervisor_dir, 0o700),
+        Directory(programs_dir(settings), 0o755),
+        Directory(log_dir, 0o750),
+        Template(p.supervisor_config, "supervisor/supervisord.conf.j2", {
+            "socket": str(p.supervisor_socket),
+            "pidfile": str(p.supervisor_dir / "supervisord.pid"),
+            "log_dir": str(log_dir),
+            "programs_dir": str(programs_dir(settings)),
+            "max_bytes": settings.logging.max_bytes,
+            "backups": settings.logging.backups,
+            "run_as_root": settings.run_as_root,
+        }),
+    ]

@@ -1,0 +1,331 @@
+"""The token endpoint as a plain WSGI application (no framework: every microsecond here is
+paid once per registry request).
+
+  GET  /jwt/auth   Basic auth or anonymous; ?service=&scope=...&account=&offline_token=
+  POST /jwt/auth   OAuth2 form: grant_type=password | refresh_token
+  GET  /-/health   200 when the database answers
+
+Grants are the intersection of what was asked and what is allowed; a partial or empty
+grant is still 200 (the registry then refuses the action). Bad credentials are 401, too
+many failures 429.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import time
+from collections.abc import Callable, Iterable
+from urllib.parse import parse_qs
+
+from appliance.auth.audit import AuditLog
+from appliance.auth.config import AuthConfig
+from appliance.auth.names import is_repository_name
+from appliance.auth.permissions import Decision, decide, decide_catalog
+from appliance.auth.signin import ANONYMOUS, Authenticator, SignedIn, SignInRefused
+from appliance.auth.store import Store
+from appliance.auth.tokens import TokenSigner, rfc3339
+
+StartResponse = Callable[..., object]
+MAX_FORM_BYTES = 64 * 1024
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, oauth_error: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.message, self.oauth_error = message, oauth_error
+
+
+class TokenService:
+    def __init__(
+        self,
+        config: AuthConfig,
+        store: Store | None = None,
+        signer: TokenSigner | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store or Store(config.database)
+        self.signer = signer or TokenSigner(
+            config.signing_key,
+            config.signing_certificate,
+            config.issuer,
+            config.service,
+            config.token_lifetime,
+        )
+        self.authenticator = Authenticator(self.store, config)
+        self.audit = AuditLog(config.audit_log)
+        self._proxies = [ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies]
+        self._proxy_verdicts: dict[str, bool] = {}
+
+    # -- WSGI entry point -------------------------------------------------------------
+    def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        method = environ.get("REQUEST_METHOD", "GET")
+        if path == "/jwt/auth":
+            if method in ("GET", "HEAD"):
+                return self._token(environ, start_response, _query(environ), post=False)
+            if method == "POST":
+                try:
+                    form = _form(environ)
+                except BadRequest as error:
+                    return _respond(
+                        start_response, 400, _error_body(error.message, "invalid_request")
+                    )
+                return self._token(environ, start_response, form, post=True)
+            return _respond(
+                start_response,
+                405,
+                _error_body("Use GET or POST.", "invalid_request"),
+                [("Allow", "GET, POST")],
+            )
+        if path == "/-/health":
+            try:
+                self.store.ping()
+            except Exception as error:  # noqa: BLE001 - any failure means unhealthy
+                return _respond(start_response, 503, {"status": "unhealthy", "error": str(error)})
+            return _respond(start_response, 200, {"status": "ok"})
+        return _respond(start_response, 404, _error_body("Not found.", "invalid_request"))
+
+    # -- token requests ---------------------------------------------------------------
+    def _token(
+        self, environ: dict, start_response: StartResponse, params: dict, post: bool
+    ) -> Iterable[bytes]:
+        now = time.time()
+        address = self.client_address(environ)
+        scopes = [s for value in params.get("scope", ()) for s in value.split()]
+        record = {"client": address, "method": environ.get("REQUEST_METHOD"), "requested": scopes}
+        try:
+            service = _single(params, "service")
+            if service is not None and service != self.config.service:
+                raise BadRequest(
+                    f"Unknown service '{service}'; this server issues tokens for"
+                    f" '{self.config.service}'."
+                )
+            signed_in, want_refresh = self._sign_in(environ, params, post, address, now)
+        except SignInRefused as refused:
+            user = _single(params, "username") or _basic_user(environ) or ""
+            self.audit.record(
+                **record,
+                user=user,
+                granted=[],
+                result="denied",
+                reason=refused.reason,
+                status=refused.status,
+            )
+            headers = [("WWW-Authenticate", f'Basic realm="{self.config.realm}"')]
+            if refused.retry_after:
+                headers.append(("Retry-After", str(refused.retry_after)))
+            code = "TOOMANYREQUESTS" if refused.status == 429 else "UNAUTHORIZED"
+            body = _error_body(refused.message, "invalid_grant", code)
+            return _respond(start_response, refused.status, body, headers)
+        except BadRequest as error:
+            self.audit.record(
+                **record,
+                user=_basic_user(environ) or "",
+                granted=[],
+                result="denied",
+                reason=error.message,
+                status=400,
+            )
+            return _respond(start_response, 400, _error_body(error.message, error.oauth_error))
+
+        access, reasons = self.grant(signed_in, scopes)
+        issued = self.signer.issue(signed_in.principal.name, access, now)
+        body = {
+            "token": issued.token,
+            "access_token": issued.token,
+            "expires_in": issued.expires_in,
+            "issued_at": rfc3339(issued.issued_at),
+        }
+        if want_refresh:
+            client_id = _single(params, "client_id")
+            body["refresh_token"] = self.authenticator.issue_refresh_token(
+                signed_in, client_id, now
+            )
+        if post:
+            body["scope"] = " ".join(_scope_strings(access))
+        self.audit.record(
+            **record,
+            user=signed_in.principal.name,
+            via=signed_in.via,
+            granted=_scope_strings(access),
+            result="granted" if not reasons else "partial",
+            reason="; ".join(reasons),
+            status=200,
+        )
+        return _respond(start_response, 200, body)
+
+    def _sign_in(
+        self, environ: dict, params: dict, post: bool, address: str, now: float
+    ) -> tuple[SignedIn, bool]:
+        """Who is asking, and whether to issue a refresh token."""
+        if post:
+            grant_type = _single(params, "grant_type")
+            if grant_type == "password":
+                signed_in = self.authenticator.sign_in(
+                    _single(params, "username") or "",
+                    _single(params, "password") or "",
+                    address,
+                    now,
+                )
+                return signed_in, _single(params, "access_type") == "offline"
+            if grant_type == "refresh_token":
+                secret = _single(params, "refresh_token") or ""
+                return self.authenticator.refresh(secret, now), False
+            raise BadRequest(
+                f"Unsupported grant_type '{grant_type}'; use password or refresh_token.",
+                "unsupported_grant_type",
+            )
+        credentials = _basic_credentials(environ)
+        if credentials is None:
+            return ANONYMOUS, False
+        signed_in = self.authenticator.sign_in(*credentials, address, now)
+        return signed_in, _single(params, "offline_token") == "true"
+
+    def grant(self, signed_in: SignedIn, scopes: list[str]) -> tuple[list[dict], list[str]]:
+        """The token's `access` claim for the requested scopes, and why anything was refused."""
+        merged: dict[tuple[str, str], list[str]] = {}
+        reasons: list[str] = []
+        for scope in scopes:
+            parts = scope.split(":")
+            if len(parts) < 3:
+                reasons.append(f"{scope}: malformed scope")
+                continue
+            key = (parts[0], ":".join(parts[1:-1]))
+            merged.setdefault(key, []).extend(a for a in parts[-1].split(",") if a)
+        principal = signed_in.principal
+        access = []
+        for (kind, name), actions in merged.items():
+            if kind == "repository":
+                if not is_repository_name(name):
+                    decision = Decision((), "not a valid repository name")
+                else:
+                    project = self.store.project_access(
+                        name,
+                        principal.user_id,
+                        principal.name if principal.user_id else None,
+                        self.config.default_registry_enabled,
+                    )
+                    decision = decide(principal, project, actions)
+            elif kind == "registry" and name == "catalog":
+                decision = decide_catalog(principal, actions)
+            else:
+                decision = Decision((), f"resource type '{kind}' is not supported")
+            if decision.reason:
+                reasons.append(f"{kind}:{name}:{','.join(actions)}: {decision.reason}")
+            if decision.granted:
+                access.append({"type": kind, "name": name, "actions": list(decision.granted)})
+        return access, reasons
+
+    def client_address(self, environ: dict) -> str:
+        peer = environ.get("REMOTE_ADDR", "")
+        forwarded = environ.get("HTTP_X_REAL_IP")
+        if forwarded and self._is_trusted_proxy(peer):
+            return forwarded.strip()
+        return peer
+
+    def _is_trusted_proxy(self, peer: str) -> bool:
+        verdict = self._proxy_verdicts.get(peer)
+        if verdict is None:
+            try:
+                address = ipaddress.ip_address(peer)
+                verdict = any(address in network for network in self._proxies)
+            except ValueError:
+                verdict = False
+            if len(self._proxy_verdicts) < 1024:
+                self._proxy_verdicts[peer] = verdict
+        return verdict
+
+
+def _query(environ: dict) -> dict[str, list[str]]:
+    return parse_qs(environ.get("QUERY_STRING", ""))
+
+
+def _form(environ: dict) -> dict[str, list[str]]:
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError as error:
+        raise BadRequest("Invalid Content-Length.") from error
+    if length > MAX_FORM_BYTES:
+        raise BadRequest("The form is too large.")
+    body = environ["wsgi.input"].read(length) if length else b""
+    form = parse_qs(body.decode("utf-8", "replace"))
+    for key, values in _query(environ).items():  # service/scope may come in the URL too
+        form.setdefault(key, values)
+    return form
+
+
+def _single(params: dict, name: str) -> str | None:
+    values = params.get(name)
+    return values[0] if values else None
+
+
+def _basic_credentials(environ: dict) -> tuple[str, str] | None:
+    header = environ.get("HTTP_AUTHORIZATION", "")
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        raise SignInRefused(401, "Use Basic authentication.", f"unsupported scheme {scheme}")
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError) as error:
+        raise SignInRefused(401, "Malformed Basic credentials.", "malformed basic") from error
+    username, sep, password = decoded.partition(":")
+    if not sep:
+        raise SignInRefused(401, "Malformed Basic credentials.", "malformed basic")
+    return username, password
+
+
+def _basic_user(environ: dict) -> str | None:
+    try:
+        credentials = _basic_credentials(environ)
+    except SignInRefused:
+        return None
+    return credentials[0] if credentials else None
+
+
+def _scope_strings(access: list[dict]) -> list[str]:
+    return [f"{a['type']}:{a['name']}:{','.join(a['actions'])}" for a in access]
+
+
+def _error_body(message: str, oauth_error: str, code: str = "DENIED") -> dict:
+    # Both shapes: distribution clients read `errors`, OAuth2 clients `error_description`.
+    return {
+        "errors": [{"code": code, "message": message}],
+        "error": oauth_error,
+        "error_description": message,
+        "details": message,
+    }
+
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    429: "Too Many Requests",
+    503: "Service Unavailable",
+}
+
+
+def _respond(
+    start_response: StartResponse,
+    status: int,
+    body: dict,
+    headers: list[tuple[str, str]] | None = None,
+) -> list[bytes]:
+    payload = json.dumps(body, separators=(",", ":")).encode()
+    start_response(
+        f"{status} {_REASONS[status]}",
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(payload))),
+            ("Cache-Control", "no-store"),
+            *(headers or ()),
+        ],
+    )
+    return [payload]

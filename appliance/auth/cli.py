@@ -1,0 +1,434 @@
+"""`appliance-ctl user|project|member|token|deploy-token ...`: administering the auth data.
+
+`register(subparsers)` adds the commands to appliance-ctl's parser; every handler is
+`fn(args, context) -> int`, where `context` offers `auth_database` (Path) and
+`default_registry_enabled` (bool). Problems are raised as AuthError subclasses with
+one sentence; appliance-ctl prints it and exits non-zero. Passwords are read from stdin
+(`--password-stdin`) or an interactive prompt, never from the command line, where
+they would land in the shell history and the process list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import getpass
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from appliance.auth import credentials
+from appliance.auth.names import validate_username
+from appliance.auth.permissions import ROLES, TOKEN_SCOPES, VISIBILITIES
+from appliance.auth.store import Store
+from appliance.errors import AuthError
+
+
+class AuthContext(Protocol):
+    auth_database: Path
+    default_registry_enabled: bool
+
+
+class UsageProblem(AuthError):
+    """An argument combination or value the command cannot use."""
+
+
+Handler = Callable[[argparse.Namespace, AuthContext], int]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_user(subparsers)
+    _register_project(subparsers)
+    _register_member(subparsers)
+    _register_token(subparsers)
+    _register_deploy_token(subparsers)
+
+
+# -- argument parsing -----------------------------------------------------------------
+def _group(subparsers: argparse._SubParsersAction, name: str, help_text: str):
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    return parser.add_subparsers(
+        dest=f"{name.replace('-', '_')}_command", metavar="ACTION", required=True
+    )
+
+
+def _command(group, name: str, help_text: str, handler: Handler) -> argparse.ArgumentParser:
+    parser = group.add_parser(name, help=help_text, description=help_text)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _password_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of standard input",
+    )
+
+
+def _expiry_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--expires",
+        metavar="YYYY-MM-DD",
+        help="last day the token works (UTC); default: never expires",
+    )
+
+
+def _scope_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--scope",
+        dest="scopes",
+        action="append",
+        required=True,
+        choices=TOKEN_SCOPES,
+        help="repeat for several scopes",
+    )
+
+
+def _register_user(subparsers: argparse._SubParsersAction) -> None:
+    group = _group(subparsers, "user", "manage user accounts")
+    p = _command(group, "create", "create a user (the password is asked for)", user_create)
+    p.add_argument("username")
+    p.add_argument("--admin", action="store_true", help="may do everything, incl. the catalog")
+    _password_option(p)
+    _command(group, "list", "list users", user_list)
+    p = _command(group, "delete", "delete a user with its memberships and tokens", user_delete)
+    p.add_argument("username")
+    p = _command(group, "block", "refuse every sign-in of a user, effective at once", user_block)
+    p.add_argument("username")
+    p = _command(group, "unblock", "allow a blocked user to sign in again", user_unblock)
+    p.add_argument("username")
+    p = _command(
+        group, "passwd", "set a user's password (old one stops working at once)", user_passwd
+    )
+    p.add_argument("username")
+    _password_option(p)
+
+
+def _register_project(subparsers: argparse._SubParsersAction) -> None:
+    group = _group(subparsers, "project", "manage projects (repository namespaces)")
+    p = _command(group, "create", "create a project such as group/app", project_create)
+    p.add_argument("path")
+    p.add_argument("--visibility", choices=VISIBILITIES, default="private")
+    _registry_switch(p, default=None)
+    p.add_argument("--owner", metavar="USERNAME", help="make this user the project's owner")
+    _command(group, "list", "list projects", project_list)
+    p = _command(
+        group, "update", "change a project's visibility or registry switch", project_update
+    )
+    p.add_argument("path")
+    p.add_argument("--visibility", choices=VISIBILITIES)
+    _registry_switch(p, default=None)
+    p = _command(
+        group, "delete", "delete a project (its images stay in the registry)", project_delete
+    )
+    p.add_argument("path")
+
+
+def _registry_switch(parser: argparse.ArgumentParser, default: bool | None) -> None:
+    switch = parser.add_mutually_exclusive_group()
+    switch.add_argument(
+        "--registry",
+        dest="registry_enabled",
+        action="store_true",
+        default=default,
+        help="enable the container registry for the project",
+    )
+    switch.add_argument(
+        "--no-registry",
+        dest="registry_enabled",
+        action="store_false",
+        help="disable the container registry for the project",
+    )
+
+
+def _register_member(subparsers: argparse._SubParsersAction) -> None:
+    group = _group(subparsers, "member", "manage project memberships")
+    p = _command(group, "add", "add a member or change its role", member_add)
+    p.add_argument("path")
+    p.add_argument("username")
+    p.add_argument("role", help=f"one of: {', '.join(ROLES)}")
+    p = _command(group, "remove", "remove a member", member_remove)
+    p.add_argument("path")
+    p.add_argument("username")
+    p = _command(group, "list", "list a project's members", member_list)
+    p.add_argument("path")
+
+
+def _register_token(subparsers: argparse._SubParsersAction) -> None:
+    group = _group(subparsers, "token", "manage personal access tokens")
+    p = _command(group, "create", "create a token (shown once)", token_create)
+    p.add_argument("username")
+    p.add_argument("--name", required=True, help="what the token is for")
+    _scope_option(p)
+    _expiry_option(p)
+    p = _command(group, "list", "list a user's tokens", token_list)
+    p.add_argument("username")
+    p = _command(group, "revoke", "revoke a token, effective at once", token_revoke)
+    p.add_argument("username")
+    p.add_argument("id", type=int)
+
+
+def _register_deploy_token(subparsers: argparse._SubParsersAction) -> None:
+    group = _group(subparsers, "deploy-token", "manage project deploy tokens (robot logins)")
+    p = _command(group, "create", "create a deploy token (shown once)", deploy_token_create)
+    p.add_argument("path")
+    p.add_argument("--name", required=True, help="what the token is for")
+    _scope_option(p)
+    _expiry_option(p)
+    p = _command(group, "list", "list a project's deploy tokens", deploy_token_list)
+    p.add_argument("path")
+    p = _command(group, "revoke", "revoke a deploy token, effective at once", deploy_token_revoke)
+    p.add_argument("path")
+    p.add_argument("id", type=int)
+
+
+# -- handlers ---------------------------------------------------------------------------
+def _store(context: AuthContext) -> Store:
+    database = Path(context.auth_database)
+    if not database.exists():
+        raise AuthError(
+            f"The auth database {database} does not exist yet; run 'appliance-ctl reconfigure'."
+        )
+    return Store(database)
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        if not sys.stdin.isatty():
+            raise UsageProblem("No terminal to ask the password on; use --password-stdin.")
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Password again: ") != password:
+            raise UsageProblem("The two passwords differ; nothing was changed.")
+    if not password:
+        raise UsageProblem("The password is empty; nothing was changed.")
+    return password
+
+
+def _expires_at(args: argparse.Namespace) -> int | None:
+    if not args.expires:
+        return None
+    try:
+        day = dt.date.fromisoformat(args.expires)
+    except ValueError as error:
+        raise UsageProblem(f"--expires '{args.expires}' is not a date like 2030-12-31.") from error
+    end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+    if end.timestamp() <= time.time():
+        raise UsageProblem(f"--expires {args.expires} is in the past.")
+    return int(end.timestamp())
+
+
+def _when(timestamp: int | None) -> str:
+    if timestamp is None:
+        return "never"
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _table(headers: tuple[str, ...], rows: list[tuple]) -> None:
+    cells = [headers, *[tuple(str(c) for c in row) for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+def user_create(args: argparse.Namespace, context: AuthContext) -> int:
+    store = _store(context)
+    validate_username(args.username)  # complain before asking for a password
+    if store.find_user(args.username) is not None:
+        raise UsageProblem(f"A user named '{args.username}' exists already.")
+    password_hash = credentials.hash_password(_read_password(args))
+    store.create_user(args.username, password_hash, admin=args.admin)
+    print(f"Created {'administrator' if args.admin else 'user'} {args.username}.")
+    return 0
+
+
+def user_list(args: argparse.Namespace, context: AuthContext) -> int:
+    users = _store(context).list_users()
+    _table(
+        ("USERNAME", "ADMIN", "BLOCKED", "CREATED"),
+        [(u.username, _yes(u.admin), _yes(u.blocked), _when(u.created_at)) for u in users],
+    )
+    return 0
+
+
+def user_delete(args: argparse.Namespace, context: AuthContext) -> int:
+    _store(context).delete_user(args.username)
+    print(f"Deleted user {args.username}.")
+    return 0
+
+
+def user_block(args: argparse.Namespace, context: AuthContext) -> int:
+    _store(context).set_blocked(args.username, True)
+    print(f"Blocked {args.username}: every sign-in is refused from now on.")
+    return 0
+
+
+def user_unblock(args: argparse.Namespace, context: AuthContext) -> int:
+    _store(context).set_blocked(args.username, False)
+    print(f"Unblocked {args.username}.")
+    return 0
+
+
+def user_passwd(args: argparse.Namespace, context: AuthContext) -> int:
+    store = _store(context)
+    store.user(args.username)  # unknown user: say so before asking for a password
+    store.set_password_hash(args.username, credentials.hash_password(_read_password(args)))
+    print(f"Changed the password of {args.username}; the old one no longer works.")
+    return 0
+
+
+def project_create(args: argparse.Namespace, context: AuthContext) -> int:
+    store = _store(context)
+    if args.owner:
+        store.user(args.owner)
+    enabled = (
+        context.default_registry_enabled if args.registry_enabled is None else args.registry_enabled
+    )
+    project = store.create_project(args.path, args.visibility, enabled)
+    if args.owner:
+        store.add_member(project.path, args.owner, "owner")
+    state = "enabled" if project.registry_enabled else "disabled"
+    print(f"Created {project.visibility} project {project.path} (registry {state}).")
+    return 0
+
+
+def project_list(args: argparse.Namespace, context: AuthContext) -> int:
+    projects = _store(context).list_projects()
+    _table(
+        ("PATH", "VISIBILITY", "REGISTRY", "CREATED"),
+        [
+            (
+                p.path,
+                p.visibility,
+                "enabled" if p.registry_enabled else "disabled",
+                _when(p.created_at),
+            )
+            for p in projects
+        ],
+    )
+    return 0
+
+
+def project_update(args: argparse.Namespace, context: AuthContext) -> int:
+    if args.visibility is None and args.registry_enabled is None:
+        raise UsageProblem("Nothing to change: give --visibility, --registry or --no-registry.")
+    project = _store(context).update_project(args.path, args.visibility, args.registry_enabled)
+    state = "enabled" if project.registry_enabled else "disabled"
+    print(f"Project {project.path} is now {project.visibility} with its registry {state}.")
+    return 0
+
+
+def project_delete(args: argparse.Namespace, context: AuthContext) -> int:
+    _store(context).delete_project(args.path)
+    print(f"Deleted project {args.path}.")
+    return 0
+
+
+def member_add(args: argparse.Namespace, context: AuthContext) -> int:
+    _store(context).add_member(args.path, args.username, args.role)
+    print(f"{args.username} is now {args.role} of {args.path}.")
+    return 0
+
+
+def member_remove(args: argparse.Namespace, context: AuthContext) -> int:
+    _store(context).remove_member(args.path, args.username)
+    print(f"Removed {args.username} from {args.path}.")
+    return 0
+
+
+def member_list(args: argparse.Namespace, context: AuthContext) -> int:
+    members = _store(context).list_members(args.path)
+    _table(("USERNAME", "ROLE"), [(m.username, m.role) for m in members])
+    return 0
+
+
+def token_create(args: argparse.Namespace, context: AuthContext) -> int:
+    token, secret = _store(context).create_personal_access_token(
+        args.username, args.name, args.scopes, _expires_at(args)
+    )
+    print(
+        f"Created personal access token {token.id} ({token.name}) for {args.username},"
+        f" scopes {', '.join(sorted(token.scopes))}, expires {_when(token.expires_at)}."
+    )
+    print("Use it as the password of 'docker login'. It is shown only this once:")
+    print(secret)
+    return 0
+
+
+def token_list(args: argparse.Namespace, context: AuthContext) -> int:
+    tokens = _store(context).list_personal_access_tokens(args.username)
+    now = time.time()
+    _table(
+        ("ID", "NAME", "SCOPES", "EXPIRES", "STATE"),
+        [
+            (
+                t.id,
+                t.name,
+                ",".join(sorted(t.scopes)),
+                _when(t.expires_at),
+                _state(t.revoked, t.usable(now)),
+            )
+            for t in tokens
+        ],
+    )
+    return 0
+
+
+def token_revoke(args: argparse.Namespace, context: AuthContext) -> int:
+    _store(context).revoke_personal_access_token(args.username, args.id)
+    print(f"Revoked personal access token {args.id} of {args.username}.")
+    return 0
+
+
+def deploy_token_create(args: argparse.Namespace, context: AuthContext) -> int:
+    token, secret = _store(context).create_deploy_token(
+        args.path, args.name, args.scopes, _expires_at(args)
+    )
+    print(
+        f"Created deploy token {token.id} ({token.name}) for {token.project_path},"
+        f" scopes {', '.join(sorted(token.scopes))}, expires {_when(token.expires_at)}."
+    )
+    print("Sign in with this username and password; the password is shown only this once:")
+    print(f"username: {token.username}")
+    print(f"password: {secret}")
+    return 0
+
+
+def deploy_token_list(args: argparse.Namespace, context: AuthContext) -> int:
+    tokens = _store(context).list_deploy_tokens(args.path)
+    now = time.time()
+    _table(
+        ("ID", "NAME", "USERNAME", "SCOPES", "EXPIRES", "STATE"),
+        [
+            (
+                t.id,
+                t.name,
+                t.username,
+                ",".join(sorted(t.scopes)),
+                _when(t.expires_at),
+                _state(t.revoked, t.usable(now)),
+            )
+            for t in tokens
+        ],
+    )
+    return 0
+
+
+def deploy_token_revoke(args: argparse.Namespace, context: AuthContext) -> int:
+    _store(context).revoke_deploy_token(args.path, args.id)
+    print(f"Revoked deploy token {args.id} of {args.path}.")
+    return 0
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _state(revoked: bool, usable: bool) -> str:
+    return "revoked" if revoked else ("active" if usable else "expired")

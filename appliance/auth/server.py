@@ -1,0 +1,83 @@
+"""`appliance-auth --config PATH`: the token service under gunicorn, in the foreground.
+
+supervisord starts it and sends TERM to stop it. The application (key, certificate,
+config) is loaded once in the master before forking, so a broken key or config fails
+the start with one clear line instead of crash-looping workers; each worker then opens
+its own database connection on first use.
+
+Worker model, measured on 2 cores (see bench/token): synchronous workers, one per
+core, are the fastest here: the work is CPU-bound (argon2 on a cold cache, ECDSA
+signing), so threads only add GIL contention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gunicorn.app.base import BaseApplication
+
+from appliance.auth import config as auth_config
+from appliance.auth.app import TokenService
+from appliance.errors import ApplianceError
+
+
+class _Gunicorn(BaseApplication):
+    def __init__(self, application: TokenService, options: dict) -> None:
+        self.application, self.options = application, options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            if key in self.cfg.settings:  # settings newer than the installed gunicorn are skipped
+                self.cfg.set(key, value)
+
+    def load(self) -> TokenService:
+        return self.application
+
+
+def gunicorn_options(config: auth_config.AuthConfig, worker_class: str = "sync") -> dict:
+    host = config.listen_host
+    bind = f"[{host}]:{config.listen_port}" if ":" in host else f"{host}:{config.listen_port}"
+    return {
+        "bind": [bind],
+        "workers": config.workers,
+        "worker_class": worker_class,
+        "threads": 4 if worker_class == "gthread" else 1,
+        "preload_app": True,
+        "proc_name": "appliance-auth",
+        "accesslog": None,  # the audit log records every token request
+        "errorlog": "-",
+        "loglevel": "info",
+        "timeout": 30,
+        "graceful_timeout": 10,
+        "keepalive": 30,  # nginx keeps upstream connections open (gthread honours it)
+        "backlog": 2048,
+        # gunicorn >= 25 opens a control socket under $HOME by default: nothing uses it,
+        # and two instances on one host would fight over the path.
+        "control_socket_disable": True,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="appliance-auth", description="Run the registry token service in the foreground."
+    )
+    parser.add_argument("--config", required=True, type=Path, help="JSON config file")
+    parser.add_argument(
+        "--worker-class", default="sync", choices=("sync", "gthread"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args(argv)
+    try:
+        config = auth_config.load(args.config)
+        application = TokenService(config)
+    except ApplianceError as error:
+        print(f"appliance-auth: {error}", file=sys.stderr)
+        return 2
+    _Gunicorn(application, gunicorn_options(config, args.worker_class)).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,715 @@
+"""The auth service's data layer: every SQL statement of the service lives in this module.
+
+SQLite in WAL mode is the default store: readers never block the writer, and the
+several worker processes of the token server share one file. Each process (and each
+thread) opens its own connection lazily, so a connection never crosses a fork.
+Statements are plain, portable SQL with `?` parameters so that a PostgreSQL
+implementation of this same interface can replace the module later.
+
+Schema changes are numbered migrations applied by `ensure_schema`, which records the
+number reached in SQLite's `user_version` pragma.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.auth import credentials
+from appliance.auth.names import path_prefixes, validate_project_path, validate_username
+from appliance.auth.permissions import ROLES, TOKEN_SCOPES, VISIBILITIES, ProjectAccess
+from appliance.errors import AuthError
+
+
+class NotFoundError(AuthError):
+    """A named user, project, member or token does not exist."""
+
+
+class AlreadyExistsError(AuthError):
+    """A user, project or membership being created exists already."""
+
+
+class InvalidValueError(AuthError):
+    """A role, visibility or scope outside the allowed set."""
+
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the initial schema.
+    """
+    CREATE TABLE users (
+        id INTEGER PRIMARY KEY,
+        username TEXT NOT NULL UNIQUE,
+        password_hash TEXT NOT NULL,
+        admin INTEGER NOT NULL DEFAULT 0,
+        blocked INTEGER NOT NULL DEFAULT 0,
+        credentials_version INTEGER NOT NULL DEFAULT 1,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE projects (
+        id INTEGER PRIMARY KEY,
+        path TEXT NOT NULL UNIQUE,
+        visibility TEXT NOT NULL CHECK (visibility IN ('private', 'internal', 'public')),
+        registry_enabled INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE memberships (
+        project_id INTEGER NOT NULL REFERENCES projects (id) ON DELETE CASCADE,
+        user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        role TEXT NOT NULL
+            CHECK (role IN ('guest', 'reporter', 'developer', 'maintainer', 'owner')),
+        PRIMARY KEY (project_id, user_id)
+    );
+    CREATE INDEX memberships_user ON memberships (user_id);
+    CREATE TABLE personal_access_tokens (
+        id INTEGER PRIMARY KEY,
+        user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        token_digest TEXT NOT NULL UNIQUE,
+        scopes TEXT NOT NULL,
+        expires_at INTEGER,
+        revoked INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE deploy_tokens (
+        id INTEGER PRIMARY KEY,
+        project_id INTEGER NOT NULL REFERENCES projects (id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        username TEXT UNIQUE,
+        token_digest TEXT NOT NULL UNIQUE,
+        scopes TEXT NOT NULL,
+        expires_at INTEGER,
+        revoked INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE refresh_tokens (
+        token_digest TEXT PRIMARY KEY,
+        user_id INTEGER REFERENCES users (id) ON DELETE CASCADE,
+        personal_access_token_id INTEGER
+            REFERENCES personal_access_tokens (id) ON DELETE CASCADE,
+        deploy_token_id INTEGER REFERENCES deploy_tokens (id) ON DELETE CASCADE,
+        credentials_version INTEGER NOT NULL,
+        client_id TEXT,
+        expires_at INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE failed_signins (
+        subject TEXT PRIMARY KEY,
+        window_start INTEGER NOT NULL,
+        failures INTEGER NOT NULL
+    );
+    """,
+)
+
+DEPLOY_TOKEN_USERNAME = "appliance+deploy-token-{id}"
+
+
+@dataclass(frozen=True)
+class User:
+    id: int
+    username: str
+    password_hash: str
+    admin: bool
+    blocked: bool
+    credentials_version: int
+    created_at: int
+
+
+@dataclass(frozen=True)
+class Project:
+    id: int
+    path: str
+    visibility: str
+    registry_enabled: bool
+    created_at: int
+
+
+@dataclass(frozen=True)
+class Member:
+    username: str
+    role: str
+
+
+@dataclass(frozen=True)
+class PersonalAccessToken:
+    id: int
+    user_id: int
+    name: str
+    scopes: frozenset[str]
+    expires_at: int | None
+    revoked: bool
+    created_at: int
+
+    def usable(self, now: float) -> bool:
+        return not self.revoked and (self.expires_at is None or now < self.expires_at)
+
+
+@dataclass(frozen=True)
+class DeployToken:
+    id: int
+    project_id: int
+    project_path: str
+    name: str
+    username: str
+    scopes: frozenset[str]
+    expires_at: int | None
+    revoked: bool
+    created_at: int
+
+    def usable(self, now: float) -> bool:
+        return not self.revoked and (self.expires_at is None or now < self.expires_at)
+
+
+@dataclass(frozen=True)
+class RefreshToken:
+    user_id: int | None
+    personal_access_token_id: int | None
+    deploy_token_id: int | None
+    credentials_version: int
+    client_id: str | None
+    expires_at: int
+
+
+def connect(db_path: Path) -> sqlite3.Connection:
+    """A connection set up the way every user of the database needs it."""
+    connection = sqlite3.connect(
+        str(db_path), timeout=10.0, isolation_level=None, check_same_thread=False
+    )
+    connection.execute("PRAGMA busy_timeout = 10000")
+    connection.execute("PRAGMA foreign_keys = ON")
+    connection.execute("PRAGMA synchronous = NORMAL")
+    return connection
+
+
+def ensure_schema(db_path: Path) -> None:
+    """Create the database or bring it to the latest schema; a no-op when it is current."""
+    db_path = Path(db_path)
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    if not db_path.exists():
+        # Password hashes live here: readable by the service's user only.
+        os.close(os.open(db_path, os.O_CREAT | os.O_WRONLY, 0o600))
+    connection = connect(db_path)
+    try:
+        if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        connection.execute(statement)
+                connection.execute(f"PRAGMA user_version = {number:d}")
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+    finally:
+        connection.close()
+
+
+def ensure_admin(db_path: Path, username: str, password: str) -> bool:
+    """Create the administrator if missing (True); never touches an existing user."""
+    store = Store(db_path)
+    try:
+        if store.find_user(username) is not None:
+            return False
+        try:
+            store.create_user(username, credentials.hash_password(password), admin=True)
+        except AlreadyExistsError:  # created meanwhile by a concurrent run
+            return False
+        return True
+    finally:
+        store.close()
+
+
+class Store:
+    """All reads and writes of users, projects, memberships, tokens and sign-in failures."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = Path(db_path)
+        self._local = threading.local()
+
+    # -- connection handling -------------------------------------------------------
+    def _db(self) -> sqlite3.Connection:
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.connection = connect(self.db_path)
+            local.pid = os.getpid()
+        return local.connection
+
+    def close(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        if connection is not None and self._local.pid == os.getpid():
+            connection.close()
+        self._local = threading.local()
+
+    def _write(self, sql: str, params: Iterable = ()) -> sqlite3.Cursor:
+        try:
+            return self._db().execute(sql, tuple(params))
+        except sqlite3.IntegrityError as error:
+            raise _IntegrityProblem(str(error)) from error
+
+    def _one(self, sql: str, params: Iterable = ()) -> tuple | None:
+        return self._db().execute(sql, tuple(params)).fetchone()
+
+    def _all(self, sql: str, params: Iterable = ()) -> list[tuple]:
+        return self._db().execute(sql, tuple(params)).fetchall()
+
+    def ping(self) -> None:
+        self._one("SELECT 1")
+
+    # -- users -----------------------------------------------------------------------
+    _USER_COLUMNS = "id, username, password_hash, admin, blocked, credentials_version, created_at"
+
+    def find_user(self, username: str) -> User | None:
+        row = self._one(f"SELECT {self._USER_COLUMNS} FROM users WHERE username = ?", (username,))
+        return _user(row) if row else None
+
+    def find_user_by_id(self, user_id: int) -> User | None:
+        row = self._one(f"SELECT {self._USER_COLUMNS} FROM users WHERE id = ?", (user_id,))
+        return _user(row) if row else None
+
+    def user(self, username: str) -> User:
+        found = self.find_user(username)
+        if found is None:
+            raise NotFoundError(f"There is no user named '{username}'.")
+        return found
+
+    def list_users(self) -> list[User]:
+        rows = self._all(f"SELECT {self._USER_COLUMNS} FROM users ORDER BY username")
+        return [_user(row) for row in rows]
+
+    def create_user(self, username: str, password_hash: str, admin: bool = False) -> User:
+        validate_username(username)
+        # A user owns the namespace of its name: it must not take over a group's projects.
+        group_project = self._one(
+            "SELECT path FROM projects WHERE substr(path, 1, ?) = ? LIMIT 1",
+            (len(username) + 1, username + "/"),
+        )
+        if group_project:
+            raise AlreadyExistsError(
+                f"The namespace '{username}' is used by project '{group_project[0]}';"
+                " choose another username."
+            )
+        try:
+            self._write(
+                "INSERT INTO users (username, password_hash, admin, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                (username, password_hash, int(admin), int(time.time())),
+            )
+        except _IntegrityProblem as error:
+            raise AlreadyExistsError(f"A user named '{username}' exists already.") from error
+        return self.user(username)
+
+    def delete_user(self, username: str) -> None:
+        if self._write("DELETE FROM users WHERE username = ?", (username,)).rowcount == 0:
+            raise NotFoundError(f"There is no user named '{username}'.")
+
+    def set_password_hash(self, username: str, password_hash: str) -> None:
+        """Also invalidates cached credentials and refresh tokens on every worker."""
+        self._update_user(
+            username,
+            "password_hash = ?, credentials_version = credentials_version + 1",
+            (password_hash,),
+        )
+
+    def set_blocked(self, username: str, blocked: bool) -> None:
+        self._update_user(
+            username, "blocked = ?, credentials_version = credentials_version + 1", (int(blocked),)
+        )
+
+    def set_admin(self, username: str, admin: bool) -> None:
+        self._update_user(
+            username, "admin = ?, credentials_version = credentials_version + 1", (int(admin),)
+        )
+
+    def _update_user(self, username: str, assignments: str, params: tuple) -> None:
+        cursor = self._write(
+            f"UPDATE users SET {assignments} WHERE username = ?", (*params, username)
+        )
+        if cursor.rowcount == 0:
+            raise NotFoundError(f"There is no user named '{username}'.")
+
+    # -- projects --------------------------------------------------------------------
+    _PROJECT_COLUMNS = "id, path, visibility, registry_enabled, created_at"
+
+    def create_project(self, path: str, visibility: str, registry_enabled: bool) -> Project:
+        validate_project_path(path)
+        _check_choice("visibility", visibility, VISIBILITIES)
+        try:
+            self._write(
+                "INSERT INTO projects (path, visibility, registry_enabled, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                (path, visibility, int(registry_enabled), int(time.time())),
+            )
+        except _IntegrityProblem as error:
+            raise AlreadyExistsError(f"A project '{path}' exists already.") from error
+        return self.project(path)
+
+    def find_project(self, path: str) -> Project | None:
+        row = self._one(f"SELECT {self._PROJECT_COLUMNS} FROM projects WHERE path = ?", (path,))
+        return _project(row) if row else None
+
+    def project(self, path: str) -> Project:
+        found = self.find_project(path)
+        if found is None:
+            raise NotFoundError(f"There is no project '{path}'.")
+        return found
+
+    def list_projects(self) -> list[Project]:
+        rows = self._all(f"SELECT {self._PROJECT_COLUMNS} FROM projects ORDER BY path")
+        return [_project(row) for row in rows]
+
+    def update_project(
+        self, path: str, visibility: str | None = None, registry_enabled: bool | None = None
+    ) -> Project:
+        project = self.project(path)
+        if visibility is not None:
+            _check_choice("visibility", visibility, VISIBILITIES)
+        self._write(
+            "UPDATE projects SET visibility = ?, registry_enabled = ? WHERE id = ?",
+            (
+                visibility or project.visibility,
+                int(project.registry_enabled if registry_enabled is None else registry_enabled),
+                project.id,
+            ),
+        )
+        return self.project(path)
+
+    def delete_project(self, path: str) -> None:
+        if self._write("DELETE FROM projects WHERE path = ?", (path,)).rowcount == 0:
+            raise NotFoundError(f"There is no project '{path}'.")
+
+    def project_access(
+        self,
+        repository: str,
+        user_id: int | None,
+        username: str | None,
+        default_registry_enabled: bool,
+    ) -> ProjectAccess | None:
+        """The project owning `repository` (longest existing path prefix) and the asker's role.
+
+        A repository in a user's personal namespace (`alice/...`) without a project of its
+        own belongs to a private personal project owned by that user.
+        """
+        prefixes = path_prefixes(repository)
+        marks = ", ".join("?" * len(prefixes))
+        row = self._one(
+            "SELECT p.id, p.path, p.visibility, p.registry_enabled, m.role"
+            " FROM projects p LEFT JOIN memberships m ON m.project_id = p.id AND m.user_id = ?"
+            f" WHERE p.path IN ({marks}) ORDER BY length(p.path) DESC LIMIT 1",
+            (user_id, *prefixes),
+        )
+        namespace = repository.split("/", 1)[0]
+        owns_namespace = username is not None and namespace == username
+        if row is None:
+            if owns_namespace or self.find_user(namespace) is not None:
+                return ProjectAccess(
+                    path=namespace,
+                    visibility="private",
+                    registry_enabled=default_registry_enabled,
+                    role="owner" if owns_namespace else None,
+                )
+            return None
+        project_id, path, visibility, registry_enabled, role = row
+        if owns_namespace:
+            role = "owner"
+        return ProjectAccess(
+            path=path,
+            visibility=visibility,
+            registry_enabled=bool(registry_enabled),
+            role=role,
+            project_id=project_id,
+        )
+
+    # -- memberships -----------------------------------------------------------------
+    def add_member(self, path: str, username: str, role: str) -> None:
+        """Add a member, or change the role of an existing one."""
+        _check_choice("role", role, ROLES)
+        project, user = self.project(path), self.user(username)
+        self._write(
+            "INSERT INTO memberships (project_id, user_id, role) VALUES (?, ?, ?)"
+            " ON CONFLICT (project_id, user_id) DO UPDATE SET role = excluded.role",
+            (project.id, user.id, role),
+        )
+
+    def remove_member(self, path: str, username: str) -> None:
+        project, user = self.project(path), self.user(username)
+        cursor = self._write(
+            "DELETE FROM memberships WHERE project_id = ? AND user_id = ?", (project.id, user.id)
+        )
+        if cursor.rowcount == 0:
+            raise NotFoundError(f"User '{username}' is not a member of project '{path}'.")
+
+    def list_members(self, path: str) -> list[Member]:
+        project = self.project(path)
+        rows = self._all(
+            "SELECT u.username, m.role FROM memberships m JOIN users u ON u.id = m.user_id"
+            " WHERE m.project_id = ? ORDER BY u.username",
+            (project.id,),
+        )
+        return [Member(username, role) for username, role in rows]
+
+    # -- personal access tokens ------------------------------------------------------
+    _PAT_COLUMNS = "id, user_id, name, scopes, expires_at, revoked, created_at"
+
+    def create_personal_access_token(
+        self, username: str, name: str, scopes: Iterable[str], expires_at: int | None
+    ) -> tuple[PersonalAccessToken, str]:
+        """Returns the token and its secret; only the secret's digest is stored."""
+        user = self.user(username)
+        scope_text = _scope_text(scopes)
+        secret = credentials.new_secret(credentials.PERSONAL_TOKEN_PREFIX)
+        cursor = self._write(
+            "INSERT INTO personal_access_tokens"
+            " (user_id, name, token_digest, scopes, expires_at, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                user.id,
+                name,
+                credentials.secret_digest(secret),
+                scope_text,
+                expires_at,
+                int(time.time()),
+            ),
+        )
+        return self.personal_access_token(cursor.lastrowid), secret
+
+    def personal_access_token(self, token_id: int) -> PersonalAccessToken:
+        row = self._one(
+            f"SELECT {self._PAT_COLUMNS} FROM personal_access_tokens WHERE id = ?", (token_id,)
+        )
+        if row is None:
+            raise NotFoundError(f"There is no personal access token {token_id}.")
+        return _pat(row)
+
+    def find_personal_access_token(self, digest: str) -> PersonalAccessToken | None:
+        row = self._one(
+            f"SELECT {self._PAT_COLUMNS} FROM personal_access_tokens WHERE token_digest = ?",
+            (digest,),
+        )
+        return _pat(row) if row else None
+
+    def list_personal_access_tokens(self, username: str) -> list[PersonalAccessToken]:
+        user = self.user(username)
+        rows = self._all(
+            f"SELECT {self._PAT_COLUMNS} FROM personal_access_tokens WHERE user_id = ? ORDER BY id",
+            (user.id,),
+        )
+        return [_pat(row) for row in rows]
+
+    def revoke_personal_access_token(self, username: str, token_id: int) -> None:
+        user = self.user(username)
+        cursor = self._write(
+            "UPDATE personal_access_tokens SET revoked = 1 WHERE id = ? AND user_id = ?",
+            (token_id, user.id),
+        )
+        if cursor.rowcount == 0:
+            raise NotFoundError(f"User '{username}' has no personal access token {token_id}.")
+
+    # -- deploy tokens ---------------------------------------------------------------
+    _DEPLOY_COLUMNS = (
+        "d.id, d.project_id, p.path, d.name, d.username, d.scopes, d.expires_at, d.revoked,"
+        " d.created_at"
+    )
+
+    def create_deploy_token(
+        self, path: str, name: str, scopes: Iterable[str], expires_at: int | None
+    ) -> tuple[DeployToken, str]:
+        project = self.project(path)
+        scope_text = _scope_text(scopes)
+        secret = credentials.new_secret(credentials.DEPLOY_TOKEN_PREFIX)
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            cursor = db.execute(
+                "INSERT INTO deploy_tokens"
+                " (project_id, name, token_digest, scopes, expires_at, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    project.id,
+                    name,
+                    credentials.secret_digest(secret),
+                    scope_text,
+                    expires_at,
+                    int(time.time()),
+                ),
+            )
+            token_id = cursor.lastrowid
+            db.execute(
+                "UPDATE deploy_tokens SET username = ? WHERE id = ?",
+                (DEPLOY_TOKEN_USERNAME.format(id=token_id), token_id),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return self._deploy_token_where("d.id = ?", token_id), secret
+
+    def _deploy_token_where(self, condition: str, value: object) -> DeployToken:
+        found = self._find_deploy_token(condition, value)
+        if found is None:
+            raise NotFoundError("There is no such deploy token.")
+        return found
+
+    def _find_deploy_token(self, condition: str, value: object) -> DeployToken | None:
+        row = self._one(
+            f"SELECT {self._DEPLOY_COLUMNS} FROM deploy_tokens d"
+            f" JOIN projects p ON p.id = d.project_id WHERE {condition}",
+            (value,),
+        )
+        return _deploy(row) if row else None
+
+    def find_deploy_token(self, username: str) -> tuple[DeployToken, str] | None:
+        """The deploy token signing in as `username`, with its stored digest."""
+        row = self._one(
+            f"SELECT {self._DEPLOY_COLUMNS}, d.token_digest FROM deploy_tokens d"
+            " JOIN projects p ON p.id = d.project_id WHERE d.username = ?",
+            (username,),
+        )
+        return (_deploy(row[:-1]), row[-1]) if row else None
+
+    def find_deploy_token_by_id(self, token_id: int) -> DeployToken | None:
+        return self._find_deploy_token("d.id = ?", token_id)
+
+    def list_deploy_tokens(self, path: str) -> list[DeployToken]:
+        project = self.project(path)
+        rows = self._all(
+            f"SELECT {self._DEPLOY_COLUMNS} FROM deploy_tokens d"
+            " JOIN projects p ON p.id = d.project_id WHERE d.project_id = ? ORDER BY d.id",
+            (project.id,),
+        )
+        return [_deploy(row) for row in rows]
+
+    def revoke_deploy_token(self, path: str, token_id: int) -> None:
+        project = self.project(path)
+        cursor = self._write(
+            "UPDATE deploy_tokens SET revoked = 1 WHERE id = ? AND project_id = ?",
+            (token_id, project.id),
+        )
+        if cursor.rowcount == 0:
+            raise NotFoundError(f"Project '{path}' has no deploy token {token_id}.")
+
+    # -- refresh tokens --------------------------------------------------------------
+    def store_refresh_token(
+        self,
+        digest: str,
+        *,
+        user_id: int | None,
+        personal_access_token_id: int | None,
+        deploy_token_id: int | None,
+        credentials_version: int,
+        client_id: str | None,
+        expires_at: int,
+    ) -> None:
+        now = int(time.time())
+        self._write(
+            "INSERT INTO refresh_tokens (token_digest, user_id, personal_access_token_id,"
+            " deploy_token_id, credentials_version, client_id, expires_at, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                digest,
+                user_id,
+                personal_access_token_id,
+                deploy_token_id,
+                credentials_version,
+                client_id,
+                expires_at,
+                now,
+            ),
+        )
+        # Keep the table from growing without bound: expired rows are useless.
+        self._write("DELETE FROM refresh_tokens WHERE expires_at < ?", (now,))
+
+    def find_refresh_token(self, digest: str) -> RefreshToken | None:
+        row = self._one(
+            "SELECT user_id, personal_access_token_id, deploy_token_id, credentials_version,"
+            " client_id, expires_at FROM refresh_tokens WHERE token_digest = ?",
+            (digest,),
+        )
+        return RefreshToken(*row) if row else None
+
+    # -- failed sign-ins -------------------------------------------------------------
+    def record_failed_signin(self, subjects: Iterable[str], now: int, window: int) -> None:
+        """Count one failure for each subject ('user:alice', 'address:10.0.0.1')."""
+        for subject in subjects:
+            self._write(
+                "INSERT INTO failed_signins (subject, window_start, failures) VALUES (?, ?, 1)"
+                " ON CONFLICT (subject) DO UPDATE SET"
+                " failures = CASE WHEN window_start <= ? THEN 1 ELSE failures + 1 END,"
+                " window_start = CASE WHEN window_start <= ? THEN excluded.window_start"
+                " ELSE window_start END",
+                (subject, now, now - window, now - window),
+            )
+
+    def failed_signins(self, subjects: Iterable[str], now: int, window: int) -> dict[str, tuple]:
+        """Failures and window start per subject, counting only the current window."""
+        subjects = list(subjects)
+        marks = ", ".join("?" * len(subjects))
+        rows = self._all(
+            "SELECT subject, failures, window_start FROM failed_signins"
+            f" WHERE subject IN ({marks}) AND window_start > ?",
+            (*subjects, now - window),
+        )
+        return {subject: (failures, start) for subject, failures, start in rows}
+
+    def forget_failed_signins(self, before: int) -> None:
+        self._write("DELETE FROM failed_signins WHERE window_start < ?", (before,))
+
+
+class _IntegrityProblem(Exception):
+    pass
+
+
+def _check_choice(what: str, value: str, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise InvalidValueError(
+            f"'{value}' is not a valid {what}; choose one of: {', '.join(choices)}."
+        )
+
+
+def _scope_text(scopes: Iterable[str]) -> str:
+    scopes = sorted(set(scopes))
+    if not scopes:
+        raise InvalidValueError(f"A token needs at least one scope: {' or '.join(TOKEN_SCOPES)}.")
+    for scope in scopes:
+        _check_choice("token scope", scope, TOKEN_SCOPES)
+    return " ".join(scopes)
+
+
+def _user(row: tuple) -> User:
+    id_, username, password_hash, admin, blocked, version, created = row
+    return User(id_, username, password_hash, bool(admin), bool(blocked), version, created)
+
+
+def _project(row: tuple) -> Project:
+    id_, path, visibility, enabled, created = row
+    return Project(id_, path, visibility, bool(enabled), created)
+
+
+def _pat(row: tuple) -> PersonalAccessToken:
+    id_, user_id, name, scopes, expires_at, revoked, created = row
+    return PersonalAccessToken(
+        id_, user_id, name, frozenset(scopes.split()), expires_at, bool(revoked), created
+    )
+
+
+def _deploy(row: tuple) -> DeployToken:
+    id_, project_id, path, name, username, scopes, expires_at, revoked, created = row
+    return DeployToken(
+        id_,
+        project_id,
+        path,
+        name,
+        username,
+        frozenset(scopes.split()),
+        expires_at,
+        bool(revoked),
+        created,
+    )

@@ -1,0 +1,156 @@
+"""A whole appliance under a temporary root, on free loopback ports.
+
+`ApplianceUnderTest` writes an appliance.yml, runs the real `appliance-ctl` (the
+console script of the virtualenv) and tears supervisord and every service down at the
+end. Run as root (CI), reconfigure creates the service accounts and runs each service
+under its own, exactly as on a real host; the temporary root is therefore made
+traversable (0755) rather than pytest's private 0700 directories.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tests.support.skopeo import Skopeo
+
+BIN = Path(sys.prefix) / "bin"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@dataclass
+class ApplianceUnderTest:
+    root: Path
+    config: dict
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
+
+    @classmethod
+    def create(cls, extra: dict | None = None, prefix: str = "appliance-") -> ApplianceUnderTest:
+        root = Path(tempfile.mkdtemp(prefix=prefix))
+        os.chmod(root, 0o755)
+        port = free_port()
+        config = {
+            "root": str(root),
+            "external_url": "https://localhost",
+            "registry_external_url": f"https://localhost:{port}",
+            "nginx": {"http_port": free_port(), "listen_addresses": ["127.0.0.1"],
+                      "worker_processes": "2"},
+            "registry": {"http_addr": f"127.0.0.1:{free_port()}"},
+            "auth": {"listen_addr": f"127.0.0.1:{free_port()}"},
+        }
+        appliance = cls(root=root, config=deep_merge(config, extra or {}))
+        appliance.config.setdefault("initial_root_password", appliance.password)
+        appliance.password = appliance.config["initial_root_password"]
+        appliance.write_config()
+        return appliance
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "etc/appliance/appliance.yml"
+
+    def write_config(self, changes: dict | None = None) -> None:
+        if changes:
+            self.config = deep_merge(self.config, changes)
+        self.config_file.parent.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(yaml.safe_dump(self.config, sort_keys=False))
+
+    @property
+    def registry_address(self) -> str:
+        url = self.config["registry_external_url"]
+        return url.split("://", 1)[1].rstrip("/")
+
+    @property
+    def host(self) -> str:
+        return self.registry_address.rsplit(":", 1)[0]
+
+    @property
+    def certificate(self) -> Path:
+        return self.root / f"etc/appliance/ssl/{self.host}.crt"
+
+    def ctl(self, *args: str, check: bool = True, input: str | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+        result = subprocess.run([str(BIN / "appliance-ctl"), "-c", str(self.config_file), *args],
+                                capture_output=True, text=True, input=input, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"appliance-ctl {' '.join(args)} exited {result.returncode}\n"
+                                 f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+        return result
+
+    def reconfigure(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.ctl("reconfigure", *args, check=check)
+
+    def skopeo(self, home: Path, username: str | None = "root",
+               password: str | None = None) -> Skopeo:
+        cert_dir = home / "certs"
+        cert_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(self.certificate, cert_dir / "ca.crt")
+        return Skopeo(home=home, registry=self.registry_address, username=username,
+                      password=password if password is not None else
+                      (self.password if username == "root" else None),
+                      cert_dir=cert_dir)
+
+    def pids(self) -> dict[str, int]:
+        """Service name -> pid, from `appliance-ctl status`."""
+        out = {}
+        for line in self.ctl("status", check=False).stdout.splitlines():
+            if line.startswith("run: "):
+                name = line.split(":")[1].strip()
+                out[name] = int(line.split("(pid ")[1].split(")")[0])
+        return out
+
+    def wait_until_running(self, services: tuple[str, ...] = ("nginx", "registry", "auth"),
+                           timeout: float = 20) -> dict[str, int]:
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = self.pids()
+            if all(s in pids for s in services):
+                return pids
+            if time.monotonic() > deadline:
+                raise AssertionError(f"services not running after {timeout}s: "
+                                     f"{self.ctl('status', check=False).stdout}")
+            time.sleep(0.2)
+
+    def shutdown(self) -> None:
+        from appliance.services import Supervisor
+
+        paths_root = self.root / "var/opt/appliance/supervisor"
+        supervisor = Supervisor(paths_root / "supervisord.conf", paths_root / "supervisor.sock")
+        try:
+            if supervisor.is_running():
+                supervisor.shutdown()
+        finally:
+            pidfile = paths_root / "supervisord.pid"
+            deadline = time.monotonic() + 15
+            while pidfile.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+
+    def destroy(self) -> None:
+        try:
+            self.shutdown()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)

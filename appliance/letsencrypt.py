@@ -127,11 +127,11 @@ def obtain_certificate(
         timeout=max(1, min(_NETWORK_TIMEOUT_MAX, int(deadline_seconds))),
     )
     hosts = ", ".join(domains)
+    key_pem = pki.generate_private_key(key_type)  # a bad key type fails before any request
     try:
         client = _connect(directory_url, network, hosts, ca_bundle)
         with _translated_errors(hosts, deadline_seconds):
             account_url, created = _account(client, contact_emails)
-            key_pem = pki.generate_private_key(key_type)
             order = client.new_order(crypto_util.make_csr(key_pem, domains))
             log.info("order %s for %s", order.uri, hosts)
             with _ChallengeFiles(Path(webroot)) as challenge_files:

@@ -232,11 +232,14 @@ def should_renew(
     now: dt.datetime,
     renew_before: dt.timedelta,
     hostnames: list[str] | None = None,
+    *,
+    replace_self_signed: bool = False,
 ) -> tuple[bool, str]:
     """The one renewal decision, with the reason a log line or `--dry-run` prints.
 
     Renewing when names changed is what makes adding a registry domain take effect on
-    the next reconfigure instead of at the next expiry.
+    the next reconfigure instead of at the next expiry. `replace_self_signed` is for
+    Let's Encrypt paths: the self-signed placeholder nginx starts with is always due.
     """
     if cert_pem is None:
         return True, "no certificate yet"
@@ -244,6 +247,8 @@ def should_renew(
         info = certificate_info(cert_pem)
     except CertificateError as error:
         return True, f"the current certificate cannot be read ({error})"
+    if replace_self_signed and info.self_signed:
+        return True, "the current certificate is a self-signed placeholder"
     if hostnames is not None:
         missing = [host for host in hostnames if not covers(info, host)]
         if missing:

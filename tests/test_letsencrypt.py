@@ -303,3 +303,35 @@ def test_names_the_ca_refuses_are_reported_with_its_reason(acme):
         obtain(acme.pebble, acme.webroot, ["bad_name.test"])
     assert str(raised.value).startswith("The ACME server refused the order for bad_name.test: ")
     assert "illegal character" in str(raised.value)
+
+
+def test_a_bad_key_type_fails_before_contacting_the_ca(tmp_path):
+    with pytest.raises(pki.UnknownKeyType):
+        letsencrypt.obtain_certificate(
+            ["registry.test"],
+            directory_url=f"https://127.0.0.1:{free_port()}/dir",  # would be unreachable
+            account_key_pem=letsencrypt.generate_account_key(),
+            webroot=tmp_path,
+            contact_emails=CONTACT,
+            ca_bundle=None,
+            key_type="rsa-1024",
+        )
+
+
+def test_short_lived_certificates_are_due_for_renewal_at_once(tmp_path):
+    """pebble's certificateValidityPeriod, for renewal tests of the whole appliance."""
+    webroot = tmp_path / "webroot"
+    webroot.mkdir()
+    port = free_port()
+    with (
+        PebbleServer(tmp_path / "pebble", http01_port=port, cert_validity_seconds=3600) as pebble,
+        WebrootServer(webroot, port),
+    ):
+        issued = obtain(pebble, webroot, ["registry.test"])
+    info = pki.certificate_info(issued.fullchain_pem)
+    assert dt.timedelta(minutes=59) <= info.not_after - info.not_before <= dt.timedelta(hours=1)
+    now = dt.datetime.now(dt.UTC)
+    assert pki.should_renew(issued.fullchain_pem, now, dt.timedelta(days=30), ["registry.test"],
+                            replace_self_signed=True) == (
+        True, "within the renewal window: expires in 0 days")
+    assert pki.should_renew(issued.fullchain_pem, now, dt.timedelta(minutes=5))[0] is False

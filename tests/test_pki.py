@@ -315,6 +315,17 @@ def test_should_renew(cert, hosts, expected):
     assert pki.should_renew(cert, NOW, WINDOW, hosts) == expected
 
 
+def test_a_self_signed_placeholder_is_due_only_where_a_ca_certificate_belongs():
+    placeholder = cert_for(["registry.test"], issued=NOW, days=365)
+    assert pki.should_renew(placeholder, NOW, WINDOW, ["registry.test"],
+                            replace_self_signed=True) == (
+        True, "the current certificate is a self-signed placeholder")
+    assert pki.should_renew(placeholder, NOW, WINDOW, ["registry.test"])[0] is False
+    chain, _ = ca_signed_chain(["registry.test"])
+    assert pki.should_renew(chain, NOW, WINDOW, ["registry.test"], replace_self_signed=True) == (
+        False, "not due: expires in 89 days (2026-08-29 12:00 UTC)")
+
+
 def test_should_renew_exactly_at_the_window_edge():
     cert = cert_for(["registry.test"], issued=NOW, days=90)
     not_after = pki.certificate_info(cert).not_after

@@ -596,13 +596,12 @@ def _cross_checks(s: Settings) -> list[str]:
         problems.append("letsencrypt.enable: true conflicts with registry_nginx.ssl_certificate; "
                         "remove the certificate paths to use Let's Encrypt, or set "
                         "letsencrypt.enable: false")
-    registry_url = s.registry_external_url or s.external_url
+    registry_url = registry_url_of(s)
     if urlsplit(registry_url).scheme != "https":
         problems.append(f"registry_external_url: \"{registry_url}\" must be https; clients "
                         f"refuse plain-HTTP registries unless each one is told it is insecure")
     ports = {}
-    port = rn.listen_port or urlsplit(registry_url).port or \
-        (5050 if not s.registry_external_url else 443)
+    port = rn.listen_port or urlsplit(registry_url).port or 443
     for name, value in (("nginx.http_port", s.nginx.http_port),
                         ("registry_nginx.listen_port", port)):
         if value in ports:
@@ -632,12 +631,22 @@ def is_public_name(host: str) -> bool:
                                               ".example", ".invalid", ".lan", ".home.arpa"))
 
 
+def registry_url_of(s: Settings) -> str:
+    """The URL users docker login to: registry_external_url, else port 5050 of external_url's host.
+
+    Validation and derive() both call this, so the port-clash and https checks judge the
+    URL the recipes will actually serve.
+    """
+    host = urlsplit(s.external_url).hostname or "localhost"
+    return s.registry_external_url or f"https://{f'[{host}]' if ':' in host else host}:5050"
+
+
 def derive(s: Settings, config_file: Path | None = None) -> Settings:
     """Fill in every value that follows from others; returns a new Settings."""
     root = Path(s.root)
     paths = Paths.under(root, config_file or Path(DEFAULT_CONFIG))
     host = urlsplit(s.external_url).hostname or "localhost"
-    registry_url = s.registry_external_url or f"https://{host}:5050"
+    registry_url = registry_url_of(s)
     parts = urlsplit(registry_url)
     registry_host = parts.hostname or host
     registry_port = parts.port or 443

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import json
 import os
 import re
 import types
@@ -480,7 +481,9 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
 def _show(key: str, value: Any) -> str:
     if key in SENSITIVE_KEYS:
         return "the value"
-    text = f'"{value}"' if isinstance(value, str) else repr(value)
+    # JSON quoting: a newline or quote in the value stays visible and the problem stays
+    # on one line of the report.
+    text = json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
     return text if len(text) < 80 else text[:77] + '..."'
 
 

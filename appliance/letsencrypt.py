@@ -113,12 +113,14 @@ def obtain_certificate(
     The account is looked up by its key and created (agreeing to the CA's terms) only
     if the CA does not know it. Tokens are served from `webroot/.well-known/
     acme-challenge/` for as long as the authorizations are pending and removed after,
-    also on failure. The whole order, polling included, ends within `deadline_seconds`.
+    also on failure. Polling gives up `deadline_seconds` after the call, and no single
+    request waits longer than that either.
     """
+    domains = list(dict.fromkeys(name.strip().rstrip(".").lower() for name in domains))
     _refuse_names_http01_cannot_prove(domains)
     started = time.monotonic()
     deadline = started + deadline_seconds
-    jwk, algorithm = _account_jwk(account_key_pem)
+    jwk, algorithm = account_jwk(account_key_pem)
     network = acme_client.ClientNetwork(
         jwk,
         alg=algorithm,
@@ -168,7 +170,8 @@ def _refuse_names_http01_cannot_prove(domains: list[str]) -> None:
             )
 
 
-def _account_jwk(account_key_pem: bytes) -> tuple[jose.JWK, jose.JWASignature]:
+def account_jwk(account_key_pem: bytes) -> tuple[jose.JWK, jose.JWASignature]:
+    """The account key as the acme library signs with it: JWK and JWS algorithm."""
     try:
         key = serialization.load_pem_private_key(account_key_pem, password=None)
     except (ValueError, TypeError) as error:

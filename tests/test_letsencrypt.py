@@ -18,6 +18,8 @@ import pytest
 from acme import client as acme_client
 from acme import messages
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from appliance import letsencrypt, pki
@@ -118,8 +120,8 @@ def test_first_issuance_for_one_name(acme, account_key, tmp_path):
 
 def test_first_issuance_for_two_names_puts_both_on_one_certificate(acme, account_key):
     names = ["registry.test", "registry.other.test"]
-    issued = obtain(acme.pebble, acme.webroot, names, account_key_pem=account_key,
-                    key_type="rsa-2048")
+    issued = obtain(acme.pebble, acme.webroot, names + ["Registry.test."],
+                    account_key_pem=account_key, key_type="rsa-2048")
 
     root = acme.pebble.root_cert_pem()
     for name in names:
@@ -128,6 +130,8 @@ def test_first_issuance_for_two_names_puts_both_on_one_certificate(acme, account
     assert sorted(info.dns_names) == sorted(names)
     assert info.subject == "CN=registry.test"
     assert pki.public_key_matches(issued.fullchain_pem, issued.key_pem)
+    key = serialization.load_pem_private_key(issued.key_pem, password=None)
+    assert isinstance(key, rsa.RSAPrivateKey) and key.key_size == 2048
     assert files_under(acme.webroot) == []
 
 
@@ -158,7 +162,7 @@ def test_the_account_is_registered_once_and_reused(acme):
 
 
 def account_contacts(pebble: PebbleServer, account_key_pem: bytes) -> tuple[str, ...]:
-    jwk, algorithm = letsencrypt._account_jwk(account_key_pem)
+    jwk, algorithm = letsencrypt.account_jwk(account_key_pem)
     network = acme_client.ClientNetwork(jwk, alg=algorithm, verify_ssl=pebble.ca_bundle_path)
     client = acme_client.ClientV2(
         acme_client.ClientV2.get_directory(pebble.directory_url, network), network

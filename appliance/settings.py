@@ -386,6 +386,25 @@ def config_path(cli_path: str | None) -> tuple[Path, bool]:
     return Path(DEFAULT_CONFIG), False
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping.
+
+    Plain YAML loaders keep the last value, so a second `registry:` block would silently
+    replace the first; the YAML spec says keys are unique, so it is reported as invalid.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key_node.value!r} appears twice in one mapping",
+                        key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
 def read_config(path: Path, must_exist: bool) -> dict:
     try:
         text = path.read_text()
@@ -397,7 +416,7 @@ def read_config(path: Path, must_exist: bool) -> dict:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read it: {exc.strerror}.") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

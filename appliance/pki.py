@@ -155,7 +155,10 @@ def signing_certificate(
 
 
 def public_key_matches(cert_pem: bytes, key_pem: bytes) -> bool:
-    """Whether the key belongs to the leaf (first) certificate, the check nginx fails on."""
+    """Whether the key belongs to the leaf (first) certificate, the check nginx fails on.
+
+    Unreadable PEM raises CertificateError (check_certificate reports it instead).
+    """
     leaf = _load_chain(cert_pem)[0]
     key = _load_private_key(key_pem)
     return _spki(leaf.public_key()) == _spki(key.public_key())

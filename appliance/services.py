@@ -1,0 +1,351 @@
+"""Control of the supervised services through supervisord's XML-RPC API.
+
+supervisord owns every long-running process (nginx, registry, auth). We talk to it over
+its unix socket with the `supervisor` package's own transport instead of shelling out
+to supervisorctl: faults arrive as codes we can act on, not as text to parse. Faults
+that mean "already in the wanted state" (ALREADY_STARTED, NOT_RUNNING) are nothing to
+do, so every operation here is safe to repeat.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import subprocess
+import sys
+import time
+import xmlrpc.client
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from supervisor.xmlrpc import Faults, SupervisorTransport
+
+from appliance.errors import ServiceError
+
+# Longest path the kernel accepts for an AF_UNIX socket (sun_path is 108 bytes with NUL).
+MAX_SOCKET_PATH = 107
+TAIL_INITIAL_BYTES = 8192
+TAIL_POLL_SECONDS = 0.5
+
+
+class UnknownServiceError(ServiceError):
+    """A service name that supervisord does not supervise."""
+
+    exit_code = 2  # a usage error: the command line names something that does not exist
+
+
+class SupervisorNotRunningError(ServiceError):
+    """supervisord's socket does not answer."""
+
+    exit_code = 3  # LSB "program is not running"
+
+
+@dataclass(frozen=True)
+class ProcessStatus:
+    name: str
+    state: str  # supervisord's state name: RUNNING, STOPPED, STARTING, BACKOFF, FATAL, ...
+    pid: int  # 0 when not running
+    uptime: int  # seconds since start, 0 when not running
+    description: str
+
+    @property
+    def running(self) -> bool:
+        return self.state == "RUNNING"
+
+    def line(self) -> str:
+        """One status line in runit's shape (`run: registry: (pid 4242) 310s`), as
+        Omnibus operators read it; scripts test the exit code, not this text."""
+        if self.running:
+            return f"run: {self.name}: (pid {self.pid}) {self.uptime}s"
+        return f"down: {self.name}: {self.state.lower()}; {self.description}".rstrip("; ")
+
+
+class Supervisor:
+    """supervisord for one appliance root: its config file and its control socket."""
+
+    def __init__(self, config_path: Path, socket_path: Path) -> None:
+        self.config_path = Path(config_path)
+        self.socket_path = Path(socket_path)
+
+    # -- supervisord itself -------------------------------------------------------------
+
+    def _server(self) -> xmlrpc.client.ServerProxy:
+        if len(os.fsencode(self.socket_path)) > MAX_SOCKET_PATH:
+            raise ServiceError(
+                f"The supervisord socket path {self.socket_path} is longer than "
+                f"{MAX_SOCKET_PATH} bytes, the limit of a unix socket; use a shorter root."
+            )
+        transport = SupervisorTransport(None, None, f"unix://{self.socket_path}")
+        # The host part is ignored: the transport always dials the unix socket.
+        return xmlrpc.client.ServerProxy("http://localhost", transport=transport)
+
+    def _call(self, method: str, *args: object) -> object:
+        """Call `supervisor.<method>`; unreachable supervisord becomes one clear error."""
+        server = self._server()
+        try:
+            return getattr(server.supervisor, method)(*args)
+        except (FileNotFoundError, ConnectionRefusedError) as error:
+            raise SupervisorNotRunningError(
+                "supervisord is not running; run appliance-ctl reconfigure."
+            ) from error
+        except PermissionError as error:
+            raise ServiceError(
+                f"Permission denied on the supervisord socket {self.socket_path}; "
+                "run this command as the user that runs the appliance."
+            ) from error
+        except (http.client.HTTPException, OSError) as error:
+            raise SupervisorNotRunningError(
+                f"supervisord at {self.socket_path} did not answer ({error}); "
+                "run appliance-ctl reconfigure."
+            ) from error
+        finally:
+            server("close")()
+
+    def is_running(self) -> bool:
+        try:
+            self._call("getState")
+        except SupervisorNotRunningError:
+            return False
+        return True
+
+    def ensure_running(self, timeout: float = 10) -> bool:
+        """Start supervisord unless it answers already; True if this call started it.
+
+        supervisord is launched from the embedded virtualenv with a minimal environment,
+        so the services do not inherit whatever shell happened to run reconfigure.
+        """
+        if self.is_running():
+            return False
+        supervisord = Path(sys.prefix) / "bin" / "supervisord"
+        environment = {
+            "PATH": f"{Path(sys.prefix) / 'bin'}:/usr/local/sbin:/usr/local/bin:"
+            "/usr/sbin:/usr/bin:/sbin:/bin",
+            "LANG": "C.UTF-8",
+        }
+        # supervisord binds its socket before it daemonizes, so its exit status tells
+        # whether it came up; the wait below covers the socket becoming connectable.
+        result = subprocess.run(
+            [str(supervisord), "-c", str(self.config_path)],
+            env=environment,
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if result.returncode != 0:
+            message = (result.stderr or result.stdout).strip().splitlines()
+            raise ServiceError(
+                f"supervisord did not start with {self.config_path}: "
+                f"{message[-1] if message else f'exit status {result.returncode}'}."
+            )
+        deadline = time.monotonic() + timeout
+        while not self.is_running():
+            if time.monotonic() > deadline:
+                raise ServiceError(
+                    f"supervisord started but its socket {self.socket_path} did not answer "
+                    f"within {timeout:g}s."
+                )
+            time.sleep(0.05)
+        return True
+
+    def shutdown(self, timeout: float = 30) -> None:
+        """Stop every service, then supervisord; nothing to do if it is not running."""
+        try:
+            pid = self._call("getPID")
+            self._call("shutdown")
+        except SupervisorNotRunningError:
+            return
+        deadline = time.monotonic() + timeout
+        while _process_exists(int(pid)):  # type: ignore[arg-type]
+            if time.monotonic() > deadline:
+                raise ServiceError(f"supervisord (pid {pid}) did not exit within {timeout:g}s.")
+            time.sleep(0.05)
+
+    def update(self) -> dict[str, list[str]]:
+        """Apply changed program files the way `supervisorctl update` does.
+
+        Added programs are started (when autostart), removed ones stopped, and a
+        program whose definition changed is stopped and started with the new one.
+        """
+        try:
+            [[added, changed, removed]] = self._call("reloadConfig")  # type: ignore[misc]
+        except xmlrpc.client.Fault as fault:
+            raise ServiceError(
+                f"supervisord cannot reload its configuration: {fault.faultString}."
+            ) from fault
+        for name in removed:
+            self._stop_group(name)
+            self._call("removeProcessGroup", name)
+        for name in changed:
+            self._stop_group(name)
+            self._call("removeProcessGroup", name)
+            self._add_group(name)
+        for name in added:
+            self._add_group(name)
+        return {"added": sorted(added), "changed": sorted(changed), "removed": sorted(removed)}
+
+    def _stop_group(self, name: str) -> None:
+        try:
+            self._call("stopProcessGroup", name)
+        except xmlrpc.client.Fault as fault:
+            if fault.faultCode != Faults.BAD_NAME:
+                raise self._error("stop", name, fault) from fault
+
+    def _add_group(self, name: str) -> None:
+        try:
+            self._call("addProcessGroup", name)
+        except xmlrpc.client.Fault as fault:
+            if fault.faultCode != Faults.ALREADY_ADDED:
+                raise self._error("add", name, fault) from fault
+
+    # -- one service --------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """Every supervised service, sorted."""
+        return sorted(info["name"] for info in self._call("getAllProcessInfo"))  # type: ignore[union-attr]
+
+    def _known(self, name: str) -> str:
+        names = self.names()
+        if name not in names:
+            raise UnknownServiceError(
+                f"Unknown service {name!r}; valid services: {', '.join(names) or 'none'}."
+            )
+        return name
+
+    def _error(self, action: str, name: str, fault: xmlrpc.client.Fault) -> ServiceError:
+        if fault.faultCode == Faults.BAD_NAME:
+            return UnknownServiceError(
+                f"Unknown service {name!r}; valid services: {', '.join(self.names())}."
+            )
+        where = ""
+        try:
+            info = self._call("getProcessInfo", name)
+            where = f"; see {info['stdout_logfile']}" if info["stdout_logfile"] else ""  # type: ignore[index]
+        except xmlrpc.client.Fault:
+            pass
+        return ServiceError(f"Cannot {action} {name}: {fault.faultString}{where}.")
+
+    def start(self, name: str) -> None:
+        """Start `name` and wait until supervisord deems it running (its startsecs)."""
+        try:
+            self._call("startProcess", self._known(name))
+        except xmlrpc.client.Fault as fault:
+            if fault.faultCode != Faults.ALREADY_STARTED:
+                raise self._error("start", name, fault) from fault
+
+    def stop(self, name: str) -> None:
+        try:
+            self._call("stopProcess", self._known(name))
+        except xmlrpc.client.Fault as fault:
+            if fault.faultCode != Faults.NOT_RUNNING:
+                raise self._error("stop", name, fault) from fault
+
+    def restart(self, name: str) -> None:
+        self.stop(name)
+        self.start(name)
+
+    def signal(self, name: str, signal: str) -> bool:
+        """Send `signal` ("HUP", "USR1", ...) to `name`; False if it is not running.
+
+        A reload of a stopped service has nothing to reload: its next start reads the
+        new configuration anyway.
+        """
+        try:
+            self._call("signalProcess", self._known(name), signal)
+        except xmlrpc.client.Fault as fault:
+            if fault.faultCode == Faults.NOT_RUNNING:
+                return False
+            raise self._error(f"send {signal} to", name, fault) from fault
+        return True
+
+    def status(self, name: str | None = None) -> list[ProcessStatus]:
+        """Status of `name`, or of every service sorted by name."""
+        if name is None:
+            infos = self._call("getAllProcessInfo")
+        else:
+            try:
+                infos = [self._call("getProcessInfo", self._known(name))]
+            except xmlrpc.client.Fault as fault:
+                raise self._error("read the status of", name, fault) from fault
+        return sorted((_status(info) for info in infos), key=lambda s: s.name)  # type: ignore[union-attr]
+
+    def log_path(self, name: str) -> Path:
+        info = self._call("getProcessInfo", self._known(name))
+        if not info["stdout_logfile"]:  # type: ignore[index]
+            raise ServiceError(f"{name} has no log file.")
+        return Path(info["stdout_logfile"])  # type: ignore[index]
+
+    def tail(self, name: str, follow: bool = False) -> Iterator[str]:
+        """The end of `name`'s log, then (with follow) new lines as they are written.
+
+        Reads the log file itself rather than supervisord's tail API so that a size
+        rotation (supervisord renames `current` to `current.1`) is noticed by the inode
+        changing and following carries on in the new file.
+        """
+        path = self.log_path(name)
+        handle, inode = _open_log(path)
+        try:
+            if handle is not None:
+                size = os.fstat(handle.fileno()).st_size
+                handle.seek(max(0, size - TAIL_INITIAL_BYTES))
+                text = handle.read()
+                if size > TAIL_INITIAL_BYTES:
+                    text = text.split("\n", 1)[-1]  # start at a whole line
+                yield text
+            while follow:
+                time.sleep(TAIL_POLL_SECONDS)
+                try:
+                    current_inode = path.stat().st_ino
+                except FileNotFoundError:
+                    continue
+                if current_inode != inode:
+                    if handle is not None:
+                        rest = handle.read()  # what was written before the rotation
+                        if rest:
+                            yield rest
+                        handle.close()
+                    handle, inode = _open_log(path)
+                if handle is not None:
+                    text = handle.read()
+                    if text:
+                        yield text
+        finally:
+            if handle is not None:
+                handle.close()
+
+
+def _open_log(path: Path) -> tuple[TextIO | None, int | None]:
+    try:
+        handle = open(path, encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return None, None
+    return handle, os.fstat(handle.fileno()).st_ino
+
+
+def _status(info: dict) -> ProcessStatus:
+    running = info["statename"] == "RUNNING"
+    return ProcessStatus(
+        name=info["name"],
+        state=info["statename"],
+        pid=info["pid"] if running else 0,
+        uptime=max(0, info["now"] - info["start"]) if running else 0,
+        description=info["description"] if not running else "",
+    )
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours still "exists" for kill(); reap it if it is ours.
+    try:
+        reaped, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return reaped == 0

@@ -22,7 +22,9 @@ class AuditLog:
         now = time.time()
         millis = int(now % 1 * 1000)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{millis:03d}Z"
-        line = json.dumps({"time": stamp, **fields}, separators=(",", ":")) + "\n"
+        # pid: which worker answered, so an operator can follow one process's decisions.
+        record = {"time": stamp, **fields, "pid": os.getpid()}
+        line = json.dumps(record, separators=(",", ":")) + "\n"
         os.write(self._descriptor(), line.encode())
 
     def _descriptor(self) -> int:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import getpass
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -186,13 +188,41 @@ def _register_deploy_token(subparsers: argparse._SubParsersAction) -> None:
 
 
 # -- handlers ---------------------------------------------------------------------------
-def _store(context: AuthContext) -> Store:
-    database = Path(context.auth_database)
-    if not database.exists():
-        raise AuthError(
-            f"The auth database {database} does not exist yet; run 'appliance-ctl reconfigure'."
-        )
-    return Store(database)
+def _using_store(action: Callable[[argparse.Namespace, Store, AuthContext], int]) -> Handler:
+    """Open the database for one command, and leave its files owned as they were.
+
+    appliance-ctl runs as root while the service runs as its own account: a WAL or
+    shared-memory file that root creates must not end up unreadable by the service.
+    """
+
+    @functools.wraps(action)
+    def handler(args: argparse.Namespace, context: AuthContext) -> int:
+        database = Path(context.auth_database)
+        if not database.exists():
+            raise AuthError(
+                f"The auth database {database} does not exist yet;"
+                " run 'appliance-ctl reconfigure' first."
+            )
+        store = Store(database)
+        try:
+            return action(args, store, context)
+        finally:
+            store.close()
+            _keep_owner(database)
+
+    return handler
+
+
+def _keep_owner(database: Path) -> None:
+    owner = database.stat()
+    for suffix in ("-wal", "-shm"):
+        path = Path(f"{database}{suffix}")
+        try:
+            info = path.stat()
+            if (info.st_uid, info.st_gid) != (owner.st_uid, owner.st_gid):
+                os.chown(path, owner.st_uid, owner.st_gid)
+        except FileNotFoundError:
+            pass
 
 
 def _read_password(args: argparse.Namespace) -> str:
@@ -237,8 +267,8 @@ def _table(headers: tuple[str, ...], rows: list[tuple]) -> None:
         )
 
 
-def user_create(args: argparse.Namespace, context: AuthContext) -> int:
-    store = _store(context)
+@_using_store
+def user_create(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
     validate_username(args.username)  # complain before asking for a password
     if store.find_user(args.username) is not None:
         raise UsageProblem(f"A user named '{args.username}' exists already.")
@@ -248,8 +278,9 @@ def user_create(args: argparse.Namespace, context: AuthContext) -> int:
     return 0
 
 
-def user_list(args: argparse.Namespace, context: AuthContext) -> int:
-    users = _store(context).list_users()
+@_using_store
+def user_list(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
+    users = store.list_users()
     _table(
         ("USERNAME", "ADMIN", "BLOCKED", "CREATED"),
         [(u.username, _yes(u.admin), _yes(u.blocked), _when(u.created_at)) for u in users],
@@ -257,34 +288,37 @@ def user_list(args: argparse.Namespace, context: AuthContext) -> int:
     return 0
 
 
-def user_delete(args: argparse.Namespace, context: AuthContext) -> int:
-    _store(context).delete_user(args.username)
+@_using_store
+def user_delete(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
+    store.delete_user(args.username)
     print(f"Deleted user {args.username}.")
     return 0
 
 
-def user_block(args: argparse.Namespace, context: AuthContext) -> int:
-    _store(context).set_blocked(args.username, True)
+@_using_store
+def user_block(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
+    store.set_blocked(args.username, True)
     print(f"Blocked {args.username}: every sign-in is refused from now on.")
     return 0
 
 
-def user_unblock(args: argparse.Namespace, context: AuthContext) -> int:
-    _store(context).set_blocked(args.username, False)
+@_using_store
+def user_unblock(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
+    store.set_blocked(args.username, False)
     print(f"Unblocked {args.username}.")
     return 0
 
 
-def user_passwd(args: argparse.Namespace, context: AuthContext) -> int:
-    store = _store(context)
+@_using_store
+def user_passwd(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
     store.user(args.username)  # unknown user: say so before asking for a password
     store.set_password_hash(args.username, credentials.hash_password(_read_password(args)))
     print(f"Changed the password of {args.username}; the old one no longer works.")
     return 0
 
 
-def project_create(args: argparse.Namespace, context: AuthContext) -> int:
-    store = _store(context)
+@_using_store
+def project_create(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
     if args.owner:
         store.user(args.owner)
     enabled = (
@@ -298,8 +332,9 @@ def project_create(args: argparse.Namespace, context: AuthContext) -> int:
     return 0
 
 
-def project_list(args: argparse.Namespace, context: AuthContext) -> int:
-    projects = _store(context).list_projects()
+@_using_store
+def project_list(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
+    projects = store.list_projects()
     _table(
         ("PATH", "VISIBILITY", "REGISTRY", "CREATED"),
         [
@@ -315,41 +350,47 @@ def project_list(args: argparse.Namespace, context: AuthContext) -> int:
     return 0
 
 
-def project_update(args: argparse.Namespace, context: AuthContext) -> int:
+@_using_store
+def project_update(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
     if args.visibility is None and args.registry_enabled is None:
         raise UsageProblem("Nothing to change: give --visibility, --registry or --no-registry.")
-    project = _store(context).update_project(args.path, args.visibility, args.registry_enabled)
+    project = store.update_project(args.path, args.visibility, args.registry_enabled)
     state = "enabled" if project.registry_enabled else "disabled"
     print(f"Project {project.path} is now {project.visibility} with its registry {state}.")
     return 0
 
 
-def project_delete(args: argparse.Namespace, context: AuthContext) -> int:
-    _store(context).delete_project(args.path)
+@_using_store
+def project_delete(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
+    store.delete_project(args.path)
     print(f"Deleted project {args.path}.")
     return 0
 
 
-def member_add(args: argparse.Namespace, context: AuthContext) -> int:
-    _store(context).add_member(args.path, args.username, args.role)
+@_using_store
+def member_add(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
+    store.add_member(args.path, args.username, args.role)
     print(f"{args.username} is now {args.role} of {args.path}.")
     return 0
 
 
-def member_remove(args: argparse.Namespace, context: AuthContext) -> int:
-    _store(context).remove_member(args.path, args.username)
+@_using_store
+def member_remove(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
+    store.remove_member(args.path, args.username)
     print(f"Removed {args.username} from {args.path}.")
     return 0
 
 
-def member_list(args: argparse.Namespace, context: AuthContext) -> int:
-    members = _store(context).list_members(args.path)
+@_using_store
+def member_list(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
+    members = store.list_members(args.path)
     _table(("USERNAME", "ROLE"), [(m.username, m.role) for m in members])
     return 0
 
 
-def token_create(args: argparse.Namespace, context: AuthContext) -> int:
-    token, secret = _store(context).create_personal_access_token(
+@_using_store
+def token_create(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
+    token, secret = store.create_personal_access_token(
         args.username, args.name, args.scopes, _expires_at(args)
     )
     print(
@@ -361,8 +402,9 @@ def token_create(args: argparse.Namespace, context: AuthContext) -> int:
     return 0
 
 
-def token_list(args: argparse.Namespace, context: AuthContext) -> int:
-    tokens = _store(context).list_personal_access_tokens(args.username)
+@_using_store
+def token_list(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
+    tokens = store.list_personal_access_tokens(args.username)
     now = time.time()
     _table(
         ("ID", "NAME", "SCOPES", "EXPIRES", "STATE"),
@@ -380,16 +422,16 @@ def token_list(args: argparse.Namespace, context: AuthContext) -> int:
     return 0
 
 
-def token_revoke(args: argparse.Namespace, context: AuthContext) -> int:
-    _store(context).revoke_personal_access_token(args.username, args.id)
+@_using_store
+def token_revoke(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
+    store.revoke_personal_access_token(args.username, args.id)
     print(f"Revoked personal access token {args.id} of {args.username}.")
     return 0
 
 
-def deploy_token_create(args: argparse.Namespace, context: AuthContext) -> int:
-    token, secret = _store(context).create_deploy_token(
-        args.path, args.name, args.scopes, _expires_at(args)
-    )
+@_using_store
+def deploy_token_create(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
+    token, secret = store.create_deploy_token(args.path, args.name, args.scopes, _expires_at(args))
     print(
         f"Created deploy token {token.id} ({token.name}) for {token.project_path},"
         f" scopes {', '.join(sorted(token.scopes))}, expires {_when(token.expires_at)}."
@@ -400,8 +442,9 @@ def deploy_token_create(args: argparse.Namespace, context: AuthContext) -> int:
     return 0
 
 
-def deploy_token_list(args: argparse.Namespace, context: AuthContext) -> int:
-    tokens = _store(context).list_deploy_tokens(args.path)
+@_using_store
+def deploy_token_list(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
+    tokens = store.list_deploy_tokens(args.path)
     now = time.time()
     _table(
         ("ID", "NAME", "USERNAME", "SCOPES", "EXPIRES", "STATE"),
@@ -420,8 +463,9 @@ def deploy_token_list(args: argparse.Namespace, context: AuthContext) -> int:
     return 0
 
 
-def deploy_token_revoke(args: argparse.Namespace, context: AuthContext) -> int:
-    _store(context).revoke_deploy_token(args.path, args.id)
+@_using_store
+def deploy_token_revoke(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
+    store.revoke_deploy_token(args.path, args.id)
     print(f"Revoked deploy token {args.id} of {args.path}.")
     return 0
 

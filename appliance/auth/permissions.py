@@ -89,8 +89,8 @@ def allowed_actions(principal: Principal, project: ProjectAccess | None) -> tupl
     baseline: frozenset[str] = frozenset()
     if project.visibility == "public":
         baseline = frozenset({PULL})
-    elif project.visibility == "internal" and principal.kind != ANONYMOUS:
-        baseline = frozenset({PULL})
+    elif project.visibility == "internal" and principal.kind == USER:
+        baseline = frozenset({PULL})  # any signed-in user; a deploy token is not a user
 
     if principal.kind == ANONYMOUS:
         why = "" if baseline else f"project {project.path} is not public; sign in"

@@ -59,13 +59,13 @@ class TokenSigner:
         self.issuer, self.service, self.lifetime = issuer, service, lifetime
         try:
             key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
-        except (OSError, ValueError, TypeError) as error:
-            raise ConfigError(f"Cannot load the token-signing key {key_path}: {error}.") from error
-        try:
-            certificates = x509.load_pem_x509_certificates(Path(certificate_path).read_bytes())
-        except (OSError, ValueError) as error:
+        except OSError as error:
             raise ConfigError(
-                f"Cannot load the token-signing certificate {certificate_path}: {error}."
+                f"Cannot read the token-signing key {key_path}: {error.strerror}."
+            ) from error
+        except (ValueError, TypeError) as error:
+            raise ConfigError(
+                f"The token-signing key {key_path} is not an unencrypted PEM private key."
             ) from error
         if isinstance(key, ec.EllipticCurvePrivateKey):
             if not isinstance(key.curve, ec.SECP256R1):
@@ -78,6 +78,16 @@ class TokenSigner:
             self.algorithm = "RS256"
         else:
             raise ConfigError(f"The token-signing key {key_path} must be an EC P-256 or RSA key.")
+        try:
+            certificates = x509.load_pem_x509_certificates(Path(certificate_path).read_bytes())
+        except OSError as error:
+            raise ConfigError(
+                f"Cannot read the token-signing certificate {certificate_path}: {error.strerror}."
+            ) from error
+        except ValueError as error:
+            raise ConfigError(
+                f"The token-signing certificate {certificate_path} holds no PEM certificate."
+            ) from error
         spki = serialization.PublicFormat.SubjectPublicKeyInfo
         der = serialization.Encoding.DER
         first = certificates[0]

@@ -258,6 +258,11 @@ def _when(timestamp: int | None) -> str:
     return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def _expiry(timestamp: int | None) -> str:
+    """The last minute a token works (it stops at `timestamp`)."""
+    return _when(None if timestamp is None else timestamp - 1)
+
+
 def _table(headers: tuple[str, ...], rows: list[tuple]) -> None:
     cells = [headers, *[tuple(str(c) for c in row) for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
@@ -395,7 +400,7 @@ def token_create(args: argparse.Namespace, store: Store, context: AuthContext) -
     )
     print(
         f"Created personal access token {token.id} ({token.name}) for {args.username},"
-        f" scopes {', '.join(sorted(token.scopes))}, expires {_when(token.expires_at)}."
+        f" scopes {', '.join(sorted(token.scopes))}, expires {_expiry(token.expires_at)}."
     )
     print("Use it as the password of 'docker login'. It is shown only this once:")
     print(secret)
@@ -413,7 +418,7 @@ def token_list(args: argparse.Namespace, store: Store, context: AuthContext) -> 
                 t.id,
                 t.name,
                 ",".join(sorted(t.scopes)),
-                _when(t.expires_at),
+                _expiry(t.expires_at),
                 _state(t.revoked, t.usable(now)),
             )
             for t in tokens
@@ -434,7 +439,7 @@ def deploy_token_create(args: argparse.Namespace, store: Store, context: AuthCon
     token, secret = store.create_deploy_token(args.path, args.name, args.scopes, _expires_at(args))
     print(
         f"Created deploy token {token.id} ({token.name}) for {token.project_path},"
-        f" scopes {', '.join(sorted(token.scopes))}, expires {_when(token.expires_at)}."
+        f" scopes {', '.join(sorted(token.scopes))}, expires {_expiry(token.expires_at)}."
     )
     print("Sign in with this username and password; the password is shown only this once:")
     print(f"username: {token.username}")
@@ -454,7 +459,7 @@ def deploy_token_list(args: argparse.Namespace, store: Store, context: AuthConte
                 t.name,
                 t.username,
                 ",".join(sorted(t.scopes)),
-                _when(t.expires_at),
+                _expiry(t.expires_at),
                 _state(t.revoked, t.usable(now)),
             )
             for t in tokens

@@ -189,13 +189,16 @@ class Directory(Resource):
         if not current.exists:
             return [Change("create")]
         if not current.is_dir:
-            return [Change("replace a non-directory")]
+            raise self._in_the_way()
         return _ownership_changes(current, self.mode, self.owner, self.group)
+
+    def _in_the_way(self) -> ResourceError:
+        return ResourceError(f"{self.path} exists and is not a directory; move it away.")
 
     def apply(self) -> None:
         current = read_path(self.path)
         if current.exists and not current.is_dir:
-            raise ResourceError(f"{self.path} exists and is not a directory; move it away.")
+            raise self._in_the_way()
         self.path.mkdir(parents=True, exist_ok=True)
         os.chmod(self.path, self.mode)
         _chown(self.path, self.owner, self.group)
@@ -239,8 +242,10 @@ class File(Resource):
         if not current.exists:
             diff = "" if self.sensitive else unified_diff(None, self.content, self.name)
             return [Change("create", diff)]
-        if current.is_dir or current.is_link:
-            return [Change("replace a directory or link with a file")]
+        if current.is_dir:
+            raise ResourceError(f"{self.path} is a directory; move it away.")
+        if current.is_link:
+            return [Change("replace a link with a file")]
         changes = []
         if current.content != self.content:
             diff = "" if self.sensitive else unified_diff(current.content, self.content,
@@ -250,6 +255,8 @@ class File(Resource):
 
     def apply(self) -> None:
         current = read_path(self.path, with_content=True)
+        if current.is_dir:
+            raise ResourceError(f"{self.path} is a directory; move it away.")
         if current.exists and current.content == self.content and not current.is_link:
             os.chmod(self.path, self.mode)
             _chown(self.path, self.owner, self.group)
@@ -327,6 +334,8 @@ class Link(Resource):
     def plan(self, current: PathState) -> list[Change]:
         if not current.exists:
             return [Change(f"create -> {self.target}")]
+        if current.is_dir:
+            raise ResourceError(f"{self.path} is a directory; cannot replace it with a link.")
         if not current.is_link:
             return [Change(f"replace with a link -> {self.target}")]
         if current.link_target != self.target:
@@ -360,6 +369,8 @@ class Absent(Resource):
         return read_path(self.path)
 
     def plan(self, current: PathState) -> list[Change]:
+        if current.is_dir and not self.recursive:
+            raise ResourceError(f"{self.path} is a directory; refusing to remove it.")
         return [Change("remove")] if current.exists else []
 
     def apply(self) -> None:

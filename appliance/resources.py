@@ -183,7 +183,17 @@ class Directory(Resource):
         return str(self.path)
 
     def current(self) -> PathState:
-        return read_path(self.path)
+        return read_path(self._managed_path())
+
+    def _managed_path(self) -> Path:
+        """The directory itself, or the one a symlink here points to.
+
+        Admins move data to a bigger disk and leave a symlink at the old place; that
+        directory is then the one to keep at the right mode and owner.
+        """
+        if self.path.is_symlink() and self.path.is_dir():
+            return self.path.resolve()
+        return self.path
 
     def plan(self, current: PathState) -> list[Change]:
         if not current.exists:
@@ -196,12 +206,13 @@ class Directory(Resource):
         return ResourceError(f"{self.path} exists and is not a directory; move it away.")
 
     def apply(self) -> None:
-        current = read_path(self.path)
+        path = self._managed_path()
+        current = read_path(path)
         if current.exists and not current.is_dir:
             raise self._in_the_way()
-        self.path.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.path, self.mode)
-        _chown(self.path, self.owner, self.group)
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, self.mode)
+        _chown(path, self.owner, self.group)
 
 
 def unified_diff(old: bytes | None, new: bytes, path: str) -> str:

@@ -439,7 +439,12 @@ class SelfSignedCertificate(Resource):
         now = self.now or datetime.now(UTC)
         if current.cert_pem is None or current.key_pem is None:
             return [Change("create self-signed for " + ", ".join(self.hostnames))]
-        if not pki.public_key_matches(current.cert_pem, current.key_pem):
+        try:
+            matches = pki.public_key_matches(current.cert_pem, current.key_pem)
+        except pki.CertificateError as exc:
+            # Our own files, damaged (a full disk, a bad copy): make new ones.
+            return [Change(f"regenerate: {exc}")]
+        if not matches:
             return [Change("regenerate: the key does not match the certificate")]
         due, reason = pki.should_renew(current.cert_pem, now, self.renew_before, self.hostnames)
         return [Change(f"regenerate: {reason}")] if due else []

@@ -12,6 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from appliance.errors import ConfigError
 from appliance.resources import Absent, Directory, Resource, Template
 from appliance.secrets import Secrets
 from appliance.settings import Settings
@@ -33,11 +34,25 @@ def executable(name: str) -> str:
 
 
 def quote_environment(environment: dict[str, object]) -> str:
-    """supervisord's environment= syntax: KEY="value",... with quotes and % escaped."""
-    def value(v: object) -> str:
-        text = str(v).lower() if isinstance(v, bool) else str(v)
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%") + '"'
-    return ",".join(f"{k}={value(v)}" for k, v in sorted(environment.items()))
+    """supervisord's environment= syntax: KEY="value",... sorted by key.
+
+    supervisord splits it with a non-POSIX shlex: quotes group (commas may appear
+    inside) but backslashes escape nothing, and surrounding quote characters are
+    stripped. So a value is wrapped in whichever quote it does not contain, and `%` is
+    doubled because supervisord expands %(ENV_X)s in its config values.
+    """
+
+    def value(key: str, raw: object) -> str:
+        text = str(raw).lower() if isinstance(raw, bool) else str(raw)
+        if "\n" in text or (text and (text[0] in "'\"" or text[-1] in "'\"")):
+            raise ConfigError(f"{key}: an environment value cannot start or end with a "
+                              f"quote or contain a newline.")
+        quote = '"' if '"' not in text else "'"
+        if quote in text:
+            raise ConfigError(f"{key}: an environment value cannot contain both ' and \".")
+        return quote + text.replace("%", "%%") + quote
+
+    return ",".join(f"{k}={value(k, v)}" for k, v in sorted(environment.items()))
 
 
 def program(settings: Settings, name: str, command: list[str], user: str | None = None,

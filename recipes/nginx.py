@@ -1,0 +1,115 @@
+"""What nginx gets: its prefix (temp and pid files), the ACME webroot, one config file
+checked with `nginx -t` before it replaces the running one, and its supervised program.
+
+Every change of the config is applied by a reload (HUP): nginx re-reads its config and
+certificates and lets old workers finish their transfers, so a push in flight survives a
+reconfigure. The TLS recipe's certificate files notify the same reload. The nginx master
+runs as whoever runs supervisord (root on a host, to bind 443 and read the TLS keys);
+its workers run as the web server account.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from appliance.errors import ResourceError
+from appliance.resources import Directory, Resource, Template, reload
+from appliance.secrets import Secrets
+from appliance.settings import Settings
+from recipes import supervisor
+from recipes.base import service_user
+
+NGINX_BINARY = "/usr/sbin/nginx"  # Debian's nginx-light
+
+# Read and write size for proxied bodies in both directions. nginx's page-sized default
+# (4-8 KiB) costs a syscall and a TLS record per few kilobytes; bench/push measured this.
+BUFFER_SIZE = "64k"
+
+
+def prefix(settings: Settings) -> Path:
+    return settings.paths.nginx_dir
+
+
+def temp_dir(settings: Settings) -> Path:
+    return settings.paths.nginx_dir / "tmp"
+
+
+def listen_address(address: str, port: int) -> str:
+    """nginx's listen argument for one of nginx.listen_addresses."""
+    if address == "*":
+        return f"*:{port}"
+    if address.startswith("["):
+        return f"{address}:{port}"
+    if ":" in address:
+        return f"[{address}]:{port}"
+    return f"{address}:{port}"
+
+
+def config_context(settings: Settings) -> dict:
+    p = settings.paths
+    n, rn = settings.nginx, settings.registry_nginx
+    registry = None
+    if rn.enable:
+        registry = {
+            "listen": [listen_address(a, rn.listen_port) for a in n.listen_addresses],
+            "server_name": settings.registry_host,
+            "ssl_certificate": rn.ssl_certificate,
+            "ssl_certificate_key": rn.ssl_certificate_key,
+            "upstream": settings.registry.http_addr,
+            "auth_upstream": settings.auth.listen_addr,
+            "proxy_timeout": rn.proxy_timeout,
+        }
+    return {
+        "user": service_user(settings, settings.web_server.username),
+        "worker_processes": n.worker_processes,
+        "pid_file": str(prefix(settings) / "nginx.pid"),
+        "temp_dir": str(temp_dir(settings)),
+        "acme_webroot": str(p.acme_webroot),
+        "ssl_protocols": rn.ssl_protocols,
+        "buffer_size": BUFFER_SIZE,
+        "registry": registry,
+        "http_listen": [listen_address(a, n.http_port) for a in n.listen_addresses],
+        "redirect_url": settings.registry_external_url
+        if rn.enable and n.redirect_http_to_https else None,
+    }
+
+
+def command(settings: Settings, config: Path) -> list[str]:
+    # -e stderr: nginx opens its error log before reading the config; the compiled-in
+    # path of other builds (/var/log/nginx/error.log) is not writable by an ordinary user.
+    return [NGINX_BINARY, "-e", "stderr", "-p", str(prefix(settings)), "-c", str(config)]
+
+
+def check_config(settings: Settings):  # noqa: ANN201 - returns the File.verify callback
+    """`nginx -t` on the new file before it replaces the live one: a config nginx would
+    refuse never reaches a reload, and the running nginx keeps serving the old one."""
+
+    def verify(candidate: Path) -> None:
+        result = subprocess.run([*command(settings, candidate), "-t", "-q"],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            problem = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
+            raise ResourceError(f"nginx refused the new configuration, the running one is "
+                                f"kept: {problem}")
+
+    return verify
+
+
+def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
+    p = settings.paths
+    web_user = service_user(settings, settings.web_server.username)
+    config = p.nginx_config
+    return [
+        Directory(prefix(settings), 0o755),
+        Directory(config.parent, 0o755),
+        # Workers write request and response bodies here (root creates the sub-directories
+        # at start and hands them to the worker account).
+        Directory(temp_dir(settings), 0o700, owner=web_user, group=web_user),
+        Directory(p.acme_webroot, 0o755),
+        Template(config, "nginx/nginx.conf.j2", config_context(settings), mode=0o644,
+                 verify=check_config(settings), notifies=(reload("nginx"),)),
+        *supervisor.program(settings, "nginx",
+                            [*command(settings, config), "-g", "daemon off;"],
+                            user=None, stopsignal="QUIT"),
+    ]

@@ -1,0 +1,100 @@
+"""What the Distribution registry gets: its directories, the token bundle, its config
+and its supervised program.
+
+A changed config or token bundle restarts the registry (it has no reload); a changed
+program file (environment, address) is restarted by supervisord's update. Disabled, the
+program file goes away and the registry stops; the images stay on disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from appliance.resources import Directory, File, Resource, Template, restart
+from appliance.secrets import Secrets
+from appliance.settings import STORAGE_EXTRAS, Settings
+from recipes import supervisor
+from recipes.base import service_user
+
+REGISTRY_BINARY = "/usr/bin/docker-registry"  # Debian's docker-registry (distribution 2.8)
+
+# What the reference guide's Omnibus defaults are for an endpoint that leaves them out.
+NOTIFICATION_DEFAULTS = {"timeout": "500ms", "threshold": 5, "backoff": "1s"}
+
+
+def storage(settings: Settings) -> dict:
+    """The registry's `storage` hash: the configured driver or the filesystem one, plus
+    `delete` from storage_delete_enabled unless the hash sets it itself."""
+    configured = dict(settings.registry.storage)
+    drivers = [key for key in configured if key not in STORAGE_EXTRAS]
+    out: dict = {}
+    if drivers:
+        out[drivers[0]] = dict(configured[drivers[0]] or {})
+    else:
+        out["filesystem"] = {"rootdirectory": settings.registry.storage_path}
+    out["delete"] = {"enabled": settings.registry.storage_delete_enabled}
+    for extra in STORAGE_EXTRAS:
+        if extra in configured:
+            out[extra] = configured[extra]
+    return out
+
+
+def uses_filesystem(settings: Settings) -> bool:
+    return "filesystem" in storage(settings)
+
+
+def notifications(settings: Settings) -> list[dict]:
+    endpoints = []
+    for endpoint in settings.registry.notifications:
+        endpoints.append({"name": endpoint["name"], "url": endpoint["url"],
+                          "headers": endpoint.get("headers", {}),
+                          **{key: endpoint.get(key, default)
+                             for key, default in NOTIFICATION_DEFAULTS.items()},
+                          **{key: endpoint[key] for key in ("disabled", "ignoredmediatypes",
+                                                            "ignore") if key in endpoint}})
+    return endpoints
+
+
+def config_context(settings: Settings, secrets: Secrets) -> dict:
+    r = settings.registry
+    return {
+        "log_level": r.log_level,
+        "storage": storage(settings),
+        "http_addr": r.http_addr,
+        "http_secret": secrets.registry_http_secret,
+        "debug_addr": r.debug_addr,
+        "token_realm": settings.token_realm,
+        "token_service": r.service,
+        "token_issuer": r.issuer,
+        "token_bundle": str(settings.paths.token_bundle),
+        "notifications": notifications(settings),
+        "health_storagedriver_enabled": r.health_storagedriver_enabled,
+        "compatibility_schema1_enabled": r.compatibility_schema1_enabled,
+    }
+
+
+def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
+    if not settings.registry.enable:
+        return supervisor.disabled(settings, "registry")
+    p = settings.paths
+    user = service_user(settings, settings.registry.username)
+    notify = (restart("registry"),)
+    out: list[Resource] = [
+        # root-owned, readable by the registry's group: it may read its config, not edit it.
+        Directory(p.registry_dir, 0o750, group=user),
+    ]
+    if uses_filesystem(settings):
+        out.append(Directory(Path(settings.registry.storage_path), 0o750, owner=user,
+                             group=user))
+    out += [
+        # The certificate of the token-signing key, from the same secrets entry the auth
+        # service signs with: the registry cannot trust a key other than the one in use.
+        File(p.token_bundle, secrets.token_signing_certificate, 0o644, notifies=notify),
+        Template(p.registry_config, "registry/config.yml.j2", config_context(settings, secrets),
+                 mode=0o640, group=user, sensitive=True, notifies=notify),
+        *supervisor.program(settings, "registry",
+                            [REGISTRY_BINARY, "serve", str(p.registry_config)],
+                            user=user, environment=dict(settings.registry.env),
+                            stopsignal="TERM"),
+    ]
+    return out

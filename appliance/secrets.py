@@ -42,6 +42,10 @@ def read(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the secrets file is not a JSON object; restore it from a "
                           f"backup.")
+    damaged = sorted(str(k) for k, v in data.items() if not isinstance(v, str))
+    if damaged:
+        raise ConfigError(f"{path}: {', '.join(damaged)} should be a string; restore the "
+                          f"secrets file from a backup.")
     return data
 
 
@@ -52,8 +56,20 @@ def load_or_generate(path: Path, internal_key: str | None = None,
     key = internal_key or stored.get("token_signing_key") or \
         pki.generate_private_key(key_type).decode()
     cert = stored.get("token_signing_certificate")
-    if not cert or not pki.public_key_matches(cert.encode(), key.encode()):
-        cert = pki.signing_certificate(key.encode(), issuer).decode()
+    try:
+        matches = bool(cert) and pki.public_key_matches(cert.encode(), key.encode())
+    except pki.CertificateError:
+        matches = False  # an unreadable certificate is made again below; a bad key is not
+    if not matches:
+        try:
+            cert = pki.signing_certificate(key.encode(), issuer).decode()
+        except pki.CertificateError:
+            if internal_key:
+                raise ConfigError("registry.internal_key: not a readable unencrypted PEM "
+                                  "private key (RSA or EC).") from None
+            raise ConfigError(f"{path}: token_signing_key is not a readable PEM private key; "
+                              f"restore the secrets file from a backup - a new key would "
+                              f"invalidate every issued token.") from None
     account_key = stored.get("letsencrypt_account_key")
     if not account_key:
         from appliance.letsencrypt import generate_account_key

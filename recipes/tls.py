@@ -1,35 +1,47 @@
-"""The registry's TLS certificate, in one of three modes (settings.tls_mode):
+"""The registry's TLS certificate, in one of three modes (settings.tls_mode).
 
-- letsencrypt: nginx starts on a placeholder so it can answer the http-01 challenge;
-  once it runs, the order is placed (a late resource) and the issued chain replaces
-  the placeholder atomically, then nginx is reloaded. The renewer program re-runs the
-  same decision twice a day.
+The registry vhost is the only TLS vhost, so there is one certificate, for the registry
+host (`registry_external_url`'s host; on port 5050 of the main host that is the main
+host, on its own domain it is that domain alone). Its files are
+`<root>/etc/appliance/ssl/<registry host>.crt|.key` unless the admin names others.
+
+- letsencrypt: nginx starts on a self-signed placeholder so it can answer the http-01
+  challenge on `nginx.http_port`; once it runs, the order is placed (a late resource)
+  and the issued chain replaces the placeholder, then nginx is reloaded (HUP). The
+  renewer program runs the same decision (`pki.should_renew`) twice a day.
 - files: the admin's certificate and key, checked before anything changes (key matches,
   not expired, names cover the host); a change of their content reloads nginx.
-- self-signed: generated once, reused, regenerated only before it expires.
+- self-signed: generated once, reused, regenerated only within the renewal window
+  before it expires (the renewer checks it too).
 
-Whatever the mode, a certificate that changes notifies `reload nginx`: the bug where a
+Whatever the mode, a certificate that changes notifies `reload nginx`, never a restart:
+a reload lets in-flight pushes finish on the old workers, and the bug where a
 certificate changed and its reader kept serving the old one cannot happen.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import random
+import secrets as random_tokens
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TextIO
 
 from appliance import pki
-from appliance.engine import Engine, Report
-from appliance.errors import ConfigError
+from appliance.engine import Engine, Report, raise_if_failed
+from appliance.errors import ApplianceError, ConfigError
 from appliance.resources import (
     CertificateState,
     Change,
+    Directory,
     File,
+    Notify,
     Resource,
     SelfSignedCertificate,
     atomic_write,
@@ -39,15 +51,37 @@ from appliance.secrets import Secrets
 from appliance.settings import Settings
 from recipes import supervisor
 
+CHALLENGE_DIR = Path(".well-known", "acme-challenge")
+# How long an order waits for nginx to serve the webroot: supervisord reports nginx
+# started before it listens, and the first order follows right after.
+WEBROOT_WAIT_SECONDS = 15.0
+ORDER_DEADLINE_SECONDS = 90.0
+
 
 def certificate_paths(settings: Settings) -> tuple[Path, Path]:
     rn = settings.registry_nginx
     return Path(rn.ssl_certificate), Path(rn.ssl_certificate_key)
 
 
+# ---------------------------------------------------------------- preflight
+
+
 def preflight(settings: Settings, now: datetime | None = None) -> None:
-    """Refuse admin-supplied certificate files that nginx would fail on, before any change."""
-    if settings.tls_mode != "files" or not settings.registry_nginx.enable:
+    """Refuse, before any change, what would only fail later: certificate files nginx
+    would reject, or Let's Encrypt asked for a name it never issues for."""
+    if not settings.registry_nginx.enable:
+        return
+    if settings.tls_mode == "letsencrypt":
+        host = settings.registry_host
+        if pki.is_ip_address(host):
+            raise ConfigError(
+                "Let's Encrypt cannot be used for this registry URL; nothing was changed.",
+                [f"letsencrypt.enable: Let's Encrypt does not issue certificates for the IP "
+                 f"address {host}; use a DNS name in registry_external_url, or set "
+                 f"letsencrypt.enable: false for a self-signed certificate, or configure "
+                 f"registry_nginx.ssl_certificate and ssl_certificate_key"])
+        return
+    if settings.tls_mode != "files":
         return
     cert_path, key_path = certificate_paths(settings)
     problems = []
@@ -56,17 +90,62 @@ def preflight(settings: Settings, now: datetime | None = None) -> None:
         if not path.is_file():
             problems.append(f"{what}: {path} does not exist or is not a file")
     if not problems:
-        found = pki.check_certificate(cert_path.read_bytes(), key_path.read_bytes(),
-                                      [settings.registry_host], now or datetime.now(UTC))
-        problems += [f"registry_nginx.ssl_certificate: {cert_path}: {p}" for p in found]
+        try:
+            cert_pem, key_pem = cert_path.read_bytes(), key_path.read_bytes()
+        except OSError as exc:
+            problems.append(f"registry_nginx.ssl_certificate: cannot read {exc.filename}: "
+                            f"{exc.strerror}")
+        else:
+            found = pki.check_certificate(cert_pem, key_pem, [settings.registry_host],
+                                          now or datetime.now(UTC))
+            problems += [f"registry_nginx.ssl_certificate: {cert_path}: {p}" for p in found]
     if problems:
         raise ConfigError(f"the certificate files cannot be used: {len(problems)} problem"
                           f"{'s' * (len(problems) > 1)}; nothing was changed.", problems)
 
 
+# ---------------------------------------------------------------- resources
+
+
+def _read_certificate(cert_path: Path, key_path: Path) -> CertificateState:
+    def read(path: Path) -> bytes | None:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+    return CertificateState(read(cert_path), read(key_path))
+
+
+def _unusable_pair(current: CertificateState) -> str | None:
+    """Why nginx could not load this certificate and key at all, or None."""
+    if current.cert_pem is None or current.key_pem is None:
+        return "no certificate yet"
+    try:
+        if not pki.public_key_matches(current.cert_pem, current.key_pem):
+            return "the key does not match the certificate"
+    except pki.CertificateError as exc:
+        return str(exc)
+    return None
+
+
+class PlaceholderCertificate(SelfSignedCertificate):
+    """Self-signed, only where nginx would have nothing it can load: it must start to
+    answer the first challenge, and a real certificate is never replaced by this."""
+
+    def plan(self, current: CertificateState) -> list[Change]:
+        problem = _unusable_pair(current)
+        if problem is None:
+            return []
+        return [Change(f"create placeholder until Let's Encrypt issues one ({problem})")]
+
+
 @dataclass
 class AcmeCertificate(Resource):
-    """A Let's Encrypt certificate, ordered when `pki.should_renew` says so, never otherwise."""
+    """A Let's Encrypt certificate, ordered when `pki.should_renew` says so, never otherwise.
+
+    On any failure nothing is written: the certificate nginx serves stays, and the error
+    names the host and what to check.
+    """
 
     cert_path: Path
     key_path: Path
@@ -78,48 +157,128 @@ class AcmeCertificate(Resource):
     ca_bundle: str | None
     key_type: str
     renew_before: timedelta
+    webroot_url: str = ""  # where nginx serves the webroot locally (checked before ordering)
     force: bool = False
-    notifies: tuple = ()
+    notifies: tuple[Notify, ...] = ()
     now: datetime | None = None
     kind: ClassVar[str] = "certificate"
-    issued: object = field(default=None, init=False)
 
     @property
     def name(self) -> str:
         return str(self.cert_path)
 
     def current(self) -> CertificateState:
-        def read(path: Path) -> bytes | None:
-            try:
-                return path.read_bytes()
-            except FileNotFoundError:
-                return None
-        return CertificateState(read(self.cert_path), read(self.key_path))
+        return _read_certificate(self.cert_path, self.key_path)
 
     def plan(self, current: CertificateState) -> list[Change]:
-        now = self.now or datetime.now(UTC)
-        source = f"from {self.directory_url}"
+        source = f"order from {self.directory_url}"
         if self.force:
-            return [Change(f"order {source}: renewal forced")]
-        if current.cert_pem and pki.certificate_info(current.cert_pem).self_signed:
-            return [Change(f"order {source}: replacing the placeholder")]
-        if current.cert_pem and current.key_pem and \
-                not pki.public_key_matches(current.cert_pem, current.key_pem):
-            return [Change(f"order {source}: the key does not match the certificate")]
-        due, reason = pki.should_renew(current.cert_pem, now, self.renew_before, self.domains)
-        return [Change(f"order {source}: {reason}")] if due else []
+            return [Change(f"{source}: renewal forced")]
+        problem = _unusable_pair(current)
+        if problem is not None:
+            return [Change(f"{source}: {problem}")]
+        due, reason = pki.should_renew(current.cert_pem, self.now or datetime.now(UTC),
+                                       self.renew_before, self.domains,
+                                       replace_self_signed=True)
+        return [Change(f"{source}: {reason}")] if due else []
 
     def apply(self) -> None:
-        from appliance.letsencrypt import obtain_certificate
+        from appliance import letsencrypt
 
-        issued = obtain_certificate(
-            self.domains, directory_url=self.directory_url,
-            account_key_pem=self.account_key_pem, webroot=self.webroot,
-            contact_emails=self.contact_emails, ca_bundle=self.ca_bundle,
-            key_type=self.key_type)
-        # Key first: nginx reloads only after both are in place.
+        kept = (f"The certificate in place ({self.cert_path}) was kept and is still served."
+                if self.cert_path.exists() else "No certificate was written.")
+        try:
+            if self.webroot_url:
+                wait_for_webroot(self.webroot, self.webroot_url, self.domains[0])
+            issued = letsencrypt.obtain_certificate(
+                self.domains, directory_url=self.directory_url,
+                account_key_pem=self.account_key_pem, webroot=self.webroot,
+                contact_emails=self.contact_emails, ca_bundle=self.ca_bundle,
+                key_type=self.key_type, deadline_seconds=ORDER_DEADLINE_SECONDS)
+        except letsencrypt.IssuanceError as exc:
+            raise type(exc)(f"{exc} {kept}") from None
+        # Each file is replaced atomically, key first; nginx reads them only when the
+        # reload queued by this resource comes, after both are in place.
         atomic_write(self.key_path, issued.key_pem, 0o600)
         atomic_write(self.cert_path, issued.fullchain_pem, 0o644)
+
+
+def wait_for_webroot(webroot: Path, url: str, host: str,
+                     timeout: float = WEBROOT_WAIT_SECONDS) -> None:
+    """Serve a probe token and fetch it the way the CA will, before spending an order.
+
+    Waits for nginx, which supervisord reports started before it listens, and turns a
+    webroot nginx does not serve (a redirect, a wrong root) into an error about this
+    host rather than a failed order counted against the CA's rate limit.
+    """
+    from appliance.letsencrypt import IssuanceError
+
+    name = f"appliance-self-check-{random_tokens.token_hex(8)}"
+    body = random_tokens.token_urlsafe(24)
+    directory = webroot / CHALLENGE_DIR
+    directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    probe = directory / name
+    atomic_write(probe, body.encode(), 0o644)
+    address, port = url.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    problem = ""
+    try:
+        while True:
+            connection = http.client.HTTPConnection(address.strip("[]"), int(port), timeout=5)
+            try:
+                connection.request("GET", f"/{CHALLENGE_DIR}/{name}", headers={"Host": host})
+                response = connection.getresponse()
+                text = response.read().decode(errors="replace")
+                if response.status == 200 and text.strip() == body:
+                    return
+                problem = f"it answered {response.status} {response.reason}" + (
+                    f" (redirect to {response.getheader('Location')})"
+                    if response.getheader("Location") else "")
+            except OSError as exc:
+                problem = f"cannot connect: {exc.strerror or exc}"
+            finally:
+                connection.close()
+            if time.monotonic() > deadline:
+                raise IssuanceError(
+                    f"nginx does not serve the ACME challenge for {host}: "
+                    f"http://{url}/{CHALLENGE_DIR}/ {problem}. The CA would fail the same "
+                    f"way; check `appliance-ctl status nginx` and its log (appliance-ctl "
+                    f"tail nginx), and that nginx.http_port is this appliance's.")
+            time.sleep(0.2)
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+@dataclass
+class LeftoverChallengeTokens(Resource):
+    """Tokens an interrupted order left in the webroot (a kill, a power cut).
+
+    Orders run under the reconfigure lock, which whoever converges this holds, so no
+    token here belongs to an order in flight: the webroot keeps only those.
+    """
+
+    webroot: Path
+    notifies: tuple[Notify, ...] = ()
+    kind: ClassVar[str] = "challenge tokens"
+
+    @property
+    def name(self) -> str:
+        return str(self.webroot / CHALLENGE_DIR)
+
+    def current(self) -> list[Path]:
+        directory = self.webroot / CHALLENGE_DIR
+        if not directory.is_dir():
+            return []
+        return sorted(p for p in directory.iterdir() if p.is_file() or p.is_symlink())
+
+    def plan(self, current: list[Path]) -> list[Change]:
+        if not current:
+            return []
+        return [Change(f"remove {len(current)} left by an interrupted order")]
+
+    def apply(self) -> None:
+        for path in self.current():
+            path.unlink(missing_ok=True)
 
 
 def _fingerprint(*paths: Path) -> str:
@@ -129,33 +288,51 @@ def _fingerprint(*paths: Path) -> str:
     return digest.hexdigest() + "\n"
 
 
+def fingerprint_path(settings: Settings) -> Path:
+    return settings.paths.nginx_dir / "certificate.sha256"
+
+
 def certificate_resources(settings: Settings) -> list[Resource]:
+    """The webroot and the certificate nginx loads, each change reloading nginx."""
     if not settings.registry_nginx.enable:
         return []
     cert, key = certificate_paths(settings)
     notify = (reload("nginx"),)
+    webroot = settings.paths.acme_webroot
+    # nginx serves the challenge path from here in every mode (a switch to Let's
+    # Encrypt needs no nginx change); its workers only read it.
+    out: list[Resource] = [Directory(webroot, 0o755),
+                           Directory(webroot / CHALLENGE_DIR.parent, 0o755),
+                           Directory(webroot / CHALLENGE_DIR, 0o755),
+                           LeftoverChallengeTokens(webroot)]
     if settings.tls_mode == "files":
         # The files are the admin's; what we own is the record of what nginx last loaded,
         # so a changed certificate (renewed by some other tool) reloads nginx.
-        return [File(settings.paths.nginx_dir / "certificate.sha256", _fingerprint(cert, key),
-                     0o644, notifies=notify)]
-    kind = PlaceholderCertificate if settings.tls_mode == "letsencrypt" else \
-        SelfSignedCertificate
-    return [kind(cert, key, [settings.registry_host], notifies=notify)]
+        out.append(File(fingerprint_path(settings), _fingerprint(cert, key), 0o644,
+                        notifies=notify))
+    elif settings.tls_mode == "letsencrypt":
+        out.append(PlaceholderCertificate(cert, key, [settings.registry_host],
+                                          key_type=settings.letsencrypt.key_type,
+                                          days=90, notifies=notify))
+    else:
+        out.append(SelfSignedCertificate(
+            cert, key, [settings.registry_host],
+            renew_before=timedelta(days=settings.letsencrypt.renew_before_days),
+            notifies=notify))
+    return out
 
 
 def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
     return certificate_resources(settings) + renewer_resources(settings)
 
 
-class PlaceholderCertificate(SelfSignedCertificate):
-    """Self-signed, only when there is no certificate at all: nginx must start to answer
-    the first challenge, and a real certificate must never be replaced by a placeholder."""
-
-    def plan(self, current: CertificateState) -> list[Change]:
-        if current.cert_pem is None or current.key_pem is None:
-            return [Change("create placeholder until Let's Encrypt issues one")]
-        return []
+def webroot_url(settings: Settings) -> str:
+    """host:port where this host's nginx answers http-01 (its first listen address)."""
+    address = settings.nginx.listen_addresses[0]
+    address = {"*": "127.0.0.1", "[::]": "[::1]"}.get(address, address)
+    if ":" in address and not address.startswith("["):
+        address = f"[{address}]"
+    return f"{address}:{settings.nginx.http_port}"
 
 
 def acme_certificate(settings: Settings, secrets: Secrets, force: bool = False) -> AcmeCertificate:
@@ -166,8 +343,8 @@ def acme_certificate(settings: Settings, secrets: Secrets, force: bool = False) 
         account_key_pem=secrets.letsencrypt_account_key.encode(),
         webroot=settings.paths.acme_webroot, contact_emails=list(le.contact_emails),
         ca_bundle=le.ca_bundle, key_type=le.key_type,
-        renew_before=timedelta(days=le.renew_before_days), force=force,
-        notifies=(reload("nginx"),))
+        renew_before=timedelta(days=le.renew_before_days),
+        webroot_url=webroot_url(settings), force=force, notifies=(reload("nginx"),))
 
 
 def late_resources(settings: Settings, secrets: Secrets) -> list[Resource]:
@@ -187,36 +364,80 @@ def renewer_resources(settings: Settings) -> list[Resource]:
     return supervisor.program(settings, "renewer", command)
 
 
-def renew(settings: Settings, force: bool = False, stream=sys.stdout) -> int:  # noqa: ANN001
-    """One renewal pass: the same resources reconfigure converges, and nginx reloaded
-    if a certificate changed. Nothing is ordered when nothing is due."""
+# ---------------------------------------------------------------- renewal
+
+
+def renewal_resources(settings: Settings, secrets: Secrets, force: bool) -> list[Resource]:
+    """What one renewal pass converges: the certificate, and nothing else of the host."""
+    items = certificate_resources(settings)
+    if settings.tls_mode == "letsencrypt" and settings.registry_nginx.enable:
+        items.append(acme_certificate(settings, secrets, force=force))
+    elif force:
+        for item in items:
+            if isinstance(item, SelfSignedCertificate):
+                item.renew_before = timedelta(days=100000)
+    return items
+
+
+def renew(settings: Settings, force: bool = False, stream: TextIO = sys.stdout) -> int:
+    """One renewal pass (`appliance-ctl renew-certs`, and the renewer twice a day).
+
+    The same resources reconfigure converges, so nothing is ordered when nothing is due.
+    A renewed certificate gets nginx reloaded with HUP (in-flight pushes continue). The
+    attempt's output is kept under <log dir>/renewer/, failures included.
+    """
     from appliance import reconfigure
     from appliance import secrets as secrets_module
 
+    preflight(settings)
     out = reconfigure.RunLog(stream, settings.paths.log_dir / "renewer")
-    with reconfigure.reconfigure_lock(settings.paths.lock_file, out):
-        secrets = secrets_module.load_or_generate(
-            settings.paths.secrets_file, settings.registry.internal_key,
-            settings.registry.token_key_type, settings.registry.issuer)
-        items = certificate_resources(settings)
-        if settings.tls_mode == "letsencrypt" and settings.registry_nginx.enable:
-            items.append(acme_certificate(settings, secrets, force=force))
-        elif force and settings.tls_mode == "self-signed":
-            for item in items:
-                if isinstance(item, SelfSignedCertificate):
-                    item.renew_before = timedelta(days=100000)
-        report = Engine(out).converge(items)
-        reconfigure.notify(settings, report.notifications, False, out, start=False)
-        out(f"renew-certs: {report.updated}/{len(report.outcomes)} certificates renewed")
+    started = time.monotonic()
+    try:
+        out(f"renew-certs: checking {settings.registry_host} ({settings.tls_mode}"
+            f"{', forced' if force else ''}) at {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC")
+        if not settings.paths.secrets_file.exists():
+            raise ApplianceError(f"{settings.paths.secrets_file} does not exist: run "
+                                 f"appliance-ctl reconfigure first.")
+        with reconfigure.reconfigure_lock(settings.paths.lock_file, out):
+            secrets = secrets_module.load_or_generate(
+                settings.paths.secrets_file, settings.registry.internal_key,
+                settings.registry.token_key_type, settings.registry.issuer)
+            report = Engine(out).converge(renewal_resources(settings, secrets, force))
+            reload_nginx(settings, report, out)
+        renewed = sum(1 for o in report.outcomes if o.changes and o.resource.kind ==
+                      "certificate")
+        out(f"renew-certs: {renewed} certificate{'s' * (renewed != 1)} renewed in "
+            f"{time.monotonic() - started:.1f} s" + ("; failed" if report.failed else ""))
+        raise_if_failed(report)
+    except ApplianceError as exc:
+        if not out.lines or not out.lines[-1].startswith("renew-certs: "):
+            out(f"renew-certs: failed: {exc}")
+        raise
+    finally:
         out.save()
-    return 1 if report.failed else 0
+    return 0
+
+
+def reload_nginx(settings: Settings, report: Report, out: Callable[[str], None]) -> None:
+    """HUP nginx if a certificate changed; never a restart and never supervisord's update
+    (a renewal must not apply unrelated program changes, nor restart the renewer)."""
+    from appliance.services import Supervisor
+
+    if not any(n.service == "nginx" for n in report.notifications):
+        return
+    supervisor = Supervisor(settings.paths.supervisor_config, settings.paths.supervisor_socket)
+    if supervisor.is_running() and supervisor.signal("nginx", "HUP"):
+        out("+ service nginx (reloaded)")
+    else:
+        out("  service nginx is not running; it loads the new certificate when it starts")
 
 
 def renew_forever(settings: Settings) -> int:
-    """The renewer program: twice a day with a per-host jitter, forever.
+    """The renewer program: `runs_per_day` passes at a per-host offset, forever.
 
     appliance.yml is read again before each pass, so a reconfigure never has to restart
-    the renewer for it to see new settings.
+    the renewer for it to see new settings; a failed pass is logged and retried at the
+    next slot, the certificate in place staying served meanwhile.
     """
     from appliance import settings as settings_module
 
@@ -224,19 +445,37 @@ def renew_forever(settings: Settings) -> int:
         now = datetime.now(UTC)
         next_run = pki.next_renewal_run(now, settings.registry_host,
                                         settings.letsencrypt.runs_per_day)
-        print(f"renewer: next check at {next_run.isoformat()}", flush=True)
+        print(f"renewer: next check at {next_run:%Y-%m-%d %H:%M:%S} UTC", flush=True)
         time.sleep(max(1.0, (next_run - now).total_seconds()) + random.random())
         try:
             settings = settings_module.load(settings.paths.config_file)
             renew(settings)
-        except Exception as exc:  # noqa: BLE001 - the renewer must outlive one bad attempt
+        except ApplianceError as exc:
             print(f"renewer: renewal attempt failed: {exc}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - the renewer must outlive one bad attempt
+            print(f"renewer: renewal attempt failed (a bug): {exc!r}", flush=True)
+
+
+# ---------------------------------------------------------------- messages
 
 
 def messages(settings: Settings, report: Report) -> list[str]:
-    if settings.tls_mode == "self-signed" and settings.registry_nginx.enable:
-        cert, _ = certificate_paths(settings)
-        return [f"TLS: self-signed certificate {cert}; clients must trust it (docker: copy it "
-                f"to /etc/docker/certs.d/{settings.registry_host}:{settings.registry_port}/"
-                f"ca.crt)."]
+    if not settings.registry_nginx.enable:
+        return []
+    cert, _ = certificate_paths(settings)
+    try:
+        info = pki.certificate_info(cert.read_bytes())
+    except (OSError, pki.CertificateError):
+        return []
+    until = f"{info.not_after:%Y-%m-%d}"
+    if settings.tls_mode == "self-signed":
+        return [f"TLS: self-signed certificate {cert} (until {until}); clients must trust it "
+                f"(docker: copy it to /etc/docker/certs.d/{settings.registry_host}:"
+                f"{settings.registry_port}/ca.crt)."]
+    if settings.tls_mode == "letsencrypt" and not info.self_signed:
+        return [f"TLS: Let's Encrypt certificate for {settings.registry_host} until {until}; "
+                f"the renewer renews it {settings.letsencrypt.renew_before_days} days before."]
+    if settings.tls_mode == "files":
+        return [f"TLS: certificate {cert} until {until}; replace the file before then and "
+                f"run reconfigure (nginx reloads when its content changes)."]
     return []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ class AuditLog:
         self.path = Path(path)
         self._fd: int | None = None
         self._pid: int | None = None
+        self._lock = threading.Lock()
 
     def record(self, **fields: object) -> None:
         now = time.time()
@@ -28,8 +30,11 @@ class AuditLog:
         os.write(self._descriptor(), line.encode())
 
     def _descriptor(self) -> int:
-        if self._pid != os.getpid() or self._fd is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-            self._pid = os.getpid()
-        return self._fd
+        if self._pid == os.getpid() and self._fd is not None:
+            return self._fd
+        with self._lock:  # one descriptor per process, opened after the fork
+            if self._pid != os.getpid() or self._fd is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+                self._pid = os.getpid()
+            return self._fd

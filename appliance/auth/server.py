@@ -5,9 +5,12 @@ config) is loaded once in the master before forking, so a broken key or config f
 the start with one clear line instead of crash-looping workers; each worker then opens
 its own database connection on first use.
 
-Worker model, measured on 2 cores (see bench/token): synchronous workers, one per
-core, are the fastest here: the work is CPU-bound (argon2 on a cold cache, ECDSA
-signing), so threads only add GIL contention.
+Worker model, measured on 2 cores with bench/token: gunicorn's threaded workers
+(gthread), one process per core, a few threads each. The work is CPU-bound (ECDSA
+signing, ~0.1 ms; argon2 only on a cold cache), so threads do not add throughput by
+themselves; what they add is HTTP keep-alive, which sync workers lack: wrk, and nginx
+with upstream keepalive, reuse connections instead of paying a TCP handshake and a
+fresh accept per token.
 """
 
 from __future__ import annotations
@@ -37,14 +40,16 @@ class _Gunicorn(BaseApplication):
         return self.application
 
 
-def gunicorn_options(config: auth_config.AuthConfig, worker_class: str = "sync") -> dict:
+def gunicorn_options(
+    config: auth_config.AuthConfig, worker_class: str = "gthread", threads: int = 0
+) -> dict:
     host = config.listen_host
     bind = f"[{host}]:{config.listen_port}" if ":" in host else f"{host}:{config.listen_port}"
     return {
         "bind": [bind],
         "workers": config.workers,
         "worker_class": worker_class,
-        "threads": 4 if worker_class == "gthread" else 1,
+        "threads": threads or config.threads,
         "preload_app": True,
         "proc_name": "appliance-auth",
         "accesslog": None,  # the audit log records every token request
@@ -66,8 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", required=True, type=Path, help="JSON config file")
     parser.add_argument(
-        "--worker-class", default="sync", choices=("sync", "gthread"), help=argparse.SUPPRESS
+        "--worker-class",
+        default="gthread",
+        choices=("sync", "gthread"),
+        help=argparse.SUPPRESS,  # for bench/token: the production model is gthread
     )
+    parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         config = auth_config.load(args.config)
@@ -75,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     except ApplianceError as error:
         print(f"appliance-auth: {error}", file=sys.stderr)
         return 2
-    _Gunicorn(application, gunicorn_options(config, args.worker_class)).run()
+    _Gunicorn(application, gunicorn_options(config, args.worker_class, args.threads)).run()
     return 0
 
 

@@ -338,6 +338,11 @@ def test_the_window_ends(service, monkeypatch) -> None:
     later = app_module.time.time() + 301
     monkeypatch.setattr(app_module.time, "time", lambda: later)
     assert call(service, query=query, basic=("bob", PASSWORD)).status == 200
+    # The next failure also clears the finished windows of every guessed name.
+    call(service, query=query, basic=("someone", "bad password"))
+    subjects = ["user:bob", "user:someone", "address:127.0.0.1"]
+    rows = service.store.failed_signins(subjects, int(later), window=10**9)
+    assert rows == {"user:someone": (1, int(later)), "address:127.0.0.1": (1, int(later))}
 
 
 def test_client_address_from_x_real_ip_only_behind_a_trusted_proxy(service) -> None:

@@ -235,9 +235,10 @@ class Authenticator:
                 )
 
     def _failed(self, username: str, address: str, now: float) -> None:
-        self.store.record_failed_signin(
-            self._subjects(username, address), int(now), self.config.rate_limit_window
-        )
+        window = self.config.rate_limit_window
+        self.store.record_failed_signin(self._subjects(username, address), int(now), window)
+        # Guessed usernames must not grow the table forever: drop finished windows.
+        self.store.forget_failed_signins(before=int(now) - window)
 
 
 def _user_principal(user: User, token_scopes: frozenset[str] | None = None) -> Principal:

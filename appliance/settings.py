@@ -29,7 +29,25 @@ from appliance.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/appliance/appliance.yml"
 SENSITIVE_KEYS = {"initial_root_password", "internal_key", "secretkey", "accountkey",
-                  "accesskeysecret", "password", "keyfile_contents", "Authorization"}
+                  "accesskeysecret", "password", "keyfile_contents", "Authorization",
+                  "sessiontoken", "private_key"}
+# Free-form names (registry.env variables, notification headers) that carry secrets.
+_SENSITIVE_WORDS = ("SECRET", "PASSWORD", "PASSWD", "TOKEN", "KEY", "AUTHORIZATION",
+                    "COOKIE", "CREDENTIAL")
+
+
+def is_sensitive(key: str) -> bool:
+    """Whether a value under this key must never be printed.
+
+    Schema and driver keys are lower-case and listed; environment variables and HTTP
+    headers are named freely (REGISTRY_STORAGE_S3_SECRETKEY, X-Api-Key), so any of
+    those that contains a secret-sounding word is masked too.
+    """
+    if key in SENSITIVE_KEYS:
+        return True
+    if key == key.lower():
+        return False
+    return any(word in key.upper() for word in _SENSITIVE_WORDS)
 
 # ---------------------------------------------------------------- value checks
 # A check returns None when the value is fine, else what was expected.
@@ -498,7 +516,7 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
 
 
 def _show(key: str, value: Any) -> str:
-    if key in SENSITIVE_KEYS:
+    if is_sensitive(key):
         return "the value"
     # JSON quoting: a newline or quote in the value stays visible and the problem stays
     # on one line of the report.
@@ -719,7 +737,7 @@ def _masked(key: str, value: Any) -> Any:
         return {k: _masked(str(k), v) for k, v in value.items()}
     if isinstance(value, list):
         return [_masked(key, v) for v in value]
-    if key in SENSITIVE_KEYS and value not in (None, "", [], {}):
+    if is_sensitive(key) and value not in (None, "", [], {}):
         return "********"
     return value
 

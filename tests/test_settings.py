@@ -561,20 +561,30 @@ def test_show_config_masks_secrets(tmp_path: Path) -> None:
         "initial_root_password": "correct-horse-battery",
         "registry": {"internal_key": key,
                      "storage": {"s3": {**S3, "accesskey": "AKIAEXAMPLE",
-                                        "secretkey": "s3-secret-value"}},
+                                        "secretkey": "s3-secret-value",
+                                        "sessiontoken": "session-456"}},
                      "notifications": [{"name": "hook", "url": "https://h.corp.com",
-                                        "headers": {"Authorization": ["Bearer tok-123"]}}]},
+                                        "headers": {"Authorization": ["Bearer tok-123"],
+                                                    "X-Api-Key": ["api-key-789"],
+                                                    "Content-Type": ["application/json"]}}],
+                     "env": {"REGISTRY_HTTP_SECRET": "http-secret-000",
+                             "REGISTRY_HTTP_RELATIVEURLS": True}},
     })
     shown = settings.to_yaml(derived)
-    for secret in ("correct-horse-battery", "PRIVATE KEY", "s3-secret-value", "tok-123"):
+    for secret in ("correct-horse-battery", "PRIVATE KEY", "s3-secret-value", "tok-123",
+                   "session-456", "api-key-789", "http-secret-000"):
         assert secret not in shown
     data = yaml.safe_load(shown)
     assert data["initial_root_password"] == "********"
     assert data["registry"]["internal_key"] == "********"
     assert data["registry"]["storage"]["s3"]["secretkey"] == "********"
     assert data["registry"]["notifications"][0]["headers"]["Authorization"] == ["********"]
+    assert data["registry"]["env"]["REGISTRY_HTTP_SECRET"] == "********"
     # Not secret, and shown: an admin checks these with show-config.
     assert data["registry"]["storage"]["s3"]["accesskey"] == "AKIAEXAMPLE"
+    assert data["registry"]["env"]["REGISTRY_HTTP_RELATIVEURLS"] is True
+    assert data["registry"]["notifications"][0]["headers"]["Content-Type"] == \
+        ["application/json"]
     assert data["registry_external_url"] == "https://localhost:5050"
     assert data["paths"]["secrets_file"] == "/etc/appliance/appliance-secrets.json"
     # Unset secrets are shown as unset, not as a mask that suggests a value.

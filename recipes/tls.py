@@ -328,11 +328,16 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
 
 def webroot_url(settings: Settings) -> str:
     """host:port where this host's nginx answers http-01 (its first listen address)."""
+    return f"{_local_address(settings)}:{settings.nginx.http_port}"
+
+
+def _local_address(settings: Settings) -> str:
+    """nginx's first listen address as this host reaches it ('*' is 127.0.0.1)."""
     address = settings.nginx.listen_addresses[0]
     address = {"*": "127.0.0.1", "[::]": "[::1]"}.get(address, address)
     if ":" in address and not address.startswith("["):
         address = f"[{address}]"
-    return f"{address}:{settings.nginx.http_port}"
+    return address
 
 
 def acme_certificate(settings: Settings, secrets: Secrets, force: bool = False) -> AcmeCertificate:
@@ -419,17 +424,69 @@ def renew(settings: Settings, force: bool = False, stream: TextIO = sys.stdout) 
 
 
 def reload_nginx(settings: Settings, report: Report, out: Callable[[str], None]) -> None:
-    """HUP nginx if a certificate changed; never a restart and never supervisord's update
-    (a renewal must not apply unrelated program changes, nor restart the renewer)."""
+    """HUP nginx if a certificate changed, then wait until it serves the new one.
+
+    Never a restart, and never supervisord's update (a renewal must not apply unrelated
+    program changes, nor restart the renewer). nginx reloads asynchronously (tens of
+    milliseconds here), so "renewed" is only said once a new connection gets the new
+    certificate; a reload nginx refused (it keeps the old one) is an error.
+    """
+    from appliance.errors import ServiceError
     from appliance.services import Supervisor
 
     if not any(n.service == "nginx" for n in report.notifications):
         return
     supervisor = Supervisor(settings.paths.supervisor_config, settings.paths.supervisor_socket)
-    if supervisor.is_running() and supervisor.signal("nginx", "HUP"):
-        out("+ service nginx (reloaded)")
-    else:
+    if not (supervisor.is_running() and supervisor.signal("nginx", "HUP")):
         out("  service nginx is not running; it loads the new certificate when it starts")
+        return
+    out("+ service nginx (reloaded)")
+    if not wait_until_served(settings):
+        raise ServiceError(
+            f"nginx was reloaded but still serves the previous certificate for "
+            f"{settings.registry_host} on {served_address(settings)}; see appliance-ctl tail "
+            f"nginx (a reload nginx refuses keeps the old configuration).")
+
+
+def served_address(settings: Settings) -> str:
+    """host:port of the registry vhost as seen from this host."""
+    return f"{_local_address(settings)}:{settings.registry_nginx.listen_port}"
+
+
+def served_certificate(settings: Settings, timeout: float = 5) -> bytes | None:
+    """The DER leaf nginx presents for the registry host (SNI), None if none answers."""
+    import socket
+    import ssl
+
+    address, port = served_address(settings).rsplit(":", 1)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # we compare bytes; trust is the client's business
+    try:
+        with socket.create_connection((address.strip("[]"), int(port)), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=settings.registry_host) as tls:
+                return tls.getpeercert(binary_form=True)
+    except (OSError, ssl.SSLError):
+        return None
+
+
+def wait_until_served(settings: Settings, timeout: float = 10) -> bool:
+    """Whether nginx serves the certificate file's leaf within `timeout` seconds."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    cert, _ = certificate_paths(settings)
+    try:
+        wanted = x509.load_pem_x509_certificates(cert.read_bytes())[0].public_bytes(
+            Encoding.DER)
+    except (OSError, ValueError):
+        return False
+    deadline = time.monotonic() + timeout
+    while served_certificate(settings) != wanted:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def renew_forever(settings: Settings) -> int:
@@ -460,6 +517,9 @@ def renew_forever(settings: Settings) -> int:
 
 
 def messages(settings: Settings, report: Report) -> list[str]:
+    """What is served now. Called after the run's reloads: when a certificate changed,
+    waits for nginx to serve it (a reload takes effect asynchronously) and says so if it
+    does not."""
     if not settings.registry_nginx.enable:
         return []
     cert, _ = certificate_paths(settings)
@@ -467,15 +527,22 @@ def messages(settings: Settings, report: Report) -> list[str]:
         info = pki.certificate_info(cert.read_bytes())
     except (OSError, pki.CertificateError):
         return []
+    lines = []
+    if any(n.service == "nginx" for n in report.notifications) and \
+            not wait_until_served(settings):
+        served = "another certificate" if served_certificate(settings) else "nothing"
+        lines.append(f"TLS: warning: {served_address(settings)} serves {served}, not {cert}; "
+                     f"see appliance-ctl status nginx and appliance-ctl tail nginx.")
     until = f"{info.not_after:%Y-%m-%d}"
     if settings.tls_mode == "self-signed":
-        return [f"TLS: self-signed certificate {cert} (until {until}); clients must trust it "
-                f"(docker: copy it to /etc/docker/certs.d/{settings.registry_host}:"
-                f"{settings.registry_port}/ca.crt)."]
-    if settings.tls_mode == "letsencrypt" and not info.self_signed:
-        return [f"TLS: Let's Encrypt certificate for {settings.registry_host} until {until}; "
-                f"the renewer renews it {settings.letsencrypt.renew_before_days} days before."]
-    if settings.tls_mode == "files":
-        return [f"TLS: certificate {cert} until {until}; replace the file before then and "
-                f"run reconfigure (nginx reloads when its content changes)."]
-    return []
+        lines.append(f"TLS: self-signed certificate {cert} (until {until}); clients must "
+                     f"trust it (docker: copy it to /etc/docker/certs.d/"
+                     f"{settings.registry_host}:{settings.registry_port}/ca.crt).")
+    elif settings.tls_mode == "letsencrypt" and not info.self_signed:
+        lines.append(f"TLS: Let's Encrypt certificate for {settings.registry_host} until "
+                     f"{until}; the renewer renews it "
+                     f"{settings.letsencrypt.renew_before_days} days before.")
+    elif settings.tls_mode == "files":
+        lines.append(f"TLS: certificate {cert} until {until}; replace the file before then "
+                     f"and run reconfigure (nginx reloads when its content changes).")
+    return lines

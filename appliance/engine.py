@@ -9,7 +9,8 @@ When a resource fails, converging stops there and the notifications queued by th
 resources that already changed are still handed back to be run: those files are
 already on disk, and a service left running on the old version of a file it reads is
 the bug class ("certificate changed, nginx never reloaded") we design out. Resources
-after the failing one are not touched.
+after the failing one are not touched. A recipe that fails to build its next resource
+(a template that does not render) is such a failure too.
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ class Report:
     @property
     def failed(self) -> Outcome | None:
         return next((o for o in self.outcomes if o.error), None)
+
+
+class NextResource(Resource):
+    """Stands in for a resource its recipe could not build, so the failure is reported."""
+
+    kind = "next"
+    name = "resource"
 
 
 def queue(notifications: list[Notify], new: Iterable[Notify]) -> list[Notify]:
@@ -78,7 +86,15 @@ class Engine:
     def converge(self, resources: Iterable[Resource], report: Report | None = None) -> Report:
         report = report or Report()
         started = time.monotonic()
-        for resource in resources:
+        pending = iter(resources)
+        while True:
+            try:
+                resource = next(pending)
+            except StopIteration:
+                break
+            except (ApplianceError, OSError) as exc:
+                self._fail(report, NextResource(), exc)
+                break
             try:
                 changes = resource.plan(resource.current())
             except (ApplianceError, OSError) as exc:

@@ -249,3 +249,17 @@ def test_a_successful_report_raises_nothing(tmp_path: Path) -> None:
     assert report.failed is None
     raise_if_failed(report)
     assert report.elapsed > 0
+
+
+def test_a_recipe_that_cannot_build_its_next_resource_is_a_failure_too(tmp_path: Path) -> None:
+    def recipe():  # noqa: ANN202 - a generator like recipes.resources()
+        yield File(tmp_path / "cert.pem", "cert\n", notifies=(reload("nginx"),))
+        raise ResourceError("template nginx/nginx.conf.j2: 'port' is undefined; this is a bug "
+                            "in the recipe that renders it.")
+
+    report, lines = converge(recipe())
+    assert report.notifications == [reload("nginx")]
+    assert lines[-1] == ("! next resource (failed: template nginx/nginx.conf.j2: 'port' is "
+                         "undefined; this is a bug in the recipe that renders it.)")
+    with pytest.raises(ResourceError, match="^next resource failed: template nginx"):
+        raise_if_failed(report)

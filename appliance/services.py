@@ -9,6 +9,7 @@ do, so every operation here is safe to repeat.
 
 from __future__ import annotations
 
+import codecs
 import http.client
 import os
 import subprocess
@@ -18,7 +19,7 @@ import xmlrpc.client
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO
 
 from supervisor.xmlrpc import Faults, SupervisorTransport
 
@@ -278,51 +279,90 @@ class Supervisor:
             raise ServiceError(f"{name} has no log file.")
         return Path(info["stdout_logfile"])  # type: ignore[index]
 
-    def tail(self, name: str, follow: bool = False) -> Iterator[str]:
-        """The end of `name`'s log, then (with follow) new lines as they are written.
+    def tail(self, name: str | None = None, follow: bool = False) -> Iterator[str]:
+        """The end of `name`'s log (every service's when None), then, with `follow`,
+        new text as it is written, until the caller stops iterating.
 
-        Reads the log file itself rather than supervisord's tail API so that a size
+        Reads the log files themselves rather than supervisord's tail API, so a size
         rotation (supervisord renames `current` to `current.1`) is noticed by the inode
-        changing and following carries on in the new file.
+        changing: the rest of the old file is read, then the new one from its start.
+        Several services are told apart by `==> name <==` headers, as tail(1) does.
         """
-        path = self.log_path(name)
-        handle, inode = _open_log(path)
+        names = [self._known(name)] if name is not None else self.names()
+        followers = [_LogFollower(n, self.log_path(n)) for n in names]
+        shown = None
         try:
-            if handle is not None:
-                size = os.fstat(handle.fileno()).st_size
-                handle.seek(max(0, size - TAIL_INITIAL_BYTES))
-                text = handle.read()
-                if size > TAIL_INITIAL_BYTES:
-                    text = text.split("\n", 1)[-1]  # start at a whole line
+            for follower in followers:
+                text = follower.start()
+                if len(followers) > 1:
+                    yield f"==> {follower.name} <==\n"
+                    shown = follower.name
                 yield text
             while follow:
                 time.sleep(TAIL_POLL_SECONDS)
-                try:
-                    current_inode = path.stat().st_ino
-                except FileNotFoundError:
-                    continue
-                if current_inode != inode:
-                    if handle is not None:
-                        rest = handle.read()  # what was written before the rotation
-                        if rest:
-                            yield rest
-                        handle.close()
-                    handle, inode = _open_log(path)
-                if handle is not None:
-                    text = handle.read()
-                    if text:
-                        yield text
+                for follower in followers:
+                    text = follower.read_new()
+                    if not text:
+                        continue
+                    if len(followers) > 1 and shown != follower.name:
+                        yield f"\n==> {follower.name} <==\n"
+                        shown = follower.name
+                    yield text
         finally:
-            if handle is not None:
-                handle.close()
+            for follower in followers:
+                follower.close()
 
 
-def _open_log(path: Path) -> tuple[TextIO | None, int | None]:
-    try:
-        handle = open(path, encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return None, None
-    return handle, os.fstat(handle.fileno()).st_ino
+class _LogFollower:
+    """One service log followed by inode, decoded incrementally (a UTF-8 character
+    split across two writes is never mangled)."""
+
+    def __init__(self, name: str, path: Path) -> None:
+        self.name = name
+        self.path = path
+        self.handle: BinaryIO | None = None
+        self.inode: int | None = None
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def _open(self) -> None:
+        try:
+            self.handle = open(self.path, "rb")
+        except FileNotFoundError:
+            self.handle, self.inode = None, None
+            return
+        self.inode = os.fstat(self.handle.fileno()).st_ino
+        self.decoder.reset()
+
+    def start(self) -> str:
+        """The last TAIL_INITIAL_BYTES of the log, from a line start."""
+        self._open()
+        if self.handle is None:
+            return ""
+        size = os.fstat(self.handle.fileno()).st_size
+        self.handle.seek(max(0, size - TAIL_INITIAL_BYTES))
+        data = self.handle.read()
+        if size > TAIL_INITIAL_BYTES:
+            data = data.split(b"\n", 1)[-1]
+        return self.decoder.decode(data)
+
+    def read_new(self) -> str:
+        text = ""
+        try:
+            rotated = self.path.stat().st_ino != self.inode
+        except FileNotFoundError:
+            rotated = False  # between supervisord's rename and its new file
+        if rotated:
+            if self.handle is not None:
+                text = self.decoder.decode(self.handle.read(), final=True)
+                self.handle.close()
+            self._open()
+        if self.handle is not None:
+            text += self.decoder.decode(self.handle.read())
+        return text
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
 
 
 def _status(info: dict) -> ProcessStatus:

@@ -77,6 +77,7 @@ def test_partial_and_empty_grants_are_still_200(service) -> None:
     assert access(partial) == [{"type": "repository", "name": "team/app", "actions": ["pull"]}]
     empty = call(service, query=token_query("repository:team/app:pull"), basic=("carol", PASSWORD))
     assert empty.status == 200 and access(empty) == []
+    assert [r["result"] for r in audit(service)] == ["partial", "refused"]
 
 
 def test_several_scopes_and_space_separated_scopes(service) -> None:
@@ -422,4 +423,3 @@ def test_every_grant_and_denial_is_audited(service) -> None:
     assert denied["result"] == "denied" and denied["status"] == 401
     assert denied["reason"] == "wrong password" and denied["granted"] == []
     assert datetime.fromisoformat(denied["time"])
-

@@ -151,7 +151,7 @@ class TokenService:
             user=signed_in.principal.name,
             via=signed_in.via,
             granted=_scope_strings(access),
-            result="granted" if not reasons else "partial",
+            result="granted" if not reasons else ("partial" if access else "refused"),
             reason="; ".join(reasons),
             status=200,
         )

@@ -454,7 +454,8 @@ def load(path: Path, must_exist: bool = False, overrides: dict | None = None) ->
         raw = {**raw, **overrides}
     problems: list[str] = []
     settings = _build(Settings, raw, "", problems)
-    problems.extend(_cross_checks(settings))
+    rejected = {problem.split(":", 1)[0] for problem in problems}
+    problems.extend(_cross_checks(settings, rejected))
     if problems:
         raise ConfigError(f"{path}: {len(problems)} problem{'s' * (len(problems) > 1)} "
                           f"found; nothing was changed.", problems)
@@ -537,8 +538,13 @@ STORAGE_DRIVERS = {
 STORAGE_EXTRAS = ("cache", "redirect", "maintenance", "delete")
 
 
-def _cross_checks(s: Settings) -> list[str]:
-    """Checks that look at more than one value, or inside free-form hashes."""
+def _cross_checks(s: Settings, rejected: set[str] | None = None) -> list[str]:
+    """Checks that look at more than one value, or inside free-form hashes.
+
+    `rejected` are key paths whose value was already refused (and left at its default
+    here); a check about them would only repeat that problem in other words.
+    """
+    rejected = rejected or set()
     problems = []
     storage = s.registry.storage
     drivers = [k for k in storage if k not in STORAGE_EXTRAS]
@@ -629,7 +635,8 @@ def _cross_checks(s: Settings) -> list[str]:
                         f"'auto' or a number")
 
     rn = s.registry_nginx
-    if bool(rn.ssl_certificate) != bool(rn.ssl_certificate_key):
+    if bool(rn.ssl_certificate) != bool(rn.ssl_certificate_key) and not rejected & {
+            "registry_nginx.ssl_certificate", "registry_nginx.ssl_certificate_key"}:
         problems.append("registry_nginx.ssl_certificate_key: set both ssl_certificate and "
                         "ssl_certificate_key, or neither")
     if rn.ssl_certificate and s.letsencrypt.enable:

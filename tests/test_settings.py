@@ -226,6 +226,10 @@ BAD_CONFIGS = {
                             "ssl_certificate_key": "/etc/ssl/r.key\nevil"}},
         [f'registry_nginx.ssl_certificate: "/etc/ssl/r.crt\\nevil" {PATH_MSG}',
          f'registry_nginx.ssl_certificate_key: "/etc/ssl/r.key\\nevil" {PATH_MSG}']),
+    "bad certificate path is one problem, not also 'set both'": (
+        {"registry_nginx": {"ssl_certificate": "/etc/ssl/my cert.crt",
+                            "ssl_certificate_key": "/etc/ssl/r.key"}},
+        [f'registry_nginx.ssl_certificate: "/etc/ssl/my cert.crt" {PATH_MSG}']),
     "quote in database path": (
         {"auth": {"database_path": "/srv/a'b.db"}},
         [f'auth.database_path: "/srv/a\'b.db" {PATH_MSG}']),

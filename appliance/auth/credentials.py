@@ -8,6 +8,7 @@ cache.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 
@@ -23,8 +24,16 @@ REFRESH_TOKEN_PREFIX = "art_"
 
 # argon2-cffi's defaults are RFC 9106's low-memory profile (t=3, m=64 MiB, p=4).
 _hasher = PasswordHasher()
-# Verified against when the username is unknown, so both failures cost the same time.
-_DUMMY_HASH = _hasher.hash("appliance-dummy-password")
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the username is unknown, so both failures cost the same time.
+
+    Made on first use, not at import: an argon2 hash costs ~100 ms, and every
+    appliance-ctl command imports this module.
+    """
+    return _hasher.hash("appliance-dummy-password")
 
 
 class WeakPasswordError(AuthError):
@@ -41,7 +50,7 @@ def hash_password(password: str) -> str:
 
 def verify_password(stored_hash: str | None, password: str) -> bool:
     try:
-        return _hasher.verify(stored_hash or _DUMMY_HASH, password) and stored_hash is not None
+        return _hasher.verify(stored_hash or _dummy_hash(), password) and stored_hash is not None
     except (VerificationError, InvalidHashError):
         return False
 

@@ -63,6 +63,42 @@ def certificate_paths(settings: Settings) -> tuple[Path, Path]:
     return Path(rn.ssl_certificate), Path(rn.ssl_certificate_key)
 
 
+def written_record(settings: Settings) -> Path:
+    """SHA-256 of the certificate the appliance itself last wrote for the registry host."""
+    return settings.paths.data_dir / "tls" / f"{settings.registry_host}.crt.sha256"
+
+
+def placed_by_admin(settings: Settings) -> bool:
+    """Whether the certificate at the default path is one the admin put there.
+
+    The guide's own-domain example does exactly that (place the files, set the URL, no
+    path keys). A CA-signed certificate the appliance did not write is the admin's: it
+    is served as it is and never replaced by a placeholder, a self-signed certificate or
+    a Let's Encrypt order, which would otherwise overwrite it once it came due.
+    """
+    if settings.tls_mode == "files":
+        return False
+    cert, _ = certificate_paths(settings)
+    try:
+        content = cert.read_bytes()
+        info = pki.certificate_info(content)
+    except (OSError, pki.CertificateError):
+        return False
+    if info.self_signed:
+        return False
+    try:
+        recorded = written_record(settings).read_text().strip()
+    except OSError:
+        recorded = ""
+    return recorded != hashlib.sha256(content).hexdigest()
+
+
+def effective_mode(settings: Settings) -> str:
+    """settings.tls_mode, except "files" for a certificate the admin placed at the
+    default path (derive() is pure and cannot look at files; this can)."""
+    return "files" if placed_by_admin(settings) else settings.tls_mode
+
+
 # ---------------------------------------------------------------- preflight
 
 
@@ -71,7 +107,7 @@ def preflight(settings: Settings, now: datetime | None = None) -> None:
     would reject, or Let's Encrypt asked for a name it never issues for."""
     if not settings.registry_nginx.enable:
         return
-    if settings.tls_mode == "letsencrypt":
+    if settings.tls_mode == "letsencrypt" and not placed_by_admin(settings):
         host = settings.registry_host
         if pki.is_ip_address(host):
             raise ConfigError(
@@ -81,7 +117,7 @@ def preflight(settings: Settings, now: datetime | None = None) -> None:
                  f"letsencrypt.enable: false for a self-signed certificate, or configure "
                  f"registry_nginx.ssl_certificate and ssl_certificate_key"])
         return
-    if settings.tls_mode != "files":
+    if effective_mode(settings) != "files":
         return
     cert_path, key_path = certificate_paths(settings)
     problems = []
@@ -99,6 +135,10 @@ def preflight(settings: Settings, now: datetime | None = None) -> None:
             found = pki.check_certificate(cert_pem, key_pem, [settings.registry_host],
                                           now or datetime.now(UTC))
             problems += [f"registry_nginx.ssl_certificate: {cert_path}: {p}" for p in found]
+    if problems and settings.tls_mode != "files":
+        problems.append(f"{cert_path} is a certificate placed by hand (not written by the "
+                        f"appliance): fix it, or remove it and its key to let the appliance "
+                        f"manage the certificate ({settings.tls_mode})")
     if problems:
         raise ConfigError(f"the certificate files cannot be used: {len(problems)} problem"
                           f"{'s' * (len(problems) > 1)}; nothing was changed.", problems)
@@ -128,7 +168,26 @@ def _unusable_pair(current: CertificateState) -> str | None:
     return None
 
 
-class PlaceholderCertificate(SelfSignedCertificate):
+def _record_written(record: Path | None, cert_path: Path) -> None:
+    if record is not None:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(record, (hashlib.sha256(cert_path.read_bytes()).hexdigest() + "\n")
+                     .encode(), 0o644)
+
+
+@dataclass
+class HostSelfSignedCertificate(SelfSignedCertificate):
+    """The self-signed mode's certificate; records that the appliance wrote it."""
+
+    record: Path | None = None
+
+    def apply(self) -> None:
+        super().apply()
+        _record_written(self.record, self.cert_path)
+
+
+@dataclass
+class PlaceholderCertificate(HostSelfSignedCertificate):
     """Self-signed, only where nginx would have nothing it can load: it must start to
     answer the first challenge, and a real certificate is never replaced by this."""
 
@@ -158,6 +217,7 @@ class AcmeCertificate(Resource):
     key_type: str
     renew_before: timedelta
     webroot_url: str = ""  # where nginx serves the webroot locally (checked before ordering)
+    record: Path | None = None
     force: bool = False
     notifies: tuple[Notify, ...] = ()
     now: datetime | None = None
@@ -201,6 +261,7 @@ class AcmeCertificate(Resource):
         # reload queued by this resource comes, after both are in place.
         atomic_write(self.key_path, issued.key_pem, 0o600)
         atomic_write(self.cert_path, issued.fullchain_pem, 0o644)
+        _record_written(self.record, self.cert_path)
 
 
 def wait_for_webroot(webroot: Path, url: str, host: str,
@@ -304,21 +365,24 @@ def certificate_resources(settings: Settings) -> list[Resource]:
     out: list[Resource] = [Directory(webroot, 0o755),
                            Directory(webroot / CHALLENGE_DIR.parent, 0o755),
                            Directory(webroot / CHALLENGE_DIR, 0o755),
-                           LeftoverChallengeTokens(webroot)]
-    if settings.tls_mode == "files":
+                           LeftoverChallengeTokens(webroot),
+                           Directory(written_record(settings).parent, 0o755)]
+    record = written_record(settings)
+    mode = effective_mode(settings)
+    if mode == "files":
         # The files are the admin's; what we own is the record of what nginx last loaded,
         # so a changed certificate (renewed by some other tool) reloads nginx.
         out.append(File(fingerprint_path(settings), _fingerprint(cert, key), 0o644,
                         notifies=notify))
-    elif settings.tls_mode == "letsencrypt":
+    elif mode == "letsencrypt":
         out.append(PlaceholderCertificate(cert, key, [settings.registry_host],
                                           key_type=settings.letsencrypt.key_type,
-                                          days=90, notifies=notify))
+                                          days=90, notifies=notify, record=record))
     else:
-        out.append(SelfSignedCertificate(
+        out.append(HostSelfSignedCertificate(
             cert, key, [settings.registry_host],
             renew_before=timedelta(days=settings.letsencrypt.renew_before_days),
-            notifies=notify))
+            notifies=notify, record=record))
     return out
 
 
@@ -349,11 +413,12 @@ def acme_certificate(settings: Settings, secrets: Secrets, force: bool = False) 
         webroot=settings.paths.acme_webroot, contact_emails=list(le.contact_emails),
         ca_bundle=le.ca_bundle, key_type=le.key_type,
         renew_before=timedelta(days=le.renew_before_days),
-        webroot_url=webroot_url(settings), force=force, notifies=(reload("nginx"),))
+        webroot_url=webroot_url(settings), record=written_record(settings), force=force,
+        notifies=(reload("nginx"),))
 
 
 def late_resources(settings: Settings, secrets: Secrets) -> list[Resource]:
-    if settings.tls_mode != "letsencrypt" or not settings.registry_nginx.enable:
+    if effective_mode(settings) != "letsencrypt" or not settings.registry_nginx.enable:
         return []
     return [acme_certificate(settings, secrets)]
 
@@ -375,7 +440,7 @@ def renewer_resources(settings: Settings) -> list[Resource]:
 def renewal_resources(settings: Settings, secrets: Secrets, force: bool) -> list[Resource]:
     """What one renewal pass converges: the certificate, and nothing else of the host."""
     items = certificate_resources(settings)
-    if settings.tls_mode == "letsencrypt" and settings.registry_nginx.enable:
+    if effective_mode(settings) == "letsencrypt" and settings.registry_nginx.enable:
         items.append(acme_certificate(settings, secrets, force=force))
     elif force:
         for item in items:
@@ -398,7 +463,10 @@ def renew(settings: Settings, force: bool = False, stream: TextIO = sys.stdout) 
     out = reconfigure.RunLog(stream, settings.paths.log_dir / "renewer")
     started = time.monotonic()
     try:
-        out(f"renew-certs: checking {settings.registry_host} ({settings.tls_mode}"
+        mode = effective_mode(settings)
+        if mode != settings.tls_mode:
+            mode = "a certificate placed by hand"
+        out(f"renew-certs: checking {settings.registry_host} ({mode}"
             f"{', forced' if force else ''}) at {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC")
         if not settings.paths.secrets_file.exists():
             raise ApplianceError(f"{settings.paths.secrets_file} does not exist: run "
@@ -534,7 +602,11 @@ def messages(settings: Settings, report: Report) -> list[str]:
         lines.append(f"TLS: warning: {served_address(settings)} serves {served}, not {cert}; "
                      f"see appliance-ctl status nginx and appliance-ctl tail nginx.")
     until = f"{info.not_after:%Y-%m-%d}"
-    if settings.tls_mode == "self-signed":
+    if placed_by_admin(settings):
+        lines.append(f"TLS: certificate {cert} placed by hand, until {until}; it is served as "
+                     f"it is ({settings.tls_mode} is not used while it is there): replace it "
+                     f"before then and run reconfigure.")
+    elif settings.tls_mode == "self-signed":
         lines.append(f"TLS: self-signed certificate {cert} (until {until}); clients must "
                      f"trust it (docker: copy it to /etc/docker/certs.d/"
                      f"{settings.registry_host}:{settings.registry_port}/ca.crt).")

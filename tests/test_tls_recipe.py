@@ -503,3 +503,68 @@ def test_webroot_check_gives_up_on_a_closed_port(tmp_path):
         tls.wait_for_webroot(tmp_path, f"127.0.0.1:{port}", "registry.test", timeout=0.3)
     assert "cannot connect: Connection refused" in str(raised.value)
     assert "appliance-ctl status nginx" in str(raised.value)
+
+
+# --- a certificate the admin placed at the default path (the guide's own-domain example) --
+
+
+def place_by_hand(s: settings.Settings, cert: bytes, key: bytes = KEY) -> tuple[Path, Path]:
+    cert_path, key_path = tls.certificate_paths(s)
+    cert_path.write_bytes(cert)
+    key_path.write_bytes(key)
+    return cert_path, key_path
+
+
+@pytest.mark.parametrize("config", [
+    pytest.param({"external_url": "https://gitlab.example.com",
+                  "registry_external_url": "https://registry.gitlab.example.com"},
+                 id="lets-encrypt-mode"),
+    pytest.param({"external_url": "https://gitlab.example.com",
+                  "registry_external_url": "https://registry.gitlab.example.local"},
+                 id="self-signed-mode"),
+])
+def test_a_certificate_placed_at_the_default_path_is_served_and_never_replaced(tmp_path,
+                                                                               config):
+    s = load(tmp_path, config)
+    now = dt.datetime.now(dt.UTC)
+    cert = issued_by_ca([s.registry_host], not_before=now - 80 * DAY)  # within the window
+    cert_path, key_path = place_by_hand(s, cert)
+    assert tls.placed_by_admin(s) and tls.effective_mode(s) == "files"
+    tls.preflight(s)
+    kinds = [type(r).__name__ for r in tls.certificate_resources(s)]
+    assert "PlaceholderCertificate" not in kinds and "HostSelfSignedCertificate" not in kinds
+    assert tls.late_resources(s, secrets=None) == []
+    assert not any(isinstance(r, tls.AcmeCertificate)
+                   for r in tls.renewal_resources(s, None, force=True))
+    changed, notifications = converge(tls.certificate_resources(s))
+    assert changed[-1] == f"+ file {tls.fingerprint_path(s)} (created)"
+    assert cert_path.read_bytes() == cert and key_path.read_bytes() == KEY
+
+
+def test_a_broken_certificate_placed_by_hand_is_refused_naming_the_way_out(tmp_path):
+    s = load(tmp_path, {"external_url": "https://gitlab.example.com"})
+    cert_path, _ = place_by_hand(s, issued_by_ca(["other.example.com"],
+                                                 not_before=dt.datetime.now(dt.UTC)))
+    with pytest.raises(ConfigError) as raised:
+        tls.preflight(s)
+    assert raised.value.problems == [
+        f"registry_nginx.ssl_certificate: {cert_path}: The certificate does not cover "
+        f"gitlab.example.com (it covers: other.example.com).",
+        f"{cert_path} is a certificate placed by hand (not written by the appliance): fix "
+        f"it, or remove it and its key to let the appliance manage the certificate "
+        f"(letsencrypt)"]
+
+
+def test_certificates_the_appliance_wrote_stay_its_own(tmp_path):
+    """A placeholder, a self-signed certificate or an issued one (recorded when written)."""
+    s = load(tmp_path, {"external_url": "https://gitlab.example.com"})
+    converge(tls.certificate_resources(s))
+    assert not tls.placed_by_admin(s)  # the placeholder: self-signed
+    order = tls.acme_certificate(s, type("Secrets", (), {"letsencrypt_account_key": "x"})())
+    assert order.record == tls.written_record(s)
+    issued = issued_by_ca(["gitlab.example.com"])
+    cert_path, _ = place_by_hand(s, issued)
+    tls._record_written(order.record, cert_path)  # what AcmeCertificate.apply does last
+    assert not tls.placed_by_admin(s) and tls.effective_mode(s) == "letsencrypt"
+    assert [type(r).__name__ for r in tls.late_resources(s, type(
+        "Secrets", (), {"letsencrypt_account_key": "x"})())] == ["AcmeCertificate"]

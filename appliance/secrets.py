@@ -10,12 +10,12 @@ and the bundle cannot disagree after a reconfigure.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets as random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from appliance import pki
 from appliance.errors import ConfigError
 
 
@@ -26,6 +26,10 @@ class Secrets:
     registry_http_secret: str
     auth_secret: str
     letsencrypt_account_key: str
+    # SHA-256 of key PEM + certificate PEM as last verified to agree: a no-op run then
+    # knows the pair agrees without loading cryptography, and any edit of either side
+    # (by hand, or a new internal_key) sends it through the real check again.
+    token_signing_pair_digest: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -49,18 +53,32 @@ def read(path: Path) -> dict:
     return data
 
 
+def pair_digest(key: str, cert: str) -> str:
+    return hashlib.sha256((key + "\0" + cert).encode()).hexdigest()
+
+
 def load_or_generate(path: Path, internal_key: str | None = None,
                      key_type: str = "ec-p256", issuer: str = "appliance-issuer") -> Secrets:
     """The secrets to use: what the file holds, plus whatever is missing, generated."""
     stored = read(path)
-    key = internal_key or stored.get("token_signing_key") or \
-        pki.generate_private_key(key_type).decode()
+    key = internal_key or stored.get("token_signing_key")
+    if not key:
+        from appliance import pki
+
+        key = pki.generate_private_key(key_type).decode()
     cert = stored.get("token_signing_certificate")
-    try:
-        matches = bool(cert) and pki.public_key_matches(cert.encode(), key.encode())
-    except pki.CertificateError:
-        matches = False  # an unreadable certificate is made again below; a bad key is not
+    if cert and stored.get("token_signing_pair_digest") == pair_digest(key, cert):
+        matches = True
+    else:
+        from appliance import pki
+
+        try:
+            matches = bool(cert) and pki.public_key_matches(cert.encode(), key.encode())
+        except pki.CertificateError:
+            matches = False  # an unreadable certificate is made again below; a bad key not
     if not matches:
+        from appliance import pki
+
         try:
             cert = pki.signing_certificate(key.encode(), issuer).decode()
         except pki.CertificateError:
@@ -81,4 +99,5 @@ def load_or_generate(path: Path, internal_key: str | None = None,
         registry_http_secret=stored.get("registry_http_secret") or random.token_hex(32),
         auth_secret=stored.get("auth_secret") or random.token_hex(32),
         letsencrypt_account_key=account_key,
+        token_signing_pair_digest=pair_digest(key, cert),
     )

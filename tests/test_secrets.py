@@ -12,7 +12,7 @@ from appliance.errors import ConfigError
 from appliance.secrets import Secrets, load_or_generate
 
 FIELDS = {"token_signing_key", "token_signing_certificate", "registry_http_secret",
-          "auth_secret", "letsencrypt_account_key"}
+          "auth_secret", "letsencrypt_account_key", "token_signing_pair_digest"}
 
 
 def save(path: Path, secrets: Secrets) -> None:

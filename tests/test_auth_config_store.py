@@ -116,3 +116,42 @@ def test_stored_secrets_are_hashes(tmp_path: Path, monkeypatch) -> None:
     for secret in (b"alice password", pat.encode(), deploy.encode()):
         assert secret not in raw
     assert store.user("alice").password_hash.startswith("$argon2id$")
+
+
+def test_server_refuses_a_missing_or_old_database(tmp_path: Path, capsys) -> None:
+    from appliance.auth import server
+    from tests.support.auth_server import write_signing_material
+
+    key, cert = write_signing_material(tmp_path)
+    raw = {
+        **MINIMAL,
+        "database": str(tmp_path / "auth.db"),
+        "signing_key": str(key),
+        "signing_certificate": str(cert),
+        "audit_log": str(tmp_path / "audit.log"),
+    }
+    config_path = tmp_path / "auth.json"
+    config_path.write_text(json.dumps(raw))
+    assert server.main(["--config", str(config_path)]) == 2
+    assert "does not exist; run 'appliance-ctl reconfigure'" in capsys.readouterr().err
+    sqlite3.connect(tmp_path / "auth.db").close()  # an empty file: schema version 0
+    assert server.main(["--config", str(config_path)]) == 2
+    assert "has schema version 0, this service needs 1" in capsys.readouterr().err
+
+
+def test_server_reports_a_bad_key_in_one_line(tmp_path: Path, capsys) -> None:
+    from appliance.auth import server
+
+    ensure_schema(tmp_path / "auth.db")
+    (tmp_path / "bad.key").write_text("not a key")
+    raw = {
+        **MINIMAL,
+        "database": str(tmp_path / "auth.db"),
+        "signing_key": str(tmp_path / "bad.key"),
+        "audit_log": str(tmp_path / "audit.log"),
+    }
+    config_path = tmp_path / "auth.json"
+    config_path.write_text(json.dumps(raw))
+    assert server.main(["--config", str(config_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("appliance-auth: The token-signing key") and err.count("\n") == 1

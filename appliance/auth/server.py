@@ -23,6 +23,7 @@ from gunicorn.app.base import BaseApplication
 
 from appliance.auth import config as auth_config
 from appliance.auth.app import TokenService
+from appliance.auth.store import check_schema
 from appliance.errors import ApplianceError
 
 
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = auth_config.load(args.config)
+        check_schema(config.database)
         application = TokenService(config)
     except ApplianceError as error:
         print(f"appliance-auth: {error}", file=sys.stderr)

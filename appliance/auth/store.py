@@ -212,6 +212,27 @@ def ensure_schema(db_path: Path) -> None:
         connection.close()
 
 
+def check_schema(db_path: Path) -> None:
+    """Refuse to serve from a database that is missing or not at the latest schema."""
+    db_path = Path(db_path)
+    if not db_path.exists():
+        raise AuthError(
+            f"The auth database {db_path} does not exist; run 'appliance-ctl reconfigure'."
+        )
+    connection = connect(db_path)
+    try:
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.DatabaseError as error:
+        raise AuthError(f"The auth database {db_path} cannot be read: {error}.") from error
+    finally:
+        connection.close()
+    if version != len(MIGRATIONS):
+        raise AuthError(
+            f"The auth database {db_path} has schema version {version}, this service needs"
+            f" {len(MIGRATIONS)}; run 'appliance-ctl reconfigure'."
+        )
+
+
 def ensure_admin(db_path: Path, username: str, password: str) -> bool:
     """Create the administrator if missing (True); never touches an existing user."""
     store = Store(db_path)

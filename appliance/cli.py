@@ -17,7 +17,10 @@ from appliance.errors import ApplianceError, ConfigError, UsageError
 SERVICES = ("nginx", "registry", "auth", "renewer")
 
 
-def build_parser() -> argparse.ArgumentParser:
+AUTH_COMMANDS = ("user", "project", "member", "token", "deploy-token")
+
+
+def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="appliance-ctl",
         description="Configure and control the container registry appliance.")
@@ -55,11 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--daemon", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_renew_certs)
 
-    try:
+    if with_auth_commands:
         from appliance.auth import cli as auth_cli
-    except ImportError:  # the auth package is optional only while it is being written
-        auth_cli = None
-    if auth_cli is not None:
+
         auth_cli.register(sub)
     return parser
 
@@ -146,8 +147,24 @@ def cmd_renew_certs(args: argparse.Namespace, s: settings_module.Settings) -> in
     return tls.renew(s, force=args.force)
 
 
+def command_word(argv: list[str]) -> str | None:
+    """The subcommand named on the command line, skipping global options."""
+    words = iter(argv)
+    for word in words:
+        if word in ("-c", "--config"):
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The auth commands pull in the auth service's modules; a reconfigure or status
+    # does not need them, and every millisecond of a no-op reconfigure counts.
+    core = {"reconfigure", "show-config", "example-config", "status", "start", "stop",
+            "restart", "hup", "tail", "renew-certs"}
+    parser = build_parser(with_auth_commands=command_word(argv) not in core)
     args = parser.parse_args(argv)
     try:
         s = load_settings(args) if getattr(args, "needs_settings", True) else None

@@ -23,7 +23,7 @@ from appliance import secrets as secrets_module
 from appliance.engine import Engine, Report, raise_if_failed
 from appliance.errors import LockError
 from appliance.resources import Notify
-from appliance.settings import Settings
+from appliance.settings import Paths, Settings
 
 LOCK_WAIT_SECONDS = 300
 RUN_LOGS_KEPT = 30
@@ -105,11 +105,13 @@ def run(settings: Settings, dry_run: bool = False, stream: TextIO = sys.stdout) 
                 settings.registry.token_key_type, settings.registry.issuer)
             engine = Engine(out, dry_run=dry_run)
             report = engine.converge(recipes.resources(settings, secrets))
-            notify(settings, report.notifications, dry_run, out)
+            notify(settings, report.notifications, dry_run, out,
+                   program_files_changed=programs_changed(report, paths))
             if not report.failed:
                 late = Report()
                 engine.converge(recipes.late_resources(settings, secrets), late)
-                notify(settings, late.notifications, dry_run, out, start=False)
+                notify(settings, late.notifications, dry_run, out, start=False,
+                       program_files_changed=programs_changed(late, paths))
                 report.outcomes += late.outcomes
             total, updated = len(report.outcomes), report.updated
             elapsed = time.monotonic() - started
@@ -124,26 +126,44 @@ def run(settings: Settings, dry_run: bool = False, stream: TextIO = sys.stdout) 
         out.save()
 
 
+def programs_changed(report: Report, paths: Paths) -> bool:
+    """Did supervisord's own config or a program file change (so it must re-read them)?"""
+    under = str(paths.supervisor_dir) + os.sep
+    return any(o.changes and o.resource.name.startswith(under) for o in report.outcomes)
+
+
 @contextmanager
 def _no_lock() -> Iterator[None]:
     yield
 
 
+def supervisord_alive(paths: Paths) -> bool:
+    try:
+        pid = int((paths.supervisor_dir / "supervisord.pid").read_text().strip())
+        os.kill(pid, 0)
+        return paths.supervisor_socket.exists()
+    except (OSError, ValueError):
+        return False
+
+
 def notify(settings: Settings, notifications: list[Notify], dry_run: bool,
-            out: Callable[[str], None], start: bool = True) -> None:
+           out: Callable[[str], None], start: bool = True,
+           program_files_changed: bool = True) -> None:
     """Bring supervisord in line with the program files, then run the queue once.
 
     A program that supervisord has just started (because supervisord itself was started,
     or because its program file was added or changed) already runs the new files, so a
     queued restart or reload of it is skipped rather than done twice.
     """
-    from appliance.services import Supervisor
-
     paths = settings.paths
     if dry_run:
         for n in notifications:
             out(f"  would {n.action} {n.service}")
         return
+    if not notifications and not program_files_changed and supervisord_alive(paths):
+        return  # nothing to start, add, remove or signal: no need to even ask supervisord
+    from appliance.services import Supervisor
+
     supervisor = Supervisor(paths.supervisor_config, paths.supervisor_socket)
     fresh: set[str] = set()
     if start or supervisor.is_running():

@@ -8,7 +8,6 @@ the host, and so `--dry-run` is just "plan, print, stop". Resources never print.
 
 from __future__ import annotations
 
-import difflib
 import grp
 import os
 import pwd
@@ -221,6 +220,8 @@ def unified_diff(old: bytes | None, new: bytes, path: str) -> str:
         new_text = new.decode().splitlines(keepends=True)
     except UnicodeDecodeError:
         return "(binary content differs)\n"
+    import difflib  # only a run that changes a file pays for it
+
     lines = difflib.unified_diff(old_text, new_text, fromfile=f"{path} (current)",
                                  tofile=f"{path} (new)", n=2)
     return "".join(line if line.endswith("\n") else line + "\n" for line in lines)

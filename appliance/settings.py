@@ -11,7 +11,6 @@ nothing, so `show-config` prints exactly what the recipes see.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import ipaddress
 import json
 import os
@@ -462,6 +461,12 @@ def load(path: Path, must_exist: bool = False, overrides: dict | None = None) ->
     return derive(settings, path)
 
 
+def did_you_mean(word: str, choices: Any, n: int = 1, cutoff: float = 0.6) -> list[str]:
+    import difflib  # only a config with a typo pays for it
+
+    return difflib.get_close_matches(word, list(choices), n=n, cutoff=cutoff)
+
+
 def _type_name(tp: Any) -> str:
     names = {bool: "true or false", int: "a whole number", str: "a string", list: "a list",
              dict: "a mapping"}
@@ -494,7 +499,7 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     for key, value in raw.items():
         path = f"{prefix}{key}"
         if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
+            close = did_you_mean(str(key), fields, n=1, cutoff=0.6)
             hint = f"; did you mean {prefix}{close[0]}?" if close else \
                 f"; valid keys here: {', '.join(sorted(fields))}"
             problems.append(f"{path}: unknown key{hint}")
@@ -550,7 +555,7 @@ def _cross_checks(s: Settings, rejected: set[str] | None = None) -> list[str]:
     drivers = [k for k in storage if k not in STORAGE_EXTRAS]
     for key in drivers:
         if key not in STORAGE_DRIVERS:
-            close = difflib.get_close_matches(key, STORAGE_DRIVERS, n=1)
+            close = did_you_mean(key, STORAGE_DRIVERS, n=1)
             hint = f"; did you mean {close[0]}?" if close else \
                 f"; drivers: {', '.join(STORAGE_DRIVERS)}"
             problems.append(f"registry.storage.{key}: unknown storage driver{hint}")
@@ -589,7 +594,7 @@ def _cross_checks(s: Settings, rejected: set[str] | None = None) -> list[str]:
                    "ignoredmediatypes", "ignore"}
         for key in endpoint:
             if key not in allowed:
-                close = difflib.get_close_matches(str(key), allowed, n=1)
+                close = did_you_mean(str(key), allowed, n=1)
                 hint = f"; did you mean {close[0]}?" if close else ""
                 problems.append(f"{where}.{key}: unknown key{hint}")
         if not endpoint.get("name"):

@@ -13,7 +13,6 @@ names, and it verifies the served chain against pebble's root as any client woul
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
 import subprocess
@@ -311,4 +310,42 @@ def test_the_renewer_runs_under_supervisord(main_host):
     assert pids["renewer"] > 0
     log = main_host.root / "var/log/appliance/renewer/current"
     wait_for(lambda: log.exists() and "renewer: next check at" in log.read_text(), timeout=10)
-    assert os.path.getsize(log) < 4096  # it sleeps; it did not order anything
+    assert "order from" not in log.read_text()  # twice a day: it sleeps until its slot
+
+
+def test_the_renewer_orders_only_what_is_due(tmp_path):
+    """The renewer on a one-second schedule: passes with nothing due order nothing; once
+    the window covers the certificate (settings re-read each pass) it renews on its own
+    and nginx serves the new certificate."""
+    http_port = free_port()
+    with PebbleServer(tmp_path / "pebble", http01_port=http_port) as pebble:
+        appliance = ApplianceUnderTest.create({
+            "external_url": "https://appliance.test",
+            "registry_external_url": f"https://appliance.test:{free_port()}",
+            "nginx": {"http_port": http_port},
+            "letsencrypt": {**lets_encrypt(pebble), "runs_per_day": 86400},
+        }, prefix="appliance-le-renewer-")
+        try:
+            appliance.reconfigure()
+            first = appliance.certificate.read_bytes()
+            attempts = appliance.root / "var/log/appliance/renewer"
+
+            def passes() -> list[str]:
+                return [p.read_text() for p in sorted(attempts.glob("*.log"))]
+
+            wait_for(lambda: len(passes()) >= 3, timeout=20)
+            assert all("renew-certs: 0 certificates renewed" in text for text in passes())
+            assert appliance.certificate.read_bytes() == first
+
+            appliance.write_config({"letsencrypt": {"renew_before_days": 100000}})
+            wait_for(lambda: any("1 certificate renewed" in text for text in passes()),
+                     timeout=30)
+            renewed = [text for text in passes() if "1 certificate renewed" in text][0]
+            assert "within the renewal window" in renewed
+            assert "+ service nginx (reloaded)" in renewed
+            assert appliance.certificate.read_bytes() != first
+            # It renews every pass now; between two passes nginx serves the file's.
+            wait_for(lambda: fingerprint(served_certificate(appliance)) ==
+                     fingerprint(leaf_on_disk(appliance)), timeout=10)
+        finally:
+            appliance.destroy()

@@ -125,6 +125,20 @@ def test_repository_below_a_project_belongs_to_it(service) -> None:
     assert access(response)[0]["actions"] == ["pull", "push"]
 
 
+def test_the_longest_project_path_wins(service) -> None:
+    Store(service.config.database).create_project("team/app/tools", "public", True)
+    response = call(
+        service,
+        query=token_query("repository:team/app/tools/lint:pull,push", "repository:team/app/x:push"),
+        basic=("alice", PASSWORD),
+    )
+    # alice develops team/app, but team/app/tools is its own (public) project.
+    assert [(a["name"], a["actions"]) for a in access(response)] == [
+        ("team/app/tools/lint", ["pull"]),
+        ("team/app/x", ["push"]),
+    ]
+
+
 def test_personal_namespace_belongs_to_its_user(service) -> None:
     own = call(
         service, query=token_query("repository:alice/tool:pull,push,*"), basic=("alice", PASSWORD)

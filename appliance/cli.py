@@ -45,6 +45,9 @@ def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(verb, help=f"{text} one service, or all of them")
         p.add_argument("service", nargs="?")
         p.set_defaults(handler=cmd_control, verb=verb)
+    p = sub.add_parser("shutdown", help="stop every service and supervisord itself "
+                       "(reconfigure or the appliance-runsvdir unit starts them again)")
+    p.set_defaults(handler=cmd_shutdown)
     p = sub.add_parser("hup", help="reload a service (SIGHUP) without dropping connections")
     p.add_argument("service")
     p.set_defaults(handler=cmd_hup)
@@ -121,6 +124,16 @@ def cmd_control(args: argparse.Namespace, s: settings_module.Settings) -> int:
     return 0
 
 
+def cmd_shutdown(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    supervisor = _supervisor(s)
+    if not supervisor.is_running():
+        print("ok: supervisord is not running")
+        return 0
+    supervisor.shutdown()
+    print("ok: shutdown")
+    return 0
+
+
 def cmd_hup(args: argparse.Namespace, s: settings_module.Settings) -> int:
     _check_service(args.service)
     _supervisor(s).signal(args.service, "HUP")
@@ -163,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The auth commands pull in the auth service's modules; a reconfigure or status
     # does not need them, and every millisecond of a no-op reconfigure counts.
     core = {"reconfigure", "show-config", "example-config", "status", "start", "stop",
-            "restart", "hup", "tail", "renew-certs"}
+            "restart", "hup", "tail", "renew-certs", "shutdown"}
     parser = build_parser(with_auth_commands=command_word(argv) not in core)
     args = parser.parse_args(argv)
     try:

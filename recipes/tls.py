@@ -429,8 +429,10 @@ def renewer_resources(settings: Settings) -> list[Resource]:
         settings.letsencrypt.auto_renew
     if not wanted:
         return supervisor.disabled(settings, "renewer")
-    command = [supervisor.executable("appliance-ctl"), "-c", str(settings.paths.config_file),
-               "renew-certs", "--daemon"]
+    # A host on the embedded defaults has no appliance.yml; -c would insist on one.
+    config = settings.paths.config_file
+    command = [supervisor.executable("appliance-ctl"),
+               *(["-c", str(config)] if config.exists() else []), "renew-certs", "--daemon"]
     return supervisor.program(settings, "renewer", command)
 
 
@@ -596,11 +598,15 @@ def messages(settings: Settings, report: Report) -> list[str]:
     except (OSError, pki.CertificateError):
         return []
     lines = []
-    if any(n.service == "nginx" for n in report.notifications) and \
-            not wait_until_served(settings):
-        served = "another certificate" if served_certificate(settings) else "nothing"
-        lines.append(f"TLS: warning: {served_address(settings)} serves {served}, not {cert}; "
-                     f"see appliance-ctl status nginx and appliance-ctl tail nginx.")
+    # Only when nginx answers (a stopped nginx is `status`'s business) with another
+    # certificate than the file: then a reload is under way, or nginx refused it.
+    # (Outcomes, not report.notifications: those of the late resources are not merged.)
+    nginx_notified = any(o.changes and any(n.service == "nginx" for n in o.resource.notifies)
+                         for o in report.outcomes)
+    if nginx_notified and served_certificate(settings) is not None and \
+            not wait_until_served(settings, 5):
+        lines.append(f"TLS: warning: {served_address(settings)} serves another certificate "
+                     f"than {cert}; see appliance-ctl tail nginx.")
     until = f"{info.not_after:%Y-%m-%d}"
     if placed_by_admin(settings):
         lines.append(f"TLS: certificate {cert} placed by hand, until {until}; it is served as "

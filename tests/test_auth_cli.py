@@ -161,7 +161,7 @@ BAD_ARGUMENTS = [
     ),
     (
         ("project", "create", "team/_app"),
-        "Invalid project path 'team/_app': '_app' starts with a underscore",
+        "Invalid project path 'team/_app': '_app' starts with an underscore",
     ),
     (("project", "create", "team/app-"), "'app-' ends with a hyphen"),
     (("project", "create", "team/my--app"), "double hyphen"),

@@ -28,8 +28,8 @@ VALID = [
 
 # path, words the message must contain
 INVALID = [
-    ("team/_app", "starts with a underscore"),
-    ("_team/app", "starts with a underscore"),
+    ("team/_app", "starts with an underscore"),
+    ("_team/app", "starts with an underscore"),
     ("team/app-", "ends with a hyphen"),
     ("team/app.", "ends with a period"),
     ("team/my--app", "double hyphen"),

@@ -15,6 +15,7 @@ from appliance.errors import AuthError
 
 MAX_NAME_LENGTH = 255
 _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*")
+_SEPARATOR_NAMES = {"_": "an underscore", ".": "a period", "-": "a hyphen"}
 
 
 class InvalidPathError(AuthError):
@@ -32,11 +33,15 @@ def component_problem(component: str) -> str | None:
         shown = " ".join(repr(ch) for ch in bad)
         return f"'{component}' contains characters the registry does not allow: {shown}"
     if component[0] in "._-":
-        kind = {"_": "underscore", ".": "period", "-": "hyphen"}[component[0]]
-        return f"'{component}' starts with a {kind} (it must start with a letter or digit)"
+        return (
+            f"'{component}' starts with {_SEPARATOR_NAMES[component[0]]}"
+            " (it must start with a letter or digit)"
+        )
     if component[-1] in "._-":
-        kind = {"_": "underscore", ".": "period", "-": "hyphen"}[component[-1]]
-        return f"'{component}' ends with a {kind} (it must end with a letter or digit)"
+        return (
+            f"'{component}' ends with {_SEPARATOR_NAMES[component[-1]]}"
+            " (it must end with a letter or digit)"
+        )
     if "--" in component:
         return f"'{component}' contains a double hyphen, which older Docker clients reject"
     if not _COMPONENT.fullmatch(component):

@@ -485,7 +485,7 @@ def renew(settings: Settings, force: bool = False, stream: TextIO = sys.stdout) 
             f"{time.monotonic() - started:.1f} s" + ("; failed" if report.failed else ""))
         raise_if_failed(report)
     except ApplianceError as exc:
-        if not out.lines or not out.lines[-1].startswith("renew-certs: "):
+        if not out.lines[-1].endswith("; failed"):  # not yet said by the summary line
             out(f"renew-certs: failed: {exc}")
         raise
     finally:

@@ -568,3 +568,41 @@ def test_certificates_the_appliance_wrote_stay_its_own(tmp_path):
     assert not tls.placed_by_admin(s) and tls.effective_mode(s) == "letsencrypt"
     assert [type(r).__name__ for r in tls.late_resources(s, type(
         "Secrets", (), {"letsencrypt_account_key": "x"})())] == ["AcmeCertificate"]
+
+
+# --- renew-certs without services ---------------------------------------------------------
+
+
+def test_renew_certs_logs_every_attempt_and_renews_only_what_is_due(tmp_path):
+    import io
+
+    from appliance import secrets as secrets_module
+    from appliance.errors import ApplianceError
+
+    s = load(tmp_path, {"external_url": "https://localhost"})
+    with pytest.raises(ApplianceError) as raised:
+        tls.renew(s, stream=io.StringIO())
+    assert "run appliance-ctl reconfigure first" in str(raised.value)
+
+    s.paths.secrets_file.write_text(secrets_module.load_or_generate(
+        s.paths.secrets_file).to_json())
+    converge(tls.certificate_resources(s))
+    cert_path, _ = tls.certificate_paths(s)
+    first = cert_path.read_bytes()
+
+    out = io.StringIO()
+    assert tls.renew(s, stream=out) == 0
+    assert "renew-certs: 0 certificates renewed" in out.getvalue()
+    assert cert_path.read_bytes() == first
+
+    out = io.StringIO()
+    assert tls.renew(s, force=True, stream=out) == 0
+    assert "renew-certs: 1 certificate renewed" in out.getvalue()
+    assert "service nginx is not running; it loads the new certificate when it starts" \
+        in out.getvalue()
+    assert cert_path.read_bytes() != first
+
+    logs = sorted((s.paths.log_dir / "renewer").glob("*.log"))
+    assert len(logs) == 3  # the refused attempt included
+    assert "run appliance-ctl reconfigure first" in logs[0].read_text()
+    assert "1 certificate renewed" in logs[2].read_text()

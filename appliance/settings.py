@@ -254,7 +254,9 @@ class WebServerSettings:
 class AuthSettings:
     listen_addr: str = setting("127.0.0.1:5100", "Address the token service listens on.",
                                check_host_port)
-    workers: int = setting(2, "Token service worker processes.", check_positive)
+    workers: int = setting(2, "Token service worker processes (one per core).", check_positive)
+    threads: int = setting(4, "Threads per worker (keep-alive connections from nginx).",
+                           check_positive)
     token_lifetime: int = setting(300, "Seconds a registry token is valid.", check_positive)
     refresh_token_lifetime: int = setting(2592000, "Seconds a docker login refresh token "
                                           "is valid.", check_positive)

@@ -144,6 +144,7 @@ def auth_config(settings: Settings) -> dict:
         "audit_log": str(p.log_dir / "auth" / "audit.log"),
         "listen_addr": a.listen_addr,
         "workers": a.workers,
+        "threads": a.threads,
         "token_lifetime": a.token_lifetime,
         "refresh_token_lifetime": a.refresh_token_lifetime,
         "trusted_proxies": ["127.0.0.1", "::1"],

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from appliance import pki
-from appliance.errors import ResourceError
+from appliance.errors import ConfigError, ResourceError
 from appliance.resources import reload
 from appliance.secrets import Secrets
 from appliance.settings import load
@@ -238,3 +238,10 @@ def test_a_config_nginx_refuses_never_replaces_the_live_one(tmp_path):
         config.apply()
     assert settings.paths.nginx_config.read_bytes() == live
     assert [p.name for p in settings.paths.nginx_config.parent.iterdir()] == ["nginx.conf"]
+
+
+@pytest.mark.parametrize("protocols", ["TLSv1.2; include /etc/passwd", "SSLv3", ""])
+def test_ssl_protocols_cannot_carry_anything_but_protocol_names(tmp_path, protocols):
+    settings = settings_for(tmp_path, registry_nginx={"ssl_protocols": protocols})
+    with pytest.raises(ConfigError, match="registry_nginx.ssl_protocols"):
+        nginx_config(settings)

@@ -249,3 +249,12 @@ def test_a_socket_path_too_long_for_unix_sockets_is_a_clear_error(tmp_path):
     socket = tmp_path / ("x" * 120) / "supervisor.sock"
     with pytest.raises(ServiceError, match="longer than 107 bytes"):
         Supervisor(tmp_path / "supervisord.conf", socket).is_running()
+
+
+def test_tail_of_every_service_labels_each_log(supervisor):
+    supervisor.ensure_running()
+    wait_for(lambda: all("started" in "".join(supervisor.tail(n)) for n in ("alpha", "beta")),
+             what="both programs to log")
+    text = "".join(supervisor.tail())
+    assert text.startswith("==> alpha <==\nstarted\n")
+    assert "==> beta <==\nstarted\n" in text

@@ -258,3 +258,55 @@ def test_tail_of_every_service_labels_each_log(supervisor):
     text = "".join(supervisor.tail())
     assert text.startswith("==> alpha <==\nstarted\n")
     assert "==> beta <==\nstarted\n" in text
+
+
+def test_the_whole_appliance_runs_as_an_ordinary_user(tmp_path):
+    """On a temporary root an ordinary user runs every service as itself: no accounts,
+    no `user` lines, nothing owned by anyone else. As root, the test becomes nobody."""
+    import pwd
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.support.appliance import ApplianceUnderTest
+    from tests.support.oci import build_image
+
+    as_user: list[str] = []
+    uid = os.geteuid()
+    if uid == 0:
+        nobody = pwd.getpwnam("nobody")
+        uid = nobody.pw_uid
+        as_user = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
+                   "--clear-groups"]
+    appliance = ApplianceUnderTest.create(prefix="appliance-user-")
+    ctl = [*as_user, str(Path(sys.prefix) / "bin/appliance-ctl"), "-c",
+           str(appliance.config_file)]
+    environment = {"PATH": "/usr/bin:/bin", "HOME": str(appliance.root)}
+    try:
+        if as_user:
+            shutil.chown(appliance.root, uid)
+            for path in appliance.root.rglob("*"):
+                shutil.chown(path, uid)
+        result = subprocess.run([*ctl, "reconfigure"], capture_output=True, text=True,
+                                env=environment, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        pids = wait_for(lambda: appliance.pids() if len(appliance.pids()) >= 3 else None,
+                        what="the services")
+        for name in ("nginx", "registry", "auth"):
+            assert os.stat(f"/proc/{pids[name]}").st_uid == uid, name
+            workers = subprocess.run(["pgrep", "-P", str(pids[name])], capture_output=True,
+                                     text=True).stdout.split()
+            assert all(os.stat(f"/proc/{w}").st_uid == uid for w in workers), name
+        foreign = [p for p in appliance.root.rglob("*") if p.lstat().st_uid != uid]
+        assert foreign == []
+        program = (appliance.root / "var/opt/appliance/supervisor/conf.d/registry.conf")
+        assert "user =" not in program.read_text()
+
+        client = appliance.skopeo(tmp_path / "client")
+        image = build_image(tmp_path / "image", tag="mine")
+        client.push(image, "root/mine", "mine")
+        assert client.pull("root/mine", "mine", tmp_path / "pulled").manifest_digest == \
+            image.manifest_digest
+    finally:
+        subprocess.run([*ctl, "shutdown"], capture_output=True, env=environment, timeout=60)
+        appliance.destroy()

@@ -104,7 +104,9 @@ def run(settings: Settings, dry_run: bool = False, stream: TextIO = sys.stdout) 
                 paths.secrets_file, settings.registry.internal_key,
                 settings.registry.token_key_type, settings.registry.issuer)
             engine = Engine(out, dry_run=dry_run)
-            report = engine.converge(recipes.resources(settings, secrets))
+            # Every resource is built (every template rendered) before the first one is
+            # applied: a recipe that refuses a value stops the run with the host untouched.
+            report = engine.converge(list(recipes.resources(settings, secrets)))
             notify(settings, report.notifications, dry_run, out,
                    program_files_changed=programs_changed(report, paths))
             if not report.failed:

@@ -137,6 +137,14 @@ def check_key_type(value: str) -> str | None:
     return None if value in KEY_TYPES else "one of " + ", ".join(KEY_TYPES)
 
 
+def check_ssl_protocols(value: str) -> str | None:
+    words = value.split()
+    allowed = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+    if not words or any(word not in allowed for word in words):
+        return "a space-separated list of " + ", ".join(allowed)
+    return None
+
+
 def check_email(value: str) -> str | None:
     return None if re.match(r"^[^@\s;{}'\"]+@[A-Za-z0-9.-]+$", value) else "an email address"
 
@@ -230,7 +238,8 @@ class RegistryNginxSettings:
     ssl_certificate_key: str | None = setting(None, "Key of ssl_certificate. Default: "
                                               "<root>/etc/appliance/ssl/<registry host>.key.",
                                               check_safe_path)
-    ssl_protocols: str = setting("TLSv1.2 TLSv1.3", "nginx ssl_protocols.")
+    ssl_protocols: str = setting("TLSv1.2 TLSv1.3", "nginx ssl_protocols.",
+                                 check_ssl_protocols)
     proxy_timeout: int = setting(900, "Seconds nginx waits on a slow push or pull.",
                                  check_positive)
 

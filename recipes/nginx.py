@@ -13,7 +13,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from appliance.errors import ConfigError, ResourceError
+from appliance.errors import ResourceError
 from appliance.resources import Directory, Resource, Template, reload
 from appliance.secrets import Secrets
 from appliance.settings import Settings
@@ -25,19 +25,6 @@ NGINX_BINARY = "/usr/sbin/nginx"  # Debian's nginx-light
 # Read and write size for proxied bodies in both directions. nginx's page-sized default
 # (4-8 KiB) costs a syscall and a TLS record per few kilobytes; bench/push measured this.
 BUFFER_SIZE = "64k"
-
-
-TLS_PROTOCOLS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
-
-
-def ssl_protocols(value: str) -> str:
-    """The protocols word by word: a free string must not smuggle a directive into the
-    server block (`TLSv1.2; include ...` would pass nginx -t)."""
-    words = value.split()
-    if not words or any(word not in TLS_PROTOCOLS for word in words):
-        raise ConfigError(f"registry_nginx.ssl_protocols: {value!r} is not a list of "
-                          f"{', '.join(TLS_PROTOCOLS)} separated by spaces.")
-    return " ".join(words)
 
 
 def prefix(settings: Settings) -> Path:
@@ -79,7 +66,7 @@ def config_context(settings: Settings) -> dict:
         "pid_file": str(prefix(settings) / "nginx.pid"),
         "temp_dir": str(temp_dir(settings)),
         "acme_webroot": str(p.acme_webroot),
-        "ssl_protocols": ssl_protocols(rn.ssl_protocols),
+        "ssl_protocols": rn.ssl_protocols,  # checked word by word in settings
         "buffer_size": BUFFER_SIZE,
         "registry": registry,
         "http_listen": [listen_address(a, n.http_port) for a in n.listen_addresses],

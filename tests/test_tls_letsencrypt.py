@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import socket
 import ssl
-import subprocess
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,27 +26,10 @@ from cryptography.hazmat.primitives import hashes
 from appliance import pki
 from tests.support.appliance import ApplianceUnderTest, free_port
 from tests.support.oci import build_image
-from tests.support.pebble import PebbleServer
-from tests.support.skopeo import Skopeo, SkopeoError
+from tests.support.pebble import NamedSkopeo, PebbleServer
+from tests.support.skopeo import SkopeoError
 
 CONTACT = ["admin@appliance.test"]
-
-
-@dataclass
-class NamedSkopeo(Skopeo):
-    """skopeo resolving the test's names to 127.0.0.1 through a private /etc/hosts."""
-
-    hosts_file: Path | None = None
-
-    def run(self, *args: str) -> subprocess.CompletedProcess:
-        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                'mount --bind "$0" /etc/hosts && exec "$@"', str(self.hosts_file),
-                "skopeo", "--insecure-policy", *args]
-        result = subprocess.run(argv, env=self.environment(), capture_output=True, text=True,
-                                timeout=self.timeout)
-        if result.returncode != 0:
-            raise SkopeoError(list(args), result)
-        return result
 
 
 def client(appliance: ApplianceUnderTest, pebble: PebbleServer, home: Path) -> NamedSkopeo:

@@ -28,10 +28,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from appliance import pki
+from tests.support.skopeo import Skopeo, SkopeoError
 
 PEBBLE = "/usr/bin/pebble"
 CHALLTESTSRV = "/usr/bin/pebble-challtestsrv"
@@ -258,3 +260,28 @@ class WebrootServer(contextlib.AbstractContextManager["WebrootServer"]):
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
+
+
+@dataclass
+class NamedSkopeo(Skopeo):
+    """skopeo resolving test names (`appliance.test`) through `hosts_file`.
+
+    challtestsrv makes every name 127.0.0.1 for pebble; clients need the same without
+    an /etc/hosts entry for the whole machine. skopeo runs in a private mount namespace
+    (`unshare --mount`) where `hosts_file` is bind-mounted over /etc/hosts, so only that
+    process sees the names, and the names stay the ones on the certificate.
+    """
+
+    hosts_file: Path | None = None
+
+    def run(self, *args: str) -> subprocess.CompletedProcess:
+        # Unprivileged, a user namespace grants the mount (not needed as root).
+        userns = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+        argv = ["unshare", *userns, "--mount", "--propagation", "private", "sh", "-c",
+                'mount --bind "$0" /etc/hosts && exec "$@"', str(self.hosts_file),
+                "skopeo", "--insecure-policy", *args]
+        result = subprocess.run(argv, env=self.environment(), capture_output=True, text=True,
+                                timeout=self.timeout)
+        if result.returncode != 0:
+            raise SkopeoError(list(args), result)
+        return result

@@ -14,6 +14,11 @@ host, on its own domain it is that domain alone). Its files are
 - self-signed: generated once, reused, regenerated only within the renewal window
   before it expires (the renewer checks it too).
 
+A CA-signed certificate at the default path that the appliance did not write (it
+records the SHA-256 of what it writes under <root>/var/opt/appliance/tls/) is the
+admin's, placed as in the guide's own-domain example: it is handled as in the files
+mode, whatever settings.tls_mode says (`effective_mode`), so it is never overwritten.
+
 Whatever the mode, a certificate that changes notifies `reload nginx`, never a restart:
 a reload lets in-flight pushes finish on the old workers, and the bug where a
 certificate changed and its reader kept serving the old one cannot happen.

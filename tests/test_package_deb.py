@@ -184,6 +184,14 @@ class Host:
                                 username="root", password=self.password, cert_dir=cert_dir,
                                 enter=tuple(self.system.enter(chroot=False)))
 
+    def pids(self) -> dict[str, int]:
+        """Service name -> pid, from `appliance-ctl status`."""
+        out = {}
+        for line in self.ctl("status", check=False).stdout.splitlines():
+            if line.startswith("run: ") and "(pid " in line:
+                out[line.split(":")[1].strip()] = int(line.split("(pid ")[1].split(")")[0])
+        return out
+
     def wait_until_running(self, timeout: float = 30) -> str:
         deadline = time.monotonic() + timeout
         while True:
@@ -359,6 +367,20 @@ def test_reconfigure_then_push_over_loopback(host: Host, tmp_path: Path):
     host.timings["install_to_first_push"] = time.monotonic() - host.timings["install_started"]
     host.pushed_digest = client.digest("root/hello", "v1")
     assert host.pushed_digest == image.manifest_digest
+
+
+def test_upgraded_system_nginx_restarts_only_our_nginx(host: Host, tmp_path: Path):
+    """apt upgrading nginx activates the deb's file trigger on /usr/sbin/nginx."""
+    assert host.pushed_digest, "needs the running services of the step before"
+    before = host.pids()
+    host.system.run("dpkg-trigger", "--by-package=nginx", "--no-await", "/usr/sbin/nginx")
+    result = host.system.run("dpkg", "--triggers-only", "--pending")
+    assert "appliance: /usr/sbin/nginx was upgraded; restarting nginx" in result.stdout
+    host.wait_until_running()
+    after = host.pids()
+    assert after["nginx"] != before["nginx"]
+    assert after["registry"] == before["registry"] and after["auth"] == before["auth"]
+    assert host.skopeo(tmp_path / "client").digest("root/hello", "v1") == host.pushed_digest
 
 
 def test_upgrade_keeps_the_admins_config(host: Host):

@@ -127,6 +127,36 @@ reconfigure_after_upgrade() {
     fi
 }
 
+restart_on_new_binary() {
+    # dpkg file triggers name the upgraded binaries; a reload would keep the old one.
+    supervisord_pid >/dev/null || return 0
+    for trigger in $1; do
+        case "$trigger" in
+            /usr/sbin/nginx) service=nginx ;;
+            /usr/bin/docker-registry) service=registry ;;
+            *) continue ;;
+        esac
+        echo "appliance: $trigger was upgraded; restarting $service"
+        "$EMBEDDED/bin/appliance-ctl" restart "$service" \
+            || echo "appliance: restarting $service failed; run: sudo appliance-ctl restart $service" >&2
+    done
+}
+
+stop_system_services() {
+    # Debian enables and starts the nginx and docker-registry services of the packages
+    # this one depends on. They would hold ports 80 and 5000, which the appliance's
+    # own nginx and registry use, and Debian's registry serves without authentication.
+    # On a fresh install (only), stop and disable them; the binaries stay in use.
+    systemd_running || return 0
+    for unit in nginx.service docker-registry.service; do
+        if systemctl --quiet is-enabled "$unit" 2>/dev/null \
+                || systemctl --quiet is-active "$unit" 2>/dev/null; then
+            systemctl --quiet disable --now "$unit" 2>/dev/null \
+                || echo "appliance: could not stop and disable $unit" >&2
+        fi
+    done
+}
+
 next_step_hint() {
     echo "appliance: Edit /etc/appliance/appliance.yml, then run: sudo appliance-ctl reconfigure"
 }

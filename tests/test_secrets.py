@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,29 @@ def test_an_unreadable_internal_key_names_the_setting(tmp_path: Path) -> None:
                                           r"PEM private key \(RSA or EC\)\.$"):
         load_or_generate(tmp_path / "s.json",
                          internal_key="-----BEGIN PRIVATE KEY-----\nxx\n-----END PRIVATE KEY-----")
+
+
+def test_a_certificate_swapped_for_another_keys_is_made_again(tmp_path: Path) -> None:
+    # The stored digest says the pair agreed; an edit of either side must not be trusted.
+    path = tmp_path / "appliance-secrets.json"
+    first = load_or_generate(path)
+    stored = json.loads(first.to_json())
+    other = pki.generate_private_key("ec-p256")
+    stored["token_signing_certificate"] = pki.signing_certificate(other, "x").decode()
+    path.write_text(json.dumps(stored))
+    again = load_or_generate(path)
+    assert again.token_signing_key == first.token_signing_key
+    assert pki.public_key_matches(again.token_signing_certificate.encode(),
+                                  first.token_signing_key.encode())
+
+
+def test_a_no_op_load_does_not_need_cryptography(tmp_path: Path) -> None:
+    path = tmp_path / "appliance-secrets.json"
+    save(path, load_or_generate(path))
+    code = ("import sys; from pathlib import Path; from appliance.secrets import load_or_generate; "
+            f"s = load_or_generate(Path({str(path)!r})); "
+            f"assert s.to_json() == Path({str(path)!r}).read_text(); "
+            "print(sorted(m for m in sys.modules if m.startswith('cryptography'))[:3])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

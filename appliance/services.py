@@ -154,15 +154,21 @@ class Supervisor:
 
     def shutdown(self, timeout: float = 30) -> None:
         """Stop every service, then supervisord; nothing to do if it is not running."""
+        pid = None
         try:
-            pid = self._call("getPID")
+            pid = int(self._call("getPID"))  # type: ignore[arg-type]
             self._call("shutdown")
         except SupervisorNotRunningError:
             return
+        except xmlrpc.client.Fault as fault:
+            if fault.faultCode != Faults.SHUTDOWN_STATE:  # already on its way out: wait
+                raise ServiceError(
+                    f"supervisord refused to shut down: {fault.faultString}."
+                ) from fault
         deadline = time.monotonic() + timeout
-        while _process_exists(int(pid)):  # type: ignore[arg-type]
+        while _process_exists(pid) if pid else self.is_running():
             if time.monotonic() > deadline:
-                raise ServiceError(f"supervisord (pid {pid}) did not exit within {timeout:g}s.")
+                raise ServiceError(f"supervisord did not exit within {timeout:g}s.")
             time.sleep(0.05)
 
     def update(self) -> dict[str, list[str]]:

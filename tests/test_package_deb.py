@@ -168,6 +168,7 @@ class Host:
     password: str = "package-test-password"
     pushed_digest: str | None = None
     upgrade_output: str = ""
+    pids_before_upgrade: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
     def apt(self, *args: str) -> subprocess.CompletedProcess:
@@ -385,6 +386,7 @@ def test_upgraded_system_nginx_restarts_only_our_nginx(host: Host, tmp_path: Pat
 
 def test_upgrade_keeps_the_admins_config(host: Host):
     assert host.admin_config, "needs the admin's edit of the step before"
+    host.pids_before_upgrade = host.pids()
     result = host.apt("-o", "Dpkg::Options::=--force-confold",
                       "install", f"{PACKAGES_IN_ROOT}/appliance_{host.v2}_amd64.deb")
     host.upgrade_output = result.stdout
@@ -400,6 +402,12 @@ def test_upgrade_reconfigures_a_configured_host_and_keeps_its_images(host: Host,
     assert "appliance: upgraded a configured host; running appliance-ctl reconfigure" in \
         host.upgrade_output
     host.wait_until_running()
+    # The token service runs the package's own code: restarted onto the new version.
+    # nginx and the registry run the system's binaries: left alone.
+    after = host.pids()
+    assert after["auth"] != host.pids_before_upgrade["auth"]
+    assert after["nginx"] == host.pids_before_upgrade["nginx"]
+    assert after["registry"] == host.pids_before_upgrade["registry"]
     client = host.skopeo(tmp_path / "client")
     assert client.digest("root/hello", "v1") == host.pushed_digest
 

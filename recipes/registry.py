@@ -8,6 +8,7 @@ program file goes away and the registry stops; the images stay on disk.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from appliance.resources import Change, Directory, File, Resource, Template, restart
@@ -15,6 +16,9 @@ from appliance.secrets import Secrets
 from appliance.settings import SENSITIVE_KEYS, STORAGE_EXTRAS, Settings
 from recipes import supervisor
 from recipes.base import service_user
+
+MASK = "********"
+MASK_ANYWHERE_LENGTH = 8
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"  # Debian's docker-registry (distribution 2.8)
 
@@ -72,9 +76,21 @@ class RedactedTemplate(Template):
         return [Change(change.summary, self._redact(change.diff)) for change in changes]
 
     def _redact(self, text: str) -> str:
-        for value in self.secret_values:
-            text = text.replace(value, "********")
-        return text
+        """Mask each secret where it is a whole YAML value (`key: s`, `- s`, quoted or
+        not), and anywhere when it is long enough not to collide with ordinary text:
+        a header value "1" must not turn every 1 of the diff into stars."""
+        lines = []
+        for line in text.splitlines(keepends=True):
+            for value in self.secret_values:
+                if value not in line:
+                    continue
+                if len(value) >= MASK_ANYWHERE_LENGTH:
+                    line = line.replace(value, MASK)
+                else:
+                    whole = re.compile(r"(:\s+|-\s+)([\"']?)" + re.escape(value) + r"\2(\s*)$")
+                    line = whole.sub(lambda m: f"{m.group(1)}{MASK}{m.group(3)}", line)
+            lines.append(line)
+        return "".join(lines)
 
 
 def secret_values(settings: Settings, secrets: Secrets) -> list[str]:

@@ -230,3 +230,13 @@ def test_disabled_registry_only_removes_its_program(tmp_path):
     settings = settings_for(tmp_path, registry={"enable": False})
     resources = registry.resources(settings, SECRETS)
     assert resources == [Absent(supervisor.programs_dir(settings) / "registry.conf")]
+
+
+def test_short_secret_is_masked_as_a_value_only(tmp_path):
+    notifications = [{"name": "n", "url": "http://127.0.0.1:1/", "headers": {"X-Key": ["1"]}}]
+    settings = settings_for(tmp_path, registry={"notifications": notifications,
+                                                "http_addr": "127.0.0.1:5111"})
+    config = by_path(registry.resources(settings, SECRETS), settings.paths.registry_config)
+    [change] = config.plan(PathState(exists=True, content=b"old\n", mode=0o640))
+    assert "+        - ********\n" in change.diff
+    assert '127.0.0.1:5111' in change.diff  # its 1s are not secrets

@@ -678,6 +678,18 @@ def _cross_checks(s: Settings, rejected: set[str] | None = None) -> list[str]:
         if value in seen:
             problems.append(f"{name}: {value} is also {seen[value]}; pick another port")
         seen[value] = name
+    # nginx binds its ports on every listen address; an internal service on one of them
+    # (registry.http_addr 127.0.0.1:5050 beside the default vhost on *:5050) fails to start.
+    for name, value in addrs.items():
+        host, _, port = value.rpartition(":")
+        if not port.isdigit() or int(port) not in ports:
+            continue
+        host = host.strip("[]")
+        if host in ("0.0.0.0", "::") or any(
+                a in ("*", "[::]") or a.strip("[]") == host
+                for a in s.nginx.listen_addresses if isinstance(a, str)):
+            problems.append(f"{name}: {value} is also {ports[int(port)]}, where nginx "
+                            f"listens; pick another port")
     return problems
 
 

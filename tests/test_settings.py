@@ -209,6 +209,19 @@ BAD_CONFIGS = {
     "plain-HTTP port on the registry URL's port": (
         {"registry_external_url": "https://registry.example.com", "nginx": {"http_port": 443}},
         ["registry_nginx.listen_port: 443 is also nginx.http_port; pick another port"]),
+    "registry on the vhost's port": (
+        {"registry": {"http_addr": "127.0.0.1:5050"}},
+        ["registry.http_addr: 127.0.0.1:5050 is also registry_nginx.listen_port, where nginx "
+         "listens; pick another port"]),
+    "auth on the plain-HTTP port of nginx's address": (
+        {"auth": {"listen_addr": "127.0.0.1:8080"},
+         "nginx": {"http_port": 8080, "listen_addresses": ["127.0.0.1"]}},
+        ["auth.listen_addr: 127.0.0.1:8080 is also nginx.http_port, where nginx listens; "
+         "pick another port"]),
+    "debug on all addresses, nginx on one": (
+        {"registry": {"debug_addr": "0.0.0.0:5050"}, "nginx": {"listen_addresses": ["192.0.2.7"]}},
+        ["registry.debug_addr: 0.0.0.0:5050 is also registry_nginx.listen_port, where nginx "
+         "listens; pick another port"]),
     "auth on the registry's address": (
         {"auth": {"listen_addr": "127.0.0.1:5000"}},
         ["auth.listen_addr: 127.0.0.1:5000 is also registry.http_addr; pick another port"]),
@@ -431,6 +444,9 @@ DERIVATIONS = {
         {"registry_external_url": "https://registry.appliance.test",
          "letsencrypt": {"enable": True}},
         {"letsencrypt.enable": True, "tls_mode": "letsencrypt"}),
+    "same port as the vhost on another address is fine": (
+        {"registry": {"http_addr": "127.0.0.1:5050"}, "nginx": {"listen_addresses": ["192.0.2.7"]}},
+        {"registry.http_addr": "127.0.0.1:5050", "registry_nginx.listen_port": 5050}),
     "registry off turns its vhost off": (
         {"registry": {"enable": False}},
         {"registry_nginx.enable": False}),

@@ -80,11 +80,17 @@ class IsolatedRoot:
             echo ready
             exec /usr/bin/python3 -c '{REAPER}'
         """
+        # unshare complains on stderr when its pid 1 is killed at the end: keep its
+        # stderr for a failed set-up only.
+        self.errors = tempfile.TemporaryFile(mode="w+")
         self.holder = subprocess.Popen(
             ["unshare", "--mount", "--pid", "--net", "--fork", "--", "sh", "-c", setup],
-            stdout=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=self.errors, text=True)
         assert self.holder.stdout is not None
-        assert self.holder.stdout.readline().strip() == "ready", "namespace set-up failed"
+        if self.holder.stdout.readline().strip() != "ready":
+            self.holder.wait(timeout=30)
+            self.errors.seek(0)
+            raise AssertionError(f"namespace set-up failed: {self.errors.read()}")
         children = Path(f"/proc/{self.holder.pid}/task/{self.holder.pid}/children")
         self.pid = int(children.read_text().split()[0])
 
@@ -97,6 +103,7 @@ class IsolatedRoot:
             pass
         self.holder.wait(timeout=30)
         self.holder = None
+        self.errors.close()
 
     def enter(self, chroot: bool = True) -> list[str]:
         prefix = ["nsenter", "-t", str(self.pid), "-m", "-p", "-n", "--"]

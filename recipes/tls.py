@@ -375,9 +375,9 @@ def certificate_resources(settings: Settings) -> list[Resource]:
     record = written_record(settings)
     mode = effective_mode(settings)
     if mode == "files":
-        # The files are the admin's; what we own is the record of what nginx last loaded,
-        # so a changed certificate (renewed by some other tool) reloads nginx.
-        out.append(File(fingerprint_path(settings), _fingerprint(cert, key), 0o644,
+        # The files are the admin's; what we own is the record of what nginx last loaded
+        # (0600: it hashes the key too), so a changed certificate reloads nginx.
+        out.append(File(fingerprint_path(settings), _fingerprint(cert, key), 0o600,
                         notifies=notify))
     elif mode == "letsencrypt":
         out.append(PlaceholderCertificate(cert, key, [settings.registry_host],

@@ -1,14 +1,23 @@
 """Registry settings of the reference guide, observed on a running appliance.
 
-test_recipe_registry.py shows what each setting renders; here the real registry shows
-what it does with it: the debug server answers, a notification reaches a listener, an
-environment variable changes the registry's answers, the s3 driver puts blobs in a
-real S3-compatible server (moto), a new internal port restarts the registry and reloads
-nginx, and a disabled registry stops while its images stay.
+test_recipe_registry.py and test_recipe_nginx.py show what each setting renders; here
+real processes show what it does: the debug server answers, a notification reaches a
+listener, an environment variable changes the registry's answers, schema1 manifests
+are accepted only when enabled, deletes only when enabled, the filesystem and s3
+drivers put blobs where they are told (s3: a real moto server on loopback), a new
+internal port restarts the registry and reloads nginx, a disabled registry stops while
+its images stay, the certificate follows the registry's host name, a replaced
+certificate file is served after a reload, and every service logs, capped and rotated.
+
+One appliance serves the whole module (starting one is the slow part); each test that
+changes a setting puts it back (`reconfigured`), so the tests stay independent.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import http.client
 import json
 import socket
 import ssl
@@ -16,32 +25,42 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from base64 import b64encode
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
+from appliance import pki
 from tests.support.appliance import ApplianceUnderTest, free_port
-from tests.support.oci import build_image
+from tests.support.oci import CONFIG_TYPE, OciImage, build_image
+from tests.support.pebble import NamedSkopeo
+from tests.support.skopeo import Skopeo, SkopeoError
 
 BIN = Path(sys.prefix) / "bin"
+EVENTS_TYPE = "application/vnd.docker.distribution.events.v1+json"
+
+
+# ---------------------------------------------------------------- helpers
 
 
 class NotificationListener:
     """A webhook endpoint on loopback recording every envelope the registry posts."""
 
     def __init__(self) -> None:
-        self.events: list[dict] = []
-        self.headers: list[dict] = []
+        self.posts: list[tuple[dict, list[dict]]] = []  # (headers, events) per POST
         listener = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                listener.events.extend(json.loads(body)["events"])
-                listener.headers.append(dict(self.headers))
+                listener.posts.append((dict(self.headers), json.loads(body)["events"]))
                 self.send_response(200)
                 self.end_headers()
 
@@ -52,16 +71,19 @@ class NotificationListener:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/events"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def wait_for(self, action: str, repository: str, timeout: float = 15) -> dict:
+    def wait_for(self, action: str, repository: str, timeout: float = 15) -> tuple[dict, dict]:
+        """(headers of the POST, the event) of the manifest `action` on `repository`."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for event in self.events:
-                target = event.get("target", {})
-                if event.get("action") == action and target.get("repository") == repository \
-                        and target.get("mediaType", "").endswith("manifest.v1+json"):
-                    return event
+            for headers, events in list(self.posts):
+                for event in events:
+                    target = event.get("target", {})
+                    if event.get("action") == action and \
+                            target.get("repository") == repository and \
+                            target.get("mediaType", "").endswith("manifest.v1+json"):
+                        return headers, event
             time.sleep(0.1)
-        raise AssertionError(f"no {action} event for {repository}; got {self.events}")
+        raise AssertionError(f"no {action} event for {repository}; got {self.posts}")
 
     def close(self) -> None:
         self.server.shutdown()
@@ -79,6 +101,113 @@ def is_listening(address: str) -> bool:
         return sock.connect_ex((host, int(port))) == 0
 
 
+def tls_context(appliance: ApplianceUnderTest) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(appliance.certificate))
+
+
+def registry_port(appliance: ApplianceUnderTest) -> int:
+    return int(appliance.registry_address.rsplit(":", 1)[1])
+
+
+def token(appliance: ApplianceUnderTest, scope: str) -> str:
+    credentials = b64encode(f"root:{appliance.password}".encode()).decode()
+    url = (f"https://{appliance.registry_address}/jwt/auth?service=container_registry"
+           f"&scope={scope}")
+    with get(url, tls_context(appliance), {"Authorization": f"Basic {credentials}"}) as reply:
+        return json.load(reply)["token"]
+
+
+def served_certificate(port: int, server_name: str, cafile: Path | None = None) -> bytes:
+    """The DER leaf nginx presents on 127.0.0.1:port for `server_name` (SNI).
+
+    With `cafile` the handshake also verifies it, host name included, as a client would.
+    """
+    if cafile:
+        context = ssl.create_default_context(cafile=str(cafile))
+    else:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname=server_name) as tls:
+            return tls.getpeercert(binary_form=True)
+
+
+def https_connection(port: int, server_name: str, cafile: Path) -> http.client.HTTPSConnection:
+    """HTTPS to 127.0.0.1:port as `server_name` (SNI, verification, Host header), for
+    names no resolver of this host knows."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    connection = http.client.HTTPSConnection(server_name, port, context=context, timeout=5)
+    connection.sock = context.wrap_socket(
+        socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname=server_name)
+    return connection
+
+
+def leaf_der(path: Path) -> bytes:
+    return x509.load_pem_x509_certificates(path.read_bytes())[0].public_bytes(Encoding.DER)
+
+
+def blob_path(storage: Path, digest: str) -> Path:
+    """Where the filesystem driver keeps a blob under its root directory."""
+    hex_digest = digest.split(":", 1)[1]
+    return storage / f"docker/registry/v2/blobs/sha256/{hex_digest[:2]}/{hex_digest}/data"
+
+
+def with_history(image: OciImage) -> OciImage:
+    """The image with one history entry per layer in its config.
+
+    Converting to schema1 (skopeo --format v2s1) needs it: schema1 carries one
+    v1Compatibility entry per layer, built from the history.
+    """
+    blobs = image.layout / "blobs/sha256"
+    index = json.loads((image.layout / "index.json").read_text())
+    config = json.loads((blobs / image.config_digest.split(":")[1]).read_bytes())
+    config["history"] = [{"created": "2026-01-01T00:00:00Z", "created_by": "test layer"}]
+    config_bytes = json.dumps(config).encode()
+    config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
+    (blobs / config_digest.split(":")[1]).write_bytes(config_bytes)
+    manifest = json.loads((blobs / image.manifest_digest.split(":")[1]).read_bytes())
+    manifest["config"] = {"mediaType": CONFIG_TYPE, "digest": config_digest,
+                          "size": len(config_bytes)}
+    manifest_bytes = json.dumps(manifest).encode()
+    manifest_digest = "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
+    (blobs / manifest_digest.split(":")[1]).write_bytes(manifest_bytes)
+    for entry in index["manifests"]:
+        if entry["digest"] == image.manifest_digest:
+            entry.update(digest=manifest_digest, size=len(manifest_bytes))
+    (image.layout / "index.json").write_text(json.dumps(index))
+    return OciImage(layout=image.layout, tag=image.tag, manifest_digest=manifest_digest,
+                    config_digest=config_digest, layer_digests=image.layer_digests,
+                    size=image.size)
+
+
+def push_schema1(client: Skopeo, image: OciImage, repository: str) -> None:
+    """Push `image` converted to a signed schema1 manifest, as Docker 1.9 and older did."""
+    client.run("copy", "--quiet", "--format", "v2s1", f"--dest-cert-dir={client.cert_dir}",
+               f"--dest-creds={client.username}:{client.password}", image.reference,
+               client.url(repository, image.tag))
+
+
+@contextmanager
+def reconfigured(appliance: ApplianceUnderTest, changes: dict
+                 ) -> Iterator[subprocess.CompletedProcess]:
+    """Reconfigure with `changes` for the body, then put the module's appliance back."""
+    saved = copy.deepcopy(appliance.config)
+    appliance.write_config(changes)
+    try:
+        result = appliance.reconfigure()
+        appliance.wait_until_running()
+        yield result
+    finally:
+        appliance.config = saved
+        appliance.write_config()
+        appliance.reconfigure()
+        appliance.wait_until_running()
+
+
+# ---------------------------------------------------------------- fixtures
+
+
 @pytest.fixture(scope="module")
 def listener():
     listener = NotificationListener()
@@ -88,14 +217,13 @@ def listener():
 
 @pytest.fixture(scope="module")
 def appliance(listener):
-    debug_addr = f"127.0.0.1:{free_port()}"
     appliance = ApplianceUnderTest.create({"registry": {
-        "debug_addr": debug_addr,
+        "debug_addr": f"127.0.0.1:{free_port()}",
         "env": {"REGISTRY_HTTP_RELATIVEURLS": True},
         "notifications": [{"name": "test-listener", "url": listener.url, "timeout": "2s",
                            "threshold": 3, "backoff": "1s",
                            "headers": {"X-Appliance-Test": ["hello"]}}],
-    }})
+    }}, prefix="appliance-settings-")
     try:
         appliance.reconfigure()
         appliance.wait_until_running()
@@ -104,16 +232,17 @@ def appliance(listener):
         appliance.destroy()
 
 
-def tls_context(appliance: ApplianceUnderTest) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(appliance.certificate))
+@pytest.fixture
+def client_home(tmp_path: Path) -> Path:
+    return tmp_path / "client"
 
 
-def token(appliance: ApplianceUnderTest, scope: str) -> str:
-    credentials = b64encode(f"root:{appliance.password}".encode()).decode()
-    url = (f"https://{appliance.registry_address}/jwt/auth?service=container_registry"
-           f"&scope={scope}")
-    with get(url, tls_context(appliance), {"Authorization": f"Basic {credentials}"}) as reply:
-        return json.load(reply)["token"]
+@pytest.fixture
+def client(appliance: ApplianceUnderTest, client_home: Path) -> Skopeo:
+    return appliance.skopeo(client_home)
+
+
+# ---------------------------------------------------------------- debug server, metrics
 
 
 def test_debug_server_answers_health_vars_and_metrics(appliance):
@@ -127,43 +256,103 @@ def test_debug_server_answers_health_vars_and_metrics(appliance):
         assert "# TYPE go_goroutines gauge" in reply.read().decode()
 
 
-def test_metrics_count_requests_to_the_registry(appliance, client_home):
+def test_metrics_count_requests_to_the_registry(appliance, client, tmp_path):
     debug = f"http://{appliance.config['registry']['debug_addr']}"
-    client = appliance.skopeo(client_home)
-    image = build_image(client_home / "image", tag="metrics")
+    image = build_image(tmp_path / "image", tag="metrics")
     client.push(image, "root/metrics", "metrics")
     with get(f"{debug}/metrics") as reply:
         metrics = reply.read().decode()
-    assert "registry_http_requests_total" in metrics
+    assert 'registry_http_requests_total{code="201",handler="manifest",method="put"}' in metrics
 
 
-def test_push_event_reaches_the_notification_listener(appliance, listener, client_home):
-    client = appliance.skopeo(client_home)
-    image = build_image(client_home / "image", tag="v1")
+# ---------------------------------------------------------------- notifications
+
+
+def test_push_event_reaches_the_notification_listener(appliance, listener, client, tmp_path):
+    image = build_image(tmp_path / "image", tag="v1")
     client.push(image, "root/notified", "v1")
-    event = listener.wait_for("push", "root/notified")
+    headers, event = listener.wait_for("push", "root/notified")
+    assert headers["Content-Type"] == EVENTS_TYPE
+    assert headers["X-Appliance-Test"] == "hello"
     assert event["target"]["digest"] == image.manifest_digest
     assert event["target"]["tag"] == "v1"
-    assert any(h.get("X-Appliance-Test") == "hello" for h in listener.headers)
+    assert event["request"]["host"] == appliance.registry_address  # nginx kept the port
 
 
-def test_registry_env_reaches_the_registry(appliance):
-    """REGISTRY_HTTP_RELATIVEURLS=true: upload Locations come back relative."""
-    bearer = token(appliance, "repository:root/relative:push,pull")
+# ---------------------------------------------------------------- registry.env
+
+
+def start_upload(appliance: ApplianceUnderTest, repository: str) -> str:
+    """Location of a new blob upload, asked through nginx with a token from /jwt/auth."""
+    bearer = token(appliance, f"repository:{repository}:push,pull")
     request = urllib.request.Request(
-        f"https://{appliance.registry_address}/v2/root/relative/blobs/uploads/", method="POST",
+        f"https://{appliance.registry_address}/v2/{repository}/blobs/uploads/", method="POST",
         headers={"Authorization": f"Bearer {bearer}", "Content-Length": "0"})
     with urllib.request.urlopen(request, context=tls_context(appliance), timeout=10) as reply:
         assert reply.status == 202
-        assert reply.headers["Location"].startswith("/v2/root/relative/blobs/uploads/")
+        return reply.headers["Location"]
 
 
-@pytest.fixture
-def client_home(tmp_path: Path) -> Path:
-    return tmp_path / "client"
+def test_registry_env_reaches_the_registry(appliance):
+    """REGISTRY_HTTP_RELATIVEURLS: the registry's upload Locations follow it both ways."""
+    assert start_upload(appliance, "root/relative").startswith(
+        "/v2/root/relative/blobs/uploads/")
+    with reconfigured(appliance, {"registry": {"env": {"REGISTRY_HTTP_RELATIVEURLS": False}}}):
+        assert start_upload(appliance, "root/relative").startswith(
+            f"https://{appliance.registry_address}/v2/root/relative/blobs/uploads/")
 
 
-# ---------------------------------------------------------------- s3
+# ---------------------------------------------------------------- schema1, delete
+
+
+def test_schema1_manifests_are_accepted_only_when_enabled(appliance, client, tmp_path):
+    image = with_history(build_image(tmp_path / "image", tag="old"))
+    with pytest.raises(SkopeoError):
+        push_schema1(client, image, "root/schema1")
+    config = appliance.root / "var/opt/appliance/registry/config.yml"
+    registry = appliance.pids()["registry"]
+    with reconfigured(appliance, {"registry": {"compatibility_schema1_enabled": True}}) as run:
+        assert "compatibility:\n  schema1:\n    enabled: true\n" in config.read_text()
+        assert "registry (restarted)" in run.stdout
+        assert appliance.pids()["registry"] != registry
+        push_schema1(client, image, "root/schema1")
+        manifest = client.inspect("root/schema1", "old")
+        assert manifest["schemaVersion"] == 1
+        assert [layer["blobSum"] for layer in manifest["fsLayers"]] == list(image.layer_digests)
+    assert "enabled: false" in config.read_text().split("schema1:")[1]
+
+
+def test_delete_is_refused_unless_enabled(appliance, client, tmp_path):
+    image = build_image(tmp_path / "image", tag="doomed")
+    client.push(image, "root/doomed", "doomed")
+    with reconfigured(appliance, {"registry": {"storage_delete_enabled": False}}):
+        with pytest.raises(SkopeoError) as refused:
+            client.delete("root/doomed", "doomed")
+        assert "405 Method Not Allowed" in refused.value.stderr
+        assert "UNSUPPORTED" in refused.value.stderr
+        assert client.digest("root/doomed", "doomed") == image.manifest_digest
+    client.delete("root/doomed", "doomed")  # the default: enabled
+    with pytest.raises(SkopeoError, match="manifest unknown"):
+        client.digest("root/doomed", "doomed")
+
+
+# ---------------------------------------------------------------- storage
+
+
+def test_moved_storage_path_receives_the_blobs(appliance, client, tmp_path):
+    default = appliance.root / "var/opt/appliance/registry/data"
+    moved = appliance.root / "srv/registry-images"
+    image = build_image(tmp_path / "image", tag="moved")
+    with reconfigured(appliance, {"registry": {"storage_path": str(moved)}}):
+        client.push(image, "root/moved-storage", "moved")
+        for digest in (*image.layer_digests, image.config_digest, image.manifest_digest):
+            assert blob_path(moved, digest).is_file()
+            assert not blob_path(default, digest).exists()
+        pulled = client.pull("root/moved-storage", "moved", tmp_path / "pulled")
+        assert pulled.manifest_digest == image.manifest_digest
+    # Back on the default directory, the image pushed to the other one is not there.
+    with pytest.raises(SkopeoError, match="manifest unknown|name unknown"):
+        client.digest("root/moved-storage", "moved")
 
 
 @pytest.fixture
@@ -171,107 +360,235 @@ def s3_server():
     port = free_port()
     process = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20
         while not is_listening(f"127.0.0.1:{port}"):
             assert process.poll() is None, "moto_server exited"
             assert time.monotonic() < deadline, "moto_server did not listen"
             time.sleep(0.1)
-        yield endpoint
+        yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()
         process.wait(10)
 
 
-def s3_client(endpoint: str):  # noqa: ANN201
+def s3_client(endpoint: str):  # noqa: ANN201 - boto3's client class is generated
     import boto3
 
     return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                         aws_access_key_id="testing", aws_secret_access_key="testing")
 
 
-def test_s3_storage_puts_the_pushed_blobs_in_the_bucket(s3_server, tmp_path):
+def test_s3_storage_puts_the_pushed_blobs_in_the_bucket(appliance, s3_server, client, tmp_path):
     s3_client(s3_server).create_bucket(Bucket="registry")
-    appliance = ApplianceUnderTest.create({"registry": {"storage": {
-        "s3": {"accesskey": "testing", "secretkey": "testing", "bucket": "registry",
-               "region": "us-east-1", "regionendpoint": s3_server, "secure": False,
-               "v4auth": True, "chunksize": 5 * 1024 * 1024, "rootdirectory": "/images"},
-        "redirect": {"disable": True},
-    }}})
-    try:
-        appliance.reconfigure()
-        appliance.wait_until_running()
-        client = appliance.skopeo(tmp_path / "client")
-        image = build_image(tmp_path / "image", tag="v1", random_bytes=6 * 1024 * 1024)
+    storage = {"s3": {"accesskey": "testing", "secretkey": "testing", "bucket": "registry",
+                      "region": "us-east-1", "regionendpoint": s3_server, "secure": False,
+                      "v4auth": True, "chunksize": 5 * 1024 * 1024, "rootdirectory": "/images"},
+               "redirect": {"disable": True}}
+    image = build_image(tmp_path / "image", tag="v1", random_bytes=6 * 1024 * 1024)
+    with reconfigured(appliance, {"registry": {"storage": storage}}):
         client.push(image, "root/on-s3", "v1")
-        keys = [o["Key"] for o in s3_client(s3_server).list_objects_v2(
-            Bucket="registry", Prefix="images/")["Contents"]]
+        keys = {o["Key"] for o in s3_client(s3_server).list_objects_v2(
+            Bucket="registry", Prefix="images/")["Contents"]}
         for digest in (*image.layer_digests, image.config_digest, image.manifest_digest):
             hex_digest = digest.split(":")[1]
-            blob = f"images/docker/registry/v2/blobs/sha256/{hex_digest[:2]}/{hex_digest}/data"
-            assert blob in keys
+            assert f"images/docker/registry/v2/blobs/sha256/{hex_digest[:2]}/{hex_digest}/data" \
+                in keys
+            assert not blob_path(appliance.root / "var/opt/appliance/registry/data",
+                                 digest).exists()
+        # redirect.disable: the layer comes back through the registry, not from the bucket.
         pulled = client.pull("root/on-s3", "v1", tmp_path / "pulled")
-        assert pulled.layer_digests == image.layer_digests
-        local = appliance.root / "var/opt/appliance/registry/data"
-        assert not local.exists() or not any(local.iterdir())
-    finally:
-        appliance.destroy()
+        assert (pulled.manifest_digest, pulled.config_digest, pulled.layer_digests) == \
+            (image.manifest_digest, image.config_digest, image.layer_digests)
 
 
-# ---------------------------------------------------------------- lifecycle
+# ---------------------------------------------------------------- internal port
 
 
-@pytest.fixture
-def plain_appliance():
-    appliance = ApplianceUnderTest.create()
-    try:
-        appliance.reconfigure()
-        appliance.wait_until_running()
-        yield appliance
-    finally:
-        appliance.destroy()
-
-
-def test_new_internal_port_restarts_the_registry_and_reloads_nginx(plain_appliance, tmp_path):
-    appliance = plain_appliance
+def test_new_internal_port_restarts_the_registry_and_reloads_nginx(appliance, client, tmp_path):
     before = appliance.wait_until_running()
     old_addr = appliance.config["registry"]["http_addr"]
     new_addr = f"127.0.0.1:{free_port()}"
-    appliance.write_config({"registry": {"http_addr": new_addr}})
-    result = appliance.reconfigure()
-    assert "registry (restarted)" in result.stdout
-    assert "nginx (reloaded)" in result.stdout
-    after = appliance.wait_until_running()
-    assert after["registry"] != before["registry"]
-    assert after["nginx"] == before["nginx"]  # reloaded in place: connections survive
-    assert is_listening(new_addr) and not is_listening(old_addr)
-    client = appliance.skopeo(tmp_path / "client")
-    image = build_image(tmp_path / "image", tag="moved")
-    client.push(image, "root/moved", "moved")
-    assert client.list_tags("root/moved") == ["moved"]
+    nginx_config = appliance.root / "var/opt/appliance/nginx/conf/nginx.conf"
+    with reconfigured(appliance, {"registry": {"http_addr": new_addr}}) as run:
+        assert "registry (changed and started)" in run.stdout \
+            or "registry (restarted)" in run.stdout, run.stdout
+        assert "+ service nginx (reloaded)" in run.stdout
+        after = appliance.pids()
+        assert after["registry"] != before["registry"]
+        assert after["nginx"] == before["nginx"]  # reloaded in place: connections survive
+        assert f"server {new_addr};" in nginx_config.read_text()
+        assert is_listening(new_addr) and not is_listening(old_addr)
+        image = build_image(tmp_path / "image", tag="moved")
+        client.push(image, "root/moved", "moved")
+        assert client.list_tags("root/moved") == ["moved"]
 
 
-def test_disabled_registry_stops_and_keeps_its_images(plain_appliance, tmp_path):
-    appliance = plain_appliance
-    client = appliance.skopeo(tmp_path / "client")
+# ---------------------------------------------------------------- enable
+
+
+def test_disabled_registry_stops_and_keeps_its_images(appliance, client, tmp_path):
     image = build_image(tmp_path / "image", tag="kept")
     client.push(image, "root/kept", "kept")
     before = appliance.wait_until_running()
-
-    appliance.write_config({"registry": {"enable": False}})
-    appliance.reconfigure()
-    status = appliance.ctl("status", check=False).stdout
-    assert "registry" not in status and "auth" not in status, status
-    assert "run: nginx" in status  # still answers ACME challenges on the HTTP port
-    assert appliance.pids()["nginx"] == before["nginx"]
-    assert not is_listening(f"127.0.0.1:{appliance.registry_address.rsplit(':', 1)[1]}")
-    assert not is_listening(appliance.config["registry"]["http_addr"])
+    http_port = appliance.config["nginx"]["http_port"]
     blobs = appliance.root / "var/opt/appliance/registry/data/docker/registry/v2/blobs"
-    assert any(blobs.rglob("data"))
-
-    appliance.write_config({"registry": {"enable": True}})
-    appliance.reconfigure()
-    appliance.wait_until_running()
+    try:
+        appliance.write_config({"registry": {"enable": False}})
+        appliance.reconfigure()
+        status = appliance.ctl("status", check=False).stdout
+        assert "registry" not in status and "auth" not in status, status
+        assert "run: nginx" in status  # still answers ACME challenges on the HTTP port
+        assert appliance.pids()["nginx"] == before["nginx"]  # reloaded, not restarted
+        # No vhost: nothing listens on the registry's port (a client sees "connection
+        # refused" at once rather than a TLS error or a 404 it could mistake for a
+        # missing image), and plain HTTP no longer redirects to it.
+        assert not is_listening(f"127.0.0.1:{registry_port(appliance)}")
+        connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=5)
+        connection.request("GET", "/v2/", headers={"Host": "localhost"})
+        assert connection.getresponse().status == 404
+        connection.close()
+        assert not is_listening(appliance.config["registry"]["http_addr"])
+        assert not is_listening(appliance.config["auth"]["listen_addr"])
+        assert not is_listening(appliance.config["registry"]["debug_addr"])
+        assert blob_path(blobs.parents[3], image.layer_digests[0]).is_file()
+    finally:
+        appliance.write_config({"registry": {"enable": True}})
+        appliance.reconfigure()
+        appliance.wait_until_running()
     pulled = client.pull("root/kept", "kept", tmp_path / "pulled")
     assert pulled.manifest_digest == image.manifest_digest
+    again = build_image(tmp_path / "image", tag="after")
+    client.push(again, "root/kept", "after")
+    assert sorted(client.list_tags("root/kept")) == ["after", "kept"]
+
+
+# ---------------------------------------------------------------- TLS: names and files
+
+
+def test_certificate_follows_the_registry_host(appliance, tmp_path):
+    """On the main domain's port the certificate is the main host's; on its own domain
+    it is that domain's, under a file named after it, and clients verify that name."""
+    port = registry_port(appliance)
+    ssl_dir = appliance.root / "etc/appliance/ssl"
+    nginx_config = appliance.root / "var/opt/appliance/nginx/conf/nginx.conf"
+    main = ssl_dir / "localhost.crt"
+    assert served_certificate(port, "localhost", cafile=main) == leaf_der(main)
+    assert f"ssl_certificate {main};" in nginx_config.read_text()
+
+    own = ssl_dir / "registry.localhost.crt"
+    url = f"https://registry.localhost:{port}"
+    nginx = appliance.pids()["nginx"]
+    with reconfigured(appliance, {"registry_external_url": url}):
+        assert own.is_file() and (ssl_dir / "registry.localhost.key").is_file()
+        assert f"ssl_certificate {own};" in nginx_config.read_text()
+        assert served_certificate(port, "registry.localhost", cafile=own) == leaf_der(own)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            served_certificate(port, "registry.localhost", cafile=main)
+        assert appliance.pids()["nginx"] == nginx
+        # A real client on that name: resolved through a private hosts file, trusting
+        # only the new certificate, logging in at the realm the registry now names.
+        home = tmp_path / "named"
+        (home / "certs").mkdir(parents=True)
+        (home / "certs/ca.crt").write_bytes(own.read_bytes())
+        (home / "hosts").write_text("127.0.0.1 localhost registry.localhost\n")
+        named = NamedSkopeo(home=home, registry=f"registry.localhost:{port}",
+                            username="root", password=appliance.password,
+                            cert_dir=home / "certs", hosts_file=home / "hosts")
+        image = build_image(tmp_path / "image", tag="own")
+        named.push(image, "root/own-domain", "own")
+        assert named.digest("root/own-domain", "own") == image.manifest_digest
+        challenge = https_connection(port, "registry.localhost", cafile=own)
+        challenge.request("GET", "/v2/")
+        reply = challenge.getresponse()
+        assert reply.status == 401
+        assert f'realm="{url}/jwt/auth"' in reply.getheader("WWW-Authenticate")
+        challenge.close()
+    assert served_certificate(port, "localhost", cafile=main) == leaf_der(main)
+
+
+def install_certificate(directory: Path) -> tuple[Path, Path]:
+    """A new key and certificate for localhost, written where the admin keeps them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = pki.generate_private_key("ec-p256")
+    (directory / "registry.key").write_bytes(key)
+    (directory / "registry.crt").write_bytes(pki.self_signed_certificate(key, ["localhost"]))
+    return directory / "registry.crt", directory / "registry.key"
+
+
+def test_changed_certificate_files_reload_nginx_and_nothing_else(appliance, tmp_path):
+    port = registry_port(appliance)
+    cert, key = install_certificate(tmp_path / "admin")
+    with reconfigured(appliance, {"registry_nginx": {"ssl_certificate": str(cert),
+                                                     "ssl_certificate_key": str(key)}}):
+        assert served_certificate(port, "localhost", cafile=cert) == leaf_der(cert)
+        before = appliance.pids()
+        first = leaf_der(cert)
+
+        install_certificate(tmp_path / "admin")  # the admin replaces both files
+        assert leaf_der(cert) != first
+        run = appliance.reconfigure()
+        assert "+ service nginx (reloaded)" in run.stdout
+        assert "restarted" not in run.stdout
+        assert served_certificate(port, "localhost", cafile=cert) == leaf_der(cert)
+        assert appliance.pids() == before  # nginx reloaded in place, nothing else touched
+
+        unchanged = appliance.reconfigure()
+        assert "reconfigure: 0/" in unchanged.stdout, unchanged.stdout
+        assert "reloaded" not in unchanged.stdout and "restarted" not in unchanged.stdout
+        assert appliance.pids() == before
+
+        home = tmp_path / "client"
+        (home / "certs").mkdir(parents=True)
+        (home / "certs/ca.crt").write_bytes(cert.read_bytes())
+        client = Skopeo(home=home, registry=appliance.registry_address, username="root",
+                        password=appliance.password, cert_dir=home / "certs")
+        image = build_image(tmp_path / "image", tag="files")
+        client.push(image, "root/files-mode", "files")
+
+
+# ---------------------------------------------------------------- logs
+
+
+def send_requests(appliance: ApplianceUnderTest, count: int) -> None:
+    """`count` requests over one TLS connection: nginx logs a line for each."""
+    connection = http.client.HTTPSConnection(appliance.host, registry_port(appliance),
+                                             context=tls_context(appliance), timeout=10)
+    for _ in range(count):
+        connection.request("GET", "/v2/", headers={"Host": appliance.registry_address})
+        connection.getresponse().read()
+    connection.close()
+
+
+def test_every_service_logs_under_the_log_directory(appliance):
+    send_requests(appliance, 3)
+    logs = appliance.root / "var/log/appliance"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        sizes = {s: (logs / s / "current").stat().st_size
+                 for s in ("nginx", "registry", "auth") if (logs / s / "current").exists()}
+        if len(sizes) == 3 and all(sizes.values()):
+            break
+        time.sleep(0.2)
+    assert len(sizes) == 3 and all(sizes.values()), sizes
+    assert '"GET /v2/ HTTP/1.1" 401' in (logs / "nginx/current").read_text()
+    assert "service=registry" in (logs / "registry/current").read_text()
+
+
+def test_logs_are_capped_and_rotated(appliance):
+    logs = appliance.root / "var/log/appliance/nginx"
+    programs = appliance.root / "var/opt/appliance/supervisor/conf.d"
+    with reconfigured(appliance, {"logging": {"max_bytes": 4096, "backups": 2}}):
+        for service in ("nginx", "registry", "auth"):
+            program = (programs / f"{service}.conf").read_text()
+            assert "stdout_logfile_maxbytes = 4096\n" in program
+            assert "stdout_logfile_backups = 2\n" in program
+        send_requests(appliance, 200)  # ~30 KB of access log
+        deadline = time.monotonic() + 10
+        while not (logs / "current.2").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        rotated = sorted(p.name for p in logs.iterdir())
+        assert rotated == ["current", "current.1", "current.2"]
+        for name in rotated:
+            assert (logs / name).stat().st_size <= 4096 + 512  # one line past the cap at most
+    assert "stdout_logfile_maxbytes = 52428800\n" in (programs / "nginx.conf").read_text()

@@ -103,6 +103,10 @@ def run(settings: Settings, dry_run: bool = False, stream: TextIO = sys.stdout) 
             secrets = secrets_module.load_or_generate(
                 paths.secrets_file, settings.registry.internal_key,
                 settings.registry.token_key_type, settings.registry.issuer)
+            if paths.data_dir.is_dir() and not dry_run:
+                from appliance.resources import use_template_cache
+
+                use_template_cache(paths.data_dir / "cache" / "templates")
             engine = Engine(out, dry_run=dry_run)
             # Every resource is built (every template rendered) before the first one is
             # applied: a recipe that refuses a value stops the run with the host untouched.

@@ -289,6 +289,18 @@ def files_dir() -> Path:
 
 
 _environment: jinja2.Environment | None = None
+_bytecode_cache_dir: Path | None = None
+
+
+def use_template_cache(directory: Path) -> None:
+    """Keep compiled templates in `directory` (ours, 0700: never a shared /tmp path that
+    another user could pre-create). A no-op reconfigure then skips jinja2's compiler,
+    a tenth of its time."""
+    global _bytecode_cache_dir, _environment
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    _bytecode_cache_dir = directory
+    _environment = None
 
 
 def template_environment() -> jinja2.Environment:
@@ -298,9 +310,11 @@ def template_environment() -> jinja2.Environment:
 
         import yaml
 
+        cache = jinja2.FileSystemBytecodeCache(str(_bytecode_cache_dir)) \
+            if _bytecode_cache_dir else None
         env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(files_dir())),
                                  undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                                 autoescape=False)
+                                 autoescape=False, bytecode_cache=cache)
         env.filters["yaml"] = lambda v: yaml.safe_dump(v, default_flow_style=False,
                                                        sort_keys=False).rstrip("\n")
         env.filters["json"] = lambda v: json.dumps(v)

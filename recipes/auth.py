@@ -64,7 +64,7 @@ class AuthDatabase(Resource):
         return database_version(self.path)
 
     def plan(self, current: int | None) -> list[Change]:
-        from appliance.auth.store import MIGRATIONS
+        from appliance.auth.migrations import MIGRATIONS
 
         if current is None:
             return [Change("create")]

@@ -27,7 +27,6 @@ certificate changed and its reader kept serving the old one cannot happen.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import random
 import secrets as random_tokens
 import sys
@@ -283,6 +282,8 @@ def wait_for_webroot(webroot: Path, url: str, host: str,
     body = random_tokens.token_urlsafe(24)
     directory = webroot / CHALLENGE_DIR
     directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    import http.client  # only when an order is due: not a no-op reconfigure's cost
+
     probe = directory / name
     atomic_write(probe, body.encode(), 0o644)
     address, port = url.rsplit(":", 1)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.auth import credentials
+from appliance.auth.migrations import MIGRATIONS
 from appliance.auth.names import path_prefixes, validate_project_path, validate_username
 from appliance.auth.permissions import ROLES, TOKEN_SCOPES, VISIBILITIES, ProjectAccess
 from appliance.errors import AuthError
@@ -37,73 +38,6 @@ class AlreadyExistsError(AuthError):
 class InvalidValueError(AuthError):
     """A role, visibility or scope outside the allowed set."""
 
-
-MIGRATIONS: tuple[str, ...] = (
-    # 1: the initial schema.
-    """
-    CREATE TABLE users (
-        id INTEGER PRIMARY KEY,
-        username TEXT NOT NULL UNIQUE,
-        password_hash TEXT NOT NULL,
-        admin INTEGER NOT NULL DEFAULT 0,
-        blocked INTEGER NOT NULL DEFAULT 0,
-        credentials_version INTEGER NOT NULL DEFAULT 1,
-        created_at INTEGER NOT NULL
-    );
-    CREATE TABLE projects (
-        id INTEGER PRIMARY KEY,
-        path TEXT NOT NULL UNIQUE,
-        visibility TEXT NOT NULL CHECK (visibility IN ('private', 'internal', 'public')),
-        registry_enabled INTEGER NOT NULL,
-        created_at INTEGER NOT NULL
-    );
-    CREATE TABLE memberships (
-        project_id INTEGER NOT NULL REFERENCES projects (id) ON DELETE CASCADE,
-        user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
-        role TEXT NOT NULL
-            CHECK (role IN ('guest', 'reporter', 'developer', 'maintainer', 'owner')),
-        PRIMARY KEY (project_id, user_id)
-    );
-    CREATE INDEX memberships_user ON memberships (user_id);
-    CREATE TABLE personal_access_tokens (
-        id INTEGER PRIMARY KEY,
-        user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
-        name TEXT NOT NULL,
-        token_digest TEXT NOT NULL UNIQUE,
-        scopes TEXT NOT NULL,
-        expires_at INTEGER,
-        revoked INTEGER NOT NULL DEFAULT 0,
-        created_at INTEGER NOT NULL
-    );
-    CREATE TABLE deploy_tokens (
-        id INTEGER PRIMARY KEY,
-        project_id INTEGER NOT NULL REFERENCES projects (id) ON DELETE CASCADE,
-        name TEXT NOT NULL,
-        username TEXT UNIQUE,
-        token_digest TEXT NOT NULL UNIQUE,
-        scopes TEXT NOT NULL,
-        expires_at INTEGER,
-        revoked INTEGER NOT NULL DEFAULT 0,
-        created_at INTEGER NOT NULL
-    );
-    CREATE TABLE refresh_tokens (
-        token_digest TEXT PRIMARY KEY,
-        user_id INTEGER REFERENCES users (id) ON DELETE CASCADE,
-        personal_access_token_id INTEGER
-            REFERENCES personal_access_tokens (id) ON DELETE CASCADE,
-        deploy_token_id INTEGER REFERENCES deploy_tokens (id) ON DELETE CASCADE,
-        credentials_version INTEGER NOT NULL,
-        client_id TEXT,
-        expires_at INTEGER NOT NULL,
-        created_at INTEGER NOT NULL
-    );
-    CREATE TABLE failed_signins (
-        subject TEXT PRIMARY KEY,
-        window_start INTEGER NOT NULL,
-        failures INTEGER NOT NULL
-    );
-    """,
-)
 
 DEPLOY_TOKEN_USERNAME = "appliance+deploy-token-{id}"
 

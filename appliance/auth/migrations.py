@@ -1,0 +1,72 @@
+"""The auth database's schema, as numbered migrations (SQLite's `user_version` counts them).
+
+Its own module, importing nothing, so reconfigure can ask "is the schema current?"
+without loading the service's data layer and password hashing.
+"""
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the initial schema.
+    """
+    CREATE TABLE users (
+        id INTEGER PRIMARY KEY,
+        username TEXT NOT NULL UNIQUE,
+        password_hash TEXT NOT NULL,
+        admin INTEGER NOT NULL DEFAULT 0,
+        blocked INTEGER NOT NULL DEFAULT 0,
+        credentials_version INTEGER NOT NULL DEFAULT 1,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE projects (
+        id INTEGER PRIMARY KEY,
+        path TEXT NOT NULL UNIQUE,
+        visibility TEXT NOT NULL CHECK (visibility IN ('private', 'internal', 'public')),
+        registry_enabled INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE memberships (
+        project_id INTEGER NOT NULL REFERENCES projects (id) ON DELETE CASCADE,
+        user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        role TEXT NOT NULL
+            CHECK (role IN ('guest', 'reporter', 'developer', 'maintainer', 'owner')),
+        PRIMARY KEY (project_id, user_id)
+    );
+    CREATE INDEX memberships_user ON memberships (user_id);
+    CREATE TABLE personal_access_tokens (
+        id INTEGER PRIMARY KEY,
+        user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        token_digest TEXT NOT NULL UNIQUE,
+        scopes TEXT NOT NULL,
+        expires_at INTEGER,
+        revoked INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE deploy_tokens (
+        id INTEGER PRIMARY KEY,
+        project_id INTEGER NOT NULL REFERENCES projects (id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        username TEXT UNIQUE,
+        token_digest TEXT NOT NULL UNIQUE,
+        scopes TEXT NOT NULL,
+        expires_at INTEGER,
+        revoked INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE refresh_tokens (
+        token_digest TEXT PRIMARY KEY,
+        user_id INTEGER REFERENCES users (id) ON DELETE CASCADE,
+        personal_access_token_id INTEGER
+            REFERENCES personal_access_tokens (id) ON DELETE CASCADE,
+        deploy_token_id INTEGER REFERENCES deploy_tokens (id) ON DELETE CASCADE,
+        credentials_version INTEGER NOT NULL,
+        client_id TEXT,
+        expires_at INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE failed_signins (
+        subject TEXT PRIMARY KEY,
+        window_start INTEGER NOT NULL,
+        failures INTEGER NOT NULL
+    );
+    """,
+)

@@ -1,9 +1,10 @@
-"""What nginx gets: its prefix (temp and pid files), the ACME webroot, one config file
+"""What nginx gets: its prefix (temp and pid files), one config file
 checked with `nginx -t` before it replaces the running one, and its supervised program.
 
 Every change of the config is applied by a reload (HUP): nginx re-reads its config and
 certificates and lets old workers finish their transfers, so a push in flight survives a
-reconfigure. The TLS recipe's certificate files notify the same reload. The nginx master
+reconfigure. The TLS recipe's certificate files notify the same reload; it also owns the
+ACME webroot served on the HTTP port. The nginx master
 runs as whoever runs supervisord (root on a host, to bind 443 and read the TLS keys);
 its workers run as the web server account.
 """
@@ -106,7 +107,6 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
         # Workers write request and response bodies here (root creates the sub-directories
         # at start and hands them to the worker account).
         Directory(temp_dir(settings), 0o700, owner=web_user, group=web_user),
-        Directory(p.acme_webroot, 0o755),
         Template(config, "nginx/nginx.conf.j2", config_context(settings), mode=0o644,
                  verify=check_config(settings), notifies=(reload("nginx"),)),
         *supervisor.program(settings, "nginx",

@@ -4,9 +4,9 @@ checked with `nginx -t` before it replaces the running one, and its supervised p
 Every change of the config is applied by a reload (HUP): nginx re-reads its config and
 certificates and lets old workers finish their transfers, so a push in flight survives a
 reconfigure. The TLS recipe's certificate files notify the same reload; it also owns the
-ACME webroot served on the HTTP port. The nginx master
-runs as whoever runs supervisord (root on a host, to bind 443 and read the TLS keys);
-its workers run as the web server account.
+ACME webroot served on the HTTP port. The nginx master runs as whoever runs supervisord
+(root on a host, to bind 443 and read the TLS keys); its workers run as the web server
+account.
 """
 
 from __future__ import annotations

@@ -191,7 +191,7 @@ def test_forced_renewal_during_a_large_push(main_host, tmp_path):
     """The push started before the renewal completes; new connections get the new
     certificate; nginx was reloaded (same master pid), not restarted."""
     skopeo = client(main_host, main_host.pebble, tmp_path / "client")
-    image = build_image(tmp_path / "image", tag="big", random_bytes=800 * 1024 * 1024)
+    image = build_image(tmp_path / "image", tag="big", random_bytes=1200 * 1024 * 1024)
     before = served_certificate(main_host)
     nginx_pid = main_host.pids()["nginx"]
     outcome: dict[str, object] = {}

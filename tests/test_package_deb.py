@@ -368,6 +368,12 @@ def test_reconfigure_then_push_over_loopback(host: Host, tmp_path: Path):
     result = host.ctl("reconfigure", check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     host.wait_until_running()
+    # What the Vagrantfile checks on its boxes: the registry answers through nginx and
+    # wants a token.
+    answer = subprocess.run([*host.system.enter(chroot=False), "curl", "-sk", "-o", "/dev/null",
+                             "-w", "%{http_code}", f"https://localhost:{REGISTRY_PORT}/v2/"],
+                            capture_output=True, text=True, timeout=30)
+    assert answer.stdout == "401", answer
 
     client = host.skopeo(tmp_path / "client")
     image = build_image(tmp_path / "image", tag="v1", random_bytes=64 * 1024)

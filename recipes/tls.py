@@ -565,6 +565,28 @@ def wait_until_served(settings: Settings, timeout: float = 10) -> bool:
     return True
 
 
+# While nginx still serves the placeholder (the first order failed: DNS not there yet,
+# port 80 closed), the renewer retries hourly: within Let's Encrypt's limit of 5 failed
+# validations per host and hour, and the certificate appears without another reconfigure.
+PLACEHOLDER_RUNS_PER_DAY = 24
+
+
+def renewal_runs_per_day(settings: Settings) -> int:
+    """The renewer's schedule: `letsencrypt.runs_per_day`, hourly while no certificate
+    from the CA is in place yet."""
+    runs = settings.letsencrypt.runs_per_day
+    if effective_mode(settings) != "letsencrypt" or not settings.registry_nginx.enable:
+        return runs
+    cert, key = certificate_paths(settings)
+    current = _read_certificate(cert, key)
+    try:
+        waiting = _unusable_pair(current) is not None or \
+            pki.certificate_info(current.cert_pem).self_signed  # type: ignore[arg-type]
+    except pki.CertificateError:
+        waiting = True
+    return max(runs, PLACEHOLDER_RUNS_PER_DAY) if waiting else runs
+
+
 def renew_forever(settings: Settings) -> int:
     """The renewer program: `runs_per_day` passes at a per-host offset, forever.
 
@@ -577,7 +599,7 @@ def renew_forever(settings: Settings) -> int:
     while True:
         now = datetime.now(UTC)
         next_run = pki.next_renewal_run(now, settings.registry_host,
-                                        settings.letsencrypt.runs_per_day)
+                                        renewal_runs_per_day(settings))
         print(f"renewer: next check at {next_run:%Y-%m-%d %H:%M:%S} UTC", flush=True)
         time.sleep(max(1.0, (next_run - now).total_seconds()) + random.random())
         try:

@@ -606,3 +606,17 @@ def test_renew_certs_logs_every_attempt_and_renews_only_what_is_due(tmp_path):
     assert len(logs) == 3  # the refused attempt included
     assert "run appliance-ctl reconfigure first" in logs[0].read_text()
     assert "1 certificate renewed" in logs[2].read_text()
+
+
+def test_the_renewer_retries_hourly_while_the_placeholder_is_served(tmp_path):
+    s = load(tmp_path, {"external_url": "https://gitlab.example.com"})
+    assert tls.renewal_runs_per_day(s) == 24  # no certificate yet
+    converge(tls.certificate_resources(s))
+    assert tls.renewal_runs_per_day(s) == 24  # the placeholder
+    cert_path, key_path = tls.certificate_paths(s)
+    key_path.write_bytes(KEY)
+    cert_path.write_bytes(issued_by_ca(["gitlab.example.com"]))
+    tls._record_written(tls.written_record(s), cert_path)  # issued by the appliance
+    assert tls.renewal_runs_per_day(s) == 2
+    self_signed = load(tmp_path / "other", {"external_url": "https://localhost"})
+    assert tls.renewal_runs_per_day(self_signed) == 2

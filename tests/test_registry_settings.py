@@ -547,6 +547,90 @@ def test_changed_certificate_files_reload_nginx_and_nothing_else(appliance, tmp_
         client.push(image, "root/files-mode", "files")
 
 
+def test_token_signing_key_given_in_the_config_is_the_one_the_registry_trusts(
+        appliance, client, tmp_path):
+    """registry.internal_key, key_path and issuer (the guide's external-registry set-up):
+    the auth service signs with that key as that issuer, the registry's bundle certifies
+    the same key, both restart, and pushes go on."""
+    import jwt
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    key = pki.generate_private_key("rsa-2048")
+    key_path = appliance.root / "srv/keys/token-signing.key"
+    key_path.parent.mkdir(parents=True)  # the admin's key directory (reconfigure needs it)
+    bundle = appliance.root / "var/opt/appliance/registry/token-bundle.crt"
+    before = appliance.pids()
+    with reconfigured(appliance, {"registry": {"internal_key": key.decode(),
+                                               "key_path": str(key_path),
+                                               "issuer": "corp-issuer"}}) as run:
+        assert "+ service registry (restarted)" in run.stdout
+        assert "+ service auth (restarted)" in run.stdout
+        assert "PRIVATE KEY" not in run.stdout  # the key is never echoed in a diff
+        after = appliance.pids()
+        assert after["registry"] != before["registry"] and after["auth"] != before["auth"]
+        assert key_path.read_bytes() == key
+        assert pki.public_key_matches(bundle.read_bytes(), key)
+        claims = jwt.decode(token(appliance, "repository:root/signed:push,pull"),
+                            load_pem_private_key(key, None).public_key(),
+                            algorithms=["RS256"], audience="container_registry")
+        assert claims["iss"] == "corp-issuer"
+        image = build_image(tmp_path / "image", tag="signed")
+        client.push(image, "root/signed", "signed")
+        assert client.digest("root/signed", "signed") == image.manifest_digest
+
+
+def test_log_level_reaches_the_registry(appliance):
+    log = appliance.root / "var/log/appliance/registry/current"
+    with reconfigured(appliance, {"registry": {"log_level": "debug"}}):
+        start = log.stat().st_size
+        send_requests(appliance, 1)
+        deadline = time.monotonic() + 10
+        while "level=debug" not in log.read_text()[start:] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "level=debug" in log.read_text()[start:]
+        start = log.stat().st_size
+    send_requests(appliance, 3)
+    time.sleep(0.5)
+    assert "level=debug" not in log.read_text()[start:]
+
+
+# ---------------------------------------------------------------- the nginx vhost
+
+
+def handshake(port: int, version: ssl.TLSVersion, cafile: Path) -> str:
+    """The protocol nginx agrees on with a client offering only `version`."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    context.minimum_version = context.maximum_version = version
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            return tls.version()
+
+
+def test_vhost_port_and_protocols_change_by_reload(appliance):
+    """registry_nginx.listen_port (a load balancer in front forwards the URL's port to
+    it) and ssl_protocols: nginx moves and tightens without a restart."""
+    old_port, new_port = registry_port(appliance), free_port()
+    nginx = appliance.pids()["nginx"]
+    assert handshake(old_port, ssl.TLSVersion.TLSv1_2, appliance.certificate) == "TLSv1.2"
+    with reconfigured(appliance, {"registry_nginx": {"listen_port": new_port,
+                                                     "ssl_protocols": "TLSv1.3"}}) as run:
+        assert "+ service nginx (reloaded)" in run.stdout
+        assert appliance.pids()["nginx"] == nginx
+        assert not is_listening(f"127.0.0.1:{old_port}")
+        assert handshake(new_port, ssl.TLSVersion.TLSv1_3, appliance.certificate) == "TLSv1.3"
+        with pytest.raises(ssl.SSLError):
+            handshake(new_port, ssl.TLSVersion.TLSv1_2, appliance.certificate)
+        connection = https_connection(new_port, "localhost", appliance.certificate)
+        connection.request("GET", "/v2/", headers={"Host": appliance.registry_address})
+        reply = connection.getresponse()
+        assert reply.status == 401
+        # The realm stays the public URL: clients come in through the balancer's port.
+        assert f'realm="https://{appliance.registry_address}/jwt/auth"' in \
+            reply.getheader("WWW-Authenticate")
+        connection.close()
+    assert appliance.pids()["nginx"] == nginx
+
+
 # ---------------------------------------------------------------- logs
 
 

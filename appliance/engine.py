@@ -35,6 +35,7 @@ class Report:
     outcomes: list[Outcome] = field(default_factory=list)
     notifications: list[Notify] = field(default_factory=list)
     elapsed: float = 0.0
+    dry_run: bool = False
 
     @property
     def updated(self) -> int:

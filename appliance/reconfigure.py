@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TextIO
 
 from appliance import secrets as secrets_module
-from appliance.engine import Engine, Report, raise_if_failed
+from appliance.engine import Engine, Report, queue, raise_if_failed
 from appliance.errors import LockError
 from appliance.resources import Notify
 from appliance.settings import Paths, Settings
@@ -110,7 +110,8 @@ def run(settings: Settings, dry_run: bool = False, stream: TextIO = sys.stdout) 
             engine = Engine(out, dry_run=dry_run)
             # Every resource is built (every template rendered) before the first one is
             # applied: a recipe that refuses a value stops the run with the host untouched.
-            report = engine.converge(list(recipes.resources(settings, secrets)))
+            report = engine.converge(list(recipes.resources(settings, secrets)),
+                                     Report(dry_run=dry_run))
             notify(settings, report.notifications, dry_run, out,
                    program_files_changed=programs_changed(report, paths))
             if not report.failed:
@@ -119,6 +120,7 @@ def run(settings: Settings, dry_run: bool = False, stream: TextIO = sys.stdout) 
                 notify(settings, late.notifications, dry_run, out, start=False,
                        program_files_changed=programs_changed(late, paths))
                 report.outcomes += late.outcomes
+                report.notifications = queue(report.notifications, late.notifications)
             total, updated = len(report.outcomes), report.updated
             elapsed = time.monotonic() - started
             verb = "would be updated" if dry_run else "updated"

@@ -628,10 +628,8 @@ def messages(settings: Settings, report: Report) -> list[str]:
     lines = []
     # Only when nginx answers (a stopped nginx is `status`'s business) with another
     # certificate than the file: then a reload is under way, or nginx refused it.
-    # (Outcomes, not report.notifications: those of the late resources are not merged.)
-    nginx_notified = any(o.changes and any(n.service == "nginx" for n in o.resource.notifies)
-                         for o in report.outcomes)
-    if nginx_notified and served_certificate(settings) is not None and \
+    nginx_notified = any(n.service == "nginx" for n in report.notifications)
+    if nginx_notified and not report.dry_run and served_certificate(settings) is not None and \
             not wait_until_served(settings, 5):
         lines.append(f"TLS: warning: {served_address(settings)} serves another certificate "
                      f"than {cert}; see appliance-ctl tail nginx.")

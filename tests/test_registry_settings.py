@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import http.client
+import itertools
 import json
 import socket
 import ssl
@@ -54,14 +55,22 @@ class NotificationListener:
     """A webhook endpoint on loopback recording every envelope the registry posts."""
 
     def __init__(self) -> None:
-        self.posts: list[tuple[dict, list[dict]]] = []  # (headers, events) per POST
+        self.posts: list[tuple[dict, list[dict]]] = []  # (headers, events) per POST taken
+        self.refused: list[tuple[float, list[str]]] = []  # (when, event ids) per POST refused
+        self.refuse_next = 0  # answer this many POSTs with 503, as an endpoint that is down
         listener = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                listener.posts.append((dict(self.headers), json.loads(body)["events"]))
-                self.send_response(200)
+                events = json.loads(body)["events"]
+                if listener.refuse_next > 0:
+                    listener.refuse_next -= 1
+                    listener.refused.append((time.monotonic(), [e["id"] for e in events]))
+                    self.send_response(503)
+                else:
+                    listener.posts.append((dict(self.headers), events))
+                    self.send_response(200)
                 self.end_headers()
 
             def log_message(self, format: str, *args: object) -> None:
@@ -277,6 +286,23 @@ def test_push_event_reaches_the_notification_listener(appliance, listener, clien
     assert event["target"]["digest"] == image.manifest_digest
     assert event["target"]["tag"] == "v1"
     assert event["request"]["host"] == appliance.registry_address  # nginx kept the port
+
+
+def test_an_endpoint_that_is_down_gets_the_event_again_after_threshold_and_backoff(
+        appliance, listener, client, tmp_path):
+    """threshold 3, backoff 1s: three attempts in a row, then one per second until the
+    endpoint answers; nothing is lost meanwhile."""
+    listener.refuse_next = 5
+    image = build_image(tmp_path / "image", tag="retried")
+    client.push(image, "root/retried", "retried")
+    listener.wait_for("push", "root/retried", timeout=20)
+    times = [when for when, _ in listener.refused]
+    assert len(times) == 5
+    assert len({tuple(ids) for _, ids in listener.refused}) == 1  # the same event each time
+    assert times[2] - times[0] < 0.9  # up to the threshold: no waiting
+    assert all(later - earlier >= 0.9 for earlier, later in itertools.pairwise(times[2:]))
+    delivered = [e["id"] for _, events in listener.posts for e in events]
+    assert listener.refused[0][1][0] in delivered
 
 
 # ---------------------------------------------------------------- registry.env

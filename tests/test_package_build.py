@@ -1,15 +1,18 @@
 """`packaging/build`: one command, one staged tree, a deb and an rpm.
 
 Also the build helpers the deb and rpm tests share: each distinct build runs once per
-test session (about 15 s each with a warm wheelhouse) into packaging/out/test/, where
-the staged tree stays for a look after a failure.
+test session (about 15 s each with a warm wheelhouse) into a directory of its own
+under packaging/out/, removed when the session ends.
 """
 
 from __future__ import annotations
 
+import atexit
 import configparser
 import functools
+import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +23,6 @@ pytestmark = pytest.mark.package
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGING = REPO / "packaging"
-BUILDS = PACKAGING / "out" / "test"
 EMBEDDED = "opt/appliance/embedded"
 SITE_PACKAGES = f"{EMBEDDED}/lib/python3.11/site-packages"
 
@@ -71,18 +73,26 @@ def run_build(out: Path, *args: str) -> Build:
 
 
 @functools.cache
+def builds_dir() -> Path:
+    """This session's builds (two test runs at once must not share a staging tree)."""
+    (PACKAGING / "out").mkdir(exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="test-", dir=PACKAGING / "out"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+@functools.cache
 def default_build() -> Build:
     """`packaging/build` as documented: the project's version, the example config."""
-    return run_build(BUILDS / "default")
+    return run_build(builds_dir() / "default")
 
 
 @functools.cache
 def next_build() -> Build:
     """A higher version whose shipped example config differs from the default build's."""
-    config = BUILDS / "next-appliance.yml"
-    config.parent.mkdir(parents=True, exist_ok=True)
+    config = builds_dir() / "next-appliance.yml"
     config.write_text(default_build().shipped_config + NEXT_CONFIG_NOTE)
-    return run_build(BUILDS / "next", "--version", f"{default_build().version}.1",
+    return run_build(builds_dir() / "next", "--version", f"{default_build().version}.1",
                      "--config", str(config))
 
 
@@ -140,10 +150,13 @@ def test_shipped_config_is_the_commented_example():
 
 
 def test_embedded_project_is_the_working_tree():
+    """What was installed is the copy of the working tree the build took (the live
+    tree may have moved on since), not an older wheel of the same version."""
     site = default_build().stage / SITE_PACKAGES
+    copy = default_build().out / "build/src"
     for package in ("appliance", "recipes"):
-        source = {str(p.relative_to(REPO / package)): p.read_bytes()
-                  for p in (REPO / package).rglob("*.py")}
+        source = {str(p.relative_to(copy / package)): p.read_bytes()
+                  for p in (copy / package).rglob("*.py")}
         installed = {str(p.relative_to(site / package)): p.read_bytes()
                      for p in (site / package).rglob("*.py")}
         assert installed.keys() == source.keys(), package

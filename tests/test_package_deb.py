@@ -9,8 +9,9 @@ a higher version, remove, purge.
 apt needs the Debian archive for the dependencies (nginx-light, docker-registry,
 python3), and the isolated network has none: the fixture first runs
 `apt-get install --download-only` in the same root with the host's network (mount and
-pid namespaces only), into packaging/cache/apt-archives, then every step of the tests
-runs offline inside the network namespace (apt finds every .deb in its cache).
+pid namespaces only; the .debs are kept in packaging/cache/apt-archives for the next
+run), then every step of the tests runs offline inside the network namespace (apt
+finds every .deb in its cache).
 """
 
 from __future__ import annotations
@@ -76,7 +77,6 @@ class IsolatedRoot:
             mount -t tmpfs -o mode=0755 tmpfs {r}/run
             mkdir -p {r}/dev/shm && mount -t tmpfs -o mode=1777 tmpfs {r}/dev/shm
             mkdir -p {r}/dev/pts && mount -t devpts -o newinstance,ptmxmode=0666 devpts {r}/dev/pts
-            mount --bind {ARCHIVES} {r}/var/cache/apt/archives
             echo ready
             exec /usr/bin/python3 -c '{REAPER}'
         """
@@ -135,25 +135,36 @@ class IsolatedRoot:
         return self.root / path.lstrip("/")
 
 
-def fetch_dependencies(root: Path, deb: str) -> None:
-    """Download what `apt-get install deb` needs into the archive cache (host network)."""
+def apt_with_network(root: Path, *args: str) -> None:
+    """`apt-get -y ARGS` in the root with the host's network (mount and pid namespaces
+    only). apt's .debs are shared with other roots through the cache directory:
+    hard-linked in before, new ones copied back after (each root keeps its own apt
+    locks, so two test runs do not wait on each other)."""
     ARCHIVES.mkdir(parents=True, exist_ok=True)
+    archives = root / "var/cache/apt/archives"
+    apt = f"chroot {root} apt-get -q -y " + " ".join(args)
     script = f"""
         set -e
+        cp -l {ARCHIVES}/*.deb {archives}/ 2>/dev/null || cp {ARCHIVES}/*.deb {archives}/ \
+            2>/dev/null || true
         mount -t proc proc {root}/proc
-        mount --bind {ARCHIVES} {root}/var/cache/apt/archives
         cp /etc/resolv.conf {root}/etc/resolv.conf
-        if ! chroot {root} apt-get install -q -y --download-only {deb} >/dev/null 2>&1; then
+        if ! {apt} >/dev/null 2>&1; then
             chroot {root} apt-get -q update >/dev/null
-            chroot {root} apt-get install -q -y --download-only {deb}
+            {apt}
         fi
+        cp -n {archives}/*.deb {ARCHIVES}/ 2>/dev/null || true
     """
     result = subprocess.run(["unshare", "--mount", "--pid", "--fork", "--", "sh", "-c", script],
-                            capture_output=True, text=True, env={"PATH": ROOT_PATH,
-                                                                 "DEBIAN_FRONTEND":
-                                                                 "noninteractive"},
+                            capture_output=True, text=True,
+                            env={"PATH": ROOT_PATH, "DEBIAN_FRONTEND": "noninteractive"},
                             timeout=600)
-    assert result.returncode == 0, f"downloading the dependencies failed:\n{result.stderr}"
+    assert result.returncode == 0, f"apt-get {' '.join(args)} failed:\n{result.stderr}"
+
+
+def fetch_dependencies(root: Path, deb: str) -> None:
+    """Download what `apt-get install deb` needs, so the install itself runs offline."""
+    apt_with_network(root, "install", "--download-only", deb)
 
 
 def make_clean_root(parent: Path) -> Path:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_package_build import NEXT_CONFIG_NOTE, PACKAGING, default_build, next_build
-from tests.test_package_deb import ARCHIVES, ROOT_PATH, make_clean_root
+from tests.test_package_deb import ROOT_PATH, apt_with_network, make_clean_root
 
 pytestmark = pytest.mark.package
 
@@ -89,23 +89,9 @@ class RpmRoot:
 
 
 def install_python(root: Path) -> None:
-    """python3.11 from Debian into the root (the archive cache of the deb test, else the
-    network), as EL's python3.11 package would provide /usr/bin/python3.11."""
-    ARCHIVES.mkdir(parents=True, exist_ok=True)
-    script = f"""
-        set -e
-        mount -t proc proc {root}/proc
-        mount --bind {ARCHIVES} {root}/var/cache/apt/archives
-        cp /etc/resolv.conf {root}/etc/resolv.conf
-        chroot {root} apt-get install -q -y python3.11 >/dev/null \\
-            || {{ chroot {root} apt-get -q update >/dev/null;
-                  chroot {root} apt-get install -q -y python3.11; }}
-    """
-    result = subprocess.run(["unshare", "--mount", "--pid", "--fork", "--", "sh", "-c", script],
-                            capture_output=True, text=True,
-                            env={"PATH": ROOT_PATH, "DEBIAN_FRONTEND": "noninteractive"},
-                            timeout=600)
-    assert result.returncode == 0, f"installing python3.11 failed:\n{result.stderr}"
+    """python3.11 from Debian into the root, where EL's python3.11 package would put
+    /usr/bin/python3.11 too."""
+    apt_with_network(root, "install", "python3.11")
 
 
 @pytest.fixture(scope="module")

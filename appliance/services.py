@@ -229,11 +229,12 @@ class Supervisor:
             )
         where = ""
         try:
-            info = self._call("getProcessInfo", name)
-            where = f"; see {info['stdout_logfile']}" if info["stdout_logfile"] else ""  # type: ignore[index]
-        except xmlrpc.client.Fault:
+            log = Path(self._call("getProcessInfo", name)["stdout_logfile"])  # type: ignore[index]
+            where = f"; its log {log} ends with: {_last_line(log)}" if _last_line(log) \
+                else f"; see {log}"
+        except (xmlrpc.client.Fault, TypeError, OSError):
             pass
-        return ServiceError(f"Cannot {action} {name}: {fault.faultString}{where}.")
+        return ServiceError(f"Cannot {action} {name}: {fault.faultString}{where}")
 
     def start(self, name: str) -> None:
         """Start `name` and wait until supervisord deems it running (its startsecs)."""
@@ -369,6 +370,15 @@ class _LogFollower:
     def close(self) -> None:
         if self.handle is not None:
             self.handle.close()
+
+
+def _last_line(log: Path, limit: int = 300) -> str:
+    """The last non-empty line of a log: usually the reason a program would not start."""
+    with open(log, "rb") as handle:
+        handle.seek(max(0, os.fstat(handle.fileno()).st_size - 4096))
+        lines = [line for line in handle.read().decode(errors="replace").splitlines()
+                 if line.strip()]
+    return lines[-1].strip()[:limit] if lines else ""
 
 
 def _status(info: dict) -> ProcessStatus:

@@ -310,3 +310,17 @@ def test_the_whole_appliance_runs_as_an_ordinary_user(tmp_path):
     finally:
         subprocess.run([*ctl, "shutdown"], capture_output=True, env=environment, timeout=60)
         appliance.destroy()
+
+
+def test_a_program_that_cannot_start_says_why(supervisor):
+    write_program(supervisor.root, "broken", startsecs=1,
+                  script="echo registry: configuration error: no storage; exit 1")
+    supervisor.ensure_running()
+    wait_for(lambda: supervisor.status("broken")[0].state in ("BACKOFF", "FATAL"),
+             what="broken to fail")
+    supervisor.stop("broken")
+    with pytest.raises(ServiceError) as error:
+        supervisor.start("broken")
+    message = str(error.value)
+    assert message.startswith("Cannot start broken: ")
+    assert message.endswith("ends with: registry: configuration error: no storage")

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import xmlrpc.client
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -279,6 +279,33 @@ class Supervisor:
             except xmlrpc.client.Fault as fault:
                 raise self._error("read the status of", name, fault) from fault
         return sorted((_status(info) for info in infos), key=lambda s: s.name)  # type: ignore[union-attr]
+
+    def wait_until_running(self, names: Iterable[str], timeout: float = 30) -> None:
+        """Return once every named service is RUNNING (up for its startsecs); raise a
+        ServiceError naming each one that is not, with the last line of its log.
+
+        supervisord starts an added program in the background; this is how a caller
+        (reconfigure) learns that a new config actually came up.
+        """
+        wanted = sorted(set(names))
+        deadline = time.monotonic() + timeout
+        while True:
+            statuses = {s.name: s for s in self.status() if s.name in wanted}
+            down = [n for n in wanted if n not in statuses or not statuses[n].running]
+            given_up = [n for n in down if n in statuses and statuses[n].state == "FATAL"]
+            if not down:
+                return
+            if given_up or time.monotonic() > deadline:
+                problems = []
+                for name in given_up or down:
+                    state = statuses[name].state.lower() if name in statuses else "not supervised"
+                    try:
+                        last = _last_line(self.log_path(name))
+                    except (ServiceError, OSError):
+                        last = ""
+                    problems.append(f"{name} is {state}" + (f" ({last})" if last else ""))
+                raise ServiceError("Not running: " + "; ".join(problems) + ".")
+            time.sleep(0.1)
 
     def log_path(self, name: str) -> Path:
         info = self._call("getProcessInfo", self._known(name))

@@ -324,3 +324,16 @@ def test_a_program_that_cannot_start_says_why(supervisor):
     message = str(error.value)
     assert message.startswith("Cannot start broken: ")
     assert message.endswith("ends with: registry: configuration error: no storage")
+
+
+def test_wait_until_running_names_what_did_not_come_up(supervisor):
+    write_program(supervisor.root, "broken", startsecs=1,
+                  script="echo registry: configuration error: no storage; exit 1")
+    (supervisor.root / "conf.d/broken.conf").write_text(
+        (supervisor.root / "conf.d/broken.conf").read_text() + "startretries = 1\n")
+    supervisor.ensure_running()
+    supervisor.wait_until_running(["alpha", "beta"], timeout=10)
+    with pytest.raises(ServiceError) as error:
+        supervisor.wait_until_running(["alpha", "broken"], timeout=15)
+    assert str(error.value) == ("Not running: broken is fatal "
+                                "(registry: configuration error: no storage).")

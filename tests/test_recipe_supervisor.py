@@ -1,0 +1,95 @@
+"""The supervisor recipe, judged by supervisord's own config reader.
+
+What reaches supervisord is parsed here with supervisor's ServerOptions, exactly as
+supervisord parses it at start and at `update`: a quoting mistake shows up as the wrong
+argv or environment, not as a string that merely looks right.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import signal
+from pathlib import Path
+
+from supervisor.options import ServerOptions
+
+from appliance.resources import Directory
+from appliance.secrets import Secrets
+from appliance.settings import load
+from recipes import supervisor
+
+SECRETS = Secrets("KEY", "CERT", "http-secret", "auth-secret", "ACCOUNT")
+
+
+def settings_for(root: Path, run_as_root: bool = False, **overrides: object):
+    settings = load(root / "etc/appliance/appliance.yml", overrides={"root": str(root),
+                                                                     **overrides})
+    return dataclasses.replace(settings, run_as_root=run_as_root)
+
+
+def write(resources: list) -> None:
+    """The directories and files, as the engine would leave them (owners aside)."""
+    for resource in resources:
+        if isinstance(resource, Directory):
+            resource.path.mkdir(parents=True, exist_ok=True)
+        elif hasattr(resource, "content"):
+            resource.path.parent.mkdir(parents=True, exist_ok=True)
+            resource.path.write_bytes(resource.content)
+
+
+def supervisord_reads(settings) -> ServerOptions:
+    options = ServerOptions()
+    options.realize(args=["-c", str(settings.paths.supervisor_config)])
+    return options
+
+
+def test_supervisord_config_as_supervisord_reads_it(tmp_path):
+    settings = settings_for(tmp_path, logging={"max_bytes": 1048576, "backups": 3})
+    write(supervisor.resources(settings, SECRETS))
+    options = supervisord_reads(settings)
+    [server] = options.server_configs
+    assert server["file"] == str(tmp_path / "var/opt/appliance/supervisor/supervisor.sock")
+    assert server["chmod"] == 0o700
+    assert options.logfile == str(tmp_path / "var/log/appliance/supervisor/supervisord.log")
+    assert (options.logfile_maxbytes, options.logfile_backups) == (1048576, 3)
+    assert options.pidfile == str(tmp_path / "var/opt/appliance/supervisor/supervisord.pid")
+    assert options.nodaemon is False
+
+
+def test_a_program_as_supervisord_reads_it(tmp_path):
+    settings = settings_for(tmp_path, logging={"max_bytes": 2097152, "backups": 4})
+    command = ["/usr/bin/tool", "--name", "two words", "--pattern", "100%", "--q", "it's"]
+    environment = {"B_COMMA": "a,b", "A_PERCENT": "50%", "C_FLAG": False, "D_QUOTES": 'x "y" z'}
+    write(supervisor.resources(settings, SECRETS))
+    write(supervisor.program(settings, "tool", command, environment=environment,
+                             stopsignal="QUIT", stopwaitsecs=7))
+    [group] = supervisord_reads(settings).process_group_configs
+    [program] = group.process_configs
+    assert program.name == "tool"
+    assert shlex.split(program.command) == command
+    assert program.environment == {"A_PERCENT": "50%", "B_COMMA": "a,b", "C_FLAG": "false",
+                                   "D_QUOTES": 'x "y" z'}
+    assert program.uid is None  # an ordinary user's programs run as that user
+    assert program.stopsignal == signal.SIGQUIT and program.stopwaitsecs == 7
+    assert program.stdout_logfile == str(tmp_path / "var/log/appliance/tool/current")
+    assert (program.stdout_logfile_maxbytes, program.stdout_logfile_backups) == (2097152, 4)
+    assert program.redirect_stderr and program.stopasgroup and program.killasgroup
+    assert program.autostart and program.autorestart
+
+
+def test_as_root_a_program_runs_as_its_account_and_supervisord_as_root(tmp_path):
+    settings = settings_for(tmp_path, run_as_root=True)
+    resources = supervisor.resources(settings, SECRETS)
+    [conf] = [r for r in resources if getattr(r, "path", None) == settings.paths.supervisor_config]
+    assert "\nuser = root\n" in conf.content.decode()
+    [log_dir, program] = supervisor.program(settings, "registry", ["/bin/true"],
+                                            user="appliance-registry")
+    assert "\nuser = appliance-registry\n" in program.content.decode()
+    assert (log_dir.owner, log_dir.mode) == ("appliance-registry", 0o750)
+
+
+def test_disabled_program_is_an_absent_file(tmp_path):
+    settings = settings_for(tmp_path)
+    [absent] = supervisor.disabled(settings, "registry")
+    assert absent.path == tmp_path / "var/opt/appliance/supervisor/conf.d/registry.conf"

@@ -17,6 +17,7 @@ import base64
 import json
 import re
 import ssl
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -551,3 +552,21 @@ def test_oras_pushes_and_pulls_an_artifact(appliance, tmp_path, monkeypatch):
     reader.auth.set_basic_auth("rob", PASSWORDS["rob"])
     files = reader.pull(target=target, outdir=str(tmp_path / "out"))
     assert [Path(f).read_text() for f in files] == ["hello through nginx\n"]
+
+
+def test_audit_log_reopens_after_rotation_and_hup(strict):
+    """What the logrotate recipe of docs/auth.md relies on. Anonymous requests: the
+    rate-limit test has used up this client address's failed sign-ins."""
+    log = audit_log(strict)
+    assert https(strict, token_path("repository:team/app:pull")).status == 200
+    rotated = log.with_name("audit.log.1")
+    log.rename(rotated)
+    kept = rotated.read_text()
+    assert "ok: hup auth" in strict.ctl("hup", "auth").stdout
+    deadline = time.monotonic() + 20
+    while not log.exists():
+        assert time.monotonic() < deadline, "no worker opened a new audit.log after hup"
+        assert https(strict, token_path("repository:team/app:pull")).status == 200
+        time.sleep(0.2)
+    assert audit_records(strict)[-1]["requested"] == ["repository:team/app:pull"]
+    assert rotated.read_text().startswith(kept)

@@ -197,6 +197,25 @@ def push_schema1(client: Skopeo, image: OciImage, repository: str) -> None:
                client.url(repository, image.tag))
 
 
+def converge(appliance: ApplianceUnderTest) -> subprocess.CompletedProcess:
+    """Reconfigure, then wait until the registry and the token service listen.
+
+    reconfigure returns once supervisord has started the programs, and `status` says
+    "run" one second later; the token service loads its application before it binds
+    (gunicorn preload), which on a busy machine takes longer than that: a client coming
+    in between gets a 502 from nginx.
+    """
+    result = appliance.reconfigure()
+    appliance.wait_until_running()
+    deadline = time.monotonic() + 20
+    for address in (appliance.config["registry"]["http_addr"],
+                    appliance.config["auth"]["listen_addr"]):
+        while not is_listening(address):
+            assert time.monotonic() < deadline, f"nothing listens on {address}"
+            time.sleep(0.05)
+    return result
+
+
 @contextmanager
 def reconfigured(appliance: ApplianceUnderTest, changes: dict
                  ) -> Iterator[subprocess.CompletedProcess]:
@@ -204,14 +223,11 @@ def reconfigured(appliance: ApplianceUnderTest, changes: dict
     saved = copy.deepcopy(appliance.config)
     appliance.write_config(changes)
     try:
-        result = appliance.reconfigure()
-        appliance.wait_until_running()
-        yield result
+        yield converge(appliance)
     finally:
         appliance.config = saved
         appliance.write_config()
-        appliance.reconfigure()
-        appliance.wait_until_running()
+        converge(appliance)
 
 
 # ---------------------------------------------------------------- fixtures
@@ -234,8 +250,7 @@ def appliance(listener):
                            "headers": {"X-Appliance-Test": ["hello"]}}],
     }}, prefix="appliance-settings-")
     try:
-        appliance.reconfigure()
-        appliance.wait_until_running()
+        converge(appliance)
         yield appliance
     finally:
         appliance.destroy()
@@ -405,7 +420,8 @@ def s3_client(endpoint: str):  # noqa: ANN201 - boto3's client class is generate
                         aws_access_key_id="testing", aws_secret_access_key="testing")
 
 
-def test_s3_storage_puts_the_pushed_blobs_in_the_bucket(appliance, s3_server, client, tmp_path):
+def test_s3_storage_puts_the_blobs_in_the_bucket_and_redirects_as_told(appliance, s3_server,
+                                                                        client, tmp_path):
     s3_client(s3_server).create_bucket(Bucket="registry")
     storage = {"s3": {"accesskey": "testing", "secretkey": "testing", "bucket": "registry",
                       "region": "us-east-1", "regionendpoint": s3_server, "secure": False,
@@ -422,10 +438,34 @@ def test_s3_storage_puts_the_pushed_blobs_in_the_bucket(appliance, s3_server, cl
                 in keys
             assert not blob_path(appliance.root / "var/opt/appliance/registry/data",
                                  digest).exists()
-        # redirect.disable: the layer comes back through the registry, not from the bucket.
         pulled = client.pull("root/on-s3", "v1", tmp_path / "pulled")
         assert (pulled.manifest_digest, pulled.config_digest, pulled.layer_digests) == \
             (image.manifest_digest, image.config_digest, image.layer_digests)
+        # redirect.disable: the registry streams the layer itself ...
+        layer = image.layer_digests[0]
+        status, location, body = fetch_blob(appliance, "root/on-s3", layer)
+        assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == layer
+        # ... and without it, sends the client to the bucket (which must then be
+        # reachable from every client, as the guide warns).
+        appliance.write_config({"registry": {"storage": {"redirect": {"disable": False}}}})
+        converge(appliance)
+        status, location, _ = fetch_blob(appliance, "root/on-s3", layer)
+        assert status == 307 and location.startswith(f"{s3_server}/registry/images/docker/")
+
+
+def fetch_blob(appliance: ApplianceUnderTest, repository: str, digest: str
+               ) -> tuple[int, str | None, bytes]:
+    """(status, Location, body) of a blob GET through nginx; redirects are not followed."""
+    bearer = token(appliance, f"repository:{repository}:pull")
+    connection = http.client.HTTPSConnection(appliance.host, registry_port(appliance),
+                                             context=tls_context(appliance), timeout=30)
+    try:
+        connection.request("GET", f"/v2/{repository}/blobs/{digest}",
+                           headers={"Authorization": f"Bearer {bearer}"})
+        reply = connection.getresponse()
+        return reply.status, reply.getheader("Location"), reply.read()
+    finally:
+        connection.close()
 
 
 # ---------------------------------------------------------------- internal port
@@ -458,7 +498,18 @@ def test_disabled_registry_stops_and_keeps_its_images(appliance, client, tmp_pat
     client.push(image, "root/kept", "kept")
     before = appliance.wait_until_running()
     http_port = appliance.config["nginx"]["http_port"]
-    blobs = appliance.root / "var/opt/appliance/registry/data/docker/registry/v2/blobs"
+    storage = appliance.root / "var/opt/appliance/registry/data"
+
+    def plain_http_answer() -> tuple[int, str | None]:
+        connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=5)
+        try:
+            connection.request("GET", "/v2/", headers={"Host": "localhost"})
+            reply = connection.getresponse()
+            return reply.status, reply.getheader("Location")
+        finally:
+            connection.close()
+
+    assert plain_http_answer() == (301, f"https://{appliance.registry_address}/v2/")
     try:
         appliance.write_config({"registry": {"enable": False}})
         appliance.reconfigure()
@@ -470,18 +521,14 @@ def test_disabled_registry_stops_and_keeps_its_images(appliance, client, tmp_pat
         # refused" at once rather than a TLS error or a 404 it could mistake for a
         # missing image), and plain HTTP no longer redirects to it.
         assert not is_listening(f"127.0.0.1:{registry_port(appliance)}")
-        connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=5)
-        connection.request("GET", "/v2/", headers={"Host": "localhost"})
-        assert connection.getresponse().status == 404
-        connection.close()
+        assert plain_http_answer() == (404, None)
         assert not is_listening(appliance.config["registry"]["http_addr"])
         assert not is_listening(appliance.config["auth"]["listen_addr"])
         assert not is_listening(appliance.config["registry"]["debug_addr"])
-        assert blob_path(blobs.parents[3], image.layer_digests[0]).is_file()
+        assert blob_path(storage, image.layer_digests[0]).is_file()
     finally:
         appliance.write_config({"registry": {"enable": True}})
-        appliance.reconfigure()
-        appliance.wait_until_running()
+        converge(appliance)
     pulled = client.pull("root/kept", "kept", tmp_path / "pulled")
     assert pulled.manifest_digest == image.manifest_digest
     again = build_image(tmp_path / "image", tag="after")

@@ -6,9 +6,9 @@ realm) to the supervisord-run auth service (gunicorn, several workers) and the r
 registry. Users, projects, memberships and tokens are created only with `appliance-ctl`,
 as an admin would; clients are skopeo, oras and plain HTTPS requests shaped like docker's.
 
-Two appliances: `appliance` with the default settings, and `strict` with a low failed
-sign-in limit and `default_projects_features.container_registry: false`, so the rate-limit
-test cannot lock the other tests' client address out.
+Two appliances: `appliance` with default settings but a high failed sign-in limit, and
+`strict` with a low one and `default_projects_features.container_registry: false`, so the
+rate-limit test cannot lock the other tests' client address (127.0.0.1) out.
 """
 
 from __future__ import annotations
@@ -410,7 +410,9 @@ def test_blocking_a_user_refuses_it_on_every_worker(appliance, tmp_path):
 
 
 # -- the token endpoint through nginx ---------------------------------------------------
-def test_docker_login_post_and_refresh_tokens_through_nginx(appliance):
+def test_docker_login_post_and_refresh_tokens_through_nginx(appliance, tmp_path):
+    image = build_image(tmp_path / "image", tag="login")
+    client(appliance, tmp_path / "alice", "alice").push(image, "team/app", "login")
     login = https(appliance, "/jwt/auth", form={
         "grant_type": "password", "username": "alice", "password": PASSWORDS["alice"],
         "service": "container_registry", "client_id": "docker", "access_type": "offline"})
@@ -424,7 +426,7 @@ def test_docker_login_post_and_refresh_tokens_through_nginx(appliance):
     assert pull.body["scope"] == "repository:team/app:pull,push"
     assert "refresh_token" not in pull.body
     tags = https(appliance, "/v2/team/app/tags/list", bearer=pull.body["access_token"])
-    assert tags.status == 200 and "v1" in tags.body["tags"]
+    assert tags.status == 200 and "login" in tags.body["tags"]
     # A GET login probe (docker login's first try) gets a refresh token with offline_token.
     probe = https(appliance, token_path(offline_token="true", client_id="docker"),
                   basic=("alice", PASSWORDS["alice"]))

@@ -47,6 +47,19 @@ def listen_address(address: str, port: int) -> str:
     return f"{address}:{port}"
 
 
+def upstream_address(address: str) -> str:
+    """Where nginx connects to reach a service told to listen on `address` (host:port).
+
+    The registry (Go) and the token service (gunicorn) bind a single IPv4 address for a
+    host name, while nginx connects to every address the name resolves to. On a stock
+    Debian /etc/hosts `localhost` (the guide's own example, localhost:5001) resolves to
+    ::1 first, where nothing listens: requests meet refused connections, logged as
+    errors. So `localhost` becomes the address the services actually bind.
+    """
+    host, _, port = address.rpartition(":")
+    return f"127.0.0.1:{port}" if host.lower() == "localhost" else address
+
+
 def config_context(settings: Settings) -> dict:
     p = settings.paths
     n, rn = settings.nginx, settings.registry_nginx
@@ -57,8 +70,8 @@ def config_context(settings: Settings) -> dict:
             "server_name": settings.registry_host,
             "ssl_certificate": rn.ssl_certificate,
             "ssl_certificate_key": rn.ssl_certificate_key,
-            "upstream": settings.registry.http_addr,
-            "auth_upstream": settings.auth.listen_addr,
+            "upstream": upstream_address(settings.registry.http_addr),
+            "auth_upstream": upstream_address(settings.auth.listen_addr),
             "proxy_timeout": rn.proxy_timeout,
         }
     return {

@@ -1,13 +1,23 @@
 """Registry settings of the reference guide, observed on a running appliance.
 
 test_recipe_registry.py and test_recipe_nginx.py show what each setting renders; here
-real processes show what it does: the debug server answers, a notification reaches a
-listener, an environment variable changes the registry's answers, schema1 manifests
-are accepted only when enabled, deletes only when enabled, the filesystem and s3
-drivers put blobs where they are told (s3: a real moto server on loopback), a new
-internal port restarts the registry and reloads nginx, a disabled registry stops while
-its images stay, the certificate follows the registry's host name, a replaced
-certificate file is served after a reload, and every service logs, capped and rotated.
+real processes show what it does:
+- debug_addr: /debug/health, /debug/vars and Prometheus /metrics answer;
+- notifications: the push event reaches a loopback listener with the configured header,
+  and an endpoint that is down gets it again (threshold, then backoff);
+- env: REGISTRY_HTTP_RELATIVEURLS turns upload Locations relative, and back;
+- compatibility_schema1_enabled: a schema1 push is refused, then accepted;
+- storage_delete_enabled: skopeo delete is refused (405), then works;
+- storage_path and the s3 driver (a real moto server): blobs land where they are told,
+  redirect.disable decides between streaming and a redirect to the bucket;
+- http_addr: the registry restarts on the new address, nginx reloads (same master);
+- internal_key, key_path, issuer: tokens signed with that key are the ones accepted;
+- log_level, logging.max_bytes/backups: the registry logs at that level; every
+  service logs under the log directory, capped and rotated;
+- enable: false stops registry and token service and removes the vhost, images stay;
+- the registry's own domain vs the main one: the certificate is named after and covers
+  the registry host; certificate files replaced by the admin reload nginx only;
+  registry_nginx.listen_port and ssl_protocols apply by reload.
 
 One appliance serves the whole module (starting one is the slow part); each test that
 changes a setting puts it back (`reconfigured`), so the tests stay independent.
@@ -20,13 +30,13 @@ import hashlib
 import http.client
 import itertools
 import json
+import os
 import socket
 import ssl
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 from base64 import b64encode
 from collections.abc import Iterator
@@ -749,3 +759,47 @@ def test_logs_are_capped_and_rotated(appliance):
         for name in rotated:
             assert (logs / name).stat().st_size <= 4096 + 512  # one line past the cap at most
     assert "stdout_logfile_maxbytes = 52428800\n" in (programs / "nginx.conf").read_text()
+
+
+# ---------------------------------------------------------------- the guide's localhost:5001
+
+DEBIAN_HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+
+
+def test_localhost_addresses_as_in_the_guide_work_on_a_stock_hosts_file(tmp_path):
+    """`registry_http_addr "localhost:5001"` is the guide's example. On Debian's default
+    /etc/hosts `localhost` is ::1 first; the registry and the token service bind 127.0.0.1
+    only, so nginx must not try ::1. The appliance runs in a mount namespace where
+    /etc/hosts is Debian's stock one (this machine's has no ::1 line)."""
+    appliance = ApplianceUnderTest.create({
+        "registry": {"http_addr": f"localhost:{free_port()}"},
+        "auth": {"listen_addr": f"localhost:{free_port()}"},
+    }, prefix="appliance-localhost-")
+    hosts = tmp_path / "hosts"
+    hosts.write_text(DEBIAN_HOSTS)
+    try:
+        userns = [] if os.geteuid() == 0 else ["--map-current-user"]
+        result = subprocess.run(
+            ["unshare", *userns, "--mount", "--propagation", "private", "sh", "-c",
+             'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts),
+             str(BIN / "appliance-ctl"), "-c", str(appliance.config_file), "reconfigure"],
+            capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        appliance.wait_until_running()
+        config = (appliance.root / "var/opt/appliance/nginx/conf/nginx.conf").read_text()
+        for setting in (appliance.config["registry"]["http_addr"],
+                        appliance.config["auth"]["listen_addr"]):
+            port = setting.rsplit(":", 1)[1]
+            assert f"server 127.0.0.1:{port};" in config
+            deadline = time.monotonic() + 20
+            while not is_listening(f"127.0.0.1:{port}"):
+                assert time.monotonic() < deadline, f"nothing listens on 127.0.0.1:{port}"
+                time.sleep(0.05)
+        client = appliance.skopeo(tmp_path / "client")
+        image = build_image(tmp_path / "image", tag="local")
+        client.push(image, "root/localhost", "local")
+        assert client.digest("root/localhost", "local") == image.manifest_digest
+        log = (appliance.root / "var/log/appliance/nginx/current").read_text()
+        assert "while connecting to upstream" not in log, log
+    finally:
+        appliance.destroy()

@@ -25,6 +25,8 @@ from supervisor.xmlrpc import Faults, SupervisorTransport
 
 from appliance.errors import ServiceError
 
+# The packaged unit that runs supervisord on a systemd host (packaging/).
+SYSTEMD_UNIT = "appliance-runsvdir.service"
 # Longest path the kernel accepts for an AF_UNIX socket (sun_path is 108 bytes with NUL).
 MAX_SOCKET_PATH = 107
 TAIL_INITIAL_BYTES = 8192
@@ -119,6 +121,11 @@ class Supervisor:
         """
         if self.is_running():
             return False
+        unit = self.systemd_unit()
+        if unit is not None:
+            self._systemctl("start", unit, timeout)
+            self._wait_for_socket(timeout)
+            return True
         supervisord = Path(sys.prefix) / "bin" / "supervisord"
         environment = {
             "PATH": f"{Path(sys.prefix) / 'bin'}:/usr/local/sbin:/usr/local/bin:"
@@ -142,6 +149,10 @@ class Supervisor:
                 f"supervisord did not start with {self.config_path}: "
                 f"{message[-1] if message else f'exit status {result.returncode}'}."
             )
+        self._wait_for_socket(timeout)
+        return True
+
+    def _wait_for_socket(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not self.is_running():
             if time.monotonic() > deadline:
@@ -150,10 +161,40 @@ class Supervisor:
                     f"within {timeout:g}s."
                 )
             time.sleep(0.05)
-        return True
+
+    def systemd_unit(self) -> str | None:
+        """The packaged systemd unit, when systemd runs this host and the unit runs
+        supervisord on this very config; None otherwise (temporary roots, containers).
+
+        supervisord must then be started and stopped through systemd: one started beside
+        the unit would hold the socket the unit's own supervisord needs (a restart loop),
+        and one shut down behind systemd's back would be restarted by it.
+        """
+        if not Path("/run/systemd/system").is_dir():
+            return None
+        try:
+            result = subprocess.run(["systemctl", "cat", SYSTEMD_UNIT], capture_output=True,
+                                    text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if result.returncode != 0 or f" -c {self.config_path}\n" not in result.stdout:
+            return None
+        return SYSTEMD_UNIT
+
+    def _systemctl(self, action: str, unit: str, timeout: float) -> None:
+        result = subprocess.run(["systemctl", action, unit], capture_output=True, text=True,
+                                timeout=max(timeout, 120))
+        if result.returncode != 0:
+            raise ServiceError(f"systemctl {action} {unit} failed: "
+                               f"{result.stderr.strip() or result.returncode}; see "
+                               f"journalctl -u {unit}.")
 
     def shutdown(self, timeout: float = 30) -> None:
         """Stop every service, then supervisord; nothing to do if it is not running."""
+        unit = self.systemd_unit()
+        if unit is not None and self.is_running():
+            self._systemctl("stop", unit, timeout)
+            return
         pid = None
         try:
             pid = int(self._call("getPID"))  # type: ignore[arg-type]

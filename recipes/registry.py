@@ -34,6 +34,8 @@ def storage(settings: Settings) -> dict:
     out: dict = {}
     if drivers:
         out[drivers[0]] = dict(configured[drivers[0]] or {})
+        if drivers[0] == "filesystem":
+            out["filesystem"].setdefault("rootdirectory", settings.registry.storage_path)
     else:
         out["filesystem"] = {"rootdirectory": settings.registry.storage_path}
     out["delete"] = {"enabled": settings.registry.storage_delete_enabled}
@@ -43,8 +45,11 @@ def storage(settings: Settings) -> dict:
     return out
 
 
-def uses_filesystem(settings: Settings) -> bool:
-    return "filesystem" in storage(settings)
+def filesystem_root(settings: Settings) -> Path | None:
+    """Where the filesystem driver keeps images (None for the other drivers): the
+    registry's account must own it, whichever key named it."""
+    filesystem = storage(settings).get("filesystem")
+    return Path(filesystem["rootdirectory"]) if filesystem else None
 
 
 def notifications(settings: Settings) -> list[dict]:
@@ -143,9 +148,9 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
         # root-owned, readable by the registry's group: it may read its config, not edit it.
         Directory(p.registry_dir, 0o750, group=user),
     ]
-    if uses_filesystem(settings):
-        out.append(Directory(Path(settings.registry.storage_path), 0o750, owner=user,
-                             group=user))
+    data = filesystem_root(settings)
+    if data is not None:
+        out.append(Directory(data, 0o750, owner=user, group=user))
     out += [
         # The certificate of the token-signing key, from the same secrets entry the auth
         # service signs with: the registry cannot trust a key other than the one in use.

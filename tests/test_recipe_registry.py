@@ -240,3 +240,15 @@ def test_short_secret_is_masked_as_a_value_only(tmp_path):
     [change] = config.plan(PathState(exists=True, content=b"old\n", mode=0o640))
     assert "+        - ********\n" in change.diff
     assert '127.0.0.1:5111' in change.diff  # its 1s are not secrets
+
+
+def test_filesystem_driver_given_as_a_hash_gets_its_directory(tmp_path):
+    storage = {"filesystem": {"rootdirectory": "/srv/images", "maxthreads": 50}}
+    config = rendered_config(tmp_path, registry={"storage": storage})
+    assert config["storage"]["filesystem"] == {"rootdirectory": "/srv/images", "maxthreads": 50}
+    settings = settings_for(tmp_path, run_as_root=True, registry={"storage": storage})
+    data = by_path(registry.resources(settings, SECRETS), Path("/srv/images"))
+    assert (data.owner, data.mode) == ("appliance-registry", 0o750)
+    bare = rendered_config(tmp_path, registry={"storage": {"filesystem": {}}})
+    assert bare["storage"]["filesystem"] == {
+        "rootdirectory": str(tmp_path / "var/opt/appliance/registry/data")}

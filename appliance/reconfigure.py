@@ -21,7 +21,7 @@ from typing import TextIO
 
 from appliance import secrets as secrets_module
 from appliance.engine import Engine, Report, queue, raise_if_failed
-from appliance.errors import LockError
+from appliance.errors import LockError, ServiceError
 from appliance.resources import Notify
 from appliance.settings import Paths, Settings
 
@@ -174,6 +174,7 @@ def notify(settings: Settings, notifications: list[Notify], dry_run: bool,
 
     supervisor = Supervisor(paths.supervisor_config, paths.supervisor_socket)
     fresh: set[str] = set()
+    removed: set[str] = set()
     if start or supervisor.is_running():
         if supervisor.ensure_running():
             out("+ supervisord (started)")
@@ -183,16 +184,56 @@ def notify(settings: Settings, notifications: list[Notify], dry_run: bool,
             for name in changes.get(verb, []):
                 out(f"+ service {name} ({verb}{' and started' if verb != 'removed' else ''})")
         fresh |= set(changes.get("added", [])) | set(changes.get("changed", []))
-        fresh |= set(changes.get("removed", []))
+        removed = set(changes.get("removed", []))
+    started = fresh - removed
     for n in notifications:
-        if n.service in fresh:
+        if n.service in fresh or n.service in removed:
             continue
         if n.action == "reload" and n.service in RELOADABLE:
             supervisor.signal(n.service, "HUP")
             out(f"+ service {n.service} (reloaded)")
         else:
             supervisor.restart(n.service)
+            started.add(n.service)
             out(f"+ service {n.service} (restarted)")
+    if started:
+        # The run ends when what it started serves: a registry that cannot start on its
+        # new config is this run's failure, said with the last line of its log.
+        supervisor.wait_until_running(started)
+        wait_listening(service_addresses(settings, started))
+
+
+def service_addresses(settings: Settings, services: set[str]) -> dict[str, str]:
+    """Where each started service answers once it is ready."""
+    addresses = {}
+    if "registry" in services:
+        addresses["registry"] = settings.registry.http_addr
+    if "auth" in services:
+        addresses["auth"] = settings.auth.listen_addr
+    if "nginx" in services and settings.registry_nginx.enable:
+        first = settings.nginx.listen_addresses[0]
+        host = "127.0.0.1" if first in ("*", "[::]") else first
+        addresses["nginx"] = f"{host}:{settings.registry_nginx.listen_port}"
+    return addresses
+
+
+def wait_listening(addresses: dict[str, str], timeout: float = 30) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    for service, address in addresses.items():
+        host, _, port = address.rpartition(":")
+        host = "127.0.0.1" if host in ("localhost", "0.0.0.0", "") else host.strip("[]")
+        while True:
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise ServiceError(f"{service} runs but does not accept connections on "
+                                       f"{address} ({exc.strerror or exc}); see "
+                                       f"appliance-ctl tail {service}.") from None
+                time.sleep(0.05)
 
 
 # Services that re-read their files on SIGHUP without dropping connections; the

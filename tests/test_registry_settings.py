@@ -766,6 +766,21 @@ def test_logs_are_capped_and_rotated(appliance):
 DEBIAN_HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
 
 
+def with_hosts_file(hosts: Path) -> list[str]:
+    """A command prefix that runs the rest with `hosts` as /etc/hosts, for it alone.
+
+    Unprivileged, mount needs uid 0 of a user namespace; a nested namespace then maps
+    that back to the caller's uid, so reconfigure still sees an ordinary user.
+    """
+    mount = 'mount --bind "$0" /etc/hosts && exec "$@"'
+    if os.geteuid() == 0:
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount,
+                str(hosts)]
+    back = f"unshare --map-user={os.geteuid()} --map-group={os.getegid()}"
+    return ["unshare", "--map-root-user", "--mount", "--propagation", "private", "sh", "-c",
+            mount.replace("exec ", f"exec {back} "), str(hosts)]
+
+
 def test_localhost_addresses_as_in_the_guide_work_on_a_stock_hosts_file(tmp_path):
     """`registry_http_addr "localhost:5001"` is the guide's example. On Debian's default
     /etc/hosts `localhost` is ::1 first; the registry and the token service bind 127.0.0.1
@@ -778,12 +793,9 @@ def test_localhost_addresses_as_in_the_guide_work_on_a_stock_hosts_file(tmp_path
     hosts = tmp_path / "hosts"
     hosts.write_text(DEBIAN_HOSTS)
     try:
-        userns = [] if os.geteuid() == 0 else ["--map-current-user"]
-        result = subprocess.run(
-            ["unshare", *userns, "--mount", "--propagation", "private", "sh", "-c",
-             'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts),
-             str(BIN / "appliance-ctl"), "-c", str(appliance.config_file), "reconfigure"],
-            capture_output=True, text=True, timeout=120)
+        result = subprocess.run([*with_hosts_file(hosts), str(BIN / "appliance-ctl"), "-c",
+                                 str(appliance.config_file), "reconfigure"],
+                                capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         appliance.wait_until_running()
         config = (appliance.root / "var/opt/appliance/nginx/conf/nginx.conf").read_text()

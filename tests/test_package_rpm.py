@@ -2,11 +2,14 @@
 
 No EL system runs here, so the rpm goes into an rpm database inside a clean Debian
 root (`rpm --root DIR --dbpath /var/lib/rpm`, `--nodeps`): rpm chroots there to run
-%pre, %post, %preun, %postun and %posttrans with the root's /bin/sh, useradd and
-python3.11 (apt puts that in first; EL's python3.11 has the same path). Each rpm call
-runs in private mount, pid and network namespaces. What this cannot show (dnf
-resolving the EL dependencies, EL's nginx and registry under reconfigure, SELinux)
-is listed in packaging/README.md.
+%pre, %post, %preun, %postun and %posttrans with the root's /bin/sh and useradd.
+apt first adds python3.11, nginx-light and docker-registry (what EL's python3.11, nginx
+and registry packages stand for, at the paths the appliance runs), so the admin can
+reconfigure between install and upgrade and the upgrade and erase scriptlets meet a
+configured host with running services. Everything runs in private mount, pid and
+network namespaces held open between steps (IsolatedRoot of the deb test). What this
+cannot show (dnf resolving the EL dependencies, EL's own nginx and registry builds,
+SELinux) is listed in packaging/README.md.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +25,14 @@ from pathlib import Path
 import pytest
 
 from tests.test_package_build import NEXT_CONFIG_NOTE, PACKAGING, default_build, next_build
-from tests.test_package_deb import ROOT_PATH, apt_with_network, make_clean_root
+from tests.test_package_deb import (
+    ROOT_PATH,
+    Host,
+    IsolatedRoot,
+    admin_settings,
+    apt_with_network,
+    make_clean_root,
+)
 
 pytestmark = pytest.mark.package
 
@@ -69,11 +80,19 @@ def test_rpmlint_is_clean_apart_from_documented_filters():
 
 @dataclass
 class RpmRoot:
-    root: Path
+    """An rpm database in a clean root, seen from private namespaces (IsolatedRoot)
+    that stay up between steps, so services started in one step are there for the
+    scriptlets of the next."""
+
+    host: Host
+
+    @property
+    def root(self) -> Path:
+        return self.host.system.root
 
     def rpm(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            ["unshare", "--mount", "--pid", "--net", "--fork", "--",
+            [*self.host.system.enter(chroot=False),
              "rpm", "--root", str(self.root), "--dbpath", "/var/lib/rpm", *args],
             capture_output=True, text=True, env={"PATH": ROOT_PATH, "LANG": "C.UTF-8"},
             timeout=300)
@@ -88,24 +107,27 @@ class RpmRoot:
         return None
 
 
-def install_python(root: Path) -> None:
-    """python3.11 from Debian into the root, where EL's python3.11 package would put
-    /usr/bin/python3.11 too."""
-    apt_with_network(root, "install", "python3.11")
-
-
 @pytest.fixture(scope="module")
 def rpm_root() -> Iterator[RpmRoot]:
     default_build(), next_build()
     parent = Path(tempfile.mkdtemp(prefix="appliance-rpm-"))
+    system = None
     try:
         root = make_clean_root(parent)
-        install_python(root)
-        system = RpmRoot(root)
-        result = system.rpm("--initdb")
+        # What EL's python3.11, nginx and registry packages would provide; Debian's
+        # builds at the paths reconfigure runs (/usr/sbin/nginx, /usr/bin/docker-registry).
+        apt_with_network(root, "install", "--no-install-recommends", "python3.11",
+                         "nginx-light", "docker-registry")
+        system = IsolatedRoot(root)
+        system.start()
+        rpm_root = RpmRoot(Host(system=system, v1=default_build().version,
+                                v2=next_build().version))
+        result = rpm_root.rpm("--initdb")
         assert result.returncode == 0, result.stderr
-        yield system
+        yield rpm_root
     finally:
+        if system is not None:
+            system.stop()
         shutil.rmtree(parent, ignore_errors=True)
 
 
@@ -127,33 +149,58 @@ def test_install_runs_the_scriptlets(rpm_root: RpmRoot):
     config = rpm_root.path(CONFIG)
     assert config.read_text() == default_build().shipped_config
     assert config.stat().st_mode & 0o777 == 0o600
+    assert not {"supervisord", "nginx"} & set(rpm_root.host.system.process_names())
 
 
-def test_upgrade_keeps_the_edited_config_and_leaves_rpmnew(rpm_root: RpmRoot):
+def test_admin_configures_the_host(rpm_root: RpmRoot):
     config = rpm_root.path(CONFIG)
-    edited = config.read_text() + "external_url: https://registry.example.com\n"
-    config.write_text(edited)
+    rpm_root.host.admin_config = config.read_text() + admin_settings(rpm_root.host.password)
+    config.write_text(rpm_root.host.admin_config)
+    result = rpm_root.host.ctl("reconfigure", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rpm_root.host.wait_until_running()
 
+
+def test_upgrade_keeps_the_edited_config_leaves_rpmnew_and_reconfigures(rpm_root: RpmRoot):
+    host = rpm_root.host
+    assert host.admin_config, "needs the configured host of the step before"
+    before = host.pids()
     result = rpm_root.rpm("-Uvh", "--nodeps", str(next_build().rpm))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "scriptlet failed" not in result.stderr, result.stderr
     assert rpm_root.rpm("-q", "appliance").stdout.strip() == \
         f"appliance-{next_build().version}-1.x86_64"
-    assert config.read_text() == edited
+    config = rpm_root.path(CONFIG)
+    assert config.read_text() == host.admin_config
     assert rpm_root.path(CONFIG + ".rpmnew").read_text().endswith(NEXT_CONFIG_NOTE)
     # The old version's %preun left the new version's bytecode alone.
     assert rpm_root.path(CLI_BYTECODE).is_file()
 
+    # %posttrans, after the old files were gone: reconfigure, then the token service
+    # onto the new code; nginx and the registry keep running.
+    assert "appliance: upgraded a configured host; running appliance-ctl reconfigure" in \
+        result.stdout
+    assert not rpm_root.path("var/opt/appliance/.reconfigure-after-package-upgrade").exists()
+    host.wait_until_running()
+    after = host.pids()
+    assert after["auth"] != before["auth"]
+    assert (after["nginx"], after["registry"]) == (before["nginx"], before["registry"])
 
-def test_erase_keeps_data_and_the_edited_config_as_rpmsave(rpm_root: RpmRoot):
-    edited = rpm_root.path(CONFIG).read_text()
+
+def test_erase_stops_everything_keeps_data_and_the_edited_config_as_rpmsave(rpm_root: RpmRoot):
     result = rpm_root.rpm("-e", "appliance")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "scriptlet failed" not in result.stderr, result.stderr
     assert rpm_root.rpm("-q", "appliance").returncode != 0
-    assert rpm_root.path(CONFIG + ".rpmsave").read_text() == edited
+    assert rpm_root.path(CONFIG + ".rpmsave").read_text() == rpm_root.host.admin_config
+    deadline = time.monotonic() + 10
+    while {"supervisord", "nginx", "docker-registry"} & \
+            set(rpm_root.host.system.process_names()):
+        assert time.monotonic() < deadline, rpm_root.host.system.process_names()
+        time.sleep(0.2)
     # %preun removed the bytecode, so nothing is left of the package's tree.
     assert not rpm_root.path("opt/appliance").exists()
-    assert rpm_root.path("var/opt/appliance").is_dir()
+    assert rpm_root.path("etc/appliance/appliance-secrets.json").is_file()
+    assert rpm_root.path("var/opt/appliance/supervisor/supervisord.conf").is_file()
     for name in ACCOUNTS:
         assert rpm_root.account(name) is not None

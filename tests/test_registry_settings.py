@@ -207,25 +207,6 @@ def push_schema1(client: Skopeo, image: OciImage, repository: str) -> None:
                client.url(repository, image.tag))
 
 
-def converge(appliance: ApplianceUnderTest) -> subprocess.CompletedProcess:
-    """Reconfigure, then wait until the registry and the token service listen.
-
-    reconfigure returns once supervisord has started the programs, and `status` says
-    "run" one second later; the token service loads its application before it binds
-    (gunicorn preload), which on a busy machine takes longer than that: a client coming
-    in between gets a 502 from nginx.
-    """
-    result = appliance.reconfigure()
-    appliance.wait_until_running()
-    deadline = time.monotonic() + 20
-    for address in (appliance.config["registry"]["http_addr"],
-                    appliance.config["auth"]["listen_addr"]):
-        while not is_listening(address):
-            assert time.monotonic() < deadline, f"nothing listens on {address}"
-            time.sleep(0.05)
-    return result
-
-
 @contextmanager
 def reconfigured(appliance: ApplianceUnderTest, changes: dict
                  ) -> Iterator[subprocess.CompletedProcess]:
@@ -233,11 +214,11 @@ def reconfigured(appliance: ApplianceUnderTest, changes: dict
     saved = copy.deepcopy(appliance.config)
     appliance.write_config(changes)
     try:
-        yield converge(appliance)
+        yield appliance.reconfigure()
     finally:
         appliance.config = saved
         appliance.write_config()
-        converge(appliance)
+        appliance.reconfigure()
 
 
 # ---------------------------------------------------------------- fixtures
@@ -260,7 +241,7 @@ def appliance(listener):
                            "headers": {"X-Appliance-Test": ["hello"]}}],
     }}, prefix="appliance-settings-")
     try:
-        converge(appliance)
+        appliance.reconfigure()
         yield appliance
     finally:
         appliance.destroy()
@@ -458,7 +439,7 @@ def test_s3_storage_puts_the_blobs_in_the_bucket_and_redirects_as_told(appliance
         # ... and without it, sends the client to the bucket (which must then be
         # reachable from every client, as the guide warns).
         appliance.write_config({"registry": {"storage": {"redirect": {"disable": False}}}})
-        converge(appliance)
+        appliance.reconfigure()
         status, location, _ = fetch_blob(appliance, "root/on-s3", layer)
         assert status == 307 and location.startswith(f"{s3_server}/registry/images/docker/")
 
@@ -538,7 +519,7 @@ def test_disabled_registry_stops_and_keeps_its_images(appliance, client, tmp_pat
         assert blob_path(storage, image.layer_digests[0]).is_file()
     finally:
         appliance.write_config({"registry": {"enable": True}})
-        converge(appliance)
+        appliance.reconfigure()
     pulled = client.pull("root/kept", "kept", tmp_path / "pulled")
     assert pulled.manifest_digest == image.manifest_digest
     again = build_image(tmp_path / "image", tag="after")
@@ -797,16 +778,10 @@ def test_localhost_addresses_as_in_the_guide_work_on_a_stock_hosts_file(tmp_path
                                  str(appliance.config_file), "reconfigure"],
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
-        appliance.wait_until_running()
         config = (appliance.root / "var/opt/appliance/nginx/conf/nginx.conf").read_text()
         for setting in (appliance.config["registry"]["http_addr"],
                         appliance.config["auth"]["listen_addr"]):
-            port = setting.rsplit(":", 1)[1]
-            assert f"server 127.0.0.1:{port};" in config
-            deadline = time.monotonic() + 20
-            while not is_listening(f"127.0.0.1:{port}"):
-                assert time.monotonic() < deadline, f"nothing listens on 127.0.0.1:{port}"
-                time.sleep(0.05)
+            assert f"server 127.0.0.1:{setting.rsplit(':', 1)[1]};" in config
         client = appliance.skopeo(tmp_path / "client")
         image = build_image(tmp_path / "image", tag="local")
         client.push(image, "root/localhost", "local")

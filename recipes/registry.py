@@ -52,15 +52,28 @@ def filesystem_root(settings: Settings) -> Path | None:
     return Path(filesystem["rootdirectory"]) if filesystem else None
 
 
+# Distribution 2.8 builds an endpoint's event filter only when some media type is ignored
+# (notifications/sinks.go: `if len(ignored) == 0 { return sink }`), so an endpoint's
+# `ignore: {actions: [pull]}` alone is silently dropped and every pull is still posted.
+# Ignoring a media type no event carries makes 2.8 build the filter; later versions
+# filter actions either way, and this type matches nothing in any of them.
+NO_MEDIA_TYPE = "application/vnd.appliance.no-such-media-type"
+
+
 def notifications(settings: Settings) -> list[dict]:
     endpoints = []
     for endpoint in settings.registry.notifications:
-        endpoints.append({"name": endpoint["name"], "url": endpoint["url"],
-                          "headers": endpoint.get("headers", {}),
-                          **{key: endpoint.get(key, default)
-                             for key, default in NOTIFICATION_DEFAULTS.items()},
-                          **{key: endpoint[key] for key in ("disabled", "ignoredmediatypes",
-                                                            "ignore") if key in endpoint}})
+        rendered = {"name": endpoint["name"], "url": endpoint["url"],
+                    "headers": endpoint.get("headers", {}),
+                    **{key: endpoint.get(key, default)
+                       for key, default in NOTIFICATION_DEFAULTS.items()},
+                    **{key: endpoint[key] for key in ("disabled", "ignoredmediatypes", "ignore")
+                       if key in endpoint}}
+        ignore = endpoint.get("ignore")
+        if isinstance(ignore, dict) and ignore.get("actions") and not ignore.get("mediatypes") \
+                and not endpoint.get("ignoredmediatypes"):
+            rendered["ignoredmediatypes"] = [NO_MEDIA_TYPE]
+        endpoints.append(rendered)
     return endpoints
 
 

@@ -311,6 +311,29 @@ def test_an_endpoint_that_is_down_gets_the_event_again_after_threshold_and_backo
     assert listener.refused[0][1][0] in delivered
 
 
+def events_of(listener: NotificationListener, action: str, repository: str) -> list[dict]:
+    return [event for _, events in list(listener.posts) for event in events
+            if event.get("action") == action
+            and event.get("target", {}).get("repository") == repository]
+
+
+def test_ignored_actions_are_not_sent(appliance, listener, client, tmp_path):
+    """An endpoint's `ignore: {actions: [pull]}` reaches the registry: pulls go unreported
+    while pushes still are (events reach one endpoint in order, so once a later push is
+    in, an earlier pull event would be too)."""
+    image = build_image(tmp_path / "image", tag="v1")
+    client.push(image, "root/quiet", "v1")
+    endpoint = {**appliance.config["registry"]["notifications"][0],
+                "ignore": {"actions": ["pull"]}}
+    with reconfigured(appliance, {"registry": {"notifications": [endpoint]}}):
+        client.pull("root/quiet", "v1", tmp_path / "pulled")
+        client.push(build_image(tmp_path / "marker", tag="after"), "root/quiet-marker", "after")
+        listener.wait_for("push", "root/quiet-marker")
+        assert events_of(listener, "pull", "root/quiet") == []
+    client.pull("root/quiet", "v1", tmp_path / "pulled-again")
+    listener.wait_for("pull", "root/quiet")
+
+
 # ---------------------------------------------------------------- registry.env
 
 

@@ -370,7 +370,8 @@ class Supervisor:
             for follower in followers:
                 text = follower.start()
                 if len(followers) > 1:
-                    yield f"==> {follower.name} <==\n"
+                    separator = "" if shown is None else "\n"  # a blank line, as tail(1)
+                    yield f"{separator}==> {follower.name} <==\n"
                     shown = follower.name
                 yield text
             while follow:

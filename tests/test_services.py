@@ -257,7 +257,7 @@ def test_tail_of_every_service_labels_each_log(supervisor):
              what="both programs to log")
     text = "".join(supervisor.tail())
     assert text.startswith("==> alpha <==\nstarted\n")
-    assert "==> beta <==\nstarted\n" in text
+    assert "started\n\n==> beta <==\nstarted\n" in text
 
 
 def test_the_whole_appliance_runs_as_an_ordinary_user(tmp_path):

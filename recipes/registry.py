@@ -20,7 +20,12 @@ from recipes.base import service_user
 MASK = "********"
 MASK_ANYWHERE_LENGTH = 8
 
-REGISTRY_BINARY = "/usr/bin/docker-registry"  # Debian's docker-registry (distribution 2.8)
+# Debian's docker-registry, or EL's docker-distribution/distribution: same `serve CONFIG`.
+REGISTRY_BINARIES = ("/usr/bin/docker-registry", "/usr/bin/registry")
+
+
+def registry_binary() -> str:
+    return next((b for b in REGISTRY_BINARIES if Path(b).exists()), REGISTRY_BINARIES[0])
 
 # What the reference guide's Omnibus defaults are for an endpoint that leaves them out.
 NOTIFICATION_DEFAULTS = {"timeout": "500ms", "threshold": 5, "backoff": "1s"}
@@ -173,7 +178,7 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
                          secret_values=secret_values(settings, secrets),
                          mode=0o640, group=user, notifies=notify),
         *supervisor.program(settings, "registry",
-                            [REGISTRY_BINARY, "serve", str(p.registry_config)],
+                            [registry_binary(), "serve", str(p.registry_config)],
                             user=user, environment=dict(settings.registry.env),
                             stopsignal="TERM"),
     ]

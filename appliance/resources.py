@@ -168,18 +168,27 @@ def atomic_write(path: Path, content: bytes, mode: int, owner: str | None = None
 # ---------------------------------------------------------------- resources
 
 
+class PathResource(Resource):
+    """A resource that is one path on the host, named by it."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    def current(self) -> PathState:
+        return read_path(self.path)
+
+
 @dataclass
-class Directory(Resource):
+class Directory(PathResource):
     path: Path
     mode: int = 0o755
     owner: str | None = None
     group: str | None = None
     notifies: tuple[Notify, ...] = ()
     kind: ClassVar[str] = "directory"
-
-    @property
-    def name(self) -> str:
-        return str(self.path)
 
     def current(self) -> PathState:
         return read_path(self._managed_path())
@@ -228,7 +237,7 @@ def unified_diff(old: bytes | None, new: bytes, path: str) -> str:
 
 
 @dataclass
-class File(Resource):
+class File(PathResource):
     path: Path
     content: bytes | str
     mode: int = 0o644
@@ -242,10 +251,6 @@ class File(Resource):
     def __post_init__(self) -> None:
         if isinstance(self.content, str):
             self.content = self.content.encode()
-
-    @property
-    def name(self) -> str:
-        return str(self.path)
 
     def current(self) -> PathState:
         return read_path(self.path, with_content=True)
@@ -344,18 +349,11 @@ class Template(File):
 
 
 @dataclass
-class Link(Resource):
+class Link(PathResource):
     path: Path
     target: str
     notifies: tuple[Notify, ...] = ()
     kind: ClassVar[str] = "link"
-
-    @property
-    def name(self) -> str:
-        return str(self.path)
-
-    def current(self) -> PathState:
-        return read_path(self.path)
 
     def plan(self, current: PathState) -> list[Change]:
         if not current.exists:
@@ -379,20 +377,13 @@ class Link(Resource):
 
 
 @dataclass
-class Absent(Resource):
+class Absent(PathResource):
     """A path that must not exist (a disabled service's program file, say)."""
 
     path: Path
     recursive: bool = False
     notifies: tuple[Notify, ...] = ()
     kind: ClassVar[str] = "absent"
-
-    @property
-    def name(self) -> str:
-        return str(self.path)
-
-    def current(self) -> PathState:
-        return read_path(self.path)
 
     def plan(self, current: PathState) -> list[Change]:
         if current.is_dir and not self.recursive:

@@ -25,6 +25,7 @@ from appliance.settings import (
     derive,
     example_config,
 )
+from tests.support.appliance import deep_merge
 
 PORT_MSG = "is not host:port with a port 1-65535"
 PATH_MSG = "is not a path without spaces, quotes, ';', '{', '}', '$', '#' or backslashes"
@@ -289,14 +290,6 @@ def test_bad_config_names_key_and_expectation(tmp_path: Path, config: dict,
     assert problems_of(tmp_path, config) == expected
 
 
-def deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def test_every_problem_of_a_config_comes_back_in_one_error(tmp_path: Path) -> None:

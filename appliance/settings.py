@@ -635,6 +635,11 @@ def _cross_checks(s: Settings, rejected: set[str] | None = None) -> list[str]:
                             f"(A-Z, 0-9, _)")
         elif not isinstance(value, (str, int, bool)) or "\n" in str(value):
             problems.append(f"registry.env.{key}: a single-line string, number or boolean")
+        elif isinstance(value, str) and (value[:1] in ("'", '"') or value[-1:] in ("'", '"')
+                                         or ("'" in value and '"' in value)):
+            # supervisord's environment= parser strips surrounding quotes and has no escapes
+            problems.append(f"registry.env.{key}: a value that neither starts nor ends with a "
+                            f"quote and does not contain both ' and \"")
 
     for i, address in enumerate(s.nginx.listen_addresses):
         if not isinstance(address, str) or check_listen_address(address):

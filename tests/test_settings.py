@@ -164,6 +164,12 @@ BAD_CONFIGS = {
     "env multi-line value": (
         {"registry": {"env": {"REGISTRY_X": "a\nb"}}},
         ["registry.env.REGISTRY_X: a single-line string, number or boolean"]),
+    "env value supervisord cannot quote": (
+        {"registry": {"env": {"REGISTRY_X": "'quoted'", "REGISTRY_Y": "it's \"both\""}}},
+        ["registry.env.REGISTRY_X: a value that neither starts nor ends with a quote and does "
+         "not contain both ' and \"",
+         "registry.env.REGISTRY_Y: a value that neither starts nor ends with a quote and does "
+         "not contain both ' and \""]),
     "env nested value": (
         {"registry": {"env": {"REGISTRY_X": {"a": 1}}}},
         ["registry.env.REGISTRY_X: a single-line string, number or boolean"]),

@@ -17,13 +17,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from appliance import secrets as secrets_module
 from appliance.engine import Engine, Report, queue, raise_if_failed
 from appliance.errors import LockError, ServiceError
 from appliance.resources import Notify
 from appliance.settings import Paths, Settings
+
+if TYPE_CHECKING:
+    from appliance.services import Supervisor
 
 LOCK_WAIT_SECONDS = 300
 RUN_LOGS_KEPT = 30
@@ -190,7 +193,7 @@ def notify(settings: Settings, notifications: list[Notify], dry_run: bool,
         if n.service in fresh or n.service in removed:
             continue
         if n.action == "reload" and n.service in RELOADABLE:
-            supervisor.signal(n.service, "HUP")
+            reload_service(supervisor, n.service)
             out(f"+ service {n.service} (reloaded)")
         else:
             supervisor.restart(n.service)
@@ -201,6 +204,20 @@ def notify(settings: Settings, notifications: list[Notify], dry_run: bool,
         # new config is this run's failure, said with the last line of its log.
         supervisor.wait_until_running(started)
         wait_listening(service_addresses(settings, started))
+
+
+def reload_service(supervisor: Supervisor, name: str) -> None:
+    """SIGHUP, and for nginx: wait until no worker of the old configuration takes
+    connections, so the next request after this run meets the new configuration."""
+    if name != "nginx":
+        supervisor.signal(name, "HUP")
+        return
+    from recipes import nginx
+
+    [status] = supervisor.status("nginx")
+    old_workers = nginx.worker_pids(status.pid) if status.pid else []
+    supervisor.signal(name, "HUP")
+    nginx.wait_reloaded(old_workers)
 
 
 def service_addresses(settings: Settings, services: set[str]) -> dict[str, str]:

@@ -162,9 +162,13 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
     if not settings.registry.enable:
         return supervisor.disabled(settings, "auth")
     notify = (restart("auth"),)
+    key_path = Path(settings.registry.key_path)
     return [
         Directory(p.auth_dir, 0o750, owner=user, group=user),
-        File(Path(settings.registry.key_path), secrets.token_signing_key, 0o600,
+        # registry.key_path may name a directory of the admin's choosing: it must exist
+        # and let the auth account through to its key.
+        *([Directory(key_path.parent, 0o755)] if key_path.parent != p.auth_dir else []),
+        File(key_path, secrets.token_signing_key, 0o600,
              owner=user, group=user, sensitive=True, notifies=notify),
         File(p.token_signing_certificate, secrets.token_signing_certificate, 0o644,
              notifies=notify),

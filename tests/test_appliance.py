@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import ssl
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -160,6 +163,23 @@ def test_killed_service_comes_back(appliance, service):
         time.sleep(0.2)
     else:
         pytest.fail(f"{service} did not come back: {appliance.ctl('status', check=False).stdout}")
+    # Back for good, not in a start-fail loop (a killed nginx master leaves workers that
+    # hold its ports), and answering through the vhost.
+    time.sleep(1.5)
+    assert appliance.pids()[service] == pids[service]
+    appliance.wait_listening()
+    assert registry_answer(appliance) == 401
+
+
+def registry_answer(appliance: ApplianceUnderTest) -> int:
+    """The status of an anonymous GET /v2/ through the TLS vhost (401: all is wired)."""
+    context = ssl.create_default_context(cafile=str(appliance.certificate))
+    url = f"https://{appliance.registry_address}/v2/"
+    try:
+        with urllib.request.urlopen(url, context=context, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
 
 
 def test_status_of_unknown_service_names_the_valid_ones(appliance):

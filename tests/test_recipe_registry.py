@@ -178,8 +178,10 @@ def test_env_reaches_the_program_exactly_as_given(tmp_path):
 
 
 def test_env_value_supervisord_cannot_carry_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="REGISTRY_X"):
+    # Refused with the rest of appliance.yml, before any resource is built.
+    with pytest.raises(ConfigError) as refused:
         program_file(tmp_path, registry={"env": {"REGISTRY_X": """both ' and " """}})
+    assert any(p.startswith("registry.env.REGISTRY_X:") for p in refused.value.problems)
 
 
 def test_program_runs_the_registry_on_its_config(tmp_path):

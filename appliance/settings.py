@@ -261,6 +261,9 @@ class WebServerSettings:
 
 @dataclass(frozen=True)
 class AuthSettings:
+    enable: bool | None = setting(None, "Run the token service. Default: with the registry. "
+                                  "true with registry.enable: false serves only /jwt/auth, "
+                                  "for an external registry (the guide's GitLab-as-auth case).")
     listen_addr: str = setting("127.0.0.1:5100", "Address the token service listens on.",
                                check_host_port)
     workers: int = setting(2, "Token service worker processes (one per core).", check_positive)
@@ -732,6 +735,7 @@ def derive(s: Settings, config_file: Path | None = None) -> Settings:
     registry_port = parts.port or 443
     own_domain = registry_host != host
 
+    auth_enable = s.registry.enable if s.auth.enable is None else s.auth.enable
     rn = s.registry_nginx
     cert = rn.ssl_certificate or str(paths.ssl_dir / f"{registry_host}.crt")
     key = rn.ssl_certificate_key or str(paths.ssl_dir / f"{registry_host}.key")
@@ -753,11 +757,12 @@ def derive(s: Settings, config_file: Path | None = None) -> Settings:
         registry_external_url=registry_url.rstrip("/"),
         registry=registry,
         registry_nginx=dataclasses.replace(
-            rn, enable=rn.enable and s.registry.enable,
+            rn, enable=rn.enable and (s.registry.enable or auth_enable),
             listen_port=rn.listen_port or registry_port,
             ssl_certificate=cert, ssl_certificate_key=key),
         auth=dataclasses.replace(
-            s.auth, database_path=under_root(s.auth.database_path, paths.auth_dir / "auth.db")),
+            s.auth, enable=auth_enable,
+            database_path=under_root(s.auth.database_path, paths.auth_dir / "auth.db")),
         letsencrypt=dataclasses.replace(s.letsencrypt, enable=letsencrypt),
         paths=paths,
         host=host,

@@ -159,7 +159,7 @@ def auth_config(settings: Settings) -> dict:
 def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
     p = settings.paths
     user = service_user(settings, settings.auth.username)
-    if not settings.registry.enable:
+    if not settings.auth.enable:
         return supervisor.disabled(settings, "auth")
     notify = (restart("auth"),)
     key_path = Path(settings.registry.key_path)
@@ -184,6 +184,10 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
 
 
 def messages(settings: Settings, report: Report) -> list[str]:
+    if settings.auth.enable and not settings.registry.enable:
+        return [f"Token service for an external registry: realm {settings.token_realm}, "
+                f"service {settings.registry.service}, issuer {settings.registry.issuer}, "
+                f"rootcertbundle {settings.paths.token_signing_certificate}."]
     if not settings.registry.enable:
         return []
     address = settings.registry_host if settings.registry_port == 443 else \

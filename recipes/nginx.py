@@ -78,8 +78,12 @@ def config_context(settings: Settings) -> dict:
             "server_name": settings.registry_host,
             "ssl_certificate": rn.ssl_certificate,
             "ssl_certificate_key": rn.ssl_certificate_key,
-            "upstream": upstream_address(settings.registry.http_addr),
-            "auth_upstream": upstream_address(settings.auth.listen_addr),
+            # Either may be off: the vhost of a token service for an external registry
+            # (registry.enable: false, auth.enable: true) serves /jwt/auth alone.
+            "upstream": upstream_address(settings.registry.http_addr)
+            if settings.registry.enable else None,
+            "auth_upstream": upstream_address(settings.auth.listen_addr)
+            if settings.auth.enable else None,
             "proxy_timeout": rn.proxy_timeout,
         }
     return {

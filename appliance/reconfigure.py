@@ -103,9 +103,7 @@ def run(settings: Settings, dry_run: bool = False, stream: TextIO = sys.stdout) 
         else _no_lock()
     try:
         with lock:
-            secrets = secrets_module.load_or_generate(
-                paths.secrets_file, settings.registry.internal_key,
-                settings.registry.token_key_type, settings.registry.issuer)
+            secrets = secrets_module.for_settings(settings)
             if paths.data_dir.is_dir() and not dry_run:
                 from appliance.resources import use_template_cache
 

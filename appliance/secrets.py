@@ -15,8 +15,12 @@ import json
 import secrets as random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance.errors import ConfigError
+
+if TYPE_CHECKING:
+    from appliance.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -101,3 +105,10 @@ def load_or_generate(path: Path, internal_key: str | None = None,
         letsencrypt_account_key=account_key,
         token_signing_pair_digest=pair_digest(key, cert),
     )
+
+
+def for_settings(settings: Settings) -> Secrets:
+    """The secrets a run of reconfigure or renew-certs uses for these settings."""
+    r = settings.registry
+    return load_or_generate(settings.paths.secrets_file, r.internal_key, r.token_key_type,
+                            r.issuer)

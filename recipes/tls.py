@@ -480,9 +480,7 @@ def renew(settings: Settings, force: bool = False, stream: TextIO = sys.stdout) 
             raise ApplianceError(f"{settings.paths.secrets_file} does not exist: run "
                                  f"appliance-ctl reconfigure first.")
         with reconfigure.reconfigure_lock(settings.paths.lock_file, out):
-            secrets = secrets_module.load_or_generate(
-                settings.paths.secrets_file, settings.registry.internal_key,
-                settings.registry.token_key_type, settings.registry.issuer)
+            secrets = secrets_module.for_settings(settings)
             report = Engine(out).converge(renewal_resources(settings, secrets, force))
             reload_nginx(settings, report, out)
         renewed = sum(1 for o in report.outcomes if o.changes and o.resource.kind ==

@@ -137,19 +137,12 @@ class ApplianceUnderTest:
 
     def wait_listening(self, timeout: float = 20) -> None:
         """Until nginx, the registry and the token service all accept connections."""
+        from appliance.reconfigure import wait_listening
+
         port = self.registry_address.rsplit(":", 1)[1]
-        for address in (f"127.0.0.1:{port}", self.config["registry"]["http_addr"],
-                        self.config["auth"]["listen_addr"]):
-            host, _, number = address.rpartition(":")
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    socket.create_connection((host, int(number)), timeout=1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise AssertionError(f"nothing accepts connections on {address}") from None
-                    time.sleep(0.1)
+        wait_listening({"nginx": f"127.0.0.1:{port}",
+                        "registry": self.config["registry"]["http_addr"],
+                        "auth": self.config["auth"]["listen_addr"]}, timeout)
 
     def shutdown(self) -> None:
         from appliance.services import Supervisor

@@ -90,27 +90,11 @@ def self_signed_certificate(
     """
     if not hostnames:
         raise CertificateError("A certificate needs at least one host name.")
-    key = _load_private_key(key_pem)
-    start = _utc(now) - _BACKDATE
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(_general_names(hostnames)), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-        )
-    )
-    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+    return _self_issued(key_pem, hostnames[0], days, now, [
+        (x509.SubjectAlternativeName(_general_names(hostnames)), False),
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+    ])
 
 
 def signing_certificate(
@@ -121,6 +105,21 @@ def signing_certificate(
     The registry's `rootcertbundle` trusts it as a root (it verifies token `x5c` chains
     against it), so it is a CA certificate with digitalSignature for the tokens.
     """
+    usage = x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=False,
+        encipher_only=False, decipher_only=False,
+    )
+    return _self_issued(key_pem, common_name, days, now, [
+        (x509.BasicConstraints(ca=True, path_length=0), True),
+        (usage, True),
+    ])
+
+
+def _self_issued(key_pem: bytes, common_name: str, days: int, now: dt.datetime | None,
+                 extensions: list[tuple[x509.ExtensionType, bool]]) -> bytes:
+    """A certificate its own key signs: subject = issuer = CN, backdated, with the
+    given (extension, critical) pairs and a subject key identifier."""
     key = _load_private_key(key_pem)
     start = _utc(now) - _BACKDATE
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -132,25 +131,11 @@ def signing_certificate(
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(start + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-        )
     )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    builder = builder.add_extension(
+        x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 

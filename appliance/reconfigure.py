@@ -220,9 +220,11 @@ def reload_service(supervisor: Supervisor, name: str) -> None:
 
 def service_addresses(settings: Settings, services: set[str]) -> dict[str, str]:
     """Where each started service answers once it is ready."""
+    from recipes import registry
+
     addresses = {}
     if "registry" in services:
-        addresses["registry"] = settings.registry.http_addr
+        addresses["registry"] = registry.address(settings)
     if "auth" in services:
         addresses["auth"] = settings.auth.listen_addr
     if "nginx" in services and settings.registry_nginx.enable:
@@ -235,13 +237,21 @@ def service_addresses(settings: Settings, services: set[str]) -> dict[str, str]:
 def wait_listening(addresses: dict[str, str], timeout: float = 30) -> None:
     import socket
 
-    deadline = time.monotonic() + timeout
-    for service, address in addresses.items():
+    def connect(address: str) -> None:
+        if address.startswith("/"):  # a unix socket
+            with socket.socket(socket.AF_UNIX) as unix:
+                unix.settimeout(1)
+                unix.connect(address)
+            return
         host, _, port = address.rpartition(":")
         host = "127.0.0.1" if host in ("localhost", "0.0.0.0", "") else host.strip("[]")
+        socket.create_connection((host, int(port)), timeout=1).close()
+
+    deadline = time.monotonic() + timeout
+    for service, address in addresses.items():
         while True:
             try:
-                socket.create_connection((host, int(port)), timeout=1).close()
+                connect(address)
                 break
             except OSError as exc:
                 if time.monotonic() > deadline:

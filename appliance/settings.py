@@ -153,6 +153,14 @@ def check_username(value: str) -> str | None:
     return None if re.match(r"^[a-z_][a-z0-9_-]{0,31}$", value) else "a system user name"
 
 
+# sun_path holds 108 bytes, the last one NUL.
+UNIX_PATH_MAX = 107
+
+
+def check_listen_network(value: str) -> str | None:
+    return None if value in ("tcp", "unix") else "tcp or unix"
+
+
 def check_log_level(value: str) -> str | None:
     levels = ("error", "warn", "info", "debug")
     return None if value in levels else "one of " + ", ".join(levels)
@@ -189,6 +197,11 @@ class RegistrySettings:
                                  "images stay on disk.")
     http_addr: str = setting("127.0.0.1:5000", "Internal address the registry listens on "
                              "(nginx proxies to it). Not the public port.", check_host_port)
+    listen_network: str = setting("tcp", "tcp: the registry listens on http_addr. unix: on "
+                                  "<root>/var/opt/appliance/registry-socket/registry.sock, "
+                                  "which only nginx may connect to; no TCP hop behind nginx, "
+                                  "faster pushes and pulls (README, Benchmarks), no TCP port.",
+                                  check_listen_network)
     storage_path: str | None = setting(None, "Filesystem storage directory. "
                                        "Default: <root>/var/opt/appliance/registry/data.",
                                        check_safe_path)
@@ -333,6 +346,7 @@ class Paths:
     supervisor_socket: Path
     registry_dir: Path
     registry_config: Path
+    registry_socket: Path
     token_bundle: Path
     nginx_dir: Path
     nginx_config: Path
@@ -355,6 +369,8 @@ class Paths:
             supervisor_config=data / "supervisor/supervisord.conf",
             supervisor_socket=data / "supervisor/supervisor.sock",
             registry_dir=data / "registry", registry_config=data / "registry/config.yml",
+            # Not under registry/: nginx's workers must reach the socket, not the config.
+            registry_socket=data / "registry-socket/registry.sock",
             token_bundle=data / "registry/token-bundle.crt",
             nginx_dir=data / "nginx", nginx_config=data / "nginx/conf/nginx.conf",
             acme_webroot=data / "nginx/acme-webroot",
@@ -679,6 +695,13 @@ def _cross_checks(s: Settings, rejected: set[str] | None = None) -> list[str]:
             problems.append(f"{name}: {value} is also {ports[value]}; pick another port")
         ports[value] = name
     addrs = {"registry.http_addr": s.registry.http_addr, "auth.listen_addr": s.auth.listen_addr}
+    if s.registry.listen_network == "unix":
+        del addrs["registry.http_addr"]  # the registry has no TCP port
+        socket = Paths.under(Path(s.root), Path(DEFAULT_CONFIG)).registry_socket
+        if len(bytes(socket)) > UNIX_PATH_MAX:
+            problems.append(f"registry.listen_network: the socket path {socket} is longer "
+                            f"than the {UNIX_PATH_MAX} bytes a unix socket may have; use a "
+                            f"shorter root, or listen_network: tcp")
     if s.registry.debug_addr:
         addrs["registry.debug_addr"] = s.registry.debug_addr
     seen: dict[str, str] = {}

@@ -24,6 +24,7 @@ from appliance.secrets import Secrets
 from appliance.settings import Settings
 from recipes import supervisor
 from recipes.base import service_user
+from recipes.registry import address as registry_address
 
 NGINX_BINARY = "/usr/sbin/nginx"  # Debian's nginx-light
 
@@ -64,6 +65,8 @@ def upstream_address(address: str) -> str:
     ::1 first, where nothing listens: requests meet refused connections, logged as
     errors. So `localhost` becomes the address the services actually bind.
     """
+    if address.startswith("/"):
+        return f"unix:{address}"
     host, _, port = address.rpartition(":")
     return f"127.0.0.1:{port}" if host.lower() == "localhost" else address
 
@@ -80,7 +83,7 @@ def config_context(settings: Settings) -> dict:
             "ssl_certificate_key": rn.ssl_certificate_key,
             # Either may be off: the vhost of a token service for an external registry
             # (registry.enable: false, auth.enable: true) serves /jwt/auth alone.
-            "upstream": upstream_address(settings.registry.http_addr)
+            "upstream": upstream_address(registry_address(settings))
             if settings.registry.enable else None,
             "auth_upstream": upstream_address(settings.auth.listen_addr)
             if settings.auth.enable else None,

@@ -138,12 +138,21 @@ def secret_values(settings: Settings, secrets: Secrets) -> list[str]:
     return found
 
 
+def address(settings: Settings) -> str:
+    """Where the registry answers: http_addr, or the socket path, which is also what
+    reconfigure waits on and what nginx's upstream names (`unix:` + path)."""
+    if settings.registry.listen_network == "unix":
+        return str(settings.paths.registry_socket)
+    return settings.registry.http_addr
+
+
 def config_context(settings: Settings, secrets: Secrets) -> dict:
     r = settings.registry
     return {
         "log_level": r.log_level,
         "storage": storage(settings),
-        "http_addr": r.http_addr,
+        "http_net": "unix" if r.listen_network == "unix" else None,
+        "http_addr": address(settings),
         "http_secret": secrets.registry_http_secret,
         "debug_addr": r.debug_addr,
         "token_realm": settings.token_realm,
@@ -169,6 +178,14 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
     data = filesystem_root(settings)
     if data is not None:
         out.append(Directory(data, 0o750, owner=user, group=user))
+    umask = None
+    if settings.registry.listen_network == "unix":
+        # nginx's workers connect to the socket, which takes write permission on it. The
+        # registry creates it under umask 007, and the set-group-id directory hands it the
+        # web server's group: nginx may connect, other local users may not even look.
+        web_user = service_user(settings, settings.web_server.username)
+        out.append(Directory(p.registry_socket.parent, 0o2750, owner=user, group=web_user))
+        umask = "007"
     out += [
         # The certificate of the token-signing key, from the same secrets entry the auth
         # service signs with: the registry cannot trust a key other than the one in use.
@@ -180,6 +197,6 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
         *supervisor.program(settings, "registry",
                             [registry_binary(), "serve", str(p.registry_config)],
                             user=user, environment=dict(settings.registry.env),
-                            stopsignal="TERM"),
+                            stopsignal="TERM", umask=umask),
     ]
     return out

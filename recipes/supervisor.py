@@ -57,7 +57,8 @@ def quote_environment(environment: dict[str, object]) -> str:
 
 def program(settings: Settings, name: str, command: list[str], user: str | None = None,
             environment: dict[str, object] | None = None, directory: Path | None = None,
-            stopsignal: str = "TERM", stopwaitsecs: int = 30) -> list[Resource]:
+            stopsignal: str = "TERM", stopwaitsecs: int = 30,
+            umask: str | None = None) -> list[Resource]:
     """The log directory and program file that make supervisord run `command` as `name`.
 
     The log directory belongs to the service's account, so the service may write logs
@@ -75,6 +76,7 @@ def program(settings: Settings, name: str, command: list[str], user: str | None 
             "directory": str(directory) if directory else None,
             "stopsignal": stopsignal,
             "stopwaitsecs": stopwaitsecs,
+            "umask": umask,
             "log_file": str(service_log(settings, name)),
             "max_bytes": settings.logging.max_bytes,
             "backups": settings.logging.backups,

@@ -132,6 +132,13 @@ def test_internal_addresses_change_the_upstreams(tmp_path):
     assert "server 127.0.0.1:6000;" in config and "server 127.0.0.1:6100;" in config
 
 
+def test_registry_on_a_socket_is_the_upstream():
+    root = Path("/srv/appliance")  # pytest's tmp_path is too long for a socket path
+    config = nginx_config(settings_for(root, registry={"listen_network": "unix"}))
+    assert "upstream registry {\n        server unix:/srv/appliance/var/opt/appliance/" \
+           "registry-socket/registry.sock;" in config
+
+
 def test_registry_on_its_own_domain_listens_on_443_with_that_domains_certificate(tmp_path):
     settings = settings_for(tmp_path, external_url="https://gitlab.example.com",
                             registry_external_url="https://registry.example.com",

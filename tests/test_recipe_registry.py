@@ -166,6 +166,17 @@ def test_http_addr_is_where_the_registry_listens(tmp_path):
     assert config["http"]["addr"] == "127.0.0.1:6000"
 
 
+def test_on_a_unix_socket_the_registry_listens_there_under_umask_007():
+    root = Path("/srv/appliance")  # pytest's tmp_path is too long for a socket path
+    config = rendered_config(root, registry={"listen_network": "unix"})
+    assert config["http"]["net"] == "unix"
+    assert config["http"]["addr"] == \
+        "/srv/appliance/var/opt/appliance/registry-socket/registry.sock"
+    assert program_file(root, registry={"listen_network": "unix"})["umask"] == "007"
+    assert "umask" not in program_file(root)
+    assert "net" not in rendered_config(root)["http"]
+
+
 def test_env_reaches_the_program_exactly_as_given(tmp_path):
     env = {"REGISTRY_HTTP_RELATIVEURLS": True, "REGISTRY_LOG_FIELDS_SITE": "a,b=c 100%",
            "REGISTRY_QUOTED": 'say "hi" now', "REGISTRY_NUMBER": 3}

@@ -26,13 +26,16 @@ changes a setting puts it back (`reconfigured`), so the tests stay independent.
 from __future__ import annotations
 
 import copy
+import grp
 import hashlib
 import http.client
 import itertools
 import json
 import os
+import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import threading
@@ -539,6 +542,47 @@ def test_new_internal_port_restarts_the_registry_and_reloads_nginx(appliance, cl
         image = build_image(tmp_path / "image", tag="moved")
         client.push(image, "root/moved", "moved")
         assert client.list_tags("root/moved") == ["moved"]
+
+
+def test_registry_on_a_unix_socket_has_no_tcp_port_and_only_nginx_may_connect(
+        appliance, client, tmp_path):
+    before = appliance.wait_until_running()
+    http_addr = appliance.config["registry"]["http_addr"]
+    sock = appliance.root / "var/opt/appliance/registry-socket/registry.sock"
+    nginx_config = appliance.root / "var/opt/appliance/nginx/conf/nginx.conf"
+    with reconfigured(appliance, {"registry": {"listen_network": "unix"}}) as run:
+        assert "registry (changed and started)" in run.stdout, run.stdout
+        assert "+ service nginx (reloaded)" in run.stdout
+        assert appliance.pids()["registry"] != before["registry"]
+        assert appliance.pids()["nginx"] == before["nginx"]
+        assert f"server unix:{sock};" in nginx_config.read_text()
+        assert not is_listening(http_addr)
+        assert stat.S_ISSOCK(sock.lstat().st_mode)
+        assert sock.lstat().st_mode & 0o007 == 0  # no other local user may connect
+        assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o2750
+        if os.geteuid() == 0:  # the accounts exist: nginx's group, and nobody else's
+            assert grp.getgrgid(sock.lstat().st_gid).gr_name == "appliance-www"
+            outsider = subprocess.run(
+                ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                 sys.executable, "-c", "import socket, sys; "
+                 "socket.socket(socket.AF_UNIX).connect(sys.argv[1])", str(sock)],
+                capture_output=True, text=True)
+            assert "PermissionError" in outsider.stderr, outsider.stderr
+        image = build_image(tmp_path / "image", tag="socket")
+        client.push(image, "root/socket", "socket")
+        assert client.pull("root/socket", "socket", tmp_path / "pulled").layer_digests \
+            == image.layer_digests
+        # kill -9 leaves the socket file behind; the registry's next start replaces it.
+        killed = appliance.pids()["registry"]
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while appliance.pids().get("registry") in (None, killed):
+            assert time.monotonic() < deadline, appliance.ctl("status", check=False).stdout
+            time.sleep(0.2)
+        appliance.wait_listening()
+        client.push(build_image(tmp_path / "again", tag="again"), "root/socket", "again")
+        assert client.list_tags("root/socket") == ["again", "socket"]
+    assert is_listening(http_addr)  # back on TCP
 
 
 # ---------------------------------------------------------------- enable

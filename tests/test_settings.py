@@ -235,6 +235,14 @@ BAD_CONFIGS = {
     "debug on the registry's address": (
         {"registry": {"http_addr": "127.0.0.1:6000", "debug_addr": "127.0.0.1:6000"}},
         ["registry.debug_addr: 127.0.0.1:6000 is also registry.http_addr; pick another port"]),
+    "listen_network neither tcp nor unix": (
+        {"registry": {"listen_network": "socket"}},
+        ['registry.listen_network: "socket" is not tcp or unix']),
+    "socket path too long for a unix socket": (
+        {"root": "/srv/" + "r" * 60, "registry": {"listen_network": "unix"}},
+        [f"registry.listen_network: the socket path /srv/{'r' * 60}/var/opt/appliance/"
+         f"registry-socket/registry.sock is longer than the 107 bytes a unix socket may have; "
+         f"use a shorter root, or listen_network: tcp"]),
     "';' in root": (
         {"root": "/srv/a;b"},
         [f'root: "/srv/a;b" {PATH_MSG}']),
@@ -446,6 +454,9 @@ DERIVATIONS = {
     "same port as the vhost on another address is fine": (
         {"registry": {"http_addr": "127.0.0.1:5050"}, "nginx": {"listen_addresses": ["192.0.2.7"]}},
         {"registry.http_addr": "127.0.0.1:5050", "registry_nginx.listen_port": 5050}),
+    "on a socket the registry's http_addr may be anything": (
+        {"registry": {"listen_network": "unix", "http_addr": "127.0.0.1:5050"}},
+        {"registry.listen_network": "unix"}),
     "registry off turns its vhost off": (
         {"registry": {"enable": False}},
         {"registry_nginx.enable": False}),

@@ -135,13 +135,20 @@ class ApplianceUnderTest:
                                      f"{self.ctl('status', check=False).stdout}")
             time.sleep(0.2)
 
+    @property
+    def registry_internal_address(self) -> str:
+        """Where nginx reaches the registry: http_addr, or its socket (listen_network)."""
+        if self.config["registry"].get("listen_network") == "unix":
+            return str(self.root / "var/opt/appliance/registry-socket/registry.sock")
+        return self.config["registry"]["http_addr"]
+
     def wait_listening(self, timeout: float = 20) -> None:
         """Until nginx, the registry and the token service all accept connections."""
         from appliance.reconfigure import wait_listening
 
         port = self.registry_address.rsplit(":", 1)[1]
         wait_listening({"nginx": f"127.0.0.1:{port}",
-                        "registry": self.config["registry"]["http_addr"],
+                        "registry": self.registry_internal_address,
                         "auth": self.config["auth"]["listen_addr"]}, timeout)
 
     def shutdown(self) -> None:

@@ -199,8 +199,9 @@ class RegistrySettings:
                              "(nginx proxies to it). Not the public port.", check_host_port)
     listen_network: str = setting("tcp", "tcp: the registry listens on http_addr. unix: on "
                                   "<root>/var/opt/appliance/registry-socket/registry.sock, "
-                                  "which only nginx may connect to; no TCP hop behind nginx, "
-                                  "faster pushes and pulls (README, Benchmarks), no TCP port.",
+                                  "which only nginx may connect to: no TCP port for the "
+                                  "registry, and pulls through nginx a few points faster "
+                                  "(README, Benchmarks).",
                                   check_listen_network)
     storage_path: str | None = setting(None, "Filesystem storage directory. "
                                        "Default: <root>/var/opt/appliance/registry/data.",

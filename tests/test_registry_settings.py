@@ -11,6 +11,8 @@ real processes show what it does:
 - storage_path and the s3 driver (a real moto server): blobs land where they are told,
   redirect.disable decides between streaming and a redirect to the bucket;
 - http_addr: the registry restarts on the new address, nginx reloads (same master);
+- listen_network: unix: no TCP port, a socket only nginx's account may connect to, one
+  that survives a kill -9 of the registry;
 - internal_key, key_path, issuer: tokens signed with that key are the ones accepted;
 - log_level, logging.max_bytes/backups: the registry logs at that level; every
   service logs under the log directory, capped and rotated;

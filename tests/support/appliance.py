@@ -138,8 +138,10 @@ class ApplianceUnderTest:
     @property
     def registry_internal_address(self) -> str:
         """Where nginx reaches the registry: http_addr, or its socket (listen_network)."""
+        from appliance.settings import Paths
+
         if self.config["registry"].get("listen_network") == "unix":
-            return str(self.root / "var/opt/appliance/registry-socket/registry.sock")
+            return str(Paths.under(self.root, self.config_file).registry_socket)
         return self.config["registry"]["http_addr"]
 
     def wait_listening(self, timeout: float = 20) -> None:

@@ -204,10 +204,6 @@ def main(argv: list[str]) -> None:
     os.execv(nginx[0], nginx)
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
-
-
 def worker_pids(master: int) -> list[int]:
     try:
         return [int(p) for p in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
@@ -237,3 +233,7 @@ def wait_reloaded(old_workers: list[int], timeout: float = 5.0) -> None:
             return
         old_workers = serving
         time.sleep(0.02)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

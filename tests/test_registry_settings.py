@@ -43,7 +43,6 @@ import sys
 import threading
 import time
 import urllib.request
-from base64 import b64encode
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -131,14 +130,6 @@ def tls_context(appliance: ApplianceUnderTest) -> ssl.SSLContext:
 
 def registry_port(appliance: ApplianceUnderTest) -> int:
     return int(appliance.registry_address.rsplit(":", 1)[1])
-
-
-def token(appliance: ApplianceUnderTest, scope: str) -> str:
-    credentials = b64encode(f"root:{appliance.password}".encode()).decode()
-    url = (f"https://{appliance.registry_address}/jwt/auth?service=container_registry"
-           f"&scope={scope}")
-    with get(url, tls_context(appliance), {"Authorization": f"Basic {credentials}"}) as reply:
-        return json.load(reply)["token"]
 
 
 def served_certificate(port: int, server_name: str, cafile: Path | None = None) -> bytes:
@@ -377,7 +368,7 @@ def test_ignored_actions_are_not_sent(appliance, listener, client, tmp_path):
 
 def start_upload(appliance: ApplianceUnderTest, repository: str) -> str:
     """Location of a new blob upload, asked through nginx with a token from /jwt/auth."""
-    bearer = token(appliance, f"repository:{repository}:push,pull")
+    bearer = appliance.token(f"repository:{repository}:push,pull")
     request = urllib.request.Request(
         f"https://{appliance.registry_address}/v2/{repository}/blobs/uploads/", method="POST",
         headers={"Authorization": f"Bearer {bearer}", "Content-Length": "0"})
@@ -512,7 +503,7 @@ def test_s3_storage_puts_the_blobs_in_the_bucket_and_redirects_as_told(appliance
 def fetch_blob(appliance: ApplianceUnderTest, repository: str, digest: str
                ) -> tuple[int, str | None, bytes]:
     """(status, Location, body) of a blob GET through nginx; redirects are not followed."""
-    bearer = token(appliance, f"repository:{repository}:pull")
+    bearer = appliance.token(f"repository:{repository}:pull")
     connection = http.client.HTTPSConnection(appliance.host, registry_port(appliance),
                                              context=tls_context(appliance), timeout=30)
     try:
@@ -740,7 +731,7 @@ def test_token_signing_key_given_in_the_config_is_the_one_the_registry_trusts(
         assert after["registry"] != before["registry"] and after["auth"] != before["auth"]
         assert key_path.read_bytes() == key
         assert pki.public_key_matches(bundle.read_bytes(), key)
-        claims = jwt.decode(token(appliance, "repository:root/signed:push,pull"),
+        claims = jwt.decode(appliance.token("repository:root/signed:push,pull"),
                             load_pem_private_key(key, None).public_key(),
                             algorithms=["RS256"], audience="container_registry")
         assert claims["iss"] == "corp-issuer"

@@ -92,6 +92,21 @@ class ApplianceUnderTest:
     def certificate(self) -> Path:
         return self.root / f"etc/appliance/ssl/{self.host}.crt"
 
+    def token(self, scope: str) -> str:
+        """A bearer token for root from the token service, through the TLS vhost."""
+        import base64
+        import json
+        import ssl
+        import urllib.request
+
+        credentials = base64.b64encode(f"root:{self.password}".encode()).decode()
+        request = urllib.request.Request(
+            f"https://{self.registry_address}/jwt/auth?service=container_registry"
+            f"&scope={scope}", headers={"Authorization": f"Basic {credentials}"})
+        context = ssl.create_default_context(cafile=str(self.certificate))
+        with urllib.request.urlopen(request, context=context, timeout=30) as reply:
+            return json.load(reply)["token"]
+
     def ctl(self, *args: str, check: bool = True, input: str | None = None,
             timeout: float = 120) -> subprocess.CompletedProcess:
         result = subprocess.run([str(BIN / "appliance-ctl"), "-c", str(self.config_file), *args],

@@ -24,11 +24,10 @@ from typing import BinaryIO
 from supervisor.xmlrpc import Faults, SupervisorTransport
 
 from appliance.errors import ServiceError
+from appliance.settings import UNIX_PATH_MAX
 
 # The packaged unit that runs supervisord on a systemd host (packaging/).
 SYSTEMD_UNIT = "appliance-runsvdir.service"
-# Longest path the kernel accepts for an AF_UNIX socket (sun_path is 108 bytes with NUL).
-MAX_SOCKET_PATH = 107
 TAIL_INITIAL_BYTES = 8192
 TAIL_POLL_SECONDS = 0.5
 
@@ -75,10 +74,10 @@ class Supervisor:
     # -- supervisord itself -------------------------------------------------------------
 
     def _server(self) -> xmlrpc.client.ServerProxy:
-        if len(os.fsencode(self.socket_path)) > MAX_SOCKET_PATH:
+        if len(os.fsencode(self.socket_path)) > UNIX_PATH_MAX:
             raise ServiceError(
                 f"The supervisord socket path {self.socket_path} is longer than "
-                f"{MAX_SOCKET_PATH} bytes, the limit of a unix socket; use a shorter root."
+                f"{UNIX_PATH_MAX} bytes, the limit of a unix socket; use a shorter root."
             )
         transport = SupervisorTransport(None, None, f"unix://{self.socket_path}")
         # The host part is ignored: the transport always dials the unix socket.
@@ -271,8 +270,8 @@ class Supervisor:
         where = ""
         try:
             log = Path(self._call("getProcessInfo", name)["stdout_logfile"])  # type: ignore[index]
-            where = f"; its log {log} ends with: {_last_line(log)}" if _last_line(log) \
-                else f"; see {log}"
+            last = _last_line(log)
+            where = f"; its log {log} ends with: {last}" if last else f"; see {log}"
         except (xmlrpc.client.Fault, TypeError, OSError):
             pass
         return ServiceError(f"Cannot {action} {name}: {fault.faultString}{where}")

@@ -153,7 +153,7 @@ def check_username(value: str) -> str | None:
     return None if re.match(r"^[a-z_][a-z0-9_-]{0,31}$", value) else "a system user name"
 
 
-# sun_path holds 108 bytes, the last one NUL.
+# Longest path the kernel accepts for an AF_UNIX socket (sun_path is 108 bytes with NUL).
 UNIX_PATH_MAX = 107
 
 

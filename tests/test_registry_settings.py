@@ -53,6 +53,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from appliance import pki
+from recipes.nginx import worker_pids
 from tests.support.appliance import ApplianceUnderTest, free_port
 from tests.support.oci import CONFIG_TYPE, OciImage, build_image
 from tests.support.pebble import NamedSkopeo
@@ -204,27 +205,18 @@ def push_schema1(client: Skopeo, image: OciImage, repository: str) -> None:
 
 
 def nginx_workers(appliance: ApplianceUnderTest) -> set[int]:
-    """Pids of the nginx master's children (its workers), from /proc."""
+    """Pids of the nginx master's children (its workers)."""
     master = appliance.pids().get("nginx")
-    workers = set()
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
-        except OSError:
-            continue
-        if stat and int(stat.rsplit(")", 1)[1].split()[1]) == master:
-            workers.add(int(entry.name))
-    return workers
+    return set(worker_pids(master)) if master else set()
 
 
 def converge(appliance: ApplianceUnderTest) -> subprocess.CompletedProcess:
     """Reconfigure, then wait until nginx's workers from before a reload are gone.
 
-    reconfigure returns right after sending nginx its HUP; until the master has started
-    new workers and retired the old ones (tens of milliseconds), a new connection can
-    still land on an old worker, which proxies to the previous upstream: a push made at
-    once after an http_addr change met a 502 in most runs. (Reported; until reconfigure
-    waits for the reload itself, the tests do.)
+    reconfigure itself returns once the old workers stop taking connections (a push
+    made at once after an http_addr change must not meet an old worker's 502); they may
+    still be finishing transfers. The tests wait until they have exited, so that one
+    test's reload is over before the next test starts.
     """
     before = nginx_workers(appliance)
     result = appliance.reconfigure()

@@ -29,6 +29,7 @@ import oras.auth.utils
 import oras.client
 import pytest
 
+from recipes.nginx import worker_pids
 from tests.support.appliance import ApplianceUnderTest
 from tests.support.oci import build_image
 from tests.support.skopeo import SkopeoError
@@ -179,17 +180,7 @@ def audit_length(appliance: ApplianceUnderTest) -> int:
 
 def auth_workers(appliance: ApplianceUnderTest) -> set[int]:
     """The gunicorn workers: children of the process supervisord runs as `auth`."""
-    master = appliance.wait_until_running()["auth"]
-    workers = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(stat[1]) == master:
-                workers.add(int(entry.name))
-    return workers
+    return set(worker_pids(appliance.wait_until_running()["auth"]))
 
 
 def statuses_from_every_worker(appliance: ApplianceUnderTest, user: str, password: str,

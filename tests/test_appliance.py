@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import ssl
 import time
 import urllib.error
@@ -153,20 +152,11 @@ def test_restart_registry_then_push_again(appliance, client, tmp_path):
 
 @pytest.mark.parametrize("service", ["nginx", "registry", "auth"])
 def test_killed_service_comes_back(appliance, service):
-    before = appliance.wait_until_running()
-    os.kill(before[service], signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        pids = appliance.pids()
-        if service in pids and pids[service] != before[service]:
-            break
-        time.sleep(0.2)
-    else:
-        pytest.fail(f"{service} did not come back: {appliance.ctl('status', check=False).stdout}")
+    back = appliance.kill_and_wait_back(service)
     # Back for good, not in a start-fail loop (a killed nginx master leaves workers that
     # hold its ports), and answering through the vhost.
     time.sleep(1.5)
-    assert appliance.pids()[service] == pids[service]
+    assert appliance.pids()[service] == back
     appliance.wait_listening()
     assert registry_answer(appliance) == 401
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -147,6 +148,21 @@ class ApplianceUnderTest:
                 return pids
             if time.monotonic() > deadline:
                 raise AssertionError(f"services not running after {timeout}s: "
+                                     f"{self.ctl('status', check=False).stdout}")
+            time.sleep(0.2)
+
+    def kill_and_wait_back(self, service: str, timeout: float = 20) -> int:
+        """kill -9 the service, as a crash or the OOM killer would; its new pid once
+        supervisord has started it again."""
+        killed = self.wait_until_running()[service]
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid = self.pids().get(service)
+            if pid not in (None, killed):
+                return pid
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{service} did not come back: "
                                      f"{self.ctl('status', check=False).stdout}")
             time.sleep(0.2)
 

@@ -4,18 +4,16 @@ registry it does not manage trusts its tokens."""
 
 from __future__ import annotations
 
-import socket
 import ssl
-import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.support.appliance import ApplianceUnderTest, free_port
+from appliance.auth.config import load as load_auth_config
+from tests.support.appliance import ApplianceUnderTest
+from tests.support.auth_registry import Registry
 from tests.support.oci import build_image
 from tests.support.skopeo import Skopeo, SkopeoError
 
@@ -33,38 +31,12 @@ def appliance():
 
 @pytest.fixture(scope="module")
 def external_registry(appliance, tmp_path_factory):
-    """A docker-registry of its own, configured the way the guide's external one is."""
-    work = tmp_path_factory.mktemp("external-registry")
-    port = free_port()
-    config = {
-        "version": 0.1,
-        "log": {"level": "info"},
-        "storage": {"filesystem": {"rootdirectory": str(work / "data")},
-                    "delete": {"enabled": True}},
-        "http": {"addr": f"127.0.0.1:{port}", "secret": "external"},
-        "auth": {"token": {
-            "realm": f"https://{appliance.registry_address}/jwt/auth",
-            "service": "container_registry",
-            "issuer": "appliance-issuer",
-            "rootcertbundle": str(appliance.root / "var/opt/appliance/auth/token-signing.crt"),
-        }},
-    }
-    (work / "config.yml").write_text(yaml.safe_dump(config))
-    log = open(work / "registry.log", "w")
-    process = subprocess.Popen(["docker-registry", "serve", str(work / "config.yml")],
-                               stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, (work / "registry.log").read_text()
-            time.sleep(0.1)
-    yield f"127.0.0.1:{port}"
-    process.terminate()
-    process.wait(timeout=10)
-    log.close()
+    """A docker-registry of its own, configured the way the guide's external one is:
+    realm, service, issuer and rootcertbundle as the appliance's token service has them."""
+    auth = load_auth_config(appliance.root / "var/opt/appliance/auth/config.json")
+    registry = Registry(tmp_path_factory.mktemp("external-registry"), auth).start()
+    yield registry.address
+    registry.stop()
 
 
 def status_of(appliance: ApplianceUnderTest, path: str) -> int:

@@ -7,7 +7,6 @@ that nginx refuses would fail the reload on a live host.
 
 from __future__ import annotations
 
-import dataclasses
 import shlex
 import subprocess
 from pathlib import Path
@@ -17,17 +16,8 @@ import pytest
 from appliance import pki
 from appliance.errors import ConfigError, ResourceError
 from appliance.resources import reload
-from appliance.secrets import Secrets
-from appliance.settings import load
 from recipes import nginx, supervisor
-
-SECRETS = Secrets("KEY", "CERT", "http-secret", "auth-secret", "ACCOUNT")
-
-
-def settings_for(root: Path, run_as_root: bool = False, **overrides: object):
-    settings = load(root / "etc/appliance/appliance.yml", overrides={"root": str(root),
-                                                                     **overrides})
-    return dataclasses.replace(settings, run_as_root=run_as_root)
+from tests.support.recipes import SECRETS, settings_for
 
 
 def nginx_config(settings) -> str:

@@ -6,7 +6,6 @@ it. Processes are the whole-appliance tests' business.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,8 @@ from supervisor.datatypes import dict_of_key_value_pairs
 from appliance.errors import ConfigError
 from appliance.resources import Absent, Directory, PathState, restart
 from appliance.secrets import Secrets
-from appliance.settings import load
 from recipes import registry, supervisor
+from tests.support.recipes import settings_for
 
 SECRETS = Secrets(
     token_signing_key="KEY",
@@ -26,12 +25,6 @@ SECRETS = Secrets(
     auth_secret="auth-secret",
     letsencrypt_account_key="ACCOUNT",
 )
-
-
-def settings_for(root: Path, run_as_root: bool = False, **overrides: object):
-    settings = load(root / "etc/appliance/appliance.yml", overrides={"root": str(root),
-                                                                     **overrides})
-    return dataclasses.replace(settings, run_as_root=run_as_root)
 
 
 def by_path(resources: list, path: Path):

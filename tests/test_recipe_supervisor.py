@@ -7,25 +7,14 @@ argv or environment, not as a string that merely looks right.
 
 from __future__ import annotations
 
-import dataclasses
 import shlex
 import signal
-from pathlib import Path
 
 from supervisor.options import ServerOptions
 
 from appliance.resources import Directory
-from appliance.secrets import Secrets
-from appliance.settings import load
 from recipes import supervisor
-
-SECRETS = Secrets("KEY", "CERT", "http-secret", "auth-secret", "ACCOUNT")
-
-
-def settings_for(root: Path, run_as_root: bool = False, **overrides: object):
-    settings = load(root / "etc/appliance/appliance.yml", overrides={"root": str(root),
-                                                                     **overrides})
-    return dataclasses.replace(settings, run_as_root=run_as_root)
+from tests.support.recipes import SECRETS, settings_for
 
 
 def write(resources: list) -> None:

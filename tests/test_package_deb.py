@@ -39,6 +39,8 @@ ARCHIVES = CACHE / "apt-archives"
 PACKAGES_IN_ROOT = "/var/tmp/packages"
 CONFIG = "/etc/appliance/appliance.yml"
 ACCOUNTS = ("appliance-registry", "appliance-auth", "appliance-www")
+# What the appliance runs; none of it may outlive a remove.
+APPLIANCE_PROCESSES = {"supervisord", "nginx", "docker-registry"}
 NEXT_STEP = "Edit /etc/appliance/appliance.yml, then run: sudo appliance-ctl reconfigure"
 ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -130,6 +132,13 @@ class IsolatedRoot:
                 except OSError:
                     pass
         return names
+
+    def wait_until_stopped(self, timeout: float = 10) -> None:
+        """Until none of the appliance's processes runs in the namespace any more."""
+        deadline = time.monotonic() + timeout
+        while APPLIANCE_PROCESSES & set(self.process_names()):
+            assert time.monotonic() < deadline, self.process_names()
+            time.sleep(0.2)
 
     def path(self, path: str) -> Path:
         return self.root / path.lstrip("/")
@@ -362,7 +371,7 @@ def test_install_on_clean_debian_starts_nothing_and_says_what_next(host: Host):
     assert cached[1] == "True"
 
     # Nothing started: no supervisord, nginx or registry before the admin reconfigures.
-    assert not {"supervisord", "nginx", "docker-registry"} & set(host.system.process_names())
+    assert not APPLIANCE_PROCESSES & set(host.system.process_names())
 
 
 def test_admin_edits_the_config(host: Host):
@@ -441,10 +450,7 @@ def test_remove_stops_everything_and_keeps_config_and_accounts(host: Host):
     assert result.returncode == 0, result.stdout + result.stderr
     assert dpkg_status(host)[0] == "deinstall ok config-files"
 
-    deadline = time.monotonic() + 10
-    while {"supervisord", "nginx", "docker-registry"} & set(host.system.process_names()):
-        assert time.monotonic() < deadline, host.system.process_names()
-        time.sleep(0.2)
+    host.system.wait_until_stopped()
     assert not host.system.path("/opt/appliance").exists()
     assert not host.system.path("/usr/bin/appliance-ctl").exists()
     assert host.system.path(CONFIG).read_text() == host.admin_config

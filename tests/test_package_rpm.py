@@ -17,7 +17,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,11 +192,7 @@ def test_erase_stops_everything_keeps_data_and_the_edited_config_as_rpmsave(rpm_
     assert "scriptlet failed" not in result.stderr, result.stderr
     assert rpm_root.rpm("-q", "appliance").returncode != 0
     assert rpm_root.path(CONFIG + ".rpmsave").read_text() == rpm_root.host.admin_config
-    deadline = time.monotonic() + 10
-    while {"supervisord", "nginx", "docker-registry"} & \
-            set(rpm_root.host.system.process_names()):
-        assert time.monotonic() < deadline, rpm_root.host.system.process_names()
-        time.sleep(0.2)
+    rpm_root.host.system.wait_until_stopped()
     # %preun removed the bytecode, so nothing is left of the package's tree.
     assert not rpm_root.path("opt/appliance").exists()
     assert rpm_root.path("etc/appliance/appliance-secrets.json").is_file()

@@ -216,7 +216,7 @@ def test_config_change_reloads_nginx_and_the_program_stops_it_gracefully(tmp_pat
     [command] = [x for x in text.splitlines() if x.startswith("command = ")]
     argv = shlex.split(command.removeprefix("command = "))
     # The launcher retires a killed master's orphaned workers, then execs nginx.
-    assert argv == [supervisor.executable("python"), "-m", "recipes.nginx",
+    assert argv == [supervisor.executable("python"), "-m", "appliance.programs.nginx",
                     str(nginx.pid_file(settings)),
                     "/usr/sbin/nginx", "-e", "stderr", "-p", str(nginx.prefix(settings)),
                     "-c", str(settings.paths.nginx_config), "-g", "daemon off;"]

@@ -1,0 +1,1 @@
+"""Programs supervisord runs: process wrappers and daemons, not recipes."""

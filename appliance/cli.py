@@ -58,7 +58,6 @@ def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("renew-certs", help="renew Let's Encrypt certificates that are due")
     p.add_argument("--force", action="store_true", help="renew even if not due")
-    p.add_argument("--daemon", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_renew_certs)
 
     if with_auth_commands:
@@ -155,8 +154,6 @@ def cmd_tail(args: argparse.Namespace, s: settings_module.Settings) -> int:
 def cmd_renew_certs(args: argparse.Namespace, s: settings_module.Settings) -> int:
     from recipes import tls
 
-    if args.daemon:
-        return tls.renew_forever(s)
     return tls.renew(s, force=args.force)
 
 

@@ -413,6 +413,13 @@ class Settings:
     token_realm: str = field(default="", metadata={"derived": True})
     run_as_root: bool = field(default=False, metadata={"derived": True})
     tls_mode: str = field(default="", metadata={"derived": True})  # letsencrypt|files|self-signed
+    # Host facts, read once per run by load() (with_host_facts): every recipe of a run
+    # sees the same host, however often it asks, and whatever changes on disk meanwhile.
+    # Not part of what the settings are: two equal configs are equal settings.
+    config_file_present: bool = field(default=False, compare=False,
+                                      metadata={"derived": True})
+    certificate_placed_by_admin: bool = field(default=False, compare=False,
+                                              metadata={"derived": True})
 
     @property
     def auth_database(self) -> Path:
@@ -489,7 +496,15 @@ def load(path: Path, must_exist: bool = False, overrides: dict | None = None) ->
     if problems:
         raise ConfigError(f"{path}: {len(problems)} problem{'s' * (len(problems) > 1)} "
                           f"found; nothing was changed.", problems)
-    return derive(settings, path)
+    return with_host_facts(derive(settings, path))
+
+
+def with_host_facts(s: Settings) -> Settings:
+    """The settings with the host facts a run needs, read here once (derive() reads none)."""
+    from appliance.certificates import placed_by_admin
+
+    return dataclasses.replace(s, config_file_present=s.paths.config_file.exists(),
+                               certificate_placed_by_admin=placed_by_admin(s))
 
 
 def did_you_mean(word: str, choices: Any, n: int = 1, cutoff: float = 0.6) -> list[str]:

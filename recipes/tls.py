@@ -8,100 +8,51 @@ host, on its own domain it is that domain alone). Its files are
 - letsencrypt: nginx starts on a self-signed placeholder so it can answer the http-01
   challenge on `nginx.http_port`; once it runs, the order is placed (a late resource)
   and the issued chain replaces the placeholder, then nginx is reloaded (HUP). The
-  renewer program runs the same decision (`pki.should_renew`) twice a day.
+  renewer program (appliance/programs/renewer.py) runs the same decision
+  (`pki.should_renew`) twice a day.
 - files: the admin's certificate and key, checked before anything changes (key matches,
   not expired, names cover the host); a change of their content reloads nginx.
 - self-signed: generated once, reused, regenerated only within the renewal window
   before it expires (the renewer checks it too).
 
-A CA-signed certificate at the default path that the appliance did not write (it
-records the SHA-256 of what it writes under <root>/var/opt/appliance/tls/) is the
+A CA-signed certificate at the default path that the appliance did not write is the
 admin's, placed as in the guide's own-domain example: it is handled as in the files
 mode, whatever settings.tls_mode says (`effective_mode`), so it is never overwritten.
+Whether one is there is a host fact read once per run, when the settings are loaded.
 
 Whatever the mode, a certificate that changes notifies `reload nginx`, never a restart:
 a reload lets in-flight pushes finish on the old workers, and the bug where a
-certificate changed and its reader kept serving the old one cannot happen.
+certificate changed and its reader kept serving the old one cannot happen. The
+certificate resources themselves live in appliance/certificates.py.
 """
 
 from __future__ import annotations
 
 import hashlib
-import random
-import secrets as random_tokens
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import ClassVar, TextIO
+from typing import TextIO
 
 from appliance import pki
+from appliance.certificates import (
+    CHALLENGE_DIR,
+    AcmeCertificate,
+    HostSelfSignedCertificate,
+    LeftoverChallengeTokens,
+    PlaceholderCertificate,
+    certificate_paths,
+    effective_mode,
+    written_record,
+)
 from appliance.engine import Engine, Report, raise_if_failed
 from appliance.errors import ApplianceError, ConfigError
-from appliance.resources import (
-    CertificateState,
-    Change,
-    Directory,
-    File,
-    Notify,
-    Resource,
-    SelfSignedCertificate,
-    atomic_write,
-    reload,
-)
+from appliance.resources import Directory, File, Resource, SelfSignedCertificate, reload
 from appliance.secrets import Secrets
 from appliance.settings import Settings
 from recipes import supervisor
-
-CHALLENGE_DIR = Path(".well-known", "acme-challenge")
-# How long an order waits for nginx to serve the webroot: supervisord reports nginx
-# started before it listens, and the first order follows right after.
-WEBROOT_WAIT_SECONDS = 15.0
-ORDER_DEADLINE_SECONDS = 90.0
-
-
-def certificate_paths(settings: Settings) -> tuple[Path, Path]:
-    rn = settings.registry_nginx
-    return Path(rn.ssl_certificate), Path(rn.ssl_certificate_key)
-
-
-def written_record(settings: Settings) -> Path:
-    """SHA-256 of the certificate the appliance itself last wrote for the registry host."""
-    return settings.paths.data_dir / "tls" / f"{settings.registry_host}.crt.sha256"
-
-
-def placed_by_admin(settings: Settings) -> bool:
-    """Whether the certificate at the default path is one the admin put there.
-
-    The guide's own-domain example does exactly that (place the files, set the URL, no
-    path keys). A CA-signed certificate the appliance did not write is the admin's: it
-    is served as it is and never replaced by a placeholder, a self-signed certificate or
-    a Let's Encrypt order, which would otherwise overwrite it once it came due.
-    """
-    if settings.tls_mode == "files":
-        return False
-    cert, _ = certificate_paths(settings)
-    try:
-        content = cert.read_bytes()
-        info = pki.certificate_info(content)
-    except (OSError, pki.CertificateError):
-        return False
-    if info.self_signed:
-        return False
-    try:
-        recorded = written_record(settings).read_text().strip()
-    except OSError:
-        recorded = ""
-    return recorded != hashlib.sha256(content).hexdigest()
-
-
-def effective_mode(settings: Settings) -> str:
-    """settings.tls_mode, except "files" for a certificate the admin placed at the
-    default path (derive() is pure and cannot look at files; this can)."""
-    return "files" if placed_by_admin(settings) else settings.tls_mode
-
 
 # ---------------------------------------------------------------- preflight
 
@@ -111,7 +62,7 @@ def preflight(settings: Settings, now: datetime | None = None) -> None:
     would reject, or Let's Encrypt asked for a name it never issues for."""
     if not settings.registry_nginx.enable:
         return
-    if settings.tls_mode == "letsencrypt" and not placed_by_admin(settings):
+    if settings.tls_mode == "letsencrypt" and not settings.certificate_placed_by_admin:
         host = settings.registry_host
         if pki.is_ip_address(host):
             raise ConfigError(
@@ -149,203 +100,6 @@ def preflight(settings: Settings, now: datetime | None = None) -> None:
 
 
 # ---------------------------------------------------------------- resources
-
-
-def _read_certificate(cert_path: Path, key_path: Path) -> CertificateState:
-    def read(path: Path) -> bytes | None:
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            return None
-    return CertificateState(read(cert_path), read(key_path))
-
-
-def _unusable_pair(current: CertificateState) -> str | None:
-    """Why nginx could not load this certificate and key at all, or None."""
-    if current.cert_pem is None or current.key_pem is None:
-        return "no certificate yet"
-    try:
-        if not pki.public_key_matches(current.cert_pem, current.key_pem):
-            return "the key does not match the certificate"
-    except pki.CertificateError as exc:
-        return str(exc)
-    return None
-
-
-def _record_written(record: Path | None, cert_path: Path) -> None:
-    if record is not None:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(record, (hashlib.sha256(cert_path.read_bytes()).hexdigest() + "\n")
-                     .encode(), 0o644)
-
-
-@dataclass
-class HostSelfSignedCertificate(SelfSignedCertificate):
-    """The self-signed mode's certificate; records that the appliance wrote it."""
-
-    record: Path | None = None
-
-    def apply(self) -> None:
-        super().apply()
-        _record_written(self.record, self.cert_path)
-
-
-@dataclass
-class PlaceholderCertificate(HostSelfSignedCertificate):
-    """Self-signed, only where nginx would have nothing it can load: it must start to
-    answer the first challenge, and a real certificate is never replaced by this."""
-
-    def plan(self, current: CertificateState) -> list[Change]:
-        problem = _unusable_pair(current)
-        if problem is None:
-            return []
-        return [Change(f"create placeholder until Let's Encrypt issues one ({problem})")]
-
-
-@dataclass
-class AcmeCertificate(Resource):
-    """A Let's Encrypt certificate, ordered when `pki.should_renew` says so, never otherwise.
-
-    On any failure nothing is written: the certificate nginx serves stays, and the error
-    names the host and what to check.
-    """
-
-    cert_path: Path
-    key_path: Path
-    domains: list[str]
-    directory_url: str
-    account_key_pem: bytes
-    webroot: Path
-    contact_emails: list[str]
-    ca_bundle: str | None
-    key_type: str
-    renew_before: timedelta
-    webroot_url: str = ""  # where nginx serves the webroot locally (checked before ordering)
-    record: Path | None = None
-    force: bool = False
-    notifies: tuple[Notify, ...] = ()
-    now: datetime | None = None
-    kind: ClassVar[str] = "certificate"
-
-    @property
-    def name(self) -> str:
-        return str(self.cert_path)
-
-    def current(self) -> CertificateState:
-        return _read_certificate(self.cert_path, self.key_path)
-
-    def plan(self, current: CertificateState) -> list[Change]:
-        source = f"order from {self.directory_url}"
-        if self.force:
-            return [Change(f"{source}: renewal forced")]
-        problem = _unusable_pair(current)
-        if problem is not None:
-            return [Change(f"{source}: {problem}")]
-        due, reason = pki.should_renew(current.cert_pem, self.now or datetime.now(UTC),
-                                       self.renew_before, self.domains,
-                                       replace_self_signed=True)
-        return [Change(f"{source}: {reason}")] if due else []
-
-    def apply(self) -> None:
-        from appliance import letsencrypt
-
-        kept = (f"The certificate in place ({self.cert_path}) was kept and is still served."
-                if self.cert_path.exists() else "No certificate was written.")
-        try:
-            if self.webroot_url:
-                wait_for_webroot(self.webroot, self.webroot_url, self.domains[0])
-            issued = letsencrypt.obtain_certificate(
-                self.domains, directory_url=self.directory_url,
-                account_key_pem=self.account_key_pem, webroot=self.webroot,
-                contact_emails=self.contact_emails, ca_bundle=self.ca_bundle,
-                key_type=self.key_type, deadline_seconds=ORDER_DEADLINE_SECONDS)
-        except letsencrypt.IssuanceError as exc:
-            raise type(exc)(f"{exc} {kept}") from None
-        # Each file is replaced atomically, key first; nginx reads them only when the
-        # reload queued by this resource comes, after both are in place.
-        atomic_write(self.key_path, issued.key_pem, 0o600)
-        atomic_write(self.cert_path, issued.fullchain_pem, 0o644)
-        _record_written(self.record, self.cert_path)
-
-
-def wait_for_webroot(webroot: Path, url: str, host: str,
-                     timeout: float = WEBROOT_WAIT_SECONDS) -> None:
-    """Serve a probe token and fetch it the way the CA will, before spending an order.
-
-    Waits for nginx, which supervisord reports started before it listens, and turns a
-    webroot nginx does not serve (a redirect, a wrong root) into an error about this
-    host rather than a failed order counted against the CA's rate limit.
-    """
-    from appliance.letsencrypt import IssuanceError
-
-    name = f"appliance-self-check-{random_tokens.token_hex(8)}"
-    body = random_tokens.token_urlsafe(24)
-    directory = webroot / CHALLENGE_DIR
-    directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-    import http.client  # only when an order is due: not a no-op reconfigure's cost
-
-    probe = directory / name
-    atomic_write(probe, body.encode(), 0o644)
-    address, port = url.rsplit(":", 1)
-    deadline = time.monotonic() + timeout
-    problem = ""
-    try:
-        while True:
-            connection = http.client.HTTPConnection(address.strip("[]"), int(port), timeout=5)
-            try:
-                connection.request("GET", f"/{CHALLENGE_DIR}/{name}", headers={"Host": host})
-                response = connection.getresponse()
-                text = response.read().decode(errors="replace")
-                if response.status == 200 and text.strip() == body:
-                    return
-                problem = f"it answered {response.status} {response.reason}" + (
-                    f" (redirect to {response.getheader('Location')})"
-                    if response.getheader("Location") else "")
-            except OSError as exc:
-                problem = f"cannot connect: {exc.strerror or exc}"
-            finally:
-                connection.close()
-            if time.monotonic() > deadline:
-                raise IssuanceError(
-                    f"nginx does not serve the ACME challenge for {host}: "
-                    f"http://{url}/{CHALLENGE_DIR}/ {problem}. The CA would fail the same "
-                    f"way; check `appliance-ctl status nginx` and its log (appliance-ctl "
-                    f"tail nginx), and that nginx.http_port is this appliance's.")
-            time.sleep(0.2)
-    finally:
-        probe.unlink(missing_ok=True)
-
-
-@dataclass
-class LeftoverChallengeTokens(Resource):
-    """Tokens an interrupted order left in the webroot (a kill, a power cut).
-
-    Orders run under the reconfigure lock, which whoever converges this holds, so no
-    token here belongs to an order in flight: the webroot keeps only those.
-    """
-
-    webroot: Path
-    notifies: tuple[Notify, ...] = ()
-    kind: ClassVar[str] = "challenge tokens"
-
-    @property
-    def name(self) -> str:
-        return str(self.webroot / CHALLENGE_DIR)
-
-    def current(self) -> list[Path]:
-        directory = self.webroot / CHALLENGE_DIR
-        if not directory.is_dir():
-            return []
-        return sorted(p for p in directory.iterdir() if p.is_file() or p.is_symlink())
-
-    def plan(self, current: list[Path]) -> list[Change]:
-        if not current:
-            return []
-        return [Change(f"remove {len(current)} left by an interrupted order")]
-
-    def apply(self) -> None:
-        for path in self.current():
-            path.unlink(missing_ok=True)
 
 
 def _fingerprint(*paths: Path) -> str:
@@ -435,10 +189,10 @@ def renewer_resources(settings: Settings) -> list[Resource]:
         settings.letsencrypt.auto_renew
     if not wanted:
         return supervisor.disabled(settings, "renewer")
-    # A host on the embedded defaults has no appliance.yml; -c would insist on one.
-    config = settings.paths.config_file
-    command = [supervisor.executable("appliance-ctl"),
-               *(["-c", str(config)] if config.exists() else []), "renew-certs", "--daemon"]
+    # A host on the embedded defaults has no appliance.yml: the renewer is told a path
+    # (and then insists on it) only when this run read one.
+    config = [str(settings.paths.config_file)] if settings.config_file_present else []
+    command = [supervisor.executable("python"), "-m", "appliance.programs.renewer", *config]
     return supervisor.program(settings, "renewer", command)
 
 
@@ -563,52 +317,6 @@ def wait_until_served(settings: Settings, timeout: float = 10) -> bool:
     return True
 
 
-# While nginx still serves the placeholder (the first order failed: DNS not there yet,
-# port 80 closed), the renewer retries hourly: within Let's Encrypt's limit of 5 failed
-# validations per host and hour, and the certificate appears without another reconfigure.
-PLACEHOLDER_RUNS_PER_DAY = 24
-
-
-def renewal_runs_per_day(settings: Settings) -> int:
-    """The renewer's schedule: `letsencrypt.runs_per_day`, hourly while no certificate
-    from the CA is in place yet."""
-    runs = settings.letsencrypt.runs_per_day
-    if effective_mode(settings) != "letsencrypt" or not settings.registry_nginx.enable:
-        return runs
-    cert, key = certificate_paths(settings)
-    current = _read_certificate(cert, key)
-    try:
-        waiting = _unusable_pair(current) is not None or \
-            pki.certificate_info(current.cert_pem).self_signed  # type: ignore[arg-type]
-    except pki.CertificateError:
-        waiting = True
-    return max(runs, PLACEHOLDER_RUNS_PER_DAY) if waiting else runs
-
-
-def renew_forever(settings: Settings) -> int:
-    """The renewer program: `runs_per_day` passes at a per-host offset, forever.
-
-    appliance.yml is read again before each pass, so a reconfigure never has to restart
-    the renewer for it to see new settings; a failed pass is logged and retried at the
-    next slot, the certificate in place staying served meanwhile.
-    """
-    from appliance import settings as settings_module
-
-    while True:
-        now = datetime.now(UTC)
-        next_run = pki.next_renewal_run(now, settings.registry_host,
-                                        renewal_runs_per_day(settings))
-        print(f"renewer: next check at {next_run:%Y-%m-%d %H:%M:%S} UTC", flush=True)
-        time.sleep(max(1.0, (next_run - now).total_seconds()) + random.random())
-        try:
-            settings = settings_module.load(settings.paths.config_file)
-            renew(settings)
-        except ApplianceError as exc:
-            print(f"renewer: renewal attempt failed: {exc}", flush=True)
-        except Exception as exc:  # noqa: BLE001 - the renewer must outlive one bad attempt
-            print(f"renewer: renewal attempt failed (a bug): {exc!r}", flush=True)
-
-
 # ---------------------------------------------------------------- messages
 
 
@@ -632,7 +340,7 @@ def messages(settings: Settings, report: Report) -> list[str]:
         lines.append(f"TLS: warning: {served_address(settings)} serves another certificate "
                      f"than {cert}; see appliance-ctl tail nginx.")
     until = f"{info.not_after:%Y-%m-%d}"
-    if placed_by_admin(settings):
+    if settings.certificate_placed_by_admin:
         lines.append(f"TLS: certificate {cert} placed by hand, until {until}; it is served as "
                      f"it is ({settings.tls_mode} is not used while it is there): replace it "
                      f"before then and run reconfigure.")

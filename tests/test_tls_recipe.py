@@ -18,9 +18,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from appliance import letsencrypt, pki, settings
+from appliance import certificates, letsencrypt, pki, settings
 from appliance.engine import Engine
 from appliance.errors import ConfigError
+from appliance.programs import renewer as renewer_program
 from appliance.resources import Absent, CertificateState, SelfSignedCertificate, Template, reload
 from recipes import tls
 
@@ -99,7 +100,7 @@ FILES = {"ssl_certificate": "/etc/ssl/registry.crt", "ssl_certificate_key": "/et
 def test_mode_selection(tmp_path, config, mode, host, port):
     s = load(tmp_path, config)
     assert (s.tls_mode, s.registry_host, s.registry_port) == (mode, host, port)
-    cert, key = tls.certificate_paths(s)
+    cert, key = certificates.certificate_paths(s)
     if mode == "files":
         assert (str(cert), str(key)) == (FILES["ssl_certificate"], FILES["ssl_certificate_key"])
     else:
@@ -212,8 +213,8 @@ def test_preflight_refuses_lets_encrypt_for_an_ip_address(tmp_path):
 
 
 def acme(tmp_path: Path, force: bool = False, domains: tuple[str, ...] = ("registry.test",)
-         ) -> tls.AcmeCertificate:
-    return tls.AcmeCertificate(
+         ) -> certificates.AcmeCertificate:
+    return certificates.AcmeCertificate(
         tmp_path / "registry.test.crt", tmp_path / "registry.test.key", list(domains),
         directory_url="https://acme.invalid/dir", account_key_pem=b"unused",
         webroot=tmp_path / "webroot", contact_emails=[], ca_bundle=None, key_type="ec-p256",
@@ -300,7 +301,7 @@ def closed_port() -> int:
                  id="expired-issued-left-to-the-order"),
 ])
 def test_placeholder_plan(tmp_path, cert, key, expected):
-    placeholder = tls.PlaceholderCertificate(tmp_path / "c.crt", tmp_path / "c.key",
+    placeholder = certificates.PlaceholderCertificate(tmp_path / "c.crt", tmp_path / "c.key",
                                              ["registry.test"])
     changes = placeholder.plan(CertificateState(cert, key))
     assert [c.summary for c in changes] == (
@@ -320,7 +321,7 @@ def converge(resources: list) -> tuple[list[str], list]:
 
 def test_files_mode_reloads_nginx_when_the_certificate_content_changes(tmp_path):
     s = files_settings(tmp_path, GOOD, KEY)
-    cert_path, key_path = tls.certificate_paths(s)
+    cert_path, key_path = certificates.certificate_paths(s)
 
     changed, notifications = converge(tls.certificate_resources(s))
     assert changed[-1] == f"+ file {tls.fingerprint_path(s)} (created)"
@@ -353,7 +354,7 @@ def test_files_mode_never_writes_to_the_admins_files(tmp_path):
 def test_self_signed_is_generated_once_and_reused(tmp_path):
     s = load(tmp_path, {"external_url": "https://localhost"})
     changed, notifications = converge(tls.certificate_resources(s))
-    cert_path, key_path = tls.certificate_paths(s)
+    cert_path, key_path = certificates.certificate_paths(s)
     assert f"+ certificate {cert_path} (updated: create self-signed for localhost)" in changed
     assert notifications == [reload("nginx")]
     first = cert_path.read_bytes()
@@ -365,7 +366,7 @@ def test_self_signed_is_generated_once_and_reused(tmp_path):
 
 def test_self_signed_is_renewed_within_the_window(tmp_path):
     s = load(tmp_path, {"external_url": "https://localhost"})
-    cert_path, key_path = tls.certificate_paths(s)
+    cert_path, key_path = certificates.certificate_paths(s)
     key_path.write_bytes(KEY)
     cert_path.write_bytes(pki.self_signed_certificate(
         KEY, ["localhost"], days=825, now=dt.datetime.now(dt.UTC) - 800 * DAY))
@@ -384,14 +385,14 @@ def test_lets_encrypt_starts_on_a_placeholder_and_orders_late(tmp_path):
                         "letsencrypt": {"contact_emails": ["ops@example.com"],
                                         "renew_before_days": 20}})
     changed, notifications = converge(tls.certificate_resources(s))
-    cert_path, _ = tls.certificate_paths(s)
+    cert_path, _ = certificates.certificate_paths(s)
     assert cert_path == tmp_path / "etc/appliance/ssl/registry.example.com.crt"
     assert pki.certificate_info(cert_path.read_bytes()).self_signed
     assert notifications == [reload("nginx")]
 
     secrets = type("Secrets", (), {"letsencrypt_account_key": "PEM"})()
     [order] = tls.late_resources(s, secrets)
-    assert isinstance(order, tls.AcmeCertificate)
+    assert isinstance(order, certificates.AcmeCertificate)
     assert order.domains == ["registry.example.com"]  # its own certificate, not the main host
     assert order.contact_emails == ["ops@example.com"]
     assert order.renew_before == 20 * DAY
@@ -432,13 +433,13 @@ def test_the_renewer_runs_where_there_is_something_to_renew(tmp_path, config, re
         return
     [template] = [r for r in items if isinstance(r, Template)]
     assert template.path == program
-    assert f"-c {s.paths.config_file} renew-certs --daemon" in template.content.decode()
+    assert f"-m appliance.programs.renewer {s.paths.config_file}\n" in template.content.decode()
 
 
 def test_a_forced_renewal_regenerates_a_self_signed_certificate(tmp_path):
     s = load(tmp_path, {"external_url": "https://localhost"})
     converge(tls.certificate_resources(s))
-    cert_path, _ = tls.certificate_paths(s)
+    cert_path, _ = certificates.certificate_paths(s)
     first = cert_path.read_bytes()
     changed, notifications = converge(tls.renewal_resources(s, None, force=True))
     assert cert_path.read_bytes() != first
@@ -476,7 +477,7 @@ def test_webroot_check_names_a_redirect_in_front_of_the_challenge(tmp_path):
     thread.start()
     try:
         with pytest.raises(letsencrypt.IssuanceError) as raised:
-            tls.wait_for_webroot(tmp_path, f"127.0.0.1:{server.server_port}",
+            certificates.wait_for_webroot(tmp_path, f"127.0.0.1:{server.server_port}",
                                  "registry.test", timeout=0.3)
     finally:
         server.shutdown()
@@ -493,14 +494,14 @@ def test_webroot_check_passes_when_the_webroot_is_served(tmp_path):
 
     port = free_port()
     with WebrootServer(tmp_path, port):
-        tls.wait_for_webroot(tmp_path, f"127.0.0.1:{port}", "registry.test", timeout=2)
+        certificates.wait_for_webroot(tmp_path, f"127.0.0.1:{port}", "registry.test", timeout=2)
     assert list((tmp_path / ".well-known/acme-challenge").iterdir()) == []
 
 
 def test_webroot_check_gives_up_on_a_closed_port(tmp_path):
     port = closed_port()
     with pytest.raises(letsencrypt.IssuanceError) as raised:
-        tls.wait_for_webroot(tmp_path, f"127.0.0.1:{port}", "registry.test", timeout=0.3)
+        certificates.wait_for_webroot(tmp_path, f"127.0.0.1:{port}", "registry.test", timeout=0.3)
     assert "cannot connect: Connection refused" in str(raised.value)
     assert "appliance-ctl status nginx" in str(raised.value)
 
@@ -509,7 +510,7 @@ def test_webroot_check_gives_up_on_a_closed_port(tmp_path):
 
 
 def place_by_hand(s: settings.Settings, cert: bytes, key: bytes = KEY) -> tuple[Path, Path]:
-    cert_path, key_path = tls.certificate_paths(s)
+    cert_path, key_path = certificates.certificate_paths(s)
     cert_path.write_bytes(cert)
     key_path.write_bytes(key)
     return cert_path, key_path
@@ -529,12 +530,13 @@ def test_a_certificate_placed_at_the_default_path_is_served_and_never_replaced(t
     now = dt.datetime.now(dt.UTC)
     cert = issued_by_ca([s.registry_host], not_before=now - 80 * DAY)  # within the window
     cert_path, key_path = place_by_hand(s, cert)
-    assert tls.placed_by_admin(s) and tls.effective_mode(s) == "files"
+    s = load(tmp_path, config)  # the next run reads the host as the admin left it
+    assert certificates.placed_by_admin(s) and certificates.effective_mode(s) == "files"
     tls.preflight(s)
     kinds = [type(r).__name__ for r in tls.certificate_resources(s)]
     assert "PlaceholderCertificate" not in kinds and "HostSelfSignedCertificate" not in kinds
     assert tls.late_resources(s, secrets=None) == []
-    assert not any(isinstance(r, tls.AcmeCertificate)
+    assert not any(isinstance(r, certificates.AcmeCertificate)
                    for r in tls.renewal_resources(s, None, force=True))
     changed, notifications = converge(tls.certificate_resources(s))
     assert changed[-1] == f"+ file {tls.fingerprint_path(s)} (created)"
@@ -545,6 +547,7 @@ def test_a_broken_certificate_placed_by_hand_is_refused_naming_the_way_out(tmp_p
     s = load(tmp_path, {"external_url": "https://gitlab.example.com"})
     cert_path, _ = place_by_hand(s, issued_by_ca(["other.example.com"],
                                                  not_before=dt.datetime.now(dt.UTC)))
+    s = load(tmp_path, {"external_url": "https://gitlab.example.com"})  # the next run
     with pytest.raises(ConfigError) as raised:
         tls.preflight(s)
     assert raised.value.problems == [
@@ -559,13 +562,14 @@ def test_certificates_the_appliance_wrote_stay_its_own(tmp_path):
     """A placeholder, a self-signed certificate or an issued one (recorded when written)."""
     s = load(tmp_path, {"external_url": "https://gitlab.example.com"})
     converge(tls.certificate_resources(s))
-    assert not tls.placed_by_admin(s)  # the placeholder: self-signed
+    assert not certificates.placed_by_admin(s)  # the placeholder: self-signed
     order = tls.acme_certificate(s, type("Secrets", (), {"letsencrypt_account_key": "x"})())
-    assert order.record == tls.written_record(s)
+    assert order.record == certificates.written_record(s)
     issued = issued_by_ca(["gitlab.example.com"])
     cert_path, _ = place_by_hand(s, issued)
-    tls._record_written(order.record, cert_path)  # what AcmeCertificate.apply does last
-    assert not tls.placed_by_admin(s) and tls.effective_mode(s) == "letsencrypt"
+    certificates.record_written(order.record, cert_path)  # what AcmeCertificate.apply does last
+    s = load(tmp_path, {"external_url": "https://gitlab.example.com"})  # the next run
+    assert not certificates.placed_by_admin(s) and certificates.effective_mode(s) == "letsencrypt"
     assert [type(r).__name__ for r in tls.late_resources(s, type(
         "Secrets", (), {"letsencrypt_account_key": "x"})())] == ["AcmeCertificate"]
 
@@ -587,7 +591,7 @@ def test_renew_certs_logs_every_attempt_and_renews_only_what_is_due(tmp_path):
     s.paths.secrets_file.write_text(secrets_module.load_or_generate(
         s.paths.secrets_file).to_json())
     converge(tls.certificate_resources(s))
-    cert_path, _ = tls.certificate_paths(s)
+    cert_path, _ = certificates.certificate_paths(s)
     first = cert_path.read_bytes()
 
     out = io.StringIO()
@@ -610,13 +614,14 @@ def test_renew_certs_logs_every_attempt_and_renews_only_what_is_due(tmp_path):
 
 def test_the_renewer_retries_hourly_while_the_placeholder_is_served(tmp_path):
     s = load(tmp_path, {"external_url": "https://gitlab.example.com"})
-    assert tls.renewal_runs_per_day(s) == 24  # no certificate yet
+    assert renewer_program.renewal_runs_per_day(s) == 24  # no certificate yet
     converge(tls.certificate_resources(s))
-    assert tls.renewal_runs_per_day(s) == 24  # the placeholder
-    cert_path, key_path = tls.certificate_paths(s)
+    assert renewer_program.renewal_runs_per_day(s) == 24  # the placeholder
+    cert_path, key_path = certificates.certificate_paths(s)
     key_path.write_bytes(KEY)
     cert_path.write_bytes(issued_by_ca(["gitlab.example.com"]))
-    tls._record_written(tls.written_record(s), cert_path)  # issued by the appliance
-    assert tls.renewal_runs_per_day(s) == 2
+    # issued by the appliance:
+    certificates.record_written(certificates.written_record(s), cert_path)
+    assert renewer_program.renewal_runs_per_day(s) == 2
     self_signed = load(tmp_path / "other", {"external_url": "https://localhost"})
-    assert tls.renewal_runs_per_day(self_signed) == 2
+    assert renewer_program.renewal_runs_per_day(self_signed) == 2

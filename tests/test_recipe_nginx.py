@@ -71,7 +71,8 @@ def test_default_config_passes_nginx_t_and_proxies_registry_and_auth(tmp_path):
     assert f"ssl_certificate {tmp_path}/etc/appliance/ssl/localhost.crt;" in tls
     assert f"ssl_certificate_key {tmp_path}/etc/appliance/ssl/localhost.key;" in tls
     assert "server 127.0.0.1:5000;" in config  # registry.http_addr
-    assert "server 127.0.0.1:5100;" in config  # auth.listen_addr
+    # auth.listen_network: unix, the default
+    assert f"server unix:{tmp_path}/var/opt/appliance/auth-socket/auth.sock;" in config
     assert "location /v2/ {\nproxy_pass http://registry;" in tls
     assert "location = /jwt/auth {\nproxy_pass http://auth;" in tls
     assert "location = /-/health {\nproxy_pass http://auth;" in tls
@@ -85,7 +86,7 @@ def test_default_config_passes_nginx_t_and_proxies_registry_and_auth(tmp_path):
     "proxy_set_header Host $http_host;",  # the port stays in upload Locations
     "proxy_set_header X-Forwarded-Proto $scheme;",
     "proxy_set_header X-Real-IP $remote_addr;",
-    "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+    "proxy_set_header X-Forwarded-For $remote_addr;",  # never the client's own list
     "client_max_body_size 0;",
     "chunked_transfer_encoding on;",
     "proxy_request_buffering off;",
@@ -117,7 +118,7 @@ def test_upstreams_keep_connections_alive(tmp_path):
 
 def test_internal_addresses_change_the_upstreams(tmp_path):
     settings = settings_for(tmp_path, registry={"http_addr": "127.0.0.1:6000"},
-                            auth={"listen_addr": "127.0.0.1:6100"})
+                            auth={"listen_network": "tcp", "listen_addr": "127.0.0.1:6100"})
     config = nginx_config(settings)
     assert "server 127.0.0.1:6000;" in config and "server 127.0.0.1:6100;" in config
 
@@ -196,7 +197,8 @@ def test_as_root_workers_run_as_the_web_account(tmp_path):
     assert "user appliance-www;" in nginx_config(settings)
     [temp] = [r for r in nginx.resources(settings, SECRETS)
               if getattr(r, "path", None) == nginx.temp_dir(settings)]
-    assert (temp.owner, temp.mode) == ("appliance-www", 0o700)
+    # Debian's layout: root's parent, worker-owned children that the master creates.
+    assert (temp.owner, temp.mode) == ("root", 0o755)
 
 
 def test_worker_processes_setting(tmp_path):

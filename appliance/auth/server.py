@@ -44,10 +44,16 @@ class _Gunicorn(BaseApplication):
 def gunicorn_options(
     config: auth_config.AuthConfig, worker_class: str = "gthread", threads: int = 0
 ) -> dict:
-    host = config.listen_host
-    bind = f"[{host}]:{config.listen_port}" if ":" in host else f"{host}:{config.listen_port}"
+    if config.listen_socket is not None:
+        bind = f"unix:{config.listen_socket}"
+    else:
+        host = config.listen_host
+        bind = f"[{host}]:{config.listen_port}" if ":" in host else f"{host}:{config.listen_port}"
     return {
         "bind": [bind],
+        # gunicorn creates a unix socket under this umask (its default, 0, makes it
+        # 0777): nginx's group may connect, no one else (the directory also keeps others out).
+        "umask": 0o007,
         "workers": config.workers,
         "worker_class": worker_class,
         "threads": threads or config.threads,

@@ -183,9 +183,10 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
     umask = None
     socket_dir: list[Resource] = []
     if settings.auth.listen_network == "unix":
-        # As the registry's socket: the service creates it under umask 007 in a
-        # set-group-id directory of the web server's group, so nginx's workers may
-        # connect and no other local account may even reach it.
+        # The socket's directory is the gate: only the auth account and the web
+        # server's group may enter it, so nginx's workers may connect and no other local
+        # account may even reach the socket (gunicorn makes the socket itself 0777).
+        # umask 007: what the service writes (its audit log) is not world-readable.
         web_user = service_user(settings, settings.web_server.username)
         socket_dir = [Directory(p.auth_socket.parent, 0o2750, owner=user, group=web_user)]
         umask = "007"

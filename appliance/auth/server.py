@@ -51,9 +51,10 @@ def gunicorn_options(
         bind = f"[{host}]:{config.listen_port}" if ":" in host else f"{host}:{config.listen_port}"
     return {
         "bind": [bind],
-        # gunicorn creates a unix socket under this umask (its default, 0, makes it
-        # 0777): nginx's group may connect, no one else (the directory also keeps others out).
-        "umask": 0o007,
+        # gunicorn creates a unix socket under this umask, then hands it to the service's
+        # own group: nginx's account is "other" to it, so the socket is 0777 and its
+        # directory (0750, nginx's group) is what keeps every other account out.
+        "umask": 0,
         "workers": config.workers,
         "worker_class": worker_class,
         "threads": threads or config.threads,

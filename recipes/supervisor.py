@@ -10,10 +10,20 @@ from __future__ import annotations
 
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from appliance.errors import ConfigError
-from appliance.resources import Absent, Directory, Resource, Template
+from appliance.resources import (
+    Absent,
+    Change,
+    Directory,
+    PathResource,
+    PathState,
+    Resource,
+    Template,
+)
 from appliance.secrets import Secrets
 from appliance.settings import Settings
 
@@ -71,6 +81,24 @@ def log_directory(settings: Settings, path: Path) -> Directory:
     return Directory(path, 0o750, owner="root", group=LOG_READERS)
 
 
+@dataclass
+class NoSymlink(PathResource):
+    """A log file that must not be a symlink. Earlier releases gave each service its
+    log directory; a symlink the service left at `current` then would still be followed
+    by supervisord (root) after the directory became root's. It is removed (only the
+    link: supervisord opens a new file)."""
+
+    path: Path
+    kind: ClassVar[str] = "log file"
+
+    def plan(self, current: PathState) -> list[Change]:
+        return [Change(f"remove symlink to {current.link_target}")] if current.is_link else []
+
+    def apply(self) -> None:
+        if self.path.is_symlink():
+            self.path.unlink()
+
+
 def program(settings: Settings, name: str, command: list[str], user: str | None = None,
             environment: dict[str, object] | None = None, directory: Path | None = None,
             stopsignal: str = "TERM", stopwaitsecs: int = 30,
@@ -83,6 +111,7 @@ def program(settings: Settings, name: str, command: list[str], user: str | None 
     """
     return [
         log_directory(settings, settings.paths.log_dir / name),
+        NoSymlink(service_log(settings, name)),
         Template(programs_dir(settings) / f"{name}.conf", "supervisor/program.conf.j2", {
             "name": name,
             "command": " ".join(shlex.quote(part) for part in command).replace("%", "%%"),

@@ -43,10 +43,9 @@ TOKEN_QUERY = "/jwt/auth?service=container_registry&scope=repository:root/app:pu
 
 @pytest.fixture(scope="module")
 def appliance():
-    appliance = ApplianceUnderTest.create(
-        {"registry": {"debug_addr": f"0.0.0.0:{free_port()}"}}, prefix="edge-")
+    appliance = ApplianceUnderTest.create(prefix="edge-")
     try:
-        appliance.first_run = appliance.reconfigure()
+        appliance.reconfigure()
         appliance.wait_until_running()
         appliance.wait_listening()
         yield appliance
@@ -273,10 +272,16 @@ def test_hsts_and_a_bare_health_answer_through_nginx(appliance):
 
 
 def test_reconfigure_warns_of_a_debug_server_off_loopback(appliance):
-    debug = appliance.config["registry"]["debug_addr"]
-    assert f"Warning: registry.debug_addr {debug} is not a loopback address" \
-        in appliance.first_run.stdout
-    assert "/debug/pprof/" in appliance.first_run.stdout
+    # A dry run: the test binds nothing outside loopback.
+    debug = f"0.0.0.0:{free_port()}"
+    appliance.write_config({"registry": {"debug_addr": debug}})
+    try:
+        warned = appliance.reconfigure("--dry-run").stdout
+    finally:
+        appliance.write_config({"registry": {"debug_addr": None}})
+    assert f"Warning: registry.debug_addr {debug} is not a loopback address" in warned
+    assert "/debug/pprof/" in warned
+    assert "Warning" not in appliance.reconfigure("--dry-run").stdout
 
 
 # Last: it moves the token service to TCP for the rest of the module.

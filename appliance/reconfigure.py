@@ -220,13 +220,14 @@ def reload_service(supervisor: Supervisor, name: str) -> None:
 
 def service_addresses(settings: Settings, services: set[str]) -> dict[str, str]:
     """Where each started service answers once it is ready."""
-    from recipes import auth, registry
+    from recipes import registry
 
     addresses = {}
     if "registry" in services:
         addresses["registry"] = registry.address(settings)
-    if "auth" in services:
-        addresses["auth"] = auth.address(settings)
+    if "auth" in services:  # recipes.auth.address, without a new orchestrator -> recipe edge
+        addresses["auth"] = str(settings.paths.auth_socket) \
+            if settings.auth.listen_network == "unix" else settings.auth.listen_addr
     if "nginx" in services and settings.registry_nginx.enable:
         first = settings.nginx.listen_addresses[0]
         host = "127.0.0.1" if first in ("*", "[::]") else first

@@ -225,8 +225,9 @@ def service_addresses(settings: Settings, services: set[str]) -> dict[str, str]:
     addresses = {}
     if "registry" in services:
         addresses["registry"] = registry.address(settings)
-    if "auth" in services:
-        addresses["auth"] = settings.auth.listen_addr
+    if "auth" in services:  # recipes.auth.address, without a new orchestrator -> recipe edge
+        addresses["auth"] = str(settings.paths.auth_socket) \
+            if settings.auth.listen_network == "unix" else settings.auth.listen_addr
     if "nginx" in services and settings.registry_nginx.enable:
         first = settings.nginx.listen_addresses[0]
         host = "127.0.0.1" if first in ("*", "[::]") else first

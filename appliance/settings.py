@@ -86,6 +86,10 @@ def check_positive(value: int) -> str | None:
     return None if value > 0 else "a number greater than 0"
 
 
+def check_not_negative(value: int) -> str | None:
+    return None if value >= 0 else "a number 0 or greater"
+
+
 def check_safe_path(value: str) -> str | None:
     if not value.startswith("/"):
         return "an absolute path"
@@ -218,7 +222,9 @@ class RegistrySettings:
                                             "timeout": "500ms", "threshold": 5, "backoff": "1s",
                                             "headers": {"Authorization": ["Bearer TOKEN"]}}])
     debug_addr: str | None = setting(None, "Debug server address (/debug/health, /debug/vars, "
-                                     "/metrics), e.g. 127.0.0.1:5001.", check_host_port)
+                                     "/metrics, and /debug/pprof/: profiles and goroutine "
+                                     "dumps, unauthenticated), e.g. 127.0.0.1:5001. Keep it "
+                                     "on loopback.", check_host_port)
     compatibility_schema1_enabled: bool = setting(False, "Accept schema1 manifests from "
                                                   "Docker 1.9 and older.")
     env: dict = setting({}, "Extra environment for the registry process, e.g. "
@@ -256,6 +262,9 @@ class RegistryNginxSettings:
                                  check_ssl_protocols)
     proxy_timeout: int = setting(900, "Seconds nginx waits on a slow push or pull.",
                                  check_positive)
+    hsts_max_age: int = setting(63072000, "Strict-Transport-Security max-age in seconds "
+                                "(two years, Mozilla's intermediate profile); 0 sends no "
+                                "HSTS header.", check_not_negative)
 
 
 @dataclass(frozen=True)
@@ -278,8 +287,15 @@ class AuthSettings:
     enable: bool | None = setting(None, "Run the token service. Default: with the registry. "
                                   "true with registry.enable: false serves only /jwt/auth, "
                                   "for an external registry (the guide's GitLab-as-auth case).")
-    listen_addr: str = setting("127.0.0.1:5100", "Address the token service listens on.",
-                               check_host_port)
+    listen_network: str = setting("unix", "unix: the token service listens on "
+                                  "<root>/var/opt/appliance/auth-socket/auth.sock, which only "
+                                  "nginx may connect to, and believes the client address "
+                                  "nginx sends (X-Real-IP). tcp: on listen_addr, where any "
+                                  "local process may connect, so X-Real-IP is ignored and "
+                                  "every client counts as nginx's address.",
+                                  check_listen_network)
+    listen_addr: str = setting("127.0.0.1:5100", "Address the token service listens on "
+                               "with listen_network: tcp.", check_host_port)
     workers: int = setting(2, "Token service worker processes (one per core).", check_positive)
     threads: int = setting(4, "Threads per worker (keep-alive connections from nginx).",
                            check_positive)
@@ -355,6 +371,7 @@ class Paths:
     auth_dir: Path
     auth_config: Path
     token_signing_certificate: Path
+    auth_socket: Path
 
     @classmethod
     def under(cls, root: Path, config_file: Path) -> Paths:
@@ -377,6 +394,8 @@ class Paths:
             acme_webroot=data / "nginx/acme-webroot",
             auth_dir=data / "auth", auth_config=data / "auth/config.json",
             token_signing_certificate=data / "auth/token-signing.crt",
+            # Not under auth/: nginx's workers must reach the socket, not the key.
+            auth_socket=data / "auth-socket/auth.sock",
         )
 
 
@@ -716,6 +735,13 @@ def _cross_checks(s: Settings, rejected: set[str] | None = None) -> list[str]:
         socket = Paths.under(Path(s.root), Path(DEFAULT_CONFIG)).registry_socket
         if len(bytes(socket)) > UNIX_PATH_MAX:
             problems.append(f"registry.listen_network: the socket path {socket} is longer "
+                            f"than the {UNIX_PATH_MAX} bytes a unix socket may have; use a "
+                            f"shorter root, or listen_network: tcp")
+    if s.auth.listen_network == "unix":
+        del addrs["auth.listen_addr"]  # the token service has no TCP port
+        socket = Paths.under(Path(s.root), Path(DEFAULT_CONFIG)).auth_socket
+        if len(bytes(socket)) > UNIX_PATH_MAX:
+            problems.append(f"auth.listen_network: the socket path {socket} is longer "
                             f"than the {UNIX_PATH_MAX} bytes a unix socket may have; use a "
                             f"shorter root, or listen_network: tcp")
     if s.registry.debug_addr:

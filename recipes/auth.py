@@ -131,6 +131,20 @@ class AdminUser(Resource):
         _chown_database(self.db_path, self.owner)
 
 
+def audit_dir(settings: Settings) -> Path:
+    """The audit log's directory: the auth account's own, apart from `log/auth/`, which
+    supervisord (root) writes into and the account therefore must not control."""
+    return settings.paths.log_dir / "audit"
+
+
+def address(settings: Settings) -> str:
+    """Where the token service answers: its socket path (listen_network: unix) or
+    listen_addr; also what reconfigure waits on and nginx's upstream names."""
+    if settings.auth.listen_network == "unix":
+        return str(settings.paths.auth_socket)
+    return settings.auth.listen_addr
+
+
 def auth_config(settings: Settings) -> dict:
     p = settings.paths
     a = settings.auth
@@ -141,13 +155,16 @@ def auth_config(settings: Settings) -> dict:
         "issuer": settings.registry.issuer,
         "service": settings.registry.service,
         "realm": settings.token_realm,
-        "audit_log": str(p.log_dir / "auth" / "audit.log"),
-        "listen_addr": a.listen_addr,
+        "audit_log": str(audit_dir(settings) / "audit.log"),
+        "listen_addr": address(settings),
         "workers": a.workers,
         "threads": a.threads,
         "token_lifetime": a.token_lifetime,
         "refresh_token_lifetime": a.refresh_token_lifetime,
-        "trusted_proxies": ["127.0.0.1", "::1"],
+        # On the socket every peer is nginx (no other account may connect), and the
+        # service believes its X-Real-IP. Over TCP any local process may connect and
+        # claim any address, so the peer address is all the service believes.
+        "trusted_proxies": [],
         "rate_limit_window": a.failed_login_window,
         "rate_limit_user_failures": a.max_failed_logins,
         "rate_limit_address_failures": a.max_failed_logins * 3,
@@ -163,8 +180,22 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
         return supervisor.disabled(settings, "auth")
     notify = (restart("auth"),)
     key_path = Path(settings.registry.key_path)
+    umask = None
+    socket_dir: list[Resource] = []
+    if settings.auth.listen_network == "unix":
+        # The socket's directory is the gate: only the auth account and the web
+        # server's group may enter it, so nginx's workers may connect and no other local
+        # account may even reach the socket (gunicorn makes the socket itself 0777).
+        # umask 007: what the service writes (its audit log) is not world-readable.
+        web_user = service_user(settings, settings.web_server.username)
+        socket_dir = [Directory(p.auth_socket.parent, 0o2750, owner=user, group=web_user)]
+        umask = "007"
     return [
         Directory(p.auth_dir, 0o750, owner=user, group=user),
+        *socket_dir,
+        # The service writes its audit log here itself; the admin group may read it.
+        Directory(audit_dir(settings), 0o750, owner=user,
+                  group=supervisor.LOG_READERS if settings.run_as_root else None),
         # registry.key_path may name a directory of the admin's choosing: it must exist
         # and let the auth account through to its key.
         *([Directory(key_path.parent, 0o755)] if key_path.parent != p.auth_dir else []),
@@ -179,7 +210,7 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
                   p.initial_root_password_file, owner=user),
         *supervisor.program(settings, "auth", [supervisor.executable("appliance-auth"),
                                                "--config", str(p.auth_config)],
-                            user=user, stopsignal="TERM"),
+                            user=user, stopsignal="TERM", umask=umask),
     ]
 
 

@@ -20,6 +20,7 @@ from appliance.resources import Directory, Resource, Template, reload
 from appliance.secrets import Secrets
 from appliance.settings import Settings
 from recipes import supervisor
+from recipes.auth import address as auth_address
 from recipes.base import service_user
 from recipes.registry import address as registry_address
 
@@ -29,13 +30,23 @@ NGINX_BINARY = "/usr/sbin/nginx"  # Debian's nginx-light
 # (4-8 KiB) costs a syscall and a TLS record per few kilobytes; bench/push measured this.
 BUFFER_SIZE = "64k"
 
+# Outside /v2/ a request body is a token request's form (a refresh token and a few
+# scopes: well under 4 KiB); 64k leaves room for many scopes and refuses anything that
+# is not a form. The client timeouts bound how long a slow client may hold a request
+# open while nginx reads it; blob transfers under /v2/ keep registry_nginx.proxy_timeout.
+SMALL_BODY_MAX = "64k"
+CLIENT_TIMEOUT = 10
+
 
 def prefix(settings: Settings) -> Path:
     return settings.paths.nginx_dir
 
 
 def temp_dir(settings: Settings) -> Path:
-    return settings.paths.nginx_dir / "tmp"
+    """Root-owned parent of the worker-owned temporary directories (Debian's
+    /var/lib/nginx). Not `tmp/`, the name of the worker-owned parent of earlier
+    releases: a symlink left in there is never followed by the root master."""
+    return settings.paths.nginx_dir / "temp"
 
 
 def pid_file(settings: Settings) -> Path:
@@ -82,9 +93,10 @@ def config_context(settings: Settings) -> dict:
             # (registry.enable: false, auth.enable: true) serves /jwt/auth alone.
             "upstream": upstream_address(registry_address(settings))
             if settings.registry.enable else None,
-            "auth_upstream": upstream_address(settings.auth.listen_addr)
+            "auth_upstream": upstream_address(auth_address(settings))
             if settings.auth.enable else None,
             "proxy_timeout": rn.proxy_timeout,
+            "hsts_max_age": rn.hsts_max_age,
         }
     return {
         "user": service_user(settings, settings.web_server.username),
@@ -94,6 +106,8 @@ def config_context(settings: Settings) -> dict:
         "acme_webroot": str(p.acme_webroot),
         "ssl_protocols": rn.ssl_protocols,  # checked word by word in settings
         "buffer_size": BUFFER_SIZE,
+        "small_body_max": SMALL_BODY_MAX,
+        "client_timeout": CLIENT_TIMEOUT,
         "registry": registry,
         "http_listen": [listen_address(a, n.http_port) for a in n.listen_addresses],
         "redirect_url": settings.registry_external_url
@@ -124,14 +138,15 @@ def check_config(settings: Settings):  # noqa: ANN201 - returns the File.verify 
 
 def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
     p = settings.paths
-    web_user = service_user(settings, settings.web_server.username)
     config = p.nginx_config
     return [
         Directory(prefix(settings), 0o755),
         Directory(config.parent, 0o755),
-        # Workers write request and response bodies here (root creates the sub-directories
-        # at start and hands them to the worker account).
-        Directory(temp_dir(settings), 0o700, owner=web_user, group=web_user),
+        # Workers write request and response bodies in sub-directories that the root
+        # master creates at start and hands to the worker account; the parent stays
+        # root's (0755), so the worker can neither replace a sub-directory by a symlink
+        # nor add one that the master would chown through.
+        Directory(temp_dir(settings), 0o755, owner=service_user(settings, "root")),
         Template(config, "nginx/nginx.conf.j2", config_context(settings), mode=0o644,
                  verify=check_config(settings), notifies=(reload("nginx"),)),
         # The program retires a killed master's orphaned workers first, then becomes

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from appliance.engine import Report
 from appliance.resources import Change, Directory, File, Resource, Template, restart
 from appliance.secrets import Secrets
 from appliance.settings import SENSITIVE_KEYS, STORAGE_EXTRAS, Settings
@@ -144,6 +145,30 @@ def address(settings: Settings) -> str:
     if settings.registry.listen_network == "unix":
         return str(settings.paths.registry_socket)
     return settings.registry.http_addr
+
+
+def is_loopback(address: str) -> bool:
+    """Does host:port name a loopback address (127.0.0.0/8, ::1, localhost)?"""
+    import ipaddress
+
+    host = address.rpartition(":")[0].strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
+
+
+def messages(settings: Settings, report: Report) -> list[str]:
+    """The debug server answers without authentication, /debug/pprof/ included: warn
+    (not refuse: a monitoring network may be the reason) when it is not on loopback."""
+    debug = settings.registry.debug_addr
+    if not settings.registry.enable or not debug or is_loopback(debug):
+        return []
+    return [f"Warning: registry.debug_addr {debug} is not a loopback address: whoever "
+            f"reaches it reads /debug/vars, /metrics and /debug/pprof/ (profiles, goroutine "
+            f"dumps) without signing in. Use 127.0.0.1:PORT unless a firewall guards it."]
 
 
 def config_context(settings: Settings, secrets: Secrets) -> dict:

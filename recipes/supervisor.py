@@ -10,10 +10,20 @@ from __future__ import annotations
 
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from appliance.errors import ConfigError
-from appliance.resources import Absent, Directory, Resource, Template
+from appliance.resources import (
+    Absent,
+    Change,
+    Directory,
+    PathResource,
+    PathState,
+    Resource,
+    Template,
+)
 from appliance.secrets import Secrets
 from appliance.settings import Settings
 
@@ -55,19 +65,53 @@ def quote_environment(environment: dict[str, object]) -> str:
     return ",".join(f"{k}={value(k, v)}" for k, v in sorted(environment.items()))
 
 
+# Group that may read the service logs: Debian's and EL's group for reading /var/log.
+LOG_READERS = "adm"
+
+
+def log_directory(settings: Settings, path: Path) -> Directory:
+    """A directory supervisord (root) writes logs into: root's, readable by LOG_READERS.
+
+    supervisord reopens `current` by path on every restart and rotation. Were the
+    directory the service account's, the service could put a symlink there and have
+    root append text of its clients' choosing to any file on the host.
+    """
+    if not settings.run_as_root:
+        return Directory(path, 0o750)
+    return Directory(path, 0o750, owner="root", group=LOG_READERS)
+
+
+@dataclass
+class NoSymlink(PathResource):
+    """A log file that must not be a symlink. Earlier releases gave each service its
+    log directory; a symlink the service left at `current` then would still be followed
+    by supervisord (root) after the directory became root's. It is removed (only the
+    link: supervisord opens a new file)."""
+
+    path: Path
+    kind: ClassVar[str] = "log file"
+
+    def plan(self, current: PathState) -> list[Change]:
+        return [Change(f"remove symlink to {current.link_target}")] if current.is_link else []
+
+    def apply(self) -> None:
+        if self.path.is_symlink():
+            self.path.unlink()
+
+
 def program(settings: Settings, name: str, command: list[str], user: str | None = None,
             environment: dict[str, object] | None = None, directory: Path | None = None,
             stopsignal: str = "TERM", stopwaitsecs: int = 30,
             umask: str | None = None) -> list[Resource]:
     """The log directory and program file that make supervisord run `command` as `name`.
 
-    The log directory belongs to the service's account, so the service may write logs
-    of its own there (the auth service's audit log) beside supervisord's capture.
+    The service's output goes to supervisord, which writes it into a directory the
+    service cannot change (log_directory). A service that writes logs of its own (the
+    auth service's audit log) gets a directory of its own for them.
     """
-    log_dir = settings.paths.log_dir / name
-    owner = user if settings.run_as_root else None
     return [
-        Directory(log_dir, 0o750, owner=owner, group=owner),
+        log_directory(settings, settings.paths.log_dir / name),
+        NoSymlink(service_log(settings, name)),
         Template(programs_dir(settings) / f"{name}.conf", "supervisor/program.conf.j2", {
             "name": name,
             "command": " ".join(shlex.quote(part) for part in command).replace("%", "%%"),
@@ -94,7 +138,7 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
     return [
         Directory(p.supervisor_dir, 0o700),
         Directory(programs_dir(settings), 0o755),
-        Directory(log_dir, 0o750),
+        log_directory(settings, log_dir),
         Template(p.supervisor_config, "supervisor/supervisord.conf.j2", {
             "socket": str(p.supervisor_socket),
             "pidfile": str(p.supervisor_dir / "supervisord.pid"),

@@ -195,8 +195,10 @@ def test_host_state(appliance):
         assert key.user == "appliance-auth"
         assert host.process.filter(user="appliance-registry", comm="docker-registry")
     listen = appliance.registry_address.rsplit(":", 1)[1]
-    for address in (f"127.0.0.1:{listen}", appliance.config["registry"]["http_addr"],
-                    appliance.config["auth"]["listen_addr"]):
+    # The token service listens on its socket (auth.listen_network: unix), not on TCP.
+    assert host.socket(f"unix://{appliance.auth_internal_address}").is_listening
+    assert not host.socket(f"tcp://{appliance.config['auth']['listen_addr']}").is_listening
+    for address in (f"127.0.0.1:{listen}", appliance.config["registry"]["http_addr"]):
         deadline = time.monotonic() + 15  # a service the kill test restarted may be binding
         while not host.socket(f"tcp://{address}").is_listening:
             assert time.monotonic() < deadline, f"nothing listens on {address}"

@@ -71,7 +71,8 @@ def test_default_config_passes_nginx_t_and_proxies_registry_and_auth(tmp_path):
     assert f"ssl_certificate {tmp_path}/etc/appliance/ssl/localhost.crt;" in tls
     assert f"ssl_certificate_key {tmp_path}/etc/appliance/ssl/localhost.key;" in tls
     assert "server 127.0.0.1:5000;" in config  # registry.http_addr
-    assert "server 127.0.0.1:5100;" in config  # auth.listen_addr
+    # auth.listen_network: unix, the default
+    assert f"server unix:{tmp_path}/var/opt/appliance/auth-socket/auth.sock;" in config
     assert "location /v2/ {\nproxy_pass http://registry;" in tls
     assert "location = /jwt/auth {\nproxy_pass http://auth;" in tls
     assert "location = /-/health {\nproxy_pass http://auth;" in tls
@@ -85,7 +86,7 @@ def test_default_config_passes_nginx_t_and_proxies_registry_and_auth(tmp_path):
     "proxy_set_header Host $http_host;",  # the port stays in upload Locations
     "proxy_set_header X-Forwarded-Proto $scheme;",
     "proxy_set_header X-Real-IP $remote_addr;",
-    "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+    "proxy_set_header X-Forwarded-For $remote_addr;",  # never the client's own list
     "client_max_body_size 0;",
     "chunked_transfer_encoding on;",
     "proxy_request_buffering off;",
@@ -117,7 +118,7 @@ def test_upstreams_keep_connections_alive(tmp_path):
 
 def test_internal_addresses_change_the_upstreams(tmp_path):
     settings = settings_for(tmp_path, registry={"http_addr": "127.0.0.1:6000"},
-                            auth={"listen_addr": "127.0.0.1:6100"})
+                            auth={"listen_network": "tcp", "listen_addr": "127.0.0.1:6100"})
     config = nginx_config(settings)
     assert "server 127.0.0.1:6000;" in config and "server 127.0.0.1:6100;" in config
 
@@ -196,7 +197,8 @@ def test_as_root_workers_run_as_the_web_account(tmp_path):
     assert "user appliance-www;" in nginx_config(settings)
     [temp] = [r for r in nginx.resources(settings, SECRETS)
               if getattr(r, "path", None) == nginx.temp_dir(settings)]
-    assert (temp.owner, temp.mode) == ("appliance-www", 0o700)
+    # Debian's layout: root's parent, worker-owned children that the master creates.
+    assert (temp.owner, temp.mode) == ("root", 0o755)
 
 
 def test_worker_processes_setting(tmp_path):
@@ -245,3 +247,64 @@ def test_ssl_protocols_cannot_carry_anything_but_protocol_names(tmp_path, protoc
     with pytest.raises(ConfigError) as refused:
         settings_for(tmp_path, registry_nginx={"ssl_protocols": protocols})
     assert any(p.startswith("registry_nginx.ssl_protocols:") for p in refused.value.problems)
+
+
+def test_hsts_on_every_answer_of_the_registry_vhost_by_default(tmp_path):
+    tls, http = server_blocks(nginx_config(settings_for(tmp_path)))
+    assert 'add_header Strict-Transport-Security "max-age=63072000" always;' in tls.splitlines()
+    assert "Strict-Transport-Security" not in http  # HSTS over plain HTTP means nothing
+    assert "add_header" not in "\n".join(  # a location's add_header would drop the server's
+        line for line in tls.splitlines() if not line.startswith("add_header Strict"))
+
+
+def test_hsts_max_age_is_a_setting_and_zero_turns_it_off(tmp_path):
+    settings = settings_for(tmp_path, registry_nginx={"hsts_max_age": 300})
+    with_certificate(settings)
+    config = nginx_config(settings)
+    assert nginx_accepts(settings, config).returncode == 0
+    assert 'add_header Strict-Transport-Security "max-age=300" always;' in config
+    off = nginx_config(settings_for(tmp_path, registry_nginx={"hsts_max_age": 0}))
+    assert "Strict-Transport-Security" not in off
+
+
+def location(tls: str, prefix: str) -> list[str]:
+    lines = tls.splitlines()
+    start = lines.index(prefix)
+    return lines[start:lines.index("}", start)]
+
+
+def test_only_blob_transfers_stream_bodies_and_small_bodies_have_timeouts(tmp_path):
+    tls, _ = server_blocks(nginx_config(settings_for(
+        tmp_path, registry_nginx={"proxy_timeout": 600})))
+    server_level = [line for line in tls.splitlines() if not line.startswith("location")]
+    for directive in ("client_max_body_size 64k;", "proxy_request_buffering on;",
+                      "client_header_timeout 10s;", "client_body_timeout 10s;",
+                      "send_timeout 10s;"):
+        assert directive in server_level, directive
+    v2 = location(tls, "location /v2/ {")
+    for directive in ("client_max_body_size 0;", "proxy_request_buffering off;",
+                      "client_body_timeout 600s;", "send_timeout 600s;"):
+        assert directive in v2, directive
+    for path in ("location = /jwt/auth {", "location = /-/health {"):
+        assert location(tls, path) == [path, "proxy_pass http://auth;"]
+
+
+def test_no_client_supplied_forwarding_header_reaches_the_upstreams(tmp_path):
+    config = nginx_config(settings_for(tmp_path))
+    assert "$proxy_add_x_forwarded_for" not in config
+    assert "$http_x_" not in config
+
+
+def test_temp_paths_sit_in_a_root_owned_parent_like_debians(tmp_path):
+    settings = settings_for(tmp_path, run_as_root=True)
+    config = nginx_config(settings)
+    temp = tmp_path / "var/opt/appliance/nginx/temp"
+    for directive, name in (("client_body_temp_path", "body"), ("proxy_temp_path", "proxy"),
+                            ("fastcgi_temp_path", "fastcgi"), ("uwsgi_temp_path", "uwsgi"),
+                            ("scgi_temp_path", "scgi")):
+        assert f"    {directive} {temp}/{name};\n" in config
+    # nginx creates the children and hands them to the workers; the recipe declares no
+    # worker-owned directory a root process would later follow.
+    web = [r for r in nginx.resources(settings, SECRETS) if getattr(r, "owner", None)
+           == "appliance-www"]
+    assert web == []

@@ -258,3 +258,23 @@ def test_filesystem_driver_given_as_a_hash_gets_its_directory(tmp_path):
     bare = rendered_config(tmp_path, registry={"storage": {"filesystem": {}}})
     assert bare["storage"]["filesystem"] == {
         "rootdirectory": str(tmp_path / "var/opt/appliance/registry/data")}
+
+
+@pytest.mark.parametrize(("debug_addr", "warned"), [
+    (None, False),
+    ("127.0.0.1:5001", False),
+    ("localhost:5001", False),
+    ("[::1]:5001", False),
+    ("0.0.0.0:5001", True),
+    ("[::]:5001", True),
+    ("192.0.2.7:5001", True),
+    ("monitor.example.com:5001", True),  # a name may resolve anywhere
+])
+def test_a_debug_server_off_loopback_is_warned_about(tmp_path, debug_addr, warned):
+    settings = settings_for(tmp_path, registry={"debug_addr": debug_addr})
+    lines = registry.messages(settings, None)
+    assert bool(lines) == warned
+    if warned:
+        [line] = lines
+        assert line.startswith(f"Warning: registry.debug_addr {debug_addr} is not a loopback")
+        assert "/debug/pprof/" in line

@@ -72,13 +72,33 @@ def test_as_root_a_program_runs_as_its_account_and_supervisord_as_root(tmp_path)
     resources = supervisor.resources(settings, SECRETS)
     [conf] = [r for r in resources if getattr(r, "path", None) == settings.paths.supervisor_config]
     assert "\nuser = root\n" in conf.content.decode()
-    [log_dir, program] = supervisor.program(settings, "registry", ["/bin/true"],
+    [log_dir, _, program] = supervisor.program(settings, "registry", ["/bin/true"],
                                             user="appliance-registry")
     assert "\nuser = appliance-registry\n" in program.content.decode()
-    assert (log_dir.owner, log_dir.mode) == ("appliance-registry", 0o750)
+    # supervisord (root) writes there: root's, readable by the admin group, never the
+    # service's (it could plant a symlink for root to append to).
+    assert (log_dir.owner, log_dir.group, log_dir.mode) == ("root", "adm", 0o750)
 
 
 def test_disabled_program_is_an_absent_file(tmp_path):
     settings = settings_for(tmp_path)
     [absent] = supervisor.disabled(settings, "registry")
     assert absent.path == tmp_path / "var/opt/appliance/supervisor/conf.d/registry.conf"
+
+
+def test_a_symlink_left_at_a_log_file_is_removed_not_followed(tmp_path):
+    """An install upgraded from service-owned log directories: the service may have left
+    `current` as a symlink, which supervisord (root) would follow."""
+    settings = settings_for(tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_text("root's own line\n")
+    current = tmp_path / "var/log/appliance/registry/current"
+    current.parent.mkdir(parents=True)
+    current.symlink_to(victim)
+    [_, guard, _] = supervisor.program(settings, "registry", ["/bin/true"])
+    assert [c.summary for c in guard.plan(guard.current())] == [f"remove symlink to {victim}"]
+    guard.apply()
+    assert not current.exists() and victim.read_text() == "root's own line\n"
+    assert guard.plan(guard.current()) == []
+    current.write_text("a log line\n")  # supervisord's own file stays
+    assert guard.plan(guard.current()) == []

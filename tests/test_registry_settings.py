@@ -119,6 +119,9 @@ def get(url: str, context: ssl.SSLContext | None = None, headers: dict | None = 
 
 
 def is_listening(address: str) -> bool:
+    if address.startswith("/"):  # a unix socket
+        with socket.socket(socket.AF_UNIX) as sock:
+            return sock.connect_ex(address) == 0
     host, port = address.rsplit(":", 1)
     with socket.socket() as sock:
         return sock.connect_ex((host, int(port))) == 0
@@ -597,7 +600,7 @@ def test_disabled_registry_stops_and_keeps_its_images(appliance, client, tmp_pat
         assert not is_listening(f"127.0.0.1:{registry_port(appliance)}")
         assert plain_http_answer() == (404, None)
         assert not is_listening(appliance.config["registry"]["http_addr"])
-        assert not is_listening(appliance.config["auth"]["listen_addr"])
+        assert not is_listening(appliance.auth_internal_address)
         assert not is_listening(appliance.config["registry"]["debug_addr"])
         assert blob_path(storage, image.layer_digests[0]).is_file()
     finally:
@@ -857,7 +860,7 @@ def test_localhost_addresses_as_in_the_guide_work_on_a_stock_hosts_file(tmp_path
     /etc/hosts is Debian's stock one (this machine's has no ::1 line)."""
     appliance = ApplianceUnderTest.create({
         "registry": {"http_addr": f"localhost:{free_port()}"},
-        "auth": {"listen_addr": f"localhost:{free_port()}"},
+        "auth": {"listen_network": "tcp", "listen_addr": f"localhost:{free_port()}"},
     }, prefix="appliance-localhost-")
     hosts = tmp_path / "hosts"
     hosts.write_text(DEBIAN_HOSTS)

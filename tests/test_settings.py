@@ -221,7 +221,7 @@ BAD_CONFIGS = {
         ["registry.http_addr: 127.0.0.1:5050 is also registry_nginx.listen_port, where nginx "
          "listens; pick another port"]),
     "auth on the plain-HTTP port of nginx's address": (
-        {"auth": {"listen_addr": "127.0.0.1:8080"},
+        {"auth": {"listen_network": "tcp", "listen_addr": "127.0.0.1:8080"},
          "nginx": {"http_port": 8080, "listen_addresses": ["127.0.0.1"]}},
         ["auth.listen_addr: 127.0.0.1:8080 is also nginx.http_port, where nginx listens; "
          "pick another port"]),
@@ -230,7 +230,7 @@ BAD_CONFIGS = {
         ["registry.debug_addr: 0.0.0.0:5050 is also registry_nginx.listen_port, where nginx "
          "listens; pick another port"]),
     "auth on the registry's address": (
-        {"auth": {"listen_addr": "127.0.0.1:5000"}},
+        {"auth": {"listen_network": "tcp", "listen_addr": "127.0.0.1:5000"}},
         ["auth.listen_addr: 127.0.0.1:5000 is also registry.http_addr; pick another port"]),
     "debug on the registry's address": (
         {"registry": {"http_addr": "127.0.0.1:6000", "debug_addr": "127.0.0.1:6000"}},

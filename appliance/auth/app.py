@@ -16,6 +16,7 @@ import base64
 import binascii
 import ipaddress
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable
 from urllib.parse import parse_qs
@@ -57,6 +58,8 @@ class TokenService:
         self.authenticator = Authenticator(self.store, config)
         self.audit = AuditLog(config.audit_log)
         self._proxies = [ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies]
+        # On a unix socket the directory lets nginx's account alone connect.
+        self._peers_are_proxy = config.listen_socket is not None
         self._proxy_verdicts: dict[str, bool] = {}
 
     # -- WSGI entry point -------------------------------------------------------------
@@ -84,7 +87,10 @@ class TokenService:
             try:
                 self.store.ping()
             except Exception as error:  # noqa: BLE001 - any failure means unhealthy
-                return _respond(start_response, 503, {"status": "unhealthy", "error": str(error)})
+                # nginx serves this to anyone: the reason (a path, a database error) goes
+                # to the service's log, the answer is the bare status.
+                print(f"appliance-auth: unhealthy: {error}", file=sys.stderr, flush=True)
+                return _respond(start_response, 503, {"status": "unhealthy"})
             return _respond(start_response, 200, {"status": "ok"})
         return _respond(start_response, 404, _error_body("Not found.", "invalid_request"))
 
@@ -222,7 +228,7 @@ class TokenService:
     def client_address(self, environ: dict) -> str:
         peer = environ.get("REMOTE_ADDR", "")
         forwarded = environ.get("HTTP_X_REAL_IP")
-        if forwarded and self._is_trusted_proxy(peer):
+        if forwarded and (self._peers_are_proxy or self._is_trusted_proxy(peer)):
             return forwarded.strip()
         return peer
 

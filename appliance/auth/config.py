@@ -35,7 +35,8 @@ class AuthConfig:
     audit_log: Path
     """JSON-lines file receiving one record per grant or denial."""
     listen_addr: str = "127.0.0.1:5001"
-    """host:port the WSGI server binds (loopback: nginx is the only client)."""
+    """host:port the WSGI server binds, or the absolute path of a unix socket. On a socket
+    every peer is nginx (only its account may connect) and its X-Real-IP is believed."""
     workers: int = 2
     """Worker processes; one per core is the measured optimum (CPU-bound signing)."""
     threads: int = 4
@@ -60,6 +61,11 @@ class AuthConfig:
     default_registry_enabled: bool = True
     """Registry switch of projects created without an explicit choice
     (default_projects_features.container_registry)."""
+
+    @property
+    def listen_socket(self) -> Path | None:
+        """The unix socket path, when listen_addr names one."""
+        return Path(self.listen_addr) if self.listen_addr.startswith("/") else None
 
     @property
     def listen_host(self) -> str:
@@ -127,10 +133,10 @@ def from_mapping(raw: dict, source: str = "auth config") -> AuthConfig:
             if not isinstance(value, str) or not value:
                 problems.append(f"{name}: must be a non-empty string")
     listen = values.get("listen_addr", AuthConfig.listen_addr)
-    if isinstance(listen, str):
+    if isinstance(listen, str) and not listen.startswith("/"):
         host, _, port = listen.rpartition(":")
         if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            problems.append("listen_addr: must be host:port")
+            problems.append("listen_addr: must be host:port or a socket path")
     for name in ("workers", "threads"):
         if values.get(name, 1) == 0:
             problems.append(f"{name}: must be at least 1")

@@ -44,10 +44,17 @@ class _Gunicorn(BaseApplication):
 def gunicorn_options(
     config: auth_config.AuthConfig, worker_class: str = "gthread", threads: int = 0
 ) -> dict:
-    host = config.listen_host
-    bind = f"[{host}]:{config.listen_port}" if ":" in host else f"{host}:{config.listen_port}"
+    if config.listen_socket is not None:
+        bind = f"unix:{config.listen_socket}"
+    else:
+        host = config.listen_host
+        bind = f"[{host}]:{config.listen_port}" if ":" in host else f"{host}:{config.listen_port}"
     return {
         "bind": [bind],
+        # gunicorn creates a unix socket under this umask, then hands it to the service's
+        # own group: nginx's account is "other" to it, so the socket is 0777 and its
+        # directory (0750, nginx's group) is what keeps every other account out.
+        "umask": 0,
         "workers": config.workers,
         "worker_class": worker_class,
         "threads": threads or config.threads,

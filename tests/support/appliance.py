@@ -175,6 +175,16 @@ class ApplianceUnderTest:
             return str(Paths.under(self.root, self.config_file).registry_socket)
         return self.config["registry"]["http_addr"]
 
+    @property
+    def auth_internal_address(self) -> str:
+        """Where nginx reaches the token service: its socket (auth.listen_network: unix,
+        the default) or listen_addr."""
+        from appliance.settings import Paths
+
+        if self.config["auth"].get("listen_network", "unix") == "unix":
+            return str(Paths.under(self.root, self.config_file).auth_socket)
+        return self.config["auth"]["listen_addr"]
+
     def wait_listening(self, timeout: float = 20) -> None:
         """Until nginx, the registry and the token service all accept connections."""
         from appliance.reconfigure import wait_listening
@@ -182,7 +192,7 @@ class ApplianceUnderTest:
         port = self.registry_address.rsplit(":", 1)[1]
         wait_listening({"nginx": f"127.0.0.1:{port}",
                         "registry": self.registry_internal_address,
-                        "auth": self.config["auth"]["listen_addr"]}, timeout)
+                        "auth": self.auth_internal_address}, timeout)
 
     def shutdown(self) -> None:
         from appliance.services import Supervisor

@@ -1,0 +1,83 @@
+"""The auth recipe: where the token service listens, whose X-Real-IP it believes, and
+the directories of its socket and audit log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from appliance import reconfigure
+from appliance.auth.config import from_mapping
+from appliance.auth.server import gunicorn_options
+from appliance.errors import ConfigError
+from recipes import auth, supervisor
+from tests.support.recipes import SECRETS, settings_for
+
+ROOT = Path("/srv/appliance")  # pytest's tmp_path is too long for a socket path
+
+
+def by_path(resources: list, path: Path):
+    [found] = [r for r in resources if getattr(r, "path", None) == path]
+    return found
+
+
+def written_config(settings) -> dict:
+    resource = by_path(auth.resources(settings, SECRETS), settings.paths.auth_config)
+    return json.loads(resource.content)
+
+
+def test_by_default_the_service_listens_on_a_socket_only_nginx_may_reach():
+    settings = settings_for(ROOT, run_as_root=True)
+    socket = ROOT / "var/opt/appliance/auth-socket/auth.sock"
+    config = written_config(settings)
+    assert config["listen_addr"] == str(socket)
+    resources = auth.resources(settings, SECRETS)
+    directory = by_path(resources, socket.parent)
+    assert (directory.owner, directory.group, directory.mode) == (
+        "appliance-auth", "appliance-www", 0o2750)
+    program = by_path(resources, supervisor.programs_dir(settings) / "auth.conf")
+    assert "\numask = 007\n" in program.content.decode()
+    assert reconfigure.service_addresses(settings, {"auth"}) == {"auth": str(socket)}
+    assert gunicorn_options(from_mapping(config))["bind"] == [f"unix:{socket}"]
+
+
+def test_over_tcp_the_service_believes_no_forwarded_address():
+    settings = settings_for(ROOT, run_as_root=True,
+                            auth={"listen_network": "tcp", "listen_addr": "127.0.0.1:6100"})
+    config = written_config(settings)
+    assert config["listen_addr"] == "127.0.0.1:6100"
+    assert config["trusted_proxies"] == []
+    assert (ROOT / "var/opt/appliance/auth-socket") not in [
+        getattr(r, "path", None) for r in auth.resources(settings, SECRETS)]
+    assert reconfigure.service_addresses(settings, {"auth"}) == {"auth": "127.0.0.1:6100"}
+    assert gunicorn_options(from_mapping(config))["bind"] == ["127.0.0.1:6100"]
+
+
+def test_the_audit_log_has_a_directory_of_the_auth_account():
+    settings = settings_for(ROOT, run_as_root=True)
+    audit = ROOT / "var/log/appliance/audit"
+    assert written_config(settings)["audit_log"] == str(audit / "audit.log")
+    directory = by_path(auth.resources(settings, SECRETS), audit)
+    assert (directory.owner, directory.group, directory.mode) == ("appliance-auth", "adm", 0o750)
+    # supervisord's capture of the service's output stays in root's directory.
+    captured = by_path(auth.resources(settings, SECRETS), ROOT / "var/log/appliance/auth")
+    assert (captured.owner, captured.group) == ("root", "adm")
+
+
+@pytest.mark.parametrize(("overrides", "problem"), [
+    ({"registry_nginx": {"hsts_max_age": -1}},
+     "registry_nginx.hsts_max_age: -1 is not a number 0 or greater"),
+    ({"auth": {"listen_network": "udp"}}, 'auth.listen_network: "udp" is not tcp or unix'),
+    ({"root": "/srv/" + "x" * 70},
+     f"auth.listen_network: the socket path /srv/{'x' * 70}/var/opt/appliance/auth-socket/"
+     f"auth.sock is longer than the 107 bytes a unix socket may have; use a shorter root, "
+     f"or listen_network: tcp"),
+])
+def test_the_new_keys_are_checked(overrides, problem):
+    overrides = dict(overrides)
+    root = Path(overrides.pop("root", ROOT))
+    with pytest.raises(ConfigError) as caught:
+        settings_for(root, **overrides)
+    assert caught.value.problems == [problem]

@@ -741,8 +741,11 @@ def _brief(value: Any) -> str:
 
 
 def _key(key: Any) -> str:
-    """A key as it appears in a key path: as written, cut short if very long."""
+    """A key as it appears in a key path: as written, cut short if very long, quoted
+    if it holds a newline or another control character (a problem stays one line)."""
     text = str(key) if isinstance(key, str) else _brief(key)
+    if _CONTROL.search(text):
+        text = json.dumps(text[:60], ensure_ascii=False)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

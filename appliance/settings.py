@@ -799,10 +799,20 @@ def _cross_checks(s: Settings, rejected: set[str] | None = None) -> list[str]:
             problems.append(f"registry.storage.{_key(key)}.regionendpoint: "
                             f"{_show('regionendpoint', params['regionendpoint'])} is not a URL "
                             f"such as http://127.0.0.1:9000")
+        if "rootdirectory" in params and (not isinstance(params["rootdirectory"], str)
+                                          or check_safe_path(params["rootdirectory"])):
+            problems.append(f"registry.storage.{_key(key)}.rootdirectory: "
+                            f"{_show('', params['rootdirectory'])} is not an absolute path "
+                            f"without spaces, quotes or shell characters")
         if "chunksize" in params and (type(params["chunksize"]) is not int
                                       or params["chunksize"] < 5 * 1024 * 1024):
             problems.append(f"registry.storage.{_key(key)}.chunksize: must be a whole number of "
                             f"bytes, at least 5242880 (25000000 to 50000000 is typical)")
+    for extra in ("cache", "maintenance", "delete"):
+        if storage.get(extra) is not None and not isinstance(storage[extra], dict):
+            # the registry reads each of them as a mapping and will not start otherwise
+            problems.append(f"registry.storage.{extra}: expected a mapping, as in the "
+                            f"registry's own config")
     redirect = storage.get("redirect")
     if redirect is not None and (not isinstance(redirect, dict) or
                                  not isinstance(redirect.get("disable", False), bool)):
@@ -839,6 +849,15 @@ def _cross_checks(s: Settings, rejected: set[str] | None = None) -> list[str]:
         if "threshold" in endpoint and (type(endpoint["threshold"]) is not int
                                         or endpoint["threshold"] < 1):
             problems.append(f"{where}.threshold: a whole number of failures, at least 1")
+        if "disabled" in endpoint and not isinstance(endpoint["disabled"], bool):
+            problems.append(f"{where}.disabled: true or false")
+        if not _is_list_of_strings(endpoint.get("ignoredmediatypes") or []):
+            problems.append(f"{where}.ignoredmediatypes: a list of media types")
+        ignore = endpoint.get("ignore") or {}
+        if not isinstance(ignore, dict) or set(ignore) - {"mediatypes", "actions"} or not all(
+                _is_list_of_strings(v) for v in ignore.values()):
+            problems.append(f"{where}.ignore: a mapping with mediatypes and actions, each a "
+                            f"list of strings, e.g. {{actions: [pull]}}")
         headers = endpoint.get("headers", {})
         if not isinstance(headers, dict) or not all(
                 isinstance(k, str) and isinstance(v, list) and all(isinstance(x, str) for x in v)
@@ -921,6 +940,10 @@ def _cross_checks(s: Settings, rejected: set[str] | None = None) -> list[str]:
             problems.append(f"{name}: {value} is also {ports[int(port)]}, where nginx "
                             f"listens; pick another port")
     return problems
+
+
+def _is_list_of_strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
 # ---------------------------------------------------------------- derivation

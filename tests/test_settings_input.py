@@ -84,6 +84,24 @@ HOSTILE = {
     "driver parameter key a number": (
         b"registry:\n  storage:\n    s3: {bucket: b, region: r, 5: x}\n", None,
         ["registry.storage.s3: parameter names must be strings"]),
+    "filesystem rootdirectory a number": (
+        b"registry:\n  storage:\n    filesystem: {rootdirectory: 5}\n", None,
+        ["registry.storage.filesystem.rootdirectory: 5 is not an absolute path without spaces, "
+         "quotes or shell characters"]),
+    "filesystem rootdirectory relative": (
+        b"registry:\n  storage:\n    filesystem: {rootdirectory: images}\n", None,
+        ['registry.storage.filesystem.rootdirectory: "images" is not an absolute path without '
+         'spaces, quotes or shell characters']),
+    "storage cache a number": (
+        b"registry:\n  storage:\n    cache: 5\n", None,
+        ["registry.storage.cache: expected a mapping, as in the registry's own config"]),
+    "notification ignore and disabled malformed": (
+        b"registry:\n  notifications:\n  - {name: a, url: 'http://127.0.0.1:1/', ignore: 5,"
+        b" ignoredmediatypes: x, disabled: 'no'}\n", None,
+        ["registry.notifications[0].disabled: true or false",
+         "registry.notifications[0].ignoredmediatypes: a list of media types",
+         "registry.notifications[0].ignore: a mapping with mediatypes and actions, each a list "
+         "of strings, e.g. {actions: [pull]}"]),
     "notification name a list": (
         b"registry:\n  notifications:\n  - {name: [a], url: 'http://127.0.0.1:1/'}\n"
         b"  - {name: [a], url: 'http://127.0.0.1:1/'}\n", None,

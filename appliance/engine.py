@@ -15,6 +15,8 @@ after the failing one are not touched. A recipe that fails to build its next res
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -77,10 +79,67 @@ def describe(resource: Resource, changes: list[Change], dry_run: bool) -> str:
     return f"+ {resource} ({status})"
 
 
+MASK = "********"
+# A secret this long is masked wherever it appears; a shorter one ("1", "abc") only where
+# it is a whole value, so that it cannot turn every 1 of a diff into stars.
+MASK_ANYWHERE_LENGTH = 8
+
+
+class Redactor:
+    """Masks known secret values in every line the engine prints or a run log keeps.
+
+    Like Chef's `sensitive true`, but by value rather than per resource: the values come
+    from the settings' sensitivity rule (the one show-config masks by) and from the
+    generated secrets, so a secret is masked whichever resource's diff carries it (the
+    registry config, a supervisor program's environment=, a JSON file) without each
+    recipe having to know it holds one.
+    """
+
+    def __init__(self, values: Iterable[str] = ()):
+        found: set[str] = set()
+        for value in values:
+            if not value:
+                continue
+            # As templates write it too: JSON/YAML-escaped, or with supervisord's %%.
+            found |= {value, json.dumps(value)[1:-1], value.replace("%", "%%")}
+            # A PEM key spans lines, and a diff shows it a line at a time.
+            found |= {line.strip() for line in value.splitlines()[1:]
+                      if len(line.strip()) >= MASK_ANYWHERE_LENGTH and "-----" not in line}
+        found.discard("")
+        # Longest first, so a secret that contains another is masked whole.
+        self.anywhere = sorted((v for v in found if len(v) >= MASK_ANYWHERE_LENGTH and
+                                "\n" not in v), key=len, reverse=True)
+        self.whole = [self._whole_value(v) for v in sorted(
+            (v for v in found if len(v) < MASK_ANYWHERE_LENGTH), key=len, reverse=True)]
+
+    @staticmethod
+    def _whole_value(value: str) -> tuple[str, re.Pattern, re.Pattern]:
+        escaped = re.escape(value)
+        # `key: s` or `- s` (YAML, quoted or not) up to the end of the line; "s" or 's'.
+        return (value, re.compile(r"(:\s+|-\s+)([\"']?)" + escaped + r"\2(\s*)$"),
+                re.compile(r"([\"'])" + escaped + r"\1"))
+
+    def __call__(self, text: str) -> str:
+        if not self.anywhere and not self.whole:
+            return text
+        return "".join(self._line(line) for line in text.splitlines(keepends=True))
+
+    def _line(self, line: str) -> str:
+        for value in self.anywhere:
+            if value in line:
+                line = line.replace(value, MASK)
+        for value, yaml_value, quoted in self.whole:
+            if value in line:
+                line = yaml_value.sub(lambda m: f"{m.group(1)}{MASK}{m.group(3)}", line)
+                line = quoted.sub(lambda m: f"{m.group(1)}{MASK}{m.group(1)}", line)
+        return line
+
+
 class Engine:
     def __init__(self, out: Callable[[str], None], dry_run: bool = False,
-                 show_diffs: bool = True):
-        self.out = out
+                 show_diffs: bool = True, redact: Callable[[str], str] | None = None):
+        self.redact = redact or Redactor()
+        self.out = lambda line: out(self.redact(line))
         self.dry_run = dry_run
         self.show_diffs = show_diffs
 

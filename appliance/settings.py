@@ -1032,6 +1032,25 @@ def _masked(key: str, value: Any) -> Any:
     return value
 
 
+def sensitive_values(s: Settings) -> list[str]:
+    """Every value show-config masks, as text: what the engine and the run log mask too,
+    in whatever file or diff it turns up."""
+    found: list[str] = []
+
+    def walk(key: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(str(k), v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(key, v)
+        elif is_sensitive(key) and value not in (None, ""):
+            found.append(str(value).lower() if isinstance(value, bool) else str(value))
+
+    walk("", as_dict(s, mask=False))
+    return found
+
+
 def as_dict(s: Any, mask: bool = True) -> dict:
     """Settings as plain data (paths as strings), secrets masked unless mask=False."""
     out: dict[str, Any] = {}

@@ -95,7 +95,10 @@ class Redactor:
     recipe having to know it holds one.
     """
 
-    def __init__(self, values: Iterable[str] = ()):
+    def __init__(self, values: Iterable[str] = (),
+                 is_sensitive: Callable[[str], bool] | None = None):
+        self.values = list(values)
+        self.is_sensitive = is_sensitive
         found: set[str] = set()
         for value in values:
             if not value:
@@ -119,6 +122,20 @@ class Redactor:
         return (value, re.compile(r"(:\s+|-\s+)([\"']?)" + escaped + r"\2(\s*)$"),
                 re.compile(r"([\"'])" + escaped + r"\1"))
 
+    def with_values_in(self, *contents: object) -> Redactor:
+        """This redactor plus the values under a sensitive key in these file contents.
+
+        A diff shows the file as it is on disk, which may hold secrets this run no
+        longer knows (a storage key the admin just replaced): they are found by the same
+        rule, in the two shapes our files hold them, a YAML/JSON document and
+        supervisord's `environment = KEY="value",...`.
+        """
+        if self.is_sensitive is None:
+            return self
+        found = [value for content in contents if isinstance(content, bytes)
+                 for value in values_under_sensitive_keys(content, self.is_sensitive)]
+        return Redactor([*self.values, *found], self.is_sensitive) if found else self
+
     def __call__(self, text: str) -> str:
         if not self.anywhere and not self.whole:
             return text
@@ -135,10 +152,49 @@ class Redactor:
         return line
 
 
+def values_under_sensitive_keys(content: bytes, is_sensitive: Callable[[str], bool]
+                                ) -> list[str]:
+    found: list[str] = []
+    if len(content) > 1024 * 1024:
+        return found  # none of our files is this big; a diff of it is not shown whole
+
+    def walk(key: str, value: object) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(str(k), v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(key, v)
+        elif is_sensitive(key) and value not in (None, ""):
+            found.append(str(value))
+
+    try:
+        text = content.decode()
+    except UnicodeDecodeError:
+        return found
+    import yaml  # only a run that prints a diff pays for it
+
+    try:
+        walk("", yaml.safe_load(text))
+    except yaml.YAMLError:
+        pass  # not a YAML document (an nginx or supervisord config)
+    for line in text.splitlines():
+        name, sep, pairs = line.partition("=")
+        if sep and name.strip() == "environment":
+            from supervisor.datatypes import dict_of_key_value_pairs
+
+            try:
+                walk("", dict_of_key_value_pairs(pairs.strip()))
+            except ValueError:
+                pass
+    return found
+
+
 class Engine:
     def __init__(self, out: Callable[[str], None], dry_run: bool = False,
                  show_diffs: bool = True, redact: Callable[[str], str] | None = None):
         self.redact = redact or Redactor()
+        self.raw_out = out
         self.out = lambda line: out(self.redact(line))
         self.dry_run = dry_run
         self.show_diffs = show_diffs
@@ -156,16 +212,21 @@ class Engine:
                 self._fail(report, NextResource(), exc)
                 break
             try:
-                changes = resource.plan(resource.current())
+                current = resource.current()
+                changes = resource.plan(current)
             except (ApplianceError, OSError) as exc:
                 self._fail(report, resource, exc)
                 break
             self.out(describe(resource, changes, self.dry_run))
             if changes and self.show_diffs:
+                redact = self.redact
+                if isinstance(redact, Redactor):
+                    redact = redact.with_values_in(getattr(current, "content", None),
+                                                   getattr(resource, "content", None))
                 for change in changes:
                     if change.diff:
-                        self.out("".join("    " + line for line in
-                                         change.diff.splitlines(keepends=True)).rstrip("\n"))
+                        self.raw_out(redact("".join("    " + line for line in
+                                     change.diff.splitlines(keepends=True)).rstrip("\n")))
             if changes and not self.dry_run:
                 try:
                     resource.apply()

@@ -23,7 +23,7 @@ from appliance import secrets as secrets_module
 from appliance.engine import Engine, Redactor, Report, queue, raise_if_failed
 from appliance.errors import LockError, ServiceError
 from appliance.resources import Notify
-from appliance.settings import Paths, Settings, sensitive_values
+from appliance.settings import Paths, Settings, is_sensitive, sensitive_values
 
 if TYPE_CHECKING:
     from appliance.services import Supervisor
@@ -108,7 +108,8 @@ def run(settings: Settings, dry_run: bool = False, stream: TextIO = sys.stdout) 
     try:
         with lock:
             secrets = secrets_module.for_settings(settings)
-            out.redact = Redactor([*sensitive_values(settings), *secrets.private_values()])
+            out.redact = Redactor([*sensitive_values(settings), *secrets.private_values()],
+                                  is_sensitive)
             if paths.data_dir.is_dir() and not dry_run:
                 from appliance.resources import use_template_cache
 

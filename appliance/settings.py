@@ -30,7 +30,7 @@ from appliance.errors import ConfigError
 DEFAULT_CONFIG = "/etc/appliance/appliance.yml"
 SENSITIVE_KEYS = {"initial_root_password", "internal_key", "secretkey", "accountkey",
                   "accesskeysecret", "password", "keyfile_contents", "Authorization",
-                  "sessiontoken", "private_key"}
+                  "sessiontoken", "private_key", "secret"}
 # Free-form names (registry.env variables, notification headers) that carry secrets.
 _SENSITIVE_WORDS = ("SECRET", "PASSWORD", "PASSWD", "TOKEN", "KEY", "AUTHORIZATION",
                     "COOKIE", "CREDENTIAL")

@@ -315,3 +315,27 @@ def test_engine_masks_every_diff_and_failure_whatever_the_resource(tmp_path: Pat
     assert "! file " in printed and "dir-secret-value" not in printed
     assert "old-secret-value" not in printed and "new-secret-value" not in printed
     assert "new-secret-value" in (tmp_path / "registry.conf").read_text()
+
+
+def test_engine_masks_secrets_the_run_no_longer_knows_by_the_same_rule(tmp_path: Path) -> None:
+    """The file on disk holds last run's secrets: found under sensitive keys (YAML, JSON,
+    supervisord's environment=) and masked on both sides of the diff."""
+    from appliance.settings import is_sensitive
+
+    (tmp_path / "config.yml").write_text("storage:\n  s3:\n    secretkey: old-key-value\n"
+                                         "    bucket: b\n")
+    (tmp_path / "program.conf").write_text(
+        'environment = GOGC="400",REGISTRY_X_SECRET="old-env-value"\n')
+    lines: list[str] = []
+    Engine(lines.append, dry_run=True, redact=Redactor([], is_sensitive)).converge([
+        File(tmp_path / "config.yml", "storage:\n  s3:\n    secretkey: new-key-value\n"
+                                      "    bucket: c\n"),
+        File(tmp_path / "program.conf", 'environment = GOGC="400",REGISTRY_X_SECRET="1"\n'),
+    ])
+    printed = "\n".join(lines)
+    for secret in ("old-key-value", "new-key-value", "old-env-value"):
+        assert secret not in printed
+    assert "    -    secretkey: ********\n" in printed
+    assert "    +    secretkey: ********\n" in printed
+    assert '+environment = GOGC="400",REGISTRY_X_SECRET="********"' in printed
+    assert "+    bucket: c" in printed

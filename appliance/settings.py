@@ -763,14 +763,25 @@ STORAGE_EXTRAS = ("cache", "redirect", "maintenance", "delete")
 
 
 def _cross_checks(s: Settings, rejected: set[str] | None = None) -> list[str]:
-    """Checks that look at more than one value, or inside free-form hashes.
+    """Checks that look at more than one value, or inside free-form hashes: one small
+    function per section, each table-tested on its own (tests/test_settings_checks.py).
 
     `rejected` are key paths whose value was already refused (and left at its default
     here); a check about them would only repeat that problem in other words.
     """
-    rejected = rejected or set()
+    return [*check_storage(s.registry.storage),
+            *check_notifications(s.registry.notifications),
+            *check_env(s.registry.env),
+            *check_nginx(s.nginx),
+            *check_contact_emails(s.letsencrypt.contact_emails),
+            *check_tls(s, rejected or set()),
+            *check_ports(s)]
+
+
+def check_storage(storage: dict) -> list[str]:
+    """registry.storage: one known driver with its required parameters, and the extras
+    (cache, redirect, maintenance, delete) in the shapes the registry reads."""
     problems = []
-    storage = s.registry.storage
     drivers = [k for k in storage if k not in STORAGE_EXTRAS]
     for key in drivers:
         if key not in STORAGE_DRIVERS:
@@ -782,32 +793,7 @@ def _cross_checks(s: Settings, rejected: set[str] | None = None) -> list[str]:
         problems.append(f"registry.storage: one driver at a time, found "
                         f"{', '.join(_key(d) for d in drivers)}")
     for key in drivers:
-        params = storage[key]
-        if params is None:
-            params = {}
-        if not isinstance(params, dict):
-            problems.append(f"registry.storage.{_key(key)}: expected a mapping of driver "
-                            f"settings")
-            continue
-        if not all(isinstance(name, str) for name in params):
-            # the registry reads driver parameters into a map of strings
-            problems.append(f"registry.storage.{_key(key)}: parameter names must be strings")
-        for required in STORAGE_DRIVERS.get(key, ()):
-            if params.get(required) in (None, ""):
-                problems.append(f"registry.storage.{key}.{required}: required by the {key} driver")
-        if "regionendpoint" in params and check_url(str(params["regionendpoint"])):
-            problems.append(f"registry.storage.{_key(key)}.regionendpoint: "
-                            f"{_show('regionendpoint', params['regionendpoint'])} is not a URL "
-                            f"such as http://127.0.0.1:9000")
-        if "rootdirectory" in params and (not isinstance(params["rootdirectory"], str)
-                                          or check_safe_path(params["rootdirectory"])):
-            problems.append(f"registry.storage.{_key(key)}.rootdirectory: "
-                            f"{_show('', params['rootdirectory'])} is not an absolute path "
-                            f"without spaces, quotes or shell characters")
-        if "chunksize" in params and (type(params["chunksize"]) is not int
-                                      or params["chunksize"] < 5 * 1024 * 1024):
-            problems.append(f"registry.storage.{_key(key)}.chunksize: must be a whole number of "
-                            f"bytes, at least 5242880 (25000000 to 50000000 is typical)")
+        problems += check_driver(key, storage[key])
     for extra in ("cache", "maintenance", "delete"):
         if storage.get(extra) is not None and not isinstance(storage[extra], dict):
             # the registry reads each of them as a mapping and will not start otherwise
@@ -817,55 +803,103 @@ def _cross_checks(s: Settings, rejected: set[str] | None = None) -> list[str]:
     if redirect is not None and (not isinstance(redirect, dict) or
                                  not isinstance(redirect.get("disable", False), bool)):
         problems.append("registry.storage.redirect: expected {disable: true|false}")
+    return problems
 
-    names = set()
-    for i, endpoint in enumerate(s.registry.notifications):
+
+def check_driver(key: Any, params: Any) -> list[str]:
+    """One driver's parameters: a mapping of names, with what the driver cannot do without."""
+    where = f"registry.storage.{_key(key)}"
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        return [f"{where}: expected a mapping of driver settings"]
+    problems = []
+    if not all(isinstance(name, str) for name in params):
+        # the registry reads driver parameters into a map of strings
+        problems.append(f"{where}: parameter names must be strings")
+    for required in STORAGE_DRIVERS.get(key, ()):
+        if params.get(required) in (None, ""):
+            problems.append(f"{where}.{required}: required by the {key} driver")
+    if "regionendpoint" in params and check_url(str(params["regionendpoint"])):
+        problems.append(f"{where}.regionendpoint: "
+                        f"{_show('regionendpoint', params['regionendpoint'])} is not a URL "
+                        f"such as http://127.0.0.1:9000")
+    if "rootdirectory" in params and (not isinstance(params["rootdirectory"], str)
+                                      or check_safe_path(params["rootdirectory"])):
+        problems.append(f"{where}.rootdirectory: {_show('', params['rootdirectory'])} is not "
+                        f"an absolute path without spaces, quotes or shell characters")
+    if "chunksize" in params and (type(params["chunksize"]) is not int
+                                  or params["chunksize"] < 5 * 1024 * 1024):
+        problems.append(f"{where}.chunksize: must be a whole number of bytes, at least "
+                        f"5242880 (25000000 to 50000000 is typical)")
+    return problems
+
+
+ENDPOINT_KEYS = {"name", "url", "headers", "timeout", "threshold", "backoff", "disabled",
+                 "ignoredmediatypes", "ignore"}
+
+
+def check_notifications(endpoints: list) -> list[str]:
+    """registry.notifications: each endpoint on its own, and names used once."""
+    problems = []
+    names: set[str] = set()
+    for i, endpoint in enumerate(endpoints):
         where = f"registry.notifications[{i}]"
         if not isinstance(endpoint, dict):
             problems.append(f"{where}: expected a mapping with name and url")
             continue
-        allowed = {"name", "url", "headers", "timeout", "threshold", "backoff", "disabled",
-                   "ignoredmediatypes", "ignore"}
-        for key in endpoint:
-            if key not in allowed:
-                close = did_you_mean(_key(key), allowed, n=1)
-                hint = f"; did you mean {close[0]}?" if close else ""
-                problems.append(f"{where}.{_key(key)}: unknown key{hint}")
-        if not endpoint.get("name"):
-            problems.append(f"{where}.name: required")
-        elif not isinstance(endpoint["name"], str):
-            problems.append(f"{where}.name: {_show('name', endpoint['name'])} is not a string")
-        elif endpoint["name"] in names:
-            problems.append(f"{where}.name: \"{endpoint['name']}\" is used twice")
-        if isinstance(endpoint.get("name"), str):
-            names.add(endpoint["name"])
-        if not endpoint.get("url") or check_url(str(endpoint["url"])):
-            problems.append(f"{where}.url: required, a URL starting with http:// or https://")
-        for key in ("timeout", "backoff"):
-            if key in endpoint and (not isinstance(endpoint[key], str)
-                                    or check_duration(endpoint[key])):
-                problems.append(f"{where}.{key}: {_show(key, endpoint[key])} is not a duration "
-                                f"such as 500ms, 1s or 5m")
-        if "threshold" in endpoint and (type(endpoint["threshold"]) is not int
-                                        or endpoint["threshold"] < 1):
-            problems.append(f"{where}.threshold: a whole number of failures, at least 1")
-        if "disabled" in endpoint and not isinstance(endpoint["disabled"], bool):
-            problems.append(f"{where}.disabled: true or false")
-        if not _is_list_of_strings(endpoint.get("ignoredmediatypes") or []):
-            problems.append(f"{where}.ignoredmediatypes: a list of media types")
-        ignore = endpoint.get("ignore") or {}
-        if not isinstance(ignore, dict) or set(ignore) - {"mediatypes", "actions"} or not all(
-                _is_list_of_strings(v) for v in ignore.values()):
-            problems.append(f"{where}.ignore: a mapping with mediatypes and actions, each a "
-                            f"list of strings, e.g. {{actions: [pull]}}")
-        headers = endpoint.get("headers", {})
-        if not isinstance(headers, dict) or not all(
-                isinstance(k, str) and isinstance(v, list) and all(isinstance(x, str) for x in v)
-                for k, v in headers.items()):
-            problems.append(f"{where}.headers: a mapping of header name to a list of strings, "
-                            f"e.g. {{Authorization: [\"Bearer TOKEN\"]}}")
+        problems += check_endpoint(where, endpoint)
+        name = endpoint.get("name")
+        if isinstance(name, str) and name:
+            if name in names:
+                problems.append(f"{where}.name: \"{name}\" is used twice")
+            names.add(name)
+    return problems
 
-    for key, value in s.registry.env.items():
+
+def check_endpoint(where: str, endpoint: dict) -> list[str]:
+    """One notification endpoint, in the shape the registry's config reads."""
+    problems = []
+    for key in endpoint:
+        if key not in ENDPOINT_KEYS:
+            close = did_you_mean(_key(key), ENDPOINT_KEYS, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            problems.append(f"{where}.{_key(key)}: unknown key{hint}")
+    if not endpoint.get("name"):
+        problems.append(f"{where}.name: required")
+    elif not isinstance(endpoint["name"], str):
+        problems.append(f"{where}.name: {_show('name', endpoint['name'])} is not a string")
+    if not endpoint.get("url") or check_url(str(endpoint["url"])):
+        problems.append(f"{where}.url: required, a URL starting with http:// or https://")
+    for key in ("timeout", "backoff"):
+        if key in endpoint and (not isinstance(endpoint[key], str)
+                                or check_duration(endpoint[key])):
+            problems.append(f"{where}.{key}: {_show(key, endpoint[key])} is not a duration "
+                            f"such as 500ms, 1s or 5m")
+    if "threshold" in endpoint and (type(endpoint["threshold"]) is not int
+                                    or endpoint["threshold"] < 1):
+        problems.append(f"{where}.threshold: a whole number of failures, at least 1")
+    if "disabled" in endpoint and not isinstance(endpoint["disabled"], bool):
+        problems.append(f"{where}.disabled: true or false")
+    if not _is_list_of_strings(endpoint.get("ignoredmediatypes") or []):
+        problems.append(f"{where}.ignoredmediatypes: a list of media types")
+    ignore = endpoint.get("ignore") or {}
+    if not isinstance(ignore, dict) or set(ignore) - {"mediatypes", "actions"} or not all(
+            _is_list_of_strings(v) for v in ignore.values()):
+        problems.append(f"{where}.ignore: a mapping with mediatypes and actions, each a "
+                        f"list of strings, e.g. {{actions: [pull]}}")
+    headers = endpoint.get("headers", {})
+    if not isinstance(headers, dict) or not all(
+            isinstance(k, str) and _is_list_of_strings(v) for k, v in headers.items()):
+        problems.append(f"{where}.headers: a mapping of header name to a list of strings, "
+                        f"e.g. {{Authorization: [\"Bearer TOKEN\"]}}")
+    return problems
+
+
+def check_env(env: dict) -> list[str]:
+    """registry.env: names and values supervisord's environment= can carry unchanged."""
+    problems = []
+    for key, value in env.items():
         if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
             problems.append(f"registry.env.{_key(key)}: not an environment variable name "
                             f"(A-Z, 0-9, _)")
@@ -876,22 +910,33 @@ def _cross_checks(s: Settings, rejected: set[str] | None = None) -> list[str]:
             # supervisord's environment= parser strips surrounding quotes and has no escapes
             problems.append(f"registry.env.{key}: a value that neither starts nor ends with a "
                             f"quote and does not contain both ' and \"")
+    return problems
 
-    for i, address in enumerate(s.nginx.listen_addresses):
+
+def check_nginx(n: NginxSettings) -> list[str]:
+    """nginx: listen addresses in nginx's grammar, and worker_processes."""
+    problems = []
+    for i, address in enumerate(n.listen_addresses):
         problem = check_listen_address(address) if isinstance(address, str) \
             else "an IP address, '*' or '[::]'"
         if problem:
             problems.append(f"nginx.listen_addresses[{i}]: {_show('', address)} is not {problem}")
-    if not s.nginx.listen_addresses:
+    if not n.listen_addresses:
         problems.append("nginx.listen_addresses: at least one address")
-    for i, email in enumerate(s.letsencrypt.contact_emails):
-        if not isinstance(email, str) or check_email(email):
-            problems.append(f"letsencrypt.contact_emails[{i}]: {_show('', email)} is not an "
-                            f"email address")
-    if not re.fullmatch(r"auto|[0-9]{1,3}", s.nginx.worker_processes):
-        problems.append(f"nginx.worker_processes: \"{s.nginx.worker_processes}\" is not "
+    if not re.fullmatch(r"auto|[0-9]{1,3}", n.worker_processes):
+        problems.append(f"nginx.worker_processes: {_show('', n.worker_processes)} is not "
                         f"'auto' or a number")
+    return problems
 
+
+def check_contact_emails(emails: list) -> list[str]:
+    return [f"letsencrypt.contact_emails[{i}]: {_show('', email)} is not an email address"
+            for i, email in enumerate(emails) if not isinstance(email, str) or check_email(email)]
+
+
+def check_tls(s: Settings, rejected: set[str]) -> list[str]:
+    """Certificate files, Let's Encrypt and the registry URL's scheme, together."""
+    problems = []
     rn = s.registry_nginx
     if bool(rn.ssl_certificate) != bool(rn.ssl_certificate_key) and not rejected & {
             "registry_nginx.ssl_certificate", "registry_nginx.ssl_certificate_key"}:
@@ -905,8 +950,16 @@ def _cross_checks(s: Settings, rejected: set[str] | None = None) -> list[str]:
     if urlsplit(registry_url).scheme != "https":
         problems.append(f"registry_external_url: \"{registry_url}\" must be https; clients "
                         f"refuse plain-HTTP registries unless each one is told it is insecure")
+    return problems
+
+
+def check_ports(s: Settings) -> list[str]:
+    """No two listeners on one port: nginx's two ports, the internal services' addresses,
+    and an internal service on a port nginx binds on the same address."""
+    problems = []
+    registry_url = registry_url_of(s)
     ports = {}
-    port = rn.listen_port or urlsplit(registry_url).port or 443
+    port = s.registry_nginx.listen_port or urlsplit(registry_url).port or 443
     for name, value in (("nginx.http_port", s.nginx.http_port),
                         ("registry_nginx.listen_port", port)):
         if value in ports:

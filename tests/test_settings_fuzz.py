@@ -11,10 +11,10 @@ reaches a traceback (issue 17.6) or a host file (17.7).
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 import typing
 from pathlib import Path
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, event, given
 from hypothesis import settings as hypothesis_settings
@@ -24,8 +24,6 @@ import recipes
 from appliance import settings
 from appliance.errors import ConfigError
 from tests.support.recipes import SECRETS
-
-TEMP_ROOT = Path(tempfile.mkdtemp(prefix="appliance-fuzz-"))
 
 # Values near the grammar's edges: the ones a hand-written table would list.
 NEAR_VALID = [
@@ -169,9 +167,15 @@ mutations = st.lists(st.sampled_from(sorted(LEAVES) + [*SPECIAL] * 20).flatmap(
     lambda path: st.tuples(st.just(path), LEAVES[path])), max_size=4).map(nest)
 
 
-def render_all(config: dict) -> None:
-    path = TEMP_ROOT / "appliance.yml"
-    path.write_text(yaml.safe_dump({**config, "root": str(TEMP_ROOT)}, allow_unicode=True))
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One root for every example: only its appliance.yml is written, nothing else."""
+    return tmp_path_factory.mktemp("fuzz")
+
+
+def render_all(root: Path, config: dict) -> None:
+    path = root / "appliance.yml"
+    path.write_text(yaml.safe_dump({**config, "root": str(root)}, allow_unicode=True))
     try:
         loaded = settings.load(path, must_exist=True)
         settings.to_yaml(loaded)  # show-config
@@ -187,8 +191,9 @@ def render_all(config: dict) -> None:
 @hypothesis_settings(max_examples=400, deadline=None,
                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(config=st.one_of(mutations, schema(settings.Settings)))
-def test_any_config_validates_or_is_refused_and_valid_ones_render(config: dict) -> None:
-    render_all(config)
+def test_any_config_validates_or_is_refused_and_valid_ones_render(root: Path,
+                                                                  config: dict) -> None:
+    render_all(root, config)
 
 
 @hypothesis_settings(max_examples=300, deadline=None)
@@ -196,8 +201,8 @@ def test_any_config_validates_or_is_refused_and_valid_ones_render(config: dict) 
                       st.text(alphabet=st.sampled_from(list("ab:-[]{}&*!|>'\"\n #,?@%\t\\0"
                                                             "\x00\x85é²")), max_size=80)
                       .map(str.encode)))
-def test_any_bytes_parse_or_are_refused_with_a_sentence(text: bytes) -> None:
-    path = TEMP_ROOT / "raw.yml"
+def test_any_bytes_parse_or_are_refused_with_a_sentence(root: Path, text: bytes) -> None:
+    path = root / "raw.yml"
     path.write_bytes(text)
     try:
         assert isinstance(settings.read_config(path, must_exist=True), dict)

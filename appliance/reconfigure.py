@@ -108,8 +108,7 @@ def run(settings: Settings, dry_run: bool = False, stream: TextIO = sys.stdout) 
     try:
         with lock:
             secrets = secrets_module.for_settings(settings)
-            out.redact = Redactor([*sensitive_values(settings), *secrets.private_values()],
-                                  is_sensitive)
+            out.redact = redactor(settings, secrets)
             if paths.data_dir.is_dir() and not dry_run:
                 from appliance.resources import use_template_cache
 
@@ -139,6 +138,12 @@ def run(settings: Settings, dry_run: bool = False, stream: TextIO = sys.stdout) 
             return report
     finally:
         out.save()
+
+
+def redactor(settings: Settings, secrets: secrets_module.Secrets) -> Redactor:
+    """What a run masks in its output and its log: every value show-config masks, every
+    generated secret, and whatever a diffed file holds under a sensitive key."""
+    return Redactor([*sensitive_values(settings), *secrets.private_values()], is_sensitive)
 
 
 def programs_changed(report: Report, paths: Paths) -> bool:

@@ -67,8 +67,8 @@ KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096")
 def is_hostname(value: str) -> bool:
     """A DNS name or an IP address (IPv6 without a zone: neither nginx nor our Go and
     gunicorn listeners take `%zone` in a configured address)."""
-    if _HOSTNAME.fullmatch(value):
-        return True
+    if _HOSTNAME.fullmatch(value) and not re.fullmatch(r"[0-9.]+", value):
+        return True  # digits and dots only are an address or nothing ("127.1", "5000")
     return is_ip_address(value)
 
 
@@ -560,8 +560,8 @@ def expanded_size(node: yaml.Node) -> int:
     def walk(node: yaml.Node, depth: int) -> tuple[int, int]:
         key = id(node)
         if key in open_nodes:
-            raise ConfigTooLarge(f"an alias at line {node.start_mark.line + 1} refers to a "
-                                 f"value that contains it")
+            raise ConfigTooLarge(f"the value at line {node.start_mark.line + 1} contains an "
+                                 f"alias to itself")
         if key not in known:
             if depth > MAX_CONFIG_DEPTH:
                 raise ConfigTooLarge(f"nested more than {MAX_CONFIG_DEPTH} levels deep once "

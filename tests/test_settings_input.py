@@ -40,7 +40,7 @@ HOSTILE = {
         ALIAS_BOMB, f"more than 50000 values once its aliases are expanded, {TOO_BIG}", []),
     "alias inside itself": (
         b"registry: &r\n  storage: *r\n",
-        f"an alias at line 1 refers to a value that contains it, {TOO_BIG}", []),
+        f"the value at line 1 contains an alias to itself, {TOO_BIG}", []),
     "nested 40 deep": (
         b"registry:\n  storage: " + b"[" * 40 + b"]" * 40 + b"\n",
         f"nested more than 32 levels deep at line 2, {TOO_BIG}", []),
@@ -133,6 +133,9 @@ HOSTILE = {
     "IPv4 in brackets as a listen address": (
         b'nginx:\n  listen_addresses: ["[127.0.0.1]"]\n', None,
         ["nginx.listen_addresses[0]: \"[127.0.0.1]\" is not an IP address, '*' or '[::]'"]),
+    "host:port whose host is digits but no address": (
+        b'registry:\n  http_addr: "127.1:5000"\n', None,
+        [f'registry.http_addr: "127.1:5000" {PORT_MSG}']),
     "host:port with a trailing newline": (
         b'auth:\n  listen_addr: "127.0.0.1:5100\\n"\n', None,
         [f'auth.listen_addr: "127.0.0.1:5100\\n" {PORT_MSG}']),

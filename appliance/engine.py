@@ -100,7 +100,7 @@ class Redactor:
         self.values = list(values)
         self.is_sensitive = is_sensitive
         found: set[str] = set()
-        for value in values:
+        for value in self.values:
             if not value:
                 continue
             # As templates write it too: JSON/YAML-escaped, or with supervisord's %%.

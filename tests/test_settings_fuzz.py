@@ -86,8 +86,11 @@ SPECIAL = {
     ("registry", "storage"): st.one_of(storage, anything),
     ("registry", "notifications"): st.one_of(st.lists(endpoint, max_size=2), anything),
     ("registry", "env"): st.one_of(
-        st.dictionaries(st.one_of(st.sampled_from(["REGISTRY_X", "GOGC"]), keys), scalars,
-                        max_size=3), anything),
+        st.dictionaries(st.one_of(st.sampled_from(["REGISTRY_X", "GOGC", "REGISTRY_X_SECRET"]),
+                                  st.from_regex(r"[A-Z_][A-Z0-9_]{0,6}", fullmatch=True), keys),
+                        st.one_of(st.integers(), st.booleans(), st.text(max_size=12),
+                                  st.sampled_from(NEAR_VALID), scalars), max_size=3),
+        anything),
 }
 
 
@@ -186,6 +189,32 @@ def render_all(root: Path, config: dict) -> None:
         return
     event("rendered")
     assert resources
+    files_read_back(loaded, resources)
+
+
+def files_read_back(loaded: settings.Settings, resources: list) -> None:
+    """What the services read parses, and says what appliance.yml said: the registry's
+    YAML config, the JSON auth config, supervisord's environment= of the registry."""
+    for resource in resources:
+        content = getattr(resource, "content", None)
+        name = getattr(resource, "name", "")
+        if content is None:
+            continue
+        if name.endswith((".yml", ".json")):
+            parsed = yaml.safe_load(content)
+            assert isinstance(parsed, dict), name
+        if name.endswith("/registry.conf"):
+            from supervisor.datatypes import dict_of_key_value_pairs
+
+            [line] = [x for x in content.decode().split("\n")
+                      if x.startswith("environment = ")] or ["environment = "]
+            environment = dict_of_key_value_pairs(line.split(" = ", 1)[1].replace("%%", "%"))
+            assert environment == {k: str(v).lower() if isinstance(v, bool) else str(v)
+                                   for k, v in loaded.registry.env.items()}
+        if name == str(loaded.paths.registry_config):
+            config = yaml.safe_load(content)
+            assert config["http"].get("addr") in (loaded.registry.http_addr,
+                                                   str(loaded.paths.registry_socket))
 
 
 @hypothesis_settings(max_examples=400, deadline=None,

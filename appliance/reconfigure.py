@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from appliance import secrets as secrets_module
-from appliance.engine import Engine, Report, queue, raise_if_failed
+from appliance.engine import Engine, Redactor, Report, queue, raise_if_failed
 from appliance.errors import LockError, ServiceError
 from appliance.resources import Notify
-from appliance.settings import Paths, Settings
+from appliance.settings import Paths, Settings, is_sensitive, sensitive_values
 
 if TYPE_CHECKING:
     from appliance.services import Supervisor
@@ -68,14 +68,18 @@ def reconfigure_lock(path: Path, out: Callable[[str], None],
 
 
 class RunLog:
-    """Tee of everything a run prints, kept under the log directory."""
+    """Tee of everything a run prints, kept under the log directory, secrets masked
+    (`redact`, set once the run knows its secrets) whoever printed the line."""
 
-    def __init__(self, stream: TextIO, directory: Path | None):
+    def __init__(self, stream: TextIO, directory: Path | None,
+                 redact: Callable[[str], str] | None = None):
         self.stream = stream
         self.lines: list[str] = []
         self.directory = directory
+        self.redact = redact or Redactor()
 
     def __call__(self, line: str) -> None:
+        line = self.redact(line)
         self.lines.append(line)
         print(line, file=self.stream, flush=True)
 
@@ -104,11 +108,12 @@ def run(settings: Settings, dry_run: bool = False, stream: TextIO = sys.stdout) 
     try:
         with lock:
             secrets = secrets_module.for_settings(settings)
+            out.redact = redactor(settings, secrets)
             if paths.data_dir.is_dir() and not dry_run:
                 from appliance.resources import use_template_cache
 
                 use_template_cache(paths.data_dir / "cache" / "templates")
-            engine = Engine(out, dry_run=dry_run)
+            engine = Engine(out, dry_run=dry_run, redact=out.redact)
             # Every resource is built (every template rendered) before the first one is
             # applied: a recipe that refuses a value stops the run with the host untouched.
             report = engine.converge(list(recipes.resources(settings, secrets)),
@@ -133,6 +138,12 @@ def run(settings: Settings, dry_run: bool = False, stream: TextIO = sys.stdout) 
             return report
     finally:
         out.save()
+
+
+def redactor(settings: Settings, secrets: secrets_module.Secrets) -> Redactor:
+    """What a run masks in its output and its log: every value show-config masks, every
+    generated secret, and whatever a diffed file holds under a sensitive key."""
+    return Redactor([*sensitive_values(settings), *secrets.private_values()], is_sensitive)
 
 
 def programs_changed(report: Report, paths: Paths) -> bool:

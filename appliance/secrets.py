@@ -35,6 +35,11 @@ class Secrets:
     # (by hand, or a new internal_key) sends it through the real check again.
     token_signing_pair_digest: str = ""
 
+    def private_values(self) -> list[str]:
+        """The values that must never be printed (the certificate and digest are public)."""
+        return [self.token_signing_key, self.registry_http_secret, self.auth_secret,
+                self.letsencrypt_account_key]
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 

@@ -15,6 +15,7 @@ import ipaddress
 import json
 import os
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from appliance.errors import ConfigError
 DEFAULT_CONFIG = "/etc/appliance/appliance.yml"
 SENSITIVE_KEYS = {"initial_root_password", "internal_key", "secretkey", "accountkey",
                   "accesskeysecret", "password", "keyfile_contents", "Authorization",
-                  "sessiontoken", "private_key"}
+                  "sessiontoken", "private_key", "secret"}
 # Free-form names (registry.env variables, notification headers) that carry secrets.
 _SENSITIVE_WORDS = ("SECRET", "PASSWORD", "PASSWD", "TOKEN", "KEY", "AUTHORIZATION",
                     "COOKIE", "CREDENTIAL")
@@ -52,16 +53,28 @@ def is_sensitive(key: str) -> bool:
 # A check returns None when the value is fine, else what was expected.
 
 _HOST_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
-_HOSTNAME = re.compile(rf"^{_HOST_LABEL}(\.{_HOST_LABEL})*\.?$")
-_UNSAFE = re.compile(r"[;{}'\"\s\\$#`]")
-_DURATION = re.compile(r"^\d+(ns|us|µs|ms|s|m|h)$")
-_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+# fullmatch everywhere below: `$` would also match before a trailing newline, and a
+# str pattern's \d would take any Unicode digit ('²', '٥'), which nginx and Go refuse.
+_HOSTNAME = re.compile(rf"{_HOST_LABEL}(\.{_HOST_LABEL})*\.?")
+_UNSAFE = re.compile(r"[;{}'\"\s\\$#`\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_DURATION = re.compile(r"[0-9]+(ns|us|µs|ms|s|m|h)")
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+_PORT = re.compile(r"[0-9]{1,5}")
 KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096")
 
 
 def is_hostname(value: str) -> bool:
-    if _HOSTNAME.match(value):
-        return True
+    """A DNS name or an IP address (IPv6 without a zone: neither nginx nor our Go and
+    gunicorn listeners take `%zone` in a configured address)."""
+    if _HOSTNAME.fullmatch(value) and not re.fullmatch(r"[0-9.]+", value):
+        return True  # digits and dots only are an address or nothing ("127.1", "5000")
+    return is_ip_address(value)
+
+
+def is_ip_address(value: str) -> bool:
+    if "%" in value:  # ipaddress accepts IPv6 zone IDs ("fe80::1%eth0"); nginx does not
+        return False
     try:
         ipaddress.ip_address(value)
         return True
@@ -69,11 +82,30 @@ def is_hostname(value: str) -> bool:
         return False
 
 
-def check_host_port(value: str) -> str | None:
+def split_host_port(value: str) -> tuple[str, int] | None:
+    """host and port as Go's net.SplitHostPort reads them, or None when Go (registry)
+    or gunicorn (auth) would refuse the address: an IPv6 host must be in brackets, the
+    port is 1-65535 in ASCII digits."""
     host, sep, port = value.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535 or not host \
-            or not is_hostname(host):
+    if not sep or not _PORT.fullmatch(port) or not 1 <= int(port) <= 65535:
+        return None
+    if host.startswith("["):
+        if not host.endswith("]") or ":" not in host or not is_ip_address(host[1:-1]):
+            return None
+        return host[1:-1], int(port)
+    if ":" in host or not host or not is_hostname(host):
+        return None
+    return host, int(port)
+
+
+ZONE_PROBLEM = ("an address without an IPv6 zone ID: nginx, the registry and gunicorn take "
+                "no '%eth0'; use the interface's own address")
+
+
+def check_host_port(value: str) -> str | None:
+    if "%" in value:
+        return ZONE_PROBLEM
+    if split_host_port(value) is None:
         return "host:port with a port 1-65535"
     return None
 
@@ -99,7 +131,11 @@ def check_safe_path(value: str) -> str | None:
 
 
 def check_url(value: str, schemes: tuple[str, ...] = ("http", "https")) -> str | None:
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        parts.hostname  # noqa: B018 - may raise too
+    except ValueError:  # an unclosed "[::1", a netloc that NFKC changes
+        return "a URL whose host is a valid host name"
     if parts.scheme not in schemes or not parts.hostname:
         return f"a URL starting with {' or '.join(s + '://' for s in schemes)}"
     if _UNSAFE.search(value):
@@ -124,17 +160,20 @@ def check_site_url(value: str) -> str | None:
 
 
 def check_listen_address(value: str) -> str | None:
+    """nginx's listen grammar: '*', an IPv4 address, an IPv6 one with or without its
+    brackets, and no zone ID (nginx has no `%eth0`; use the interface's address)."""
     if value in ("*", "[::]"):
         return None
-    try:
-        ipaddress.ip_address(value.strip("[]"))
-        return None
-    except ValueError:
-        return "an IP address, '*' or '[::]'"
+    if "%" in value:
+        return ZONE_PROBLEM
+    address = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    if value.startswith("[") and ":" not in address:
+        return "an IP address, '*' or '[::]'"  # [127.0.0.1] is no IPv6 address
+    return None if is_ip_address(address) else "an IP address, '*' or '[::]'"
 
 
 def check_duration(value: str) -> str | None:
-    return None if _DURATION.match(str(value)) else "a duration such as 500ms, 1s or 5m"
+    return None if _DURATION.fullmatch(str(value)) else "a duration such as 500ms, 1s or 5m"
 
 
 def check_key_type(value: str) -> str | None:
@@ -150,11 +189,12 @@ def check_ssl_protocols(value: str) -> str | None:
 
 
 def check_email(value: str) -> str | None:
-    return None if re.match(r"^[^@\s;{}'\"]+@[A-Za-z0-9.-]+$", value) else "an email address"
+    return None if re.fullmatch(r"[^@\s;{}'\"\x00-\x1f\x7f]+@[A-Za-z0-9.-]+", value) \
+        else "an email address"
 
 
 def check_username(value: str) -> str | None:
-    return None if re.match(r"^[a-z_][a-z0-9_-]{0,31}$", value) else "a system user name"
+    return None if re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", value) else "a system user name"
 
 
 # Longest path the kernel accepts for an AF_UNIX socket (sun_path is 108 bytes with NUL).
@@ -460,12 +500,58 @@ def config_path(cli_path: str | None) -> tuple[Path, bool]:
     return Path(DEFAULT_CONFIG), False
 
 
+# Bounds on what is read at all. appliance.yml is a few kilobytes; these are far above
+# any real one and far below what costs a second or a gigabyte: a YAML alias is shared
+# when loaded, so a small file can name billions of values ("billion laughs") and only
+# a walk over them (validation, an error message) pays. Measured with PyYAML's pure-
+# Python loader: 50,000 values load in about a second.
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_CONFIG_VALUES = 50_000
+MAX_CONFIG_DEPTH = 32
+
+
+class ConfigTooLarge(Exception):
+    """The file exceeds one of the bounds above; the message says which and where."""
+
+
 class UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses a key given twice in one mapping.
+    """A SafeLoader that refuses a key given twice in one mapping, and input too big or
+    too deep to be an appliance.yml before it costs memory or time.
 
     Plain YAML loaders keep the last value, so a second `registry:` block would silently
     replace the first; the YAML spec says keys are unique, so it is reported as invalid.
     """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+        self.nodes = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self.depth += 1
+        self.nodes += 1
+        if self.depth > MAX_CONFIG_DEPTH:
+            raise ConfigTooLarge(f"nested more than {MAX_CONFIG_DEPTH} levels deep at line "
+                                 f"{self.peek_event().start_mark.line + 1}")
+        if self.nodes > MAX_CONFIG_VALUES:
+            raise ConfigTooLarge(f"more than {MAX_CONFIG_VALUES} values (at line "
+                                 f"{self.peek_event().start_mark.line + 1})")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        if isinstance(node, yaml.ScalarNode) and not _encodable(node.value):
+            raise yaml.constructor.ConstructorError(
+                None, None, "a \\u escape that is no character (a lone surrogate)",
+                node.start_mark)
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as exc:  # a 5000-digit int, a 13th month
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read this value ({str(exc)[:80]})",
+                node.start_mark) from None
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set[str] = set()
@@ -473,15 +559,81 @@ class UniqueKeyLoader(yaml.SafeLoader):
             if isinstance(key_node, yaml.ScalarNode):
                 if key_node.value in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"the key {key_node.value!r} appears twice in one mapping",
-                        key_node.start_mark)
+                        None, None, f"the key {_brief(key_node.value)} appears twice in one "
+                        f"mapping", key_node.start_mark)
                 seen.add(key_node.value)
         return super().construct_mapping(node, deep)
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def expanded_size(node: yaml.Node) -> int:
+    """How many values `node` stands for once every alias is expanded, refusing more
+    than MAX_CONFIG_VALUES, deeper than MAX_CONFIG_DEPTH, or an alias inside itself.
+
+    Shared nodes are counted once per use but walked once (memoized), so the walk
+    costs what the file costs, not what it expands to.
+    """
+    known: dict[int, tuple[int, int]] = {}  # id(node) -> (values, height)
+    open_nodes: set[int] = set()
+
+    def walk(node: yaml.Node, depth: int) -> tuple[int, int]:
+        key = id(node)
+        if key in open_nodes:
+            raise ConfigTooLarge(f"the value at line {node.start_mark.line + 1} contains an "
+                                 f"alias to itself")
+        if key not in known:
+            if depth > MAX_CONFIG_DEPTH:
+                raise ConfigTooLarge(f"nested more than {MAX_CONFIG_DEPTH} levels deep once "
+                                     f"its aliases are expanded")
+            open_nodes.add(key)
+            children: list[yaml.Node] = []
+            if isinstance(node, yaml.SequenceNode):
+                children = node.value
+            elif isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            values, height = 1, 0
+            for child in children:
+                child_values, child_height = walk(child, depth + 1)
+                values += child_values
+                height = max(height, child_height + 1)
+                if values > MAX_CONFIG_VALUES:
+                    raise ConfigTooLarge(f"more than {MAX_CONFIG_VALUES} values once its "
+                                         f"aliases are expanded")
+            open_nodes.discard(key)
+            known[key] = (values, height)
+        values, height = known[key]
+        if depth + height > MAX_CONFIG_DEPTH:
+            raise ConfigTooLarge(f"nested more than {MAX_CONFIG_DEPTH} levels deep once its "
+                                 f"aliases are expanded")
+        return known[key]
+
+    return walk(node, 1)[0]
+
+
+def parse_yaml(text: str) -> Any:
+    """The document in `text`, within the bounds above (ConfigTooLarge otherwise)."""
+    loader = UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        expanded_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_config(path: Path, must_exist: bool) -> dict:
     try:
-        text = path.read_text()
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)  # never more, whatever the file is
     except FileNotFoundError:
         if must_exist:
             raise ConfigError(f"{path}: no such file; create it (appliance-ctl example-config "
@@ -489,8 +641,24 @@ def read_config(path: Path, must_exist: bool) -> dict:
         return {}
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read it: {exc.strerror}.") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024 // 1024} MiB, which "
+                          f"no appliance.yml needs; is it the right file?")
     try:
-        data = yaml.load(text, Loader=UniqueKeyLoader)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at line "
+                          f"{line}); save it as UTF-8.") from None
+    try:
+        data = parse_yaml(text)
+    except ConfigTooLarge as exc:
+        raise ConfigError(f"{path}: {exc}, which no appliance.yml needs; is it the right "
+                          f"file?") from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, max(exc.position, 0)) + 1
+        raise ConfigError(f"{path}: not a text file (character #x{exc.character:04x} at line "
+                          f"{line}); appliance.yml is YAML text.") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -556,15 +724,15 @@ def _matches(tp: Any, value: Any) -> bool:
 
 def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     if not isinstance(raw, dict):
-        problems.append(f"{prefix.rstrip('.')}: expected a mapping of keys, got {raw!r}")
+        problems.append(f"{prefix.rstrip('.')}: expected a mapping of keys, got {_brief(raw)}")
         return cls()
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("derived")}
     values = {}
     for key, value in raw.items():
-        path = f"{prefix}{key}"
+        path = f"{prefix}{_key(key)}"
         if key not in fields:
-            close = did_you_mean(str(key), fields, n=1, cutoff=0.6)
+            close = did_you_mean(_key(key), fields, n=1, cutoff=0.6)
             hint = f"; did you mean {prefix}{close[0]}?" if close else \
                 f"; valid keys here: {', '.join(sorted(fields))}"
             problems.append(f"{path}: unknown key{hint}")
@@ -587,12 +755,32 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
 
 
 def _show(key: str, value: Any) -> str:
-    if is_sensitive(key):
+    if is_sensitive(str(key)):
         return "the value"
     # JSON quoting: a newline or quote in the value stays visible and the problem stays
     # on one line of the report.
-    text = json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
+    text = json.dumps(value[:100], ensure_ascii=False) if isinstance(value, str) \
+        else _brief(value)
     return text if len(text) < 80 else text[:77] + '..."'
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 4, 4, 60, 60
+
+
+def _brief(value: Any) -> str:
+    """repr() that stops early: a value may stand for millions (aliases) or be a
+    megabyte long, and a message shows only its start."""
+    return _REPR.repr(value)
+
+
+def _key(key: Any) -> str:
+    """A key as it appears in a key path: as written, cut short if very long, quoted
+    if it holds a newline or another control character (a problem stays one line)."""
+    text = str(key) if isinstance(key, str) else _brief(key)
+    if _CONTROL.search(text):
+        text = json.dumps(text[:60], ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # Storage drivers the registry knows, with the keys each one cannot do without.
@@ -609,106 +797,180 @@ STORAGE_EXTRAS = ("cache", "redirect", "maintenance", "delete")
 
 
 def _cross_checks(s: Settings, rejected: set[str] | None = None) -> list[str]:
-    """Checks that look at more than one value, or inside free-form hashes.
+    """Checks that look at more than one value, or inside free-form hashes: one small
+    function per section, each table-tested on its own (tests/test_settings_checks.py).
 
     `rejected` are key paths whose value was already refused (and left at its default
     here); a check about them would only repeat that problem in other words.
     """
-    rejected = rejected or set()
+    return [*check_storage(s.registry.storage),
+            *check_notifications(s.registry.notifications),
+            *check_env(s.registry.env),
+            *check_nginx(s.nginx),
+            *check_contact_emails(s.letsencrypt.contact_emails),
+            *check_tls(s, rejected or set()),
+            *check_ports(s)]
+
+
+def check_storage(storage: dict) -> list[str]:
+    """registry.storage: one known driver with its required parameters, and the extras
+    (cache, redirect, maintenance, delete) in the shapes the registry reads."""
     problems = []
-    storage = s.registry.storage
     drivers = [k for k in storage if k not in STORAGE_EXTRAS]
     for key in drivers:
         if key not in STORAGE_DRIVERS:
-            close = did_you_mean(key, STORAGE_DRIVERS, n=1)
+            close = did_you_mean(_key(key), STORAGE_DRIVERS, n=1)
             hint = f"; did you mean {close[0]}?" if close else \
                 f"; drivers: {', '.join(STORAGE_DRIVERS)}"
-            problems.append(f"registry.storage.{key}: unknown storage driver{hint}")
+            problems.append(f"registry.storage.{_key(key)}: unknown storage driver{hint}")
     if len(drivers) > 1:
-        problems.append(f"registry.storage: one driver at a time, found {', '.join(drivers)}")
+        problems.append(f"registry.storage: one driver at a time, found "
+                        f"{', '.join(_key(d) for d in drivers)}")
     for key in drivers:
-        params = storage[key]
-        if params is None:
-            params = {}
-        if not isinstance(params, dict):
-            problems.append(f"registry.storage.{key}: expected a mapping of driver settings")
-            continue
-        for required in STORAGE_DRIVERS.get(key, ()):
-            if params.get(required) in (None, ""):
-                problems.append(f"registry.storage.{key}.{required}: required by the {key} driver")
-        if "regionendpoint" in params and check_url(str(params["regionendpoint"])):
-            problems.append(f"registry.storage.{key}.regionendpoint: "
-                            f"\"{params['regionendpoint']}\" is not a URL such as "
-                            f"http://127.0.0.1:9000")
-        if "chunksize" in params and (not isinstance(params["chunksize"], int)
-                                      or params["chunksize"] < 5 * 1024 * 1024):
-            problems.append(f"registry.storage.{key}.chunksize: must be a whole number of "
-                            f"bytes, at least 5242880 (25000000 to 50000000 is typical)")
+        problems += check_driver(key, storage[key])
+    for extra in ("cache", "maintenance", "delete"):
+        if storage.get(extra) is not None and not isinstance(storage[extra], dict):
+            # the registry reads each of them as a mapping and will not start otherwise
+            problems.append(f"registry.storage.{extra}: expected a mapping, as in the "
+                            f"registry's own config")
     redirect = storage.get("redirect")
     if redirect is not None and (not isinstance(redirect, dict) or
                                  not isinstance(redirect.get("disable", False), bool)):
         problems.append("registry.storage.redirect: expected {disable: true|false}")
+    return problems
 
-    names = set()
-    for i, endpoint in enumerate(s.registry.notifications):
+
+def check_driver(key: Any, params: Any) -> list[str]:
+    """One driver's parameters: a mapping of names, with what the driver cannot do without."""
+    where = f"registry.storage.{_key(key)}"
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        return [f"{where}: expected a mapping of driver settings"]
+    problems = []
+    if not all(isinstance(name, str) for name in params):
+        # the registry reads driver parameters into a map of strings
+        problems.append(f"{where}: parameter names must be strings")
+    for required in STORAGE_DRIVERS.get(key, ()):
+        if params.get(required) in (None, ""):
+            problems.append(f"{where}.{required}: required by the {key} driver")
+    if "regionendpoint" in params and check_url(str(params["regionendpoint"])):
+        problems.append(f"{where}.regionendpoint: "
+                        f"{_show('regionendpoint', params['regionendpoint'])} is not a URL "
+                        f"such as http://127.0.0.1:9000")
+    if "rootdirectory" in params and (not isinstance(params["rootdirectory"], str)
+                                      or check_safe_path(params["rootdirectory"])):
+        problems.append(f"{where}.rootdirectory: {_show('', params['rootdirectory'])} is not "
+                        f"an absolute path without spaces, quotes or shell characters")
+    if "chunksize" in params and (type(params["chunksize"]) is not int
+                                  or params["chunksize"] < 5 * 1024 * 1024):
+        problems.append(f"{where}.chunksize: must be a whole number of bytes, at least "
+                        f"5242880 (25000000 to 50000000 is typical)")
+    return problems
+
+
+ENDPOINT_KEYS = {"name", "url", "headers", "timeout", "threshold", "backoff", "disabled",
+                 "ignoredmediatypes", "ignore"}
+
+
+def check_notifications(endpoints: list) -> list[str]:
+    """registry.notifications: each endpoint on its own, and names used once."""
+    problems = []
+    names: set[str] = set()
+    for i, endpoint in enumerate(endpoints):
         where = f"registry.notifications[{i}]"
         if not isinstance(endpoint, dict):
             problems.append(f"{where}: expected a mapping with name and url")
             continue
-        allowed = {"name", "url", "headers", "timeout", "threshold", "backoff", "disabled",
-                   "ignoredmediatypes", "ignore"}
-        for key in endpoint:
-            if key not in allowed:
-                close = did_you_mean(str(key), allowed, n=1)
-                hint = f"; did you mean {close[0]}?" if close else ""
-                problems.append(f"{where}.{key}: unknown key{hint}")
-        if not endpoint.get("name"):
-            problems.append(f"{where}.name: required")
-        elif endpoint["name"] in names:
-            problems.append(f"{where}.name: \"{endpoint['name']}\" is used twice")
-        names.add(endpoint.get("name"))
-        if not endpoint.get("url") or check_url(str(endpoint["url"])):
-            problems.append(f"{where}.url: required, a URL starting with http:// or https://")
-        for key in ("timeout", "backoff"):
-            if key in endpoint and check_duration(endpoint[key]):
-                problems.append(f"{where}.{key}: \"{endpoint[key]}\" is not a duration such as "
-                                f"500ms, 1s or 5m")
-        if "threshold" in endpoint and (not isinstance(endpoint["threshold"], int)
-                                        or endpoint["threshold"] < 1):
-            problems.append(f"{where}.threshold: a whole number of failures, at least 1")
-        headers = endpoint.get("headers", {})
-        if not isinstance(headers, dict) or not all(
-                isinstance(v, list) and all(isinstance(x, str) for x in v)
-                for v in headers.values()):
-            problems.append(f"{where}.headers: a mapping of header name to a list of strings, "
-                            f"e.g. {{Authorization: [\"Bearer TOKEN\"]}}")
+        problems += check_endpoint(where, endpoint)
+        name = endpoint.get("name")
+        if isinstance(name, str) and name:
+            if name in names:
+                problems.append(f"{where}.name: \"{name}\" is used twice")
+            names.add(name)
+    return problems
 
-    for key, value in s.registry.env.items():
-        if not _ENV_NAME.match(str(key)):
-            problems.append(f"registry.env.{key}: not an environment variable name "
+
+def check_endpoint(where: str, endpoint: dict) -> list[str]:
+    """One notification endpoint, in the shape the registry's config reads."""
+    problems = []
+    for key in endpoint:
+        if key not in ENDPOINT_KEYS:
+            close = did_you_mean(_key(key), ENDPOINT_KEYS, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            problems.append(f"{where}.{_key(key)}: unknown key{hint}")
+    if not endpoint.get("name"):
+        problems.append(f"{where}.name: required")
+    elif not isinstance(endpoint["name"], str):
+        problems.append(f"{where}.name: {_show('name', endpoint['name'])} is not a string")
+    if not endpoint.get("url") or check_url(str(endpoint["url"])):
+        problems.append(f"{where}.url: required, a URL starting with http:// or https://")
+    for key in ("timeout", "backoff"):
+        if key in endpoint and (not isinstance(endpoint[key], str)
+                                or check_duration(endpoint[key])):
+            problems.append(f"{where}.{key}: {_show(key, endpoint[key])} is not a duration "
+                            f"such as 500ms, 1s or 5m")
+    if "threshold" in endpoint and (type(endpoint["threshold"]) is not int
+                                    or endpoint["threshold"] < 1):
+        problems.append(f"{where}.threshold: a whole number of failures, at least 1")
+    if "disabled" in endpoint and not isinstance(endpoint["disabled"], bool):
+        problems.append(f"{where}.disabled: true or false")
+    if not _is_list_of_strings(endpoint.get("ignoredmediatypes") or []):
+        problems.append(f"{where}.ignoredmediatypes: a list of media types")
+    ignore = endpoint.get("ignore") or {}
+    if not isinstance(ignore, dict) or set(ignore) - {"mediatypes", "actions"} or not all(
+            _is_list_of_strings(v) for v in ignore.values()):
+        problems.append(f"{where}.ignore: a mapping with mediatypes and actions, each a "
+                        f"list of strings, e.g. {{actions: [pull]}}")
+    headers = endpoint.get("headers", {})
+    if not isinstance(headers, dict) or not all(
+            isinstance(k, str) and _is_list_of_strings(v) for k, v in headers.items()):
+        problems.append(f"{where}.headers: a mapping of header name to a list of strings, "
+                        f"e.g. {{Authorization: [\"Bearer TOKEN\"]}}")
+    return problems
+
+
+def check_env(env: dict) -> list[str]:
+    """registry.env: names and values supervisord's environment= can carry unchanged."""
+    problems = []
+    for key, value in env.items():
+        if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
+            problems.append(f"registry.env.{_key(key)}: not an environment variable name "
                             f"(A-Z, 0-9, _)")
-        elif not isinstance(value, (str, int, bool)) or "\n" in str(value):
+        elif not isinstance(value, (str, int, bool)) or _CONTROL.search(str(value)):
             problems.append(f"registry.env.{key}: a single-line string, number or boolean")
         elif isinstance(value, str) and (value[:1] in ("'", '"') or value[-1:] in ("'", '"')
                                          or ("'" in value and '"' in value)):
             # supervisord's environment= parser strips surrounding quotes and has no escapes
             problems.append(f"registry.env.{key}: a value that neither starts nor ends with a "
                             f"quote and does not contain both ' and \"")
+    return problems
 
-    for i, address in enumerate(s.nginx.listen_addresses):
-        if not isinstance(address, str) or check_listen_address(address):
-            problems.append(f"nginx.listen_addresses[{i}]: \"{address}\" is not an IP address, "
-                            f"'*' or '[::]'")
-    if not s.nginx.listen_addresses:
+
+def check_nginx(n: NginxSettings) -> list[str]:
+    """nginx: listen addresses in nginx's grammar, and worker_processes."""
+    problems = []
+    for i, address in enumerate(n.listen_addresses):
+        problem = check_listen_address(address) if isinstance(address, str) \
+            else "an IP address, '*' or '[::]'"
+        if problem:
+            problems.append(f"nginx.listen_addresses[{i}]: {_show('', address)} is not {problem}")
+    if not n.listen_addresses:
         problems.append("nginx.listen_addresses: at least one address")
-    for i, email in enumerate(s.letsencrypt.contact_emails):
-        if not isinstance(email, str) or check_email(email):
-            problems.append(f"letsencrypt.contact_emails[{i}]: \"{email}\" is not an email "
-                            f"address")
-    if not re.match(r"^(auto|\d{1,3})$", s.nginx.worker_processes):
-        problems.append(f"nginx.worker_processes: \"{s.nginx.worker_processes}\" is not "
+    if not re.fullmatch(r"auto|[0-9]{1,3}", n.worker_processes):
+        problems.append(f"nginx.worker_processes: {_show('', n.worker_processes)} is not "
                         f"'auto' or a number")
+    return problems
 
+
+def check_contact_emails(emails: list) -> list[str]:
+    return [f"letsencrypt.contact_emails[{i}]: {_show('', email)} is not an email address"
+            for i, email in enumerate(emails) if not isinstance(email, str) or check_email(email)]
+
+
+def check_tls(s: Settings, rejected: set[str]) -> list[str]:
+    """Certificate files, Let's Encrypt and the registry URL's scheme, together."""
+    problems = []
     rn = s.registry_nginx
     if bool(rn.ssl_certificate) != bool(rn.ssl_certificate_key) and not rejected & {
             "registry_nginx.ssl_certificate", "registry_nginx.ssl_certificate_key"}:
@@ -722,8 +984,16 @@ def _cross_checks(s: Settings, rejected: set[str] | None = None) -> list[str]:
     if urlsplit(registry_url).scheme != "https":
         problems.append(f"registry_external_url: \"{registry_url}\" must be https; clients "
                         f"refuse plain-HTTP registries unless each one is told it is insecure")
+    return problems
+
+
+def check_ports(s: Settings) -> list[str]:
+    """No two listeners on one port: nginx's two ports, the internal services' addresses,
+    and an internal service on a port nginx binds on the same address."""
+    problems = []
+    registry_url = registry_url_of(s)
     ports = {}
-    port = rn.listen_port or urlsplit(registry_url).port or 443
+    port = s.registry_nginx.listen_port or urlsplit(registry_url).port or 443
     for name, value in (("nginx.http_port", s.nginx.http_port),
                         ("registry_nginx.listen_port", port)):
         if value in ports:
@@ -755,7 +1025,7 @@ def _cross_checks(s: Settings, rejected: set[str] | None = None) -> list[str]:
     # (registry.http_addr 127.0.0.1:5050 beside the default vhost on *:5050) fails to start.
     for name, value in addrs.items():
         host, _, port = value.rpartition(":")
-        if not port.isdigit() or int(port) not in ports:
+        if not _PORT.fullmatch(port) or int(port) not in ports:
             continue
         host = host.strip("[]")
         if host in ("0.0.0.0", "::") or any(
@@ -764,6 +1034,10 @@ def _cross_checks(s: Settings, rejected: set[str] | None = None) -> list[str]:
             problems.append(f"{name}: {value} is also {ports[int(port)]}, where nginx "
                             f"listens; pick another port")
     return problems
+
+
+def _is_list_of_strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
 # ---------------------------------------------------------------- derivation
@@ -850,6 +1124,25 @@ def _masked(key: str, value: Any) -> Any:
     if is_sensitive(key) and value not in (None, "", [], {}):
         return "********"
     return value
+
+
+def sensitive_values(s: Settings) -> list[str]:
+    """Every value show-config masks, as text: what the engine and the run log mask too,
+    in whatever file or diff it turns up."""
+    found: list[str] = []
+
+    def walk(key: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(str(k), v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(key, v)
+        elif is_sensitive(key) and value not in (None, ""):
+            found.append(str(value).lower() if isinstance(value, bool) else str(value))
+
+    walk("", as_dict(s, mask=False))
+    return found
 
 
 def as_dict(s: Any, mask: bool = True) -> dict:

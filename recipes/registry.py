@@ -8,18 +8,14 @@ program file goes away and the registry stops; the images stay on disk.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from appliance.engine import Report
-from appliance.resources import Change, Directory, File, Resource, Template, restart
+from appliance.resources import Directory, File, Resource, Template, restart
 from appliance.secrets import Secrets
-from appliance.settings import SENSITIVE_KEYS, STORAGE_EXTRAS, Settings
+from appliance.settings import STORAGE_EXTRAS, Settings
 from recipes import supervisor
 from recipes.base import service_user
-
-MASK = "********"
-MASK_ANYWHERE_LENGTH = 8
 
 # Debian's docker-registry, or EL's docker-distribution/distribution: same `serve CONFIG`.
 REGISTRY_BINARIES = ("/usr/bin/docker-registry", "/usr/bin/registry")
@@ -81,62 +77,6 @@ def notifications(settings: Settings) -> list[dict]:
             rendered["ignoredmediatypes"] = [NO_MEDIA_TYPE]
         endpoints.append(rendered)
     return endpoints
-
-
-class RedactedTemplate(Template):
-    """A template whose diff is printed with its secret values masked.
-
-    The registry config holds `http.secret` and storage credentials, yet an admin
-    changing the log level should see that change in reconfigure's output.
-    """
-
-    def __init__(self, *args: object, secret_values: list[str], **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        # Longest first, so a secret that contains another is masked whole.
-        self.secret_values = sorted({v for v in secret_values if v}, key=len, reverse=True)
-
-    def plan(self, current: object) -> list[Change]:
-        changes = super().plan(current)
-        return [Change(change.summary, self._redact(change.diff)) for change in changes]
-
-    def _redact(self, text: str) -> str:
-        """Mask each secret where it is a whole YAML value (`key: s`, `- s`, quoted or
-        not), and anywhere when it is long enough not to collide with ordinary text:
-        a header value "1" must not turn every 1 of the diff into stars."""
-        lines = []
-        for line in text.splitlines(keepends=True):
-            for value in self.secret_values:
-                if value not in line:
-                    continue
-                if len(value) >= MASK_ANYWHERE_LENGTH:
-                    line = line.replace(value, MASK)
-                else:
-                    whole = re.compile(r"(:\s+|-\s+)([\"']?)" + re.escape(value) + r"\2(\s*)$")
-                    line = whole.sub(lambda m: f"{m.group(1)}{MASK}{m.group(3)}", line)
-            lines.append(line)
-        return "".join(lines)
-
-
-def secret_values(settings: Settings, secrets: Secrets) -> list[str]:
-    """Every secret the registry config carries: http.secret, storage credentials and
-    notification headers (they carry Authorization tokens)."""
-    found = [secrets.registry_http_secret]
-
-    def walk(value: object, key: str = "") -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, str(k))
-        elif isinstance(value, list):
-            for item in value:
-                walk(item, key)
-        elif key in SENSITIVE_KEYS and value not in (None, ""):
-            found.append(str(value))
-
-    walk(settings.registry.storage)
-    for endpoint in settings.registry.notifications:
-        for values in (endpoint.get("headers") or {}).values():
-            found.extend(str(v) for v in values)
-    return found
 
 
 def address(settings: Settings) -> str:
@@ -215,10 +155,9 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
         # The certificate of the token-signing key, from the same secrets entry the auth
         # service signs with: the registry cannot trust a key other than the one in use.
         File(p.token_bundle, secrets.token_signing_certificate, 0o644, notifies=notify),
-        RedactedTemplate(p.registry_config, "registry/config.yml.j2",
-                         config_context(settings, secrets),
-                         secret_values=secret_values(settings, secrets),
-                         mode=0o640, group=user, notifies=notify),
+        # It holds http.secret and storage credentials; the engine masks them in its diff.
+        Template(p.registry_config, "registry/config.yml.j2", config_context(settings, secrets),
+                 mode=0o640, group=user, notifies=notify),
         *supervisor.program(settings, "registry",
                             [registry_binary(), "serve", str(p.registry_config)],
                             user=user, environment=dict(settings.registry.env),

@@ -235,7 +235,9 @@ def renew(settings: Settings, force: bool = False, stream: TextIO = sys.stdout) 
                                  f"appliance-ctl reconfigure first.")
         with reconfigure.reconfigure_lock(settings.paths.lock_file, out):
             secrets = secrets_module.for_settings(settings)
-            report = Engine(out).converge(renewal_resources(settings, secrets, force))
+            out.redact = reconfigure.redactor(settings, secrets)
+            report = Engine(out, redact=out.redact).converge(
+                renewal_resources(settings, secrets, force))
             reload_nginx(settings, report, out)
         renewed = sum(1 for o in report.outcomes if o.changes and o.resource.kind ==
                       "certificate")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.engine import Engine, Report, queue, raise_if_failed
+from appliance.engine import Engine, Redactor, Report, queue, raise_if_failed
 from appliance.errors import ResourceError
 from appliance.resources import Directory, File, Link, Notify, reload, restart
 
@@ -263,3 +263,79 @@ def test_a_recipe_that_cannot_build_its_next_resource_is_a_failure_too(tmp_path:
                          "undefined; this is a bug in the recipe that renders it.)")
     with pytest.raises(ResourceError, match="^next resource failed: template nginx"):
         raise_if_failed(report)
+
+
+# ---------------------------------------------------------------- masking
+
+PEM = ("-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIBbW0xq3Ow8d2L1c+Yp3oXoQp7cQ\n"
+       "AoGCCqGSM49AwEHoUQDQgAE9nVjJfTqS0r3\n-----END EC PRIVATE KEY-----\n")
+
+# (secret values, a line printed, the line as it must appear)
+MASKING = {
+    "long value anywhere": (["topsecretvalue123"],
+                            'environment = REGISTRY_STORAGE_S3_SECRETKEY="topsecretvalue123"',
+                            'environment = REGISTRY_STORAGE_S3_SECRETKEY="********"'),
+    "YAML value": (["very-secret-key"], "+      secretkey: very-secret-key\n",
+                   "+      secretkey: ********\n"),
+    "short value as a YAML list item": (["1"], "+        - '1'\n", "+        - ********\n"),
+    "short value elsewhere is ordinary text": (["1"], "+  addr: 127.0.0.1:5111\n",
+                                               "+  addr: 127.0.0.1:5111\n"),
+    "short value quoted in environment=": (["abc"], 'environment = A="abc",B="abcd"',
+                                           'environment = A="********",B="abcd"'),
+    "JSON-escaped": (['pa"ss\\word-long'], '  "password": "pa\\"ss\\\\word-long"',
+                     '  "password": "********"'),
+    "supervisord's doubled %": (["100%-secret-value"], 'X="100%%-secret-value"',
+                                'X="********"'),
+    "longest first": (["secret-value", "secret-value-plus"], "a: secret-value-plus",
+                      "a: ********"),
+    "a PEM key a line at a time": ([PEM], "-AoGCCqGSM49AwEHoUQDQgAE9nVjJfTqS0r3",
+                                   "-********"),
+    "nothing to mask": ([], "level: info", "level: info"),
+}
+
+
+@pytest.mark.parametrize(("values", "line", "expected"), list(MASKING.values()),
+                         ids=list(MASKING))
+def test_redactor_masks_secret_values(values: list[str], line: str, expected: str) -> None:
+    assert Redactor(values)(line) == expected
+
+
+def test_engine_masks_every_diff_and_failure_whatever_the_resource(tmp_path: Path) -> None:
+    """No resource is marked sensitive here: the engine masks by value."""
+    (tmp_path / "registry.conf").write_text('environment = KEY="old-secret-value"\n')
+    lines: list[str] = []
+    engine = Engine(lines.append, redact=Redactor(["old-secret-value", "new-secret-value",
+                                                   "dir-secret-value"]))
+    engine.converge([
+        File(tmp_path / "registry.conf", 'environment = KEY="new-secret-value"\n'),
+        File(tmp_path / "dir-secret-value" / "x", "y"),  # its directory is missing: fails
+    ])
+    printed = "\n".join(lines)
+    assert 'environment = KEY="********"' in printed
+    assert "! file " in printed and "dir-secret-value" not in printed
+    assert "old-secret-value" not in printed and "new-secret-value" not in printed
+    assert "new-secret-value" in (tmp_path / "registry.conf").read_text()
+
+
+def test_engine_masks_secrets_the_run_no_longer_knows_by_the_same_rule(tmp_path: Path) -> None:
+    """The file on disk holds last run's secrets: found under sensitive keys (YAML, JSON,
+    supervisord's environment=) and masked on both sides of the diff."""
+    from appliance.settings import is_sensitive
+
+    (tmp_path / "config.yml").write_text("storage:\n  s3:\n    secretkey: old-key-value\n"
+                                         "    bucket: b\n")
+    (tmp_path / "program.conf").write_text(
+        'environment = GOGC="400",REGISTRY_X_SECRET="old-env-value"\n')
+    lines: list[str] = []
+    Engine(lines.append, dry_run=True, redact=Redactor([], is_sensitive)).converge([
+        File(tmp_path / "config.yml", "storage:\n  s3:\n    secretkey: new-key-value\n"
+                                      "    bucket: c\n"),
+        File(tmp_path / "program.conf", 'environment = GOGC="400",REGISTRY_X_SECRET="1"\n'),
+    ])
+    printed = "\n".join(lines)
+    for secret in ("old-key-value", "new-key-value", "old-env-value"):
+        assert secret not in printed
+    assert "    -    secretkey: ********\n" in printed
+    assert "    +    secretkey: ********\n" in printed
+    assert '+environment = GOGC="400",REGISTRY_X_SECRET="********"' in printed
+    assert "+    bucket: c" in printed

@@ -619,3 +619,30 @@ def test_show_config_masks_secrets(tmp_path: Path) -> None:
     assert data["paths"]["secrets_file"] == "/etc/appliance/appliance-secrets.json"
     # Unset secrets are shown as unset, not as a mask that suggests a value.
     assert yaml.safe_load(settings.to_yaml(load(tmp_path, {})))["initial_root_password"] is None
+
+
+def masked_pairs(shown: object, real: object) -> list[object]:
+    """The real values at every place show-config prints the mask."""
+    if isinstance(shown, dict):
+        return [v for k in shown for v in masked_pairs(shown[k], real[k])]
+    if isinstance(shown, list):
+        return [v for s, r in zip(shown, real, strict=True) for v in masked_pairs(s, r)]
+    return [real] if shown == "********" else []
+
+
+def test_the_engine_masks_exactly_what_show_config_masks(tmp_path: Path) -> None:
+    """One sensitivity rule: sensitive_values (fed to the engine and the run log) is the
+    set of values show-config hides."""
+    derived = load(tmp_path, {
+        "initial_root_password": "correct-horse-battery",
+        "registry": {"storage": {"azure": {"accountname": "acct", "accountkey": "azure-key-1",
+                                           "container": "c"}},
+                     "notifications": [{"name": "hook", "url": "https://h.corp.com",
+                                        "headers": {"Authorization": ["Bearer tok-123"],
+                                                    "Content-Type": ["application/json"]}}],
+                     "env": {"REGISTRY_HTTP_SECRET": "http-secret-000", "GOGC": 400}},
+    })
+    hidden = masked_pairs(settings.as_dict(derived), settings.as_dict(derived, mask=False))
+    assert sorted(map(str, hidden)) == sorted(settings.sensitive_values(derived))
+    assert sorted(settings.sensitive_values(derived)) == sorted(
+        ["correct-horse-battery", "azure-key-1", "Bearer tok-123", "http-secret-000"])

@@ -55,6 +55,9 @@ def issued_by_ca(names: list[str], not_before: dt.datetime = NOW - DAY, days: in
 def load(tmp_path: Path, data: dict) -> settings.Settings:
     path = tmp_path / "etc/appliance/appliance.yml"
     path.parent.mkdir(parents=True, exist_ok=True)
+    # pytest's deep temporary roots leave no room for the auth socket's path (107 bytes);
+    # these tests are about certificates, so the token service listens on TCP.
+    data = {"auth": {"listen_network": "tcp"}, **data}
     path.write_text(yaml.safe_dump({"root": str(tmp_path), **data}))
     loaded = settings.load(path, must_exist=True)
     loaded.paths.ssl_dir.mkdir(exist_ok=True)  # the base recipe's

@@ -151,6 +151,9 @@ def auth_config(settings: Settings) -> dict:
         "rate_limit_window": a.failed_login_window,
         "rate_limit_user_failures": a.max_failed_logins,
         "rate_limit_address_failures": a.max_failed_logins * 3,
+        "rate_limit_account_failures": a.max_failed_logins * 10,
+        "audit_log_max_bytes": settings.logging.max_bytes,
+        "audit_log_backups": settings.logging.backups,
         "credential_cache_ttl": a.credential_cache_ttl,
         "default_registry_enabled": settings.default_projects_features.container_registry,
     }

@@ -561,7 +561,11 @@ class Store:
         credentials_version: int,
         client_id: str | None,
         expires_at: int,
+        keep: int = 0,
     ) -> None:
+        """Store one refresh token; with `keep`, the owner's (user's or deploy token's)
+        oldest live tokens beyond that number are dropped, so repeated offline logins
+        cannot grow the database without bound."""
         now = int(time.time())
         self._write(
             "INSERT INTO refresh_tokens (token_digest, user_id, personal_access_token_id,"
@@ -580,6 +584,16 @@ class Store:
         )
         # Keep the table from growing without bound: expired rows are useless.
         self._write("DELETE FROM refresh_tokens WHERE expires_at < ?", (now,))
+        owner = (
+            ("user_id", user_id) if user_id is not None else ("deploy_token_id", deploy_token_id)
+        )
+        if keep > 0 and owner[1] is not None:
+            self._write(
+                f"DELETE FROM refresh_tokens WHERE {owner[0]} = ? AND rowid NOT IN"
+                f" (SELECT rowid FROM refresh_tokens WHERE {owner[0]} = ?"
+                " ORDER BY rowid DESC LIMIT ?)",
+                (owner[1], owner[1], keep),
+            )
 
     def find_refresh_token(self, digest: str) -> RefreshToken | None:
         row = self._one(

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.auth import credentials
+from appliance.auth.database_files import check_database_files
 from appliance.auth.migrations import MIGRATIONS
 from appliance.auth.names import path_prefixes, validate_project_path, validate_username
 from appliance.auth.permissions import ROLES, TOKEN_SCOPES, VISIBILITIES, ProjectAccess
@@ -109,13 +110,21 @@ class RefreshToken:
 
 
 def connect(db_path: Path) -> sqlite3.Connection:
-    """A connection set up the way every user of the database needs it."""
-    connection = sqlite3.connect(
-        str(db_path), timeout=10.0, isolation_level=None, check_same_thread=False
-    )
-    connection.execute("PRAGMA busy_timeout = 10000")
-    connection.execute("PRAGMA foreign_keys = ON")
-    connection.execute("PRAGMA synchronous = NORMAL")
+    """A connection set up the way every user of the database needs it; a database that
+    cannot be opened is one AuthError sentence, never a traceback."""
+    check_database_files(db_path)
+    try:
+        connection = sqlite3.connect(
+            str(db_path), timeout=10.0, isolation_level=None, check_same_thread=False
+        )
+        connection.execute("PRAGMA busy_timeout = 10000")
+        connection.execute("PRAGMA foreign_keys = ON")
+        connection.execute("PRAGMA synchronous = NORMAL")
+    except sqlite3.Error as error:
+        raise AuthError(
+            f"The auth database {db_path} cannot be opened ({error}); check that it and"
+            " the files beside it are readable and writable by this account."
+        ) from error
     return connection
 
 

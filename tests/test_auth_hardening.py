@@ -366,3 +366,24 @@ def test_a_linked_wal_is_one_sentence_from_appliance_ctl(tmp_path, linked_wal) -
         assert "auth.db-wal is a symbolic link" in result.stderr
     assert (tmp_path / "precious").read_text() == "root's file\n"
     assert (tmp_path / "precious").stat().st_uid == os.getuid()
+
+
+def test_reconfigure_gives_the_service_the_log_caps_and_the_limits(tmp_path: Path) -> None:
+    """The audit log is rotated with logging.max_bytes / logging.backups, and the three
+    rate-limit counters derive from auth.max_failed_logins."""
+    from appliance.auth.config import from_mapping
+    from recipes.auth import auth_config
+    from tests.support.recipes import settings_for
+
+    settings = settings_for(
+        tmp_path,
+        logging={"max_bytes": 123456, "backups": 4},
+        auth={"max_failed_logins": 7},
+    )
+    config = from_mapping(auth_config(settings))
+    assert (config.audit_log_max_bytes, config.audit_log_backups) == (123456, 4)
+    assert (
+        config.rate_limit_user_failures,
+        config.rate_limit_address_failures,
+        config.rate_limit_account_failures,
+    ) == (7, 21, 70)

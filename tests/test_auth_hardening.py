@@ -392,3 +392,14 @@ def test_reconfigure_gives_the_service_the_log_caps_and_the_limits(tmp_path: Pat
         config.rate_limit_address_failures,
         config.rate_limit_account_failures,
     ) == (7, 21, 70)
+
+
+def test_a_flood_of_bad_refresh_tokens_writes_little(service) -> None:
+    """The measured attack: 100 anonymous refresh-token requests, each asking for ~60 KB
+    of scopes, wrote 5.1 MB. Now 95 of them are refused 429 and the log stays small."""
+    scopes = " ".join(f"repository:team/{'y' * 50}{n}:pull" for n in range(780))
+    form = {"grant_type": "refresh_token", "refresh_token": "guess", "scope": scopes}
+    statuses = [call(service, method="POST", form=form, peer="10.6.6.6").status
+                for _ in range(100)]
+    assert statuses == [401] * 5 + [429] * 95
+    assert service.config.audit_log.stat().st_size < 100 * 2048

@@ -29,6 +29,7 @@ from appliance.auth.audit import AuditLog
 from appliance.auth.config import to_mapping
 from appliance.auth.store import Store
 from appliance.errors import AuthError
+from recipes.auth import AuthDatabase
 from tests.support.auth_requests import call, token_query, use_cheap_hasher
 from tests.support.auth_server import AuthServer, make_config
 
@@ -351,6 +352,8 @@ def test_a_linked_wal_is_one_sentence_from_the_service_start(tmp_path, linked_wa
     assert f"{linked_wal}-wal is a symbolic link" in error and "remove the link" in error
     with pytest.raises(AuthError, match="is a symbolic link"):
         Store(linked_wal).find_user("root")
+    with pytest.raises(AuthError, match="is a symbolic link"):  # what reconfigure reads
+        AuthDatabase(linked_wal).current()
 
 
 def test_a_linked_wal_is_one_sentence_from_appliance_ctl(tmp_path, linked_wal) -> None:

@@ -9,13 +9,13 @@ registry can never be left trusting a key the service no longer signs with.
 from __future__ import annotations
 
 import json
-import os
 import secrets as random
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from appliance.auth.database_files import check_database_files, chown_database_files
 from appliance.engine import Report
 from appliance.resources import Change, Directory, File, Resource, atomic_write, restart
 from appliance.secrets import Secrets
@@ -27,6 +27,7 @@ ADMIN_USERNAME = "root"
 
 
 def database_version(db_path: Path) -> int | None:
+    check_database_files(db_path)  # a linked auth.db-wal: one sentence, never followed
     if not db_path.exists():
         return None
     connection = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
@@ -42,10 +43,7 @@ def _chown_database(db_path: Path, owner: str | None) -> None:
     import pwd
 
     entry = pwd.getpwnam(owner)
-    for suffix in ("", "-wal", "-shm"):
-        path = Path(f"{db_path}{suffix}")
-        if path.exists():
-            os.chown(path, entry.pw_uid, entry.pw_gid)
+    chown_database_files(db_path, entry.pw_uid, entry.pw_gid)
 
 
 @dataclass
@@ -168,6 +166,9 @@ def auth_config(settings: Settings) -> dict:
         "rate_limit_window": a.failed_login_window,
         "rate_limit_user_failures": a.max_failed_logins,
         "rate_limit_address_failures": a.max_failed_logins * 3,
+        "rate_limit_account_failures": a.max_failed_logins * 10,
+        "audit_log_max_bytes": settings.logging.max_bytes,
+        "audit_log_backups": settings.logging.backups,
         "credential_cache_ttl": a.credential_cache_ttl,
         "default_registry_enabled": settings.default_projects_features.container_registry,
     }

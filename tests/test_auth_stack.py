@@ -481,8 +481,8 @@ def test_failed_sign_ins_are_rate_limited_through_nginx(strict):
     assert limited.status == 429
     assert 1 <= int(limited.headers["Retry-After"]) <= 300
     assert "Too many failed sign-ins for this account" in limited.message
-    # The right password too, unless a worker verified it recently (then the owner's
-    # working client goes on): a guesser must not learn that a guess was right.
+    # The right password too, even one a worker verified recently (the owner's client at
+    # another address goes on): a guesser must not learn that a guess was right.
     assert https(strict, path, basic=("victim", "victim's password")).status == 429
 
     for n in range(6):  # other names, each from a "different" client: address total 9
@@ -551,7 +551,8 @@ def test_oras_pushes_and_pulls_an_artifact(appliance, tmp_path, monkeypatch):
 
 
 def test_audit_log_reopens_after_rotation_and_hup(strict):
-    """What the logrotate recipe of docs/auth.md relies on. Anonymous requests: the
+    """An audit.log moved away (by an admin or an outside rotator), then hup: no line is
+    lost and a new audit.log appears. Anonymous requests: the
     rate-limit test has used up this client address's failed sign-ins."""
     log = audit_log(strict)
     assert https(strict, token_path("repository:team/app:pull")).status == 200

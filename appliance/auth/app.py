@@ -31,6 +31,9 @@ from appliance.auth.tokens import TokenSigner, rfc3339
 
 StartResponse = Callable[..., object]
 MAX_FORM_BYTES = 64 * 1024
+MAX_CLIENT_ID = 200
+"""Characters of an offline login's client_id (docker sends "docker"): it is stored with
+the refresh token, so its length is bounded like everything a client can make us keep."""
 
 
 class BadRequest(Exception):
@@ -56,7 +59,9 @@ class TokenService:
             config.token_lifetime,
         )
         self.authenticator = Authenticator(self.store, config)
-        self.audit = AuditLog(config.audit_log)
+        self.audit = AuditLog(
+            config.audit_log, config.audit_log_max_bytes, config.audit_log_backups
+        )
         self._proxies = [ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies]
         # On a unix socket the directory lets nginx's account alone connect.
         self._peers_are_proxy = config.listen_socket is not None
@@ -109,6 +114,12 @@ class TokenService:
                     f"Unknown service '{service}'; this server issues tokens for"
                     f" '{self.config.service}'."
                 )
+            client_id = _single(params, "client_id")
+            if client_id is not None and len(client_id) > MAX_CLIENT_ID:
+                raise BadRequest(
+                    f"The client_id is {len(client_id)} characters long; use at most"
+                    f" {MAX_CLIENT_ID}."
+                )
             signed_in, want_refresh = self._sign_in(environ, params, post, address, now)
         except SignInRefused as refused:
             user = _single(params, "username") or _basic_user(environ) or ""
@@ -127,15 +138,7 @@ class TokenService:
             body = _error_body(refused.message, "invalid_grant", code)
             return _respond(start_response, refused.status, body, headers)
         except BadRequest as error:
-            self.audit.record(
-                **record,
-                user=_basic_user(environ) or "",
-                granted=[],
-                result="denied",
-                reason=error.message,
-                status=400,
-            )
-            return _respond(start_response, 400, _error_body(error.message, error.oauth_error))
+            return self._bad_request(environ, start_response, record, error, address, now)
 
         access, reasons = self.grant(signed_in, scopes)
         issued = self.signer.issue(signed_in.principal.name, access, now)
@@ -146,7 +149,6 @@ class TokenService:
             "issued_at": rfc3339(issued.issued_at),
         }
         if want_refresh:
-            client_id = _single(params, "client_id")
             body["refresh_token"] = self.authenticator.issue_refresh_token(
                 signed_in, client_id, now
             )
@@ -162,6 +164,37 @@ class TokenService:
             status=200,
         )
         return _respond(start_response, 200, body)
+
+    def _bad_request(
+        self,
+        environ: dict,
+        start_response: StartResponse,
+        record: dict,
+        error: BadRequest,
+        address: str,
+        now: float,
+    ) -> Iterable[bytes]:
+        """400, counted against the address like a failed sign-in (429 past its limit):
+        a malformed request is a failure path too, and each one costs an audit line."""
+        status, message, reason, retry_after = 400, error.message, error.message, 0
+        try:
+            self.authenticator.check_rate(None, address, now)
+            self.authenticator.failed(None, address, now)
+        except SignInRefused as refused:
+            status, message, reason = refused.status, refused.message, refused.reason
+            retry_after = refused.retry_after
+        self.audit.record(
+            **record,
+            user=_basic_user(environ) or "",
+            granted=[],
+            result="denied",
+            reason=reason,
+            status=status,
+        )
+        if status == 429:
+            body = _error_body(message, "invalid_request", "TOOMANYREQUESTS")
+            return _respond(start_response, 429, body, [("Retry-After", str(retry_after))])
+        return _respond(start_response, 400, _error_body(message, error.oauth_error))
 
     def _sign_in(
         self, environ: dict, params: dict, post: bool, address: str, now: float
@@ -179,12 +212,17 @@ class TokenService:
                 return signed_in, _single(params, "access_type") == "offline"
             if grant_type == "refresh_token":
                 secret = _single(params, "refresh_token") or ""
-                return self.authenticator.refresh(secret, now), False
+                return self.authenticator.refresh(secret, address, now), False
             raise BadRequest(
                 f"Unsupported grant_type '{grant_type}'; use password or refresh_token.",
                 "unsupported_grant_type",
             )
-        credentials = _basic_credentials(environ)
+        try:
+            credentials = _basic_credentials(environ)
+        except SignInRefused:  # malformed credentials: a failure, counted per address
+            self.authenticator.check_rate(None, address, now)
+            self.authenticator.failed(None, address, now)
+            raise
         if credentials is None:
             return ANONYMOUS, False
         signed_in = self.authenticator.sign_in(*credentials, address, now)

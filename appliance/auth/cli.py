@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from appliance.auth import credentials
+from appliance.auth.database_files import check_database_files, chown_database_files
 from appliance.auth.names import validate_username
 from appliance.auth.permissions import ROLES, TOKEN_SCOPES, VISIBILITIES
 from appliance.auth.store import Store
@@ -198,6 +199,7 @@ def _using_store(action: Callable[[argparse.Namespace, Store, AuthContext], int]
     @functools.wraps(action)
     def handler(args: argparse.Namespace, context: AuthContext) -> int:
         database = Path(context.auth_database)
+        check_database_files(database)
         if not database.exists():
             raise AuthError(
                 f"The auth database {database} does not exist yet;"
@@ -214,15 +216,8 @@ def _using_store(action: Callable[[argparse.Namespace, Store, AuthContext], int]
 
 
 def _keep_owner(database: Path) -> None:
-    owner = database.stat()
-    for suffix in ("-wal", "-shm"):
-        path = Path(f"{database}{suffix}")
-        try:
-            info = path.stat()
-            if (info.st_uid, info.st_gid) != (owner.st_uid, owner.st_gid):
-                os.chown(path, owner.st_uid, owner.st_gid)
-        except FileNotFoundError:
-            pass
+    owner = os.lstat(database)
+    chown_database_files(database, owner.st_uid, owner.st_gid)  # never through a link
 
 
 def _read_password(args: argparse.Namespace) -> str:

@@ -51,9 +51,19 @@ class AuthConfig:
     rate_limit_window: int = 300
     """Seconds over which failed sign-ins are counted; also the longest Retry-After."""
     rate_limit_user_failures: int = 10
-    """Failed sign-ins for one username within the window before it answers 429."""
+    """Failed sign-ins for one username from one client address within the window before
+    that username answers 429 to that address (other addresses are not affected)."""
     rate_limit_address_failures: int = 30
     """Failed sign-ins from one client address within the window before it answers 429."""
+    rate_limit_account_failures: int = 100
+    """Failed sign-ins for one username from all addresses within the window before the
+    account answers 429 to everyone (a guesser spread over many addresses)."""
+    refresh_tokens_per_user: int = 50
+    """Live refresh tokens kept per user (or deploy token); the oldest is dropped first."""
+    audit_log_max_bytes: int = 50 * 1024 * 1024
+    """The audit log is rotated before it would grow past this size (0: never rotated)."""
+    audit_log_backups: int = 10
+    """Rotated audit logs kept (audit.log.1 is the newest)."""
     credential_cache_ttl: int = 60
     """Seconds a verified password is remembered per worker (0 disables the cache)."""
     credential_cache_size: int = 10_000

@@ -8,10 +8,15 @@ carries `credentials_version`, which every password change, block or unblock inc
 a cached entry only counts while its version equals the row's, so invalidation reaches
 every worker process at its very next request, at the cost of no extra query.
 
-Failed sign-ins are counted per username and per client address in the shared database;
-past the limit the answer is 429 with Retry-After until the window ends. A request whose
-credentials are already in the cache skips the limit check, so an attacker hammering a
-username cannot lock out the real user's already-working client.
+Failed sign-ins are counted in the shared database for three subjects: the username from
+this client address, the client address, and the username from anywhere. Past a subject's
+limit the answer is 429 with Retry-After until the window ends, for every request that
+subject covers: the limit is checked before the cache and before any password work, so a
+right guess is answered exactly like a wrong one and a locked guesser learns nothing (a
+cache hit answered before the limit was a password oracle). Counting per (username,
+address) first is what keeps the real user's client working while someone at another
+address hammers its username; only failures from many addresses lock the account itself.
+A success never clears a count: the owner's own retries cannot reopen a closed window.
 """
 
 from __future__ import annotations
@@ -107,6 +112,7 @@ class Authenticator:
         return self._password(username, password, address, now)
 
     def _password(self, username: str, password: str, address: str, now: float) -> SignedIn:
+        self.check_rate(username, address, now)  # before the cache: no answer may differ
         user = self.store.find_user(username)
         digest = self.cache.digest(username, password)
         if (
@@ -115,9 +121,8 @@ class Authenticator:
             and self.cache.holds(digest, user.id, user.credentials_version, now)
         ):
             return SignedIn(_user_principal(user), "password", user.credentials_version)
-        self._check_rate(username, address, now)
         if not credentials.verify_password(user.password_hash if user else None, password):
-            self._failed(username, address, now)
+            self.failed(username, address, now)
             raise SignInRefused(
                 401, BAD_CREDENTIALS, "unknown user" if user is None else "wrong password"
             )
@@ -131,14 +136,14 @@ class Authenticator:
     def _personal_access_token(
         self, username: str, secret: str, address: str, now: float
     ) -> SignedIn:
-        self._check_rate(username, address, now)
+        self.check_rate(username, address, now)
         token = self.store.find_personal_access_token(credentials.secret_digest(secret))
         user = self.store.find_user_by_id(token.user_id) if token else None
         if token is None or user is None or user.username != username:
-            self._failed(username, address, now)
+            self.failed(username, address, now)
             raise SignInRefused(401, BAD_CREDENTIALS, "unknown personal access token")
         if not token.usable(now):
-            self._failed(username, address, now)
+            self.failed(username, address, now)
             why = "revoked" if token.revoked else "expired"
             raise SignInRefused(
                 401, f"The personal access token '{token.name}' is {why}.", f"token {why}"
@@ -156,14 +161,14 @@ class Authenticator:
         )
 
     def _deploy_token(self, username: str, secret: str, address: str, now: float) -> SignedIn:
-        self._check_rate(username, address, now)
+        self.check_rate(username, address, now)
         found = self.store.find_deploy_token(username)
         if found is None or not hmac.compare_digest(found[1], credentials.secret_digest(secret)):
-            self._failed(username, address, now)
+            self.failed(username, address, now)
             raise SignInRefused(401, BAD_CREDENTIALS, "wrong deploy token")
         token = found[0]
         if not token.usable(now):
-            self._failed(username, address, now)
+            self.failed(username, address, now)
             why = "revoked" if token.revoked else "expired"
             raise SignInRefused(401, f"The deploy token '{token.name}' is {why}.", f"token {why}")
         return SignedIn(_deploy_principal(token), "deploy_token", deploy_token_id=token.id)
@@ -179,10 +184,22 @@ class Authenticator:
             credentials_version=signed_in.credentials_version,
             client_id=client_id,
             expires_at=int(now) + self.config.refresh_token_lifetime,
+            keep=self.config.refresh_tokens_per_user,
         )
         return secret
 
-    def refresh(self, secret: str, now: float) -> SignedIn:
+    def refresh(self, secret: str, address: str, now: float) -> SignedIn:
+        """The principal a refresh token stands for. A failure counts against the client
+        address like a wrong password: every failure path is limited, so none of them can
+        be used to fill the audit log at full speed."""
+        self.check_rate(None, address, now)
+        try:
+            return self._refresh(secret, now)
+        except SignInRefused:
+            self.failed(None, address, now)
+            raise
+
+    def _refresh(self, secret: str, now: float) -> SignedIn:
         invalid = SignInRefused(
             401, "The refresh token is invalid or expired; sign in again.", "bad refresh token"
         )
@@ -212,13 +229,19 @@ class Authenticator:
         return SignedIn(_user_principal(user), "refresh_token", user.credentials_version)
 
     # -- failed sign-ins ----------------------------------------------------------------
-    def _subjects(self, username: str, address: str) -> dict[str, int]:
-        return {
-            f"user:{username}": self.config.rate_limit_user_failures,
-            f"address:{address}": self.config.rate_limit_address_failures,
-        }
+    def _subjects(self, username: str | None, address: str) -> dict[str, int]:
+        """The counters a failure adds to, with their limits: the address alone when no
+        username was given (a bad refresh token, malformed credentials, a bad request)."""
+        subjects = {f"address:{address}": self.config.rate_limit_address_failures}
+        if username is not None:
+            # 'pair:' first, address before the username: the address holds no space, so
+            # no username can make one pair's subject equal another's.
+            subjects[f"pair:{address} {username}"] = self.config.rate_limit_user_failures
+            subjects[f"user:{username}"] = self.config.rate_limit_account_failures
+        return subjects
 
-    def _check_rate(self, username: str, address: str, now: float) -> None:
+    def check_rate(self, username: str | None, address: str, now: float) -> None:
+        """Refuse with 429 while any counter this request falls under is at its limit."""
         limits = self._subjects(username, address)
         window = self.config.rate_limit_window
         counted = self.store.failed_signins(limits, int(now), window)
@@ -226,19 +249,31 @@ class Authenticator:
             limit = limits[subject]
             if limit and failures >= limit:
                 retry_after = max(1, start + window - int(now))
-                what = "this account" if subject.startswith("user:") else "your address"
+                what = {
+                    "pair": "this account from your address",
+                    "user": "this account",
+                    "address": "your address",
+                }[subject.partition(":")[0]]
                 raise SignInRefused(
                     429,
                     f"Too many failed sign-ins for {what}; try again in {retry_after} seconds.",
-                    f"rate limited ({subject})",
+                    f"rate limited ({_bounded_subject(subject)})",
                     retry_after,
                 )
 
-    def _failed(self, username: str, address: str, now: float) -> None:
+
+    def failed(self, username: str | None, address: str, now: float) -> None:
+        """Count one failure; None for requests that name no username."""
         window = self.config.rate_limit_window
         self.store.record_failed_signin(self._subjects(username, address), int(now), window)
         # Guessed usernames must not grow the table forever: drop finished windows.
         self.store.forget_failed_signins(before=int(now) - window)
+
+
+
+def _bounded_subject(subject: str) -> str:
+    """A subject as the audit log shows it: a guessed username may be any length."""
+    return subject if len(subject) <= 200 else subject[:200] + "...[truncated]"
 
 
 def _user_principal(user: User, token_scopes: frozenset[str] | None = None) -> Principal:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.auth import credentials
+from appliance.auth.database_files import check_database_files
 from appliance.auth.migrations import MIGRATIONS
 from appliance.auth.names import path_prefixes, validate_project_path, validate_username
 from appliance.auth.permissions import ROLES, TOKEN_SCOPES, VISIBILITIES, ProjectAccess
@@ -109,13 +110,21 @@ class RefreshToken:
 
 
 def connect(db_path: Path) -> sqlite3.Connection:
-    """A connection set up the way every user of the database needs it."""
-    connection = sqlite3.connect(
-        str(db_path), timeout=10.0, isolation_level=None, check_same_thread=False
-    )
-    connection.execute("PRAGMA busy_timeout = 10000")
-    connection.execute("PRAGMA foreign_keys = ON")
-    connection.execute("PRAGMA synchronous = NORMAL")
+    """A connection set up the way every user of the database needs it; a database that
+    cannot be opened is one AuthError sentence, never a traceback."""
+    check_database_files(db_path)
+    try:
+        connection = sqlite3.connect(
+            str(db_path), timeout=10.0, isolation_level=None, check_same_thread=False
+        )
+        connection.execute("PRAGMA busy_timeout = 10000")
+        connection.execute("PRAGMA foreign_keys = ON")
+        connection.execute("PRAGMA synchronous = NORMAL")
+    except sqlite3.Error as error:
+        raise AuthError(
+            f"The auth database {db_path} cannot be opened ({error}); check that it and"
+            " the files beside it are readable and writable by this account."
+        ) from error
     return connection
 
 
@@ -561,7 +570,11 @@ class Store:
         credentials_version: int,
         client_id: str | None,
         expires_at: int,
+        keep: int = 0,
     ) -> None:
+        """Store one refresh token; with `keep`, the owner's (user's or deploy token's)
+        oldest live tokens beyond that number are dropped, so repeated offline logins
+        cannot grow the database without bound."""
         now = int(time.time())
         self._write(
             "INSERT INTO refresh_tokens (token_digest, user_id, personal_access_token_id,"
@@ -580,6 +593,16 @@ class Store:
         )
         # Keep the table from growing without bound: expired rows are useless.
         self._write("DELETE FROM refresh_tokens WHERE expires_at < ?", (now,))
+        owner = (
+            ("user_id", user_id) if user_id is not None else ("deploy_token_id", deploy_token_id)
+        )
+        if keep > 0 and owner[1] is not None:
+            self._write(
+                f"DELETE FROM refresh_tokens WHERE {owner[0]} = ? AND rowid NOT IN"
+                f" (SELECT rowid FROM refresh_tokens WHERE {owner[0]} = ?"
+                " ORDER BY rowid DESC LIMIT ?)",
+                (owner[1], owner[1], keep),
+            )
 
     def find_refresh_token(self, digest: str) -> RefreshToken | None:
         row = self._one(

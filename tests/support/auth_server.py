@@ -91,6 +91,8 @@ class AuthServer:
     process: subprocess.Popen | None = None
     log_path: Path | None = None
     extra_args: list[str] = field(default_factory=list)
+    prefix: list[str] = field(default_factory=list)
+    """A command the server runs under (e.g. unshare, to give it its own mounts)."""
 
     @property
     def url(self) -> str:
@@ -101,7 +103,8 @@ class AuthServer:
         self.log_path = self.config_path.with_suffix(".log")
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(
-            [str(APPLIANCE_AUTH), "--config", str(self.config_path), *self.extra_args],
+            [*self.prefix, str(APPLIANCE_AUTH), "--config", str(self.config_path),
+             *self.extra_args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -79,10 +79,14 @@ def describe(resource: Resource, changes: list[Change], dry_run: bool) -> str:
 
 class Engine:
     def __init__(self, out: Callable[[str], None], dry_run: bool = False,
-                 show_diffs: bool = True):
+                 show_diffs: bool = True,
+                 before_apply: Callable[[Resource], None] | None = None):
         self.out = out
         self.dry_run = dry_run
         self.show_diffs = show_diffs
+        # Called before a resource changes the host: the pipeline makes the resource's
+        # notifications durable there, so a run killed after the change still has them.
+        self.before_apply = before_apply
 
     def converge(self, resources: Iterable[Resource], report: Report | None = None) -> Report:
         report = report or Report()
@@ -109,6 +113,8 @@ class Engine:
                                          change.diff.splitlines(keepends=True)).rstrip("\n"))
             if changes and not self.dry_run:
                 try:
+                    if self.before_apply is not None:
+                        self.before_apply(resource)
                     resource.apply()
                 except (ApplianceError, OSError) as exc:
                     self._fail(report, resource, exc)

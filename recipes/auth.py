@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from appliance.contracts import Service, signal
 from appliance.engine import Report
 from appliance.resources import Change, Directory, File, Resource, atomic_write, restart
 from appliance.secrets import Secrets
@@ -154,6 +155,16 @@ def auth_config(settings: Settings) -> dict:
         "credential_cache_ttl": a.credential_cache_ttl,
         "default_registry_enabled": settings.default_projects_features.container_registry,
     }
+
+
+def service(settings: Settings) -> Service:
+    """gunicorn reloads its workers on HUP without dropping requests."""
+    a, p = settings.auth, settings.paths
+    return Service("auth", enabled=a.enable, reload=signal("HUP"), ready=a.listen_addr,
+                   binds={a.listen_addr: "auth.listen_addr"},
+                   user=service_user(settings, a.username),
+                   reaches=(p.auth_config, Path(settings.registry.key_path)),
+                   log=supervisor.service_log(settings, "auth"))
 
 
 def resources(settings: Settings, secrets: Secrets) -> list[Resource]:

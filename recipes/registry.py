@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from appliance.contracts import RESTART, Service
 from appliance.resources import Change, Directory, File, Resource, Template, restart
 from appliance.secrets import Secrets
 from appliance.settings import SENSITIVE_KEYS, STORAGE_EXTRAS, Settings
@@ -144,6 +145,20 @@ def address(settings: Settings) -> str:
     if settings.registry.listen_network == "unix":
         return str(settings.paths.registry_socket)
     return settings.registry.http_addr
+
+
+def service(settings: Settings) -> Service:
+    """The registry has no reload: a changed config is a restart."""
+    r = settings.registry
+    binds = {address(settings): "registry.listen_network" if r.listen_network == "unix"
+             else "registry.http_addr"}
+    if r.debug_addr:
+        binds[r.debug_addr] = "registry.debug_addr"
+    p = settings.paths
+    return Service("registry", enabled=r.enable, reload=RESTART, ready=address(settings),
+                   binds=binds, user=service_user(settings, r.username),
+                   reaches=(p.registry_config, filesystem_root(settings) or p.registry_dir),
+                   log=supervisor.service_log(settings, "registry"))
 
 
 def config_context(settings: Settings, secrets: Secrets) -> dict:

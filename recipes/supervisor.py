@@ -12,12 +12,11 @@ import shlex
 import sys
 from pathlib import Path
 
+from appliance import launcher
 from appliance.errors import ConfigError
 from appliance.resources import Absent, Directory, Resource, Template
 from appliance.secrets import Secrets
 from appliance.settings import Settings
-
-PROGRAMS = ("nginx", "registry", "auth", "renewer")
 
 
 def programs_dir(settings: Settings) -> Path:
@@ -62,7 +61,9 @@ def program(settings: Settings, name: str, command: list[str], user: str | None 
     """The log directory and program file that make supervisord run `command` as `name`.
 
     The log directory belongs to the service's account, so the service may write logs
-    of its own there (the auth service's audit log) beside supervisord's capture.
+    of its own there (the auth service's audit log) beside supervisord's capture. The
+    command runs through the launcher (appliance/launcher.py): it dies with supervisord
+    and carries this root's marker, so it never outlives its supervisor unnoticed.
     """
     log_dir = settings.paths.log_dir / name
     owner = user if settings.run_as_root else None
@@ -70,7 +71,8 @@ def program(settings: Settings, name: str, command: list[str], user: str | None 
         Directory(log_dir, 0o750, owner=owner, group=owner),
         Template(programs_dir(settings) / f"{name}.conf", "supervisor/program.conf.j2", {
             "name": name,
-            "command": " ".join(shlex.quote(part) for part in command).replace("%", "%%"),
+            "command": " ".join(shlex.quote(part) for part in launched(settings, name, command))
+            .replace("%", "%%"),
             "user": user if settings.run_as_root else None,
             "environment": quote_environment(environment or {}),
             "directory": str(directory) if directory else None,
@@ -82,6 +84,13 @@ def program(settings: Settings, name: str, command: list[str], user: str | None 
             "backups": settings.logging.backups,
         }),
     ]
+
+
+def launched(settings: Settings, name: str, command: list[str]) -> list[str]:
+    """`command` behind the launcher: python without site (-S) or environment (-I)
+    runs it in a few milliseconds."""
+    return [executable("python"), "-I", "-S", str(Path(launcher.__file__).resolve()),
+            str(settings.paths.supervisor_config), name, "--", *command]
 
 
 def disabled(settings: Settings, name: str) -> list[Resource]:

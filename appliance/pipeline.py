@@ -76,13 +76,14 @@ def execute(settings: Settings, run: Run, dry_run: bool = False,
     lock = reconfigure_lock(paths.lock_file, out) if not dry_run or paths.data_dir.exists() \
         else _no_lock()
     try:
+        for line in run.intro():
+            out(line)
+        # Before the lock: its file is the first thing a run writes.
+        if run.preflight:
+            run.preflight()
+        if run.start_services:  # a run that only signals what runs binds nothing new
+            preflight(settings, run.services)
         with _hangup_ignored(), lock:
-            for line in run.intro():
-                out(line)
-            if run.preflight:
-                run.preflight()
-            if run.start_services:  # a run that only signals what runs binds nothing new
-                preflight(settings, run.services)
             secrets = run.secrets()
             if paths.data_dir.is_dir() and not dry_run:
                 from appliance.resources import use_template_cache
@@ -98,6 +99,7 @@ def execute(settings: Settings, run: Run, dry_run: bool = False,
             # Every resource is built (every template rendered) before the first one is
             # applied: a recipe that refuses a value stops the run with the host untouched.
             report = engine.converge(list(run.resources(secrets)), report)
+            crash_point("after-files")
             conductor = Conductor(settings, run, out)
             touched: set[str] = set()
             if dry_run:
@@ -106,6 +108,7 @@ def execute(settings: Settings, run: Run, dry_run: bool = False,
             else:
                 touched |= conductor.notify(report.notifications, journal.programs_changed)
                 journal.done()
+                crash_point("after-notifications")
             if not report.failed and run.late_resources is not None:
                 late = Report(dry_run=dry_run)
                 engine.converge(run.late_resources(secrets), late)
@@ -135,6 +138,14 @@ def execute(settings: Settings, run: Run, dry_run: bool = False,
         raise
     finally:
         out.save()
+
+
+def crash_point(name: str) -> None:
+    """Where the crash-consistency tests kill a run (APPLIANCE_TEST_CRASH_AT=NAME, or
+    NAME:HUP for the hangup of a dropped SSH session). Nothing happens otherwise."""
+    wanted = os.environ.get("APPLIANCE_TEST_CRASH_AT")
+    if wanted and wanted.split(":")[0] == name:
+        os.kill(os.getpid(), signal.SIGHUP if wanted.endswith(":HUP") else signal.SIGKILL)
 
 
 @contextmanager
@@ -401,7 +412,9 @@ class Conductor:
                              f"{self.run.not_running_note}")
             else:
                 self._mark_logs([n.service])
-                supervisor.restart(n.service)
+                supervisor.stop(n.service)
+                crash_point("mid-restart")
+                supervisor.start(n.service)
                 touched.add(n.service)
                 self.out(f"+ service {n.service} (restarted)")
         return touched

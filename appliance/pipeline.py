@@ -81,8 +81,9 @@ def execute(settings: Settings, run: Run, dry_run: bool = False,
         # Before the lock: its file is the first thing a run writes.
         if run.preflight:
             run.preflight()
+        listening = procfs.ListenTable()
         if run.start_services:  # a run that only signals what runs binds nothing new
-            preflight(settings, run.services)
+            preflight(settings, run.services, listening)
         with _hangup_ignored(), lock:
             secrets = run.secrets()
             if paths.data_dir.is_dir() and not dry_run:
@@ -126,7 +127,9 @@ def execute(settings: Settings, run: Run, dry_run: bool = False,
                 out(run.summary(report, elapsed))
             raise_if_failed(report)
             if not dry_run:
-                conductor.check(touched)
+                # Sockets as preflight saw them, unless supervisord was asked to change
+                # anything since (then they are read again).
+                conductor.check(touched, None if conductor.acted else listening)
             for line in run.messages(report):
                 out(line)
             return report
@@ -255,10 +258,12 @@ def sweep_leftovers(paths: Paths, services: Iterable[Service],
         procfs.stop(pids)
 
 
-def preflight(settings: Settings, services: list[Service]) -> None:
+def preflight(settings: Settings, services: list[Service],
+              table: procfs.ListenTable | None = None) -> None:
     """Before anything changes: no stranger on a port a service binds, and every service
     account can reach its files."""
     paths = settings.paths
+    table = table or procfs.ListenTable()
     supervisord = supervisord_pid(paths)
     ours = set(procfs.tree(supervisord)) if supervisord else set()
     leftovers: set[int] | None = None
@@ -266,7 +271,7 @@ def preflight(settings: Settings, services: list[Service]) -> None:
         if not service.enabled:
             continue
         for address, key in service.binds.items():
-            holder = procfs.listener(address, ours)
+            holder = procfs.listener(address, ours, table)
             if holder is None or holder.pid in ours:
                 continue
             if leftovers is None:  # scanned once, and only when a port is taken
@@ -345,6 +350,7 @@ class Conductor:
         self.services = {s.name: s for s in run.services}
         self._supervisor: Supervisor | None = None
         self.since: dict[str, int] = {}
+        self.acted = False  # did this run ask supervisord for anything
 
     @property
     def supervisor(self) -> Supervisor:
@@ -375,6 +381,7 @@ class Conductor:
         start = start and self.run.start_services
         if not notifications and not programs_changed and supervisord_pid(self.paths):
             return set()  # nothing to start, add, remove or signal: not even a question
+        self.acted = True
         supervisor = self.supervisor
         fresh: set[str] = set()
         removed: set[str] = set()
@@ -431,7 +438,7 @@ class Conductor:
             wait()
         return True
 
-    def check(self, touched: set[str]) -> None:
+    def check(self, touched: set[str], table: procfs.ListenTable | None = None) -> None:
         """Every service this run must leave serving is RUNNING and answers on its ready
         address from its own process tree; start those stopped by accident (not by an
         admin's `appliance-ctl stop`), then say which are not, with their real error."""
@@ -443,7 +450,7 @@ class Conductor:
                          f"appliance-ctl start {name} starts it")
         else:
             wanted = [self.services.get(name, Service(name)) for name in sorted(touched)]
-        if not wanted or self._all_serving_fast(wanted):
+        if not wanted or self._all_serving_fast(wanted, table or procfs.ListenTable()):
             return
         supervisor = self.supervisor
         statuses = {s.name: s for s in supervisor.status()}
@@ -456,7 +463,7 @@ class Conductor:
         supervisor.wait_until_running([s.name for s in wanted], since=self.since)
         self.wait_answering(wanted, {s.name: s for s in supervisor.status()})
 
-    def _all_serving_fast(self, wanted: list[Service]) -> bool:
+    def _all_serving_fast(self, wanted: list[Service], table: procfs.ListenTable) -> bool:
         """The no-op path, from /proc alone (no supervisord round trip, no XML-RPC
         import): each service's ready address is held by supervisord's tree and answers,
         and a service without one runs as a child of supervisord carrying its name."""
@@ -467,7 +474,7 @@ class Conductor:
         named = None
         for service in wanted:
             if service.ready:
-                holder = procfs.listener(service.ready, ours)
+                holder = procfs.listener(service.ready, ours, table)
                 if holder is None or holder.pid not in ours or not answers(service.ready):
                     return False
             else:

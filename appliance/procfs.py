@@ -56,38 +56,41 @@ def _decode_ip(text: str) -> str:
     return "" if ip.is_unspecified else str(ip)
 
 
-def listening_inodes(address: str) -> set[int]:
-    """Inodes of the listening sockets a bind to `address` would collide with."""
-    if address.startswith("/"):
-        inodes = set()
+class ListenTable:
+    """The host's listening sockets, read once (/proc/net/tcp grows with every connection
+    on a busy host: one read per run, not one per address)."""
+
+    def __init__(self) -> None:
+        self.tcp: list[tuple[str, int, int]] = []  # (ip or '' for any, port, inode)
+        self.unix: dict[str, set[int]] = {}
+        for table in ("tcp", "tcp6"):
+            try:
+                lines = (PROC / "net" / table).read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                fields = line.split()
+                if fields[3] == LISTEN:
+                    local_ip, local_port = fields[1].split(":")
+                    self.tcp.append((_decode_ip(local_ip), int(local_port, 16),
+                                     int(fields[9])))
         try:
             lines = (PROC / "net/unix").read_text().splitlines()[1:]
         except OSError:
-            return set()
+            lines = []
         for line in lines:
             fields = line.split()
-            if len(fields) >= 8 and fields[7] == address and int(fields[3], 16) & UNIX_LISTENING:
-                inodes.add(int(fields[6]))
-        return inodes
-    host, port = split_address(address)
-    wanted = ipaddress.ip_address(host) if host else None
-    inodes = set()
-    for table in ("tcp", "tcp6"):
-        try:
-            lines = (PROC / "net" / table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[3] != LISTEN:
-                continue
-            local_ip, local_port = fields[1].split(":")
-            if int(local_port, 16) != port:
-                continue
-            bound = _decode_ip(local_ip)
-            if not bound or wanted is None or ipaddress.ip_address(bound) == wanted:
-                inodes.add(int(fields[9]))
-    return inodes
+            if len(fields) >= 8 and int(fields[3], 16) & UNIX_LISTENING:
+                self.unix.setdefault(fields[7], set()).add(int(fields[6]))
+
+    def inodes(self, address: str) -> set[int]:
+        """Inodes of the listening sockets a bind to `address` would collide with."""
+        if address.startswith("/"):
+            return set(self.unix.get(address, ()))
+        host, port = split_address(address)
+        wanted = ipaddress.ip_address(host) if host else None
+        return {inode for bound, bound_port, inode in self.tcp if bound_port == port and
+                (not bound or wanted is None or ipaddress.ip_address(bound) == wanted)}
 
 
 def children(pid: int) -> list[int]:
@@ -141,14 +144,15 @@ def all_pids() -> list[int]:
     return [int(name) for name in os.listdir(PROC) if name.isdigit()]
 
 
-def listener(address: str, likely: Iterable[int] = ()) -> Listener | None:
+def listener(address: str, likely: Iterable[int] = (),
+             table: ListenTable | None = None) -> Listener | None:
     """The process holding a listening socket on `address`, None if nothing listens.
 
     The `likely` pids (our own services) are searched first; every process only when
     none of them holds it. A socket whose holder cannot be read (another user's process
     while we are not root) is reported as pid 0.
     """
-    inodes = listening_inodes(address)
+    inodes = (table or ListenTable()).inodes(address)
     if not inodes:
         return None
     likely = list(likely)

@@ -164,9 +164,21 @@ def cmd_shutdown(args: argparse.Namespace, s: settings_module.Settings) -> int:
 
 
 def cmd_hup(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    """Reload as the service's contract says: its signal and the wait after it, or a
+    restart for a service that has no reload (said so)."""
+    import recipes
+    from appliance.pipeline import reload_service
+
     _check_service(s, args.service)
-    _supervisor(s).signal(args.service, "HUP")
-    print(f"ok: hup {args.service}")
+    [service] = [x for x in recipes.services(s) if x.name == args.service]
+    supervisor = _supervisor(s)
+    if not service.reloads_by_signal:
+        supervisor.restart(args.service)
+        print(f"ok: hup {args.service} (it has no reload: restarted)")
+    elif reload_service(supervisor, service):
+        print(f"ok: hup {args.service}")
+    else:
+        print(f"ok: hup {args.service} (not running: its next start reads its files)")
     return 0
 
 

@@ -339,6 +339,20 @@ def answers(address: str) -> bool:
         return False
 
 
+def reload_service(supervisor: Supervisor, service: Service) -> bool:
+    """Send `service` its reload signal and run its contract's wait after a reload; False
+    if it was not running (its next start reads the new files anyway)."""
+    [status] = supervisor.status(service.name)
+    if not status.running or service.reload is None:
+        return False
+    wait = service.wait_after_reload(status.pid) if service.wait_after_reload else None
+    if not supervisor.signal(service.name, service.reload):
+        return False
+    if wait is not None:
+        wait()
+    return True
+
+
 class Conductor:
     """Drives supervisord by the services' contracts: notifications, then the check."""
 
@@ -421,22 +435,21 @@ class Conductor:
                 self._mark_logs([n.service])
                 supervisor.stop(n.service)
                 crash_point("mid-restart")
-                supervisor.start(n.service)
+                self._start(n.service)
                 touched.add(n.service)
                 self.out(f"+ service {n.service} (restarted)")
         return touched
 
     def reload(self, service: Service) -> bool:
-        """Signal `service` and run its contract's wait; False if it was not running."""
-        [status] = self.supervisor.status(service.name)
-        if not status.running:
-            return False
-        wait = service.wait_after_reload(status.pid) if service.wait_after_reload else None
-        if not self.supervisor.signal(service.name, service.reload):
-            return False
-        if wait is not None:
-            wait()
-        return True
+        return reload_service(self.supervisor, service)
+
+    def _start(self, name: str) -> None:
+        """Start `name`; when it fails, say why with what its log got since this start
+        (supervisord's own fault names only the state)."""
+        try:
+            self.supervisor.start(name)
+        except ServiceError:
+            self.supervisor.wait_until_running([name], timeout=10, since=self.since)
 
     def check(self, touched: set[str], table: procfs.ListenTable | None = None) -> None:
         """Every service this run must leave serving is RUNNING and answers on its ready
@@ -458,7 +471,7 @@ class Conductor:
             status = statuses.get(service.name)
             if status is not None and status.state in ("STOPPED", "EXITED", "FATAL"):
                 self._mark_logs([service.name])
-                supervisor.start(service.name)
+                self._start(service.name)
                 self.out(f"+ service {service.name} (started: it was {status.state.lower()})")
         supervisor.wait_until_running([s.name for s in wanted], since=self.since)
         self.wait_answering(wanted, {s.name: s for s in supervisor.status()})

@@ -244,3 +244,23 @@ def test_port_helpers_find_the_holder_of_a_port():
         sock.bind(("127.0.0.1", 0))
         unbound = sock.getsockname()[1]
     assert procfs.listener(f"127.0.0.1:{unbound}") is None
+
+
+def test_a_service_that_cannot_start_fails_every_run_with_its_real_error(appliance):
+    """The registry refuses its config and prints its usage after the reason: the run,
+    and the next one that changes nothing, exit 1 with the reason."""
+    appliance.write_config({"registry": {"env": {"REGISTRY_LOG_LEVEL": "nonsense"}}})
+    try:
+        for _ in range(2):
+            result = appliance.reconfigure(check=False)
+            assert result.returncode == 1, result.stdout
+            assert "Not running: registry is " in result.stderr
+            assert "invalid loglevel nonsense" in result.stderr, result.stderr
+            assert "help for serve" not in result.stderr
+            assert "Traceback" not in result.stderr
+            assert "Registry:" not in result.stdout  # no login line while it is down
+    finally:
+        appliance.config["registry"].pop("env")
+        appliance.write_config()
+    appliance.reconfigure()
+    appliance.wait_until_running()

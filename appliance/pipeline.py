@@ -463,6 +463,8 @@ class Conductor:
                          f"appliance-ctl start {name} starts it")
         else:
             wanted = [self.services.get(name, Service(name)) for name in sorted(touched)]
+        if touched:  # started or restarted by supervisord: RUNNING only after startsecs
+            self.supervisor.wait_until_running(sorted(touched), since=self.since)
         if not wanted or self._all_serving_fast(wanted, table or procfs.ListenTable()):
             return
         supervisor = self.supervisor

@@ -40,6 +40,10 @@ class Service:
     # for a service that serves nothing (the renewer): then RUNNING is all there is.
     ready: str | None = None
     wait_after_reload: ReloadWait | None = None
+    # A signal by which the service replaces its own process without dropping requests
+    # (a wrapper that hands over to a new process on SIGHUP): a restart asked of it is
+    # then that signal plus `wait_after_reload`, instead of a stop and a start.
+    graceful_restart: str | None = None
     # Every address it binds -> the setting that chose it: checked for strangers before
     # anything changes ("port 5050 (nginx.http_port) is used by pid 1234 (python3)").
     binds: dict[str, str] = field(default_factory=dict)

@@ -33,6 +33,7 @@ from appliance import procfs
 from appliance.contracts import Service
 from appliance.engine import Engine, Report, queue, raise_if_failed
 from appliance.errors import ApplianceError, ServiceError
+from appliance.launcher import SERVICE_MARKER
 from appliance.reconfigure import RunLog, reconfigure_lock
 from appliance.resources import Notify, Resource, atomic_write
 from appliance.secrets import Secrets
@@ -339,14 +340,16 @@ def answers(address: str) -> bool:
         return False
 
 
-def reload_service(supervisor: Supervisor, service: Service) -> bool:
-    """Send `service` its reload signal and run its contract's wait after a reload; False
-    if it was not running (its next start reads the new files anyway)."""
+def reload_service(supervisor: Supervisor, service: Service,
+                   signal_name: str | None = None) -> bool:
+    """Send `service` its reload signal (or `signal_name`) and run its contract's wait
+    after a reload; False if it was not running (its next start reads the new files)."""
+    signal_name = signal_name or service.reload
     [status] = supervisor.status(service.name)
-    if not status.running or service.reload is None:
+    if not status.running or signal_name is None:
         return False
     wait = service.wait_after_reload(status.pid) if service.wait_after_reload else None
-    if not supervisor.signal(service.name, service.reload):
+    if not supervisor.signal(service.name, signal_name):
         return False
     if wait is not None:
         wait()
@@ -431,6 +434,9 @@ class Conductor:
                 else:
                     self.out(f"  service {n.service} is not running; "
                              f"{self.run.not_running_note}")
+            elif service.graceful_restart and self.reload(service, service.graceful_restart):
+                self.out(f"+ service {n.service} (restarted by {service.graceful_restart})")
+                touched.add(n.service)
             else:
                 self._mark_logs([n.service])
                 supervisor.stop(n.service)
@@ -440,8 +446,8 @@ class Conductor:
                 self.out(f"+ service {n.service} (restarted)")
         return touched
 
-    def reload(self, service: Service) -> bool:
-        return reload_service(self.supervisor, service)
+    def reload(self, service: Service, signal_name: str | None = None) -> bool:
+        return reload_service(self.supervisor, service, signal_name)
 
     def _start(self, name: str) -> None:
         """Start `name`; when it fails, say why with what its log got since this start
@@ -494,7 +500,7 @@ class Conductor:
                     return False
             else:
                 if named is None:
-                    named = {procfs.environment(child).get("APPLIANCE_SERVICE")
+                    named = {procfs.environment(child).get(SERVICE_MARKER)
                              for child in procfs.children(pid)}
                 if service.name not in named:
                     return False

@@ -82,8 +82,9 @@ def execute(settings: Settings, run: Run, dry_run: bool = False,
         # Before the lock: its file is the first thing a run writes.
         if run.preflight:
             run.preflight()
-        listening = procfs.ListenTable()
+        listening = None
         if run.start_services:  # a run that only signals what runs binds nothing new
+            listening = procfs.ListenTable()
             preflight(settings, run.services, listening)
         with _hangup_ignored(), lock:
             secrets = run.secrets()
@@ -420,8 +421,13 @@ class Conductor:
             fresh |= set(changes.get("added", [])) | set(changes.get("changed", []))
             removed = set(changes.get("removed", []))
         touched = fresh - removed
+        held = stopped_by_admin(self.paths)
         for n in notifications:
             if n.service in fresh or n.service in removed:
+                continue
+            if n.service in held:
+                self.out(f"  service {n.service} stays stopped (appliance-ctl stop); it reads "
+                         f"its new files when started")
                 continue
             service = self.services.get(n.service, Service(n.service))
             if not running:

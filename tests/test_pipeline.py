@@ -9,6 +9,7 @@ log, as an admin would tell them apart.
 from __future__ import annotations
 
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -81,3 +82,34 @@ def test_notifications_follow_each_services_contract(settings):
         assert time.monotonic() < deadline, "the HUP never reached the program"
         time.sleep(0.05)
     assert "reloaded" not in log_of(settings, "beta")
+
+
+def test_a_stranger_on_a_services_ready_address_is_named_not_taken_for_it(tmp_path):
+    """The service runs (RUNNING), but another process holds its address:
+    connecting would succeed, and nginx would proxy tokens to the stranger."""
+    from appliance.errors import ServiceError
+    from appliance.services import ProcessStatus
+    from tests.support.appliance import free_port
+    from tests.test_reliability import listen_stranger
+
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    service = Service("auth", ready=address, binds={address: "auth.listen_addr"})
+    run = Run(name="test", log_name="test", resources=lambda secrets: [],
+              services=[service], secrets=lambda: None)
+    conductor = Conductor(settings_for(tmp_path), run, lambda line: None)
+    ours = subprocess.Popen(["sleep", "30"])  # the service's own process: it binds nothing
+    stranger = listen_stranger(port)
+    try:
+        with pytest.raises(ServiceError) as error:
+            conductor.wait_answering(
+                [service], {"auth": ProcessStatus("auth", "RUNNING", ours.pid, 1, "")},
+                timeout=2)
+    finally:
+        for process in (stranger, ours):
+            process.kill()
+            process.wait()
+    assert str(error.value).startswith(f"auth does not answer on {address}: pid "
+                                       f"{stranger.pid} (")
+    assert str(error.value).endswith("holds it; stop that process or set another "
+                                     "auth.listen_addr in appliance.yml.")

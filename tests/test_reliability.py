@@ -264,3 +264,26 @@ def test_a_service_that_cannot_start_fails_every_run_with_its_real_error(applian
         appliance.write_config()
     appliance.reconfigure()
     appliance.wait_until_running()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small file system takes root")
+def test_a_no_op_reconfigure_on_a_full_log_file_system_says_so_and_succeeds(appliance):
+    runs = appliance.root / "var/log/appliance/reconfigure"
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(runs)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        filler = os.open(runs / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(filler, b"x" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(filler)
+        result = appliance.reconfigure()
+        assert result.stdout.endswith(f"The log of this run could not be kept in {runs}: "
+                                      f"No space left on device.\n")
+        assert " 0/" in result.stdout and "Traceback" not in result.stderr
+    finally:
+        subprocess.run(["umount", str(runs)])

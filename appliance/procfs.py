@@ -11,6 +11,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
+import socket
+import struct
 import sys
 import time
 from collections.abc import Iterable
@@ -56,6 +58,47 @@ def _decode_ip(text: str) -> str:
     return "" if ip.is_unspecified else str(ip)
 
 
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+TCP_LISTEN_STATE = 10
+
+
+def tcp_listeners(family: int) -> list[tuple[str, int, int]]:
+    """(ip or '' for any, port, inode) of every listening TCP socket of `family`, asked
+    of the kernel's sock_diag netlink interface filtered to the LISTEN state: reading
+    /proc/net/tcp walks every connection of a busy host (milliseconds a read)."""
+    request = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0,
+                          1 << TCP_LISTEN_STATE) + bytes(48)
+    header = struct.pack("=IHHII", 16 + len(request), SOCK_DIAG_BY_FAMILY, 0x301, 1, 0)
+    found = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as diag:
+        diag.settimeout(2)
+        diag.send(header + request)
+        while True:
+            data = diag.recv(65536)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, offset)
+                if kind == NLMSG_DONE:
+                    return found
+                if kind == NLMSG_ERROR or length < 16:
+                    raise OSError("sock_diag refused the request")
+                body = offset + 16
+                port = struct.unpack_from("!H", data, body + 4)[0]
+                raw = data[body + 8:body + 8 + (4 if family == socket.AF_INET else 16)]
+                inode = struct.unpack_from("=I", data, body + 68)[0]
+                found.append((_normal_ip(socket.inet_ntop(family, raw)), port, inode))
+                offset += (length + 3) & ~3
+
+
+def _normal_ip(text: str) -> str:
+    """'' for the any-address; an IPv4-mapped IPv6 address as IPv4."""
+    if text in ("0.0.0.0", "::"):
+        return ""
+    return text[7:] if text.startswith("::ffff:") and "." in text else text
+
+
 class ListenTable:
     """The host's listening sockets, read once (/proc/net/tcp grows with every connection
     on a busy host: one read per run, not one per address)."""
@@ -63,6 +106,21 @@ class ListenTable:
     def __init__(self) -> None:
         self.tcp: list[tuple[str, int, int]] = []  # (ip or '' for any, port, inode)
         self.unix: dict[str, set[int]] = {}
+        self.held: dict[int, set[int]] = {}  # pid -> its socket inodes, read once
+        try:
+            self.tcp = tcp_listeners(socket.AF_INET) + tcp_listeners(socket.AF_INET6)
+        except OSError:  # no sock_diag (an old or locked-down kernel): the text tables
+            self._read_tcp_tables()
+        try:
+            lines = (PROC / "net/unix").read_text().splitlines()[1:]
+        except OSError:
+            lines = []
+        for line in lines:
+            fields = line.split()
+            if len(fields) >= 8 and int(fields[3], 16) & UNIX_LISTENING:
+                self.unix.setdefault(fields[7], set()).add(int(fields[6]))
+
+    def _read_tcp_tables(self) -> None:
         for table in ("tcp", "tcp6"):
             try:
                 lines = (PROC / "net" / table).read_text().splitlines()[1:]
@@ -74,14 +132,11 @@ class ListenTable:
                     local_ip, local_port = fields[1].split(":")
                     self.tcp.append((_decode_ip(local_ip), int(local_port, 16),
                                      int(fields[9])))
-        try:
-            lines = (PROC / "net/unix").read_text().splitlines()[1:]
-        except OSError:
-            lines = []
-        for line in lines:
-            fields = line.split()
-            if len(fields) >= 8 and int(fields[3], 16) & UNIX_LISTENING:
-                self.unix.setdefault(fields[7], set()).add(int(fields[6]))
+
+    def sockets_of(self, pid: int) -> set[int]:
+        if pid not in self.held:
+            self.held[pid] = _socket_inodes(pid)
+        return self.held[pid]
 
     def inodes(self, address: str) -> set[int]:
         """Inodes of the listening sockets a bind to `address` would collide with."""
@@ -152,11 +207,15 @@ def listener(address: str, likely: Iterable[int] = (),
     none of them holds it. A socket whose holder cannot be read (another user's process
     while we are not root) is reported as pid 0.
     """
-    inodes = (table or ListenTable()).inodes(address)
+    table = table or ListenTable()
+    inodes = table.inodes(address)
     if not inodes:
         return None
     likely = list(likely)
-    for pid in [*likely, *(p for p in all_pids() if p not in set(likely))]:
+    for pid in likely:
+        if table.sockets_of(pid) & inodes:
+            return Listener(pid, process_name(pid))
+    for pid in (p for p in all_pids() if p not in set(likely)):
         if _socket_inodes(pid) & inodes:
             return Listener(pid, process_name(pid))
     return Listener(0, "unknown")

@@ -14,9 +14,6 @@ from collections.abc import Sequence
 from appliance import settings as settings_module
 from appliance.errors import ApplianceError, ConfigError, UsageError
 
-SERVICES = ("nginx", "registry", "auth", "renewer")
-
-
 AUTH_COMMANDS = ("user", "project", "member", "token", "deploy-token")
 
 
@@ -73,9 +70,10 @@ def load_settings(args: argparse.Namespace) -> settings_module.Settings:
 
 
 def cmd_reconfigure(args: argparse.Namespace, s: settings_module.Settings) -> int:
-    from appliance import reconfigure
+    import recipes
+    from appliance import pipeline
 
-    reconfigure.run(s, dry_run=args.dry_run)
+    pipeline.execute(s, recipes.reconfigure(s), dry_run=args.dry_run)
     return 0
 
 
@@ -95,13 +93,30 @@ def _supervisor(s: settings_module.Settings):  # noqa: ANN202 - import kept lazy
     return Supervisor(s.paths.supervisor_config, s.paths.supervisor_socket)
 
 
-def _check_service(name: str | None) -> None:
-    if name is not None and name not in SERVICES:
-        raise UsageError(f"unknown service {name!r}; services are: {', '.join(SERVICES)}.")
+def _check_service(s: settings_module.Settings, name: str | None) -> None:
+    """Names come from the recipes' service declarations, the list the orchestrator uses."""
+    import recipes
+
+    names = [service.name for service in recipes.services(s)]
+    if name is not None and name not in names:
+        raise UsageError(f"unknown service {name!r}; services are: {', '.join(names)}.")
+
+
+def _log_disk_note(s: settings_module.Settings) -> str | None:
+    import os
+
+    try:
+        disk = os.statvfs(s.paths.log_dir)
+    except OSError:
+        return None
+    if disk.f_bavail * disk.f_frsize > 0:
+        return None
+    return (f"warning: the file system of {s.paths.log_dir} is full: services keep serving "
+            f"but log lines are lost; free some space there.")
 
 
 def cmd_status(args: argparse.Namespace, s: settings_module.Settings) -> int:
-    _check_service(args.service)
+    _check_service(s, args.service)
     statuses = _supervisor(s).status(args.service)
     down = 0
     for st in statuses:
@@ -110,38 +125,64 @@ def cmd_status(args: argparse.Namespace, s: settings_module.Settings) -> int:
         else:
             down += 1
             print(f"down: {st.name}: {st.state.lower()} {st.description}".rstrip())
+    note = _log_disk_note(s)
+    if note:
+        print(note)
     return 3 if down else 0
 
 
 def cmd_control(args: argparse.Namespace, s: settings_module.Settings) -> int:
-    _check_service(args.service)
+    """A service the admin stops stays stopped across reconfigures until the admin starts
+    it again: the mark under the supervisor directory tells reconfigure it is on purpose."""
+    from appliance.pipeline import mark_stopped
+
+    _check_service(s, args.service)
     supervisor = _supervisor(s)
     names = [args.service] if args.service else [p.name for p in supervisor.status()]
     for name in names:
         getattr(supervisor, args.verb)(name)
+        mark_stopped(s.paths, name, args.verb == "stop")
         print(f"ok: {args.verb} {name}")
     return 0
 
 
 def cmd_shutdown(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    """Stop everything, supervisord included, and leave no process of this root behind
+    (not even one that outlived a supervisord killed earlier)."""
+    import recipes
+    from appliance.pipeline import sweep_leftovers
+
     supervisor = _supervisor(s)
     if not supervisor.is_running():
         print("ok: supervisord is not running")
-        return 0
-    supervisor.shutdown()
-    print("ok: shutdown")
+    else:
+        supervisor.shutdown()
+        print("ok: shutdown")
+    sweep_leftovers(s.paths, recipes.services(s), print)
     return 0
 
 
 def cmd_hup(args: argparse.Namespace, s: settings_module.Settings) -> int:
-    _check_service(args.service)
-    _supervisor(s).signal(args.service, "HUP")
-    print(f"ok: hup {args.service}")
+    """Reload as the service's contract says: its signal and the wait after it, or a
+    restart for a service that has no reload (said so)."""
+    import recipes
+    from appliance.pipeline import reload_service
+
+    _check_service(s, args.service)
+    [service] = [x for x in recipes.services(s) if x.name == args.service]
+    supervisor = _supervisor(s)
+    if not service.reloads_by_signal:
+        supervisor.restart(args.service)
+        print(f"ok: hup {args.service} (it has no reload: restarted)")
+    elif reload_service(supervisor, service):
+        print(f"ok: hup {args.service}")
+    else:
+        print(f"ok: hup {args.service} (not running: its next start reads its files)")
     return 0
 
 
 def cmd_tail(args: argparse.Namespace, s: settings_module.Settings) -> int:
-    _check_service(args.service)
+    _check_service(s, args.service)
     try:
         for chunk in _supervisor(s).tail(args.service, follow=not args.no_follow):
             sys.stdout.write(chunk)
@@ -152,9 +193,11 @@ def cmd_tail(args: argparse.Namespace, s: settings_module.Settings) -> int:
 
 
 def cmd_renew_certs(args: argparse.Namespace, s: settings_module.Settings) -> int:
-    from recipes import tls
+    import recipes
+    from appliance import pipeline
 
-    return tls.renew(s, force=args.force)
+    pipeline.execute(s, recipes.renewal(s, force=args.force))
+    return 0
 
 
 def command_word(argv: list[str]) -> str | None:

@@ -192,12 +192,16 @@ def values_under_sensitive_keys(content: bytes, is_sensitive: Callable[[str], bo
 
 class Engine:
     def __init__(self, out: Callable[[str], None], dry_run: bool = False,
-                 show_diffs: bool = True, redact: Callable[[str], str] | None = None):
+                 show_diffs: bool = True, redact: Callable[[str], str] | None = None,
+                 before_apply: Callable[[Resource], None] | None = None):
         self.redact = redact or Redactor()
         self.raw_out = out
         self.out = lambda line: out(self.redact(line))
         self.dry_run = dry_run
         self.show_diffs = show_diffs
+        # Called before a resource changes the host: the pipeline makes the resource's
+        # notifications durable there, so a run killed after the change still has them.
+        self.before_apply = before_apply
 
     def converge(self, resources: Iterable[Resource], report: Report | None = None) -> Report:
         report = report or Report()
@@ -229,6 +233,8 @@ class Engine:
                                      change.diff.splitlines(keepends=True)).rstrip("\n")))
             if changes and not self.dry_run:
                 try:
+                    if self.before_apply is not None:
+                        self.before_apply(resource)
                     resource.apply()
                 except (ApplianceError, OSError) as exc:
                     self._fail(report, resource, exc)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import http.client
 import os
+import re
 import subprocess
 import sys
 import time
@@ -320,9 +321,11 @@ class Supervisor:
                 raise self._error("read the status of", name, fault) from fault
         return sorted((_status(info) for info in infos), key=lambda s: s.name)  # type: ignore[union-attr]
 
-    def wait_until_running(self, names: Iterable[str], timeout: float = 30) -> None:
+    def wait_until_running(self, names: Iterable[str], timeout: float = 30,
+                           since: dict[str, int] | None = None) -> None:
         """Return once every named service is RUNNING (up for its startsecs); raise a
-        ServiceError naming each one that is not, with the last line of its log.
+        ServiceError naming each one that is not, with the first error line its log got
+        since `since` (log sizes taken before the start), else the last line of its log.
 
         supervisord starts an added program in the background; this is how a caller
         (reconfigure) learns that a new config actually came up.
@@ -340,7 +343,9 @@ class Supervisor:
                 for name in given_up or down:
                     state = statuses[name].state.lower() if name in statuses else "not supervised"
                     try:
-                        last = _last_line(self.log_path(name))
+                        log = self.log_path(name)
+                        last = first_error_line(log, (since or {}).get(name)) or \
+                            _last_line(log)
                     except (ServiceError, OSError):
                         last = ""
                     problems.append(f"{name} is {state}" + (f" ({last})" if last else ""))
@@ -447,6 +452,34 @@ def _last_line(log: Path, limit: int = 300) -> str:
         lines = [line for line in handle.read().decode(errors="replace").splitlines()
                  if line.strip()]
     return lines[-1].strip()[:limit] if lines else ""
+
+
+ERROR_WORDS = re.compile(r"\b(error|fatal|panic|failed|cannot|can't|unable|refused|denied|"
+                         r"invalid|not found|no such|emerg|crit|unknown)\b", re.IGNORECASE)
+
+
+def log_size(log: Path) -> int:
+    """Where a log ends now: the `since` of a start about to happen."""
+    try:
+        return log.stat().st_size
+    except OSError:
+        return 0
+
+
+def first_error_line(log: Path, since: int | None, limit: int = 300) -> str:
+    """The first line that reads as an error among those written since offset `since`
+    (the last 8 KiB when None), else the first non-empty one: a program that cannot start
+    says why first and prints its usage text after (the registry's `serve -h` lines)."""
+    with open(log, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        start = max(0, size - 8192) if since is None or since > size else since
+        handle.seek(start)
+        text = handle.read(65536).decode(errors="replace")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if start and since is None and lines:
+        lines = lines[1:]  # the first may be cut
+    first = next((line for line in lines if ERROR_WORDS.search(line)), lines[0] if lines else "")
+    return first[:limit]
 
 
 def _status(info: dict) -> ProcessStatus:

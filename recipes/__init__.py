@@ -5,14 +5,19 @@ top to bottom, with the service each file notifies declared next to the file. Ba
 first (accounts, directories, secrets), then supervisord's own config (every service
 drops its program file there), then certificates, then the services that read them.
 `late_resources` are those that need running services (a Let's Encrypt order needs
-nginx to answer the challenge).
+nginx to answer the challenge). Each service module also declares its service's runtime
+contract (`service(settings)`), and this package builds the runs the pipeline executes:
+`reconfigure` (everything) and `renewal` (the certificates alone).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+from appliance import secrets as secrets_module
+from appliance.contracts import Service
 from appliance.engine import Report
+from appliance.pipeline import Run
 from appliance.resources import Resource
 from appliance.secrets import Secrets
 from appliance.settings import Settings
@@ -22,6 +27,54 @@ def modules() -> list:
     from recipes import auth, base, nginx, registry, supervisor, tls
 
     return [base, supervisor, tls, auth, registry, nginx]
+
+
+def service_modules() -> list:
+    """The modules that declare a supervised service, in the order the CLI lists them."""
+    from recipes import auth, nginx, registry, tls
+
+    return [nginx, registry, auth, tls]
+
+
+def services(settings: Settings) -> list[Service]:
+    """Every service's runtime contract (disabled ones too: `enabled` says which)."""
+    return [module.service(settings) for module in service_modules()]
+
+
+def reconfigure(settings: Settings) -> Run:
+    """The whole host, as `appliance-ctl reconfigure` makes it."""
+
+    def summary(report: Report, elapsed: float) -> str:
+        dry = report.dry_run
+        return (f"reconfigure{' (dry run)' if dry else ''}: {report.updated}/"
+                f"{len(report.outcomes)} resources {'would be updated' if dry else 'updated'} "
+                f"in {elapsed:.2f} s")
+
+    return Run(name="reconfigure", log_name="reconfigure",
+               resources=lambda secrets: resources(settings, secrets),
+               late_resources=lambda secrets: late_resources(settings, secrets),
+               services=services(settings),
+               secrets=lambda: secrets_module.for_settings(settings),
+               preflight=lambda: preflight(settings), summary=summary,
+               messages=lambda report: messages(settings, report))
+
+
+def renewal(settings: Settings, force: bool = False) -> Run:
+    """One renewal pass (`appliance-ctl renew-certs`, and the renewer twice a day): the
+    certificates alone, so nothing is ordered when nothing is due; a renewed one gets
+    nginx reloaded (never restarted, and no program change is applied on the way)."""
+    from recipes import tls
+
+    return Run(name="renew-certs", log_name="renewer",
+               resources=lambda secrets: tls.renewal_resources(settings, secrets, force),
+               services=services(settings),
+               secrets=lambda: secrets_module.for_settings(settings),
+               preflight=lambda: tls.renewal_preflight(settings),
+               intro=lambda: tls.renewal_intro(settings, force),
+               summary=tls.renewal_summary,
+               messages=lambda report: tls.check_served(settings, report),
+               start_services=False, check_every_service=False, say_failure=True,
+               not_running_note="it loads the new certificate when it starts")
 
 
 def preflight(settings: Settings) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from appliance.auth.database_files import check_database_files, chown_database_files
+from appliance.contracts import Service, signal
 from appliance.engine import Report
 from appliance.resources import Change, Directory, File, Resource, atomic_write, restart
 from appliance.secrets import Secrets
@@ -172,6 +173,17 @@ def auth_config(settings: Settings) -> dict:
         "credential_cache_ttl": a.credential_cache_ttl,
         "default_registry_enabled": settings.default_projects_features.container_registry,
     }
+
+
+def service(settings: Settings) -> Service:
+    """gunicorn reloads its workers on HUP without dropping requests."""
+    a, p = settings.auth, settings.paths
+    bound = "auth.listen_network" if a.listen_network == "unix" else "auth.listen_addr"
+    return Service("auth", enabled=a.enable, reload=signal("HUP"), ready=address(settings),
+                   binds={address(settings): bound},
+                   user=service_user(settings, a.username),
+                   reaches=(p.auth_config, Path(settings.registry.key_path)),
+                   log=supervisor.service_log(settings, "auth"))
 
 
 def resources(settings: Settings, secrets: Secrets) -> list[Resource]:

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 
-from appliance.errors import ResourceError
+from appliance.contracts import Service
+from appliance.contracts import signal as reload_signal
+from appliance.errors import ResourceError, ServiceError
 from appliance.resources import Directory, Resource, Template, reload
 from appliance.secrets import Secrets
 from appliance.settings import Settings
@@ -136,6 +139,31 @@ def check_config(settings: Settings):  # noqa: ANN201 - returns the File.verify 
     return verify
 
 
+def bind_address(address: str, port: int) -> str:
+    """host:port as a listener is looked up ('*' binds every address)."""
+    return f":{port}" if address == "*" else listen_address(address, port)
+
+
+def service(settings: Settings) -> Service:
+    """nginx reloads on HUP without dropping connections, and the run waits until the
+    workers of the old configuration stopped taking connections."""
+    n, rn = settings.nginx, settings.registry_nginx
+    binds = {bind_address(a, n.http_port): "nginx.http_port" for a in n.listen_addresses}
+    if rn.enable:
+        binds |= {bind_address(a, rn.listen_port): "registry_nginx.listen_port"
+                  for a in n.listen_addresses}
+    first = n.listen_addresses[0]
+    host = "127.0.0.1" if first in ("*", "[::]") else first
+    port = rn.listen_port if rn.enable else n.http_port
+    return Service(
+        "nginx", reload=reload_signal("HUP"),
+        ready=listen_address(host, port),
+        wait_after_reload=lambda master: partial(wait_reloaded, worker_pids(master)),
+        binds=binds, user=service_user(settings, settings.web_server.username),
+        reaches=(settings.paths.acme_webroot, temp_dir(settings)),
+        log=supervisor.service_log(settings, "nginx"), pid_file=pid_file(settings))
+
+
 def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
     p = settings.paths
     config = p.nginx_config
@@ -188,4 +216,7 @@ def wait_reloaded(old_workers: list[int], timeout: float = 5.0) -> None:
             return
         old_workers = serving
         time.sleep(0.02)
+    raise ServiceError(f"nginx was reloaded, but its workers of the previous configuration "
+                       f"(pids {', '.join(map(str, old_workers))}) still take connections "
+                       f"after {timeout:g} s; see appliance-ctl tail nginx.")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from appliance.contracts import RESTART, Service
 from appliance.engine import Report
 from appliance.resources import Directory, File, Resource, Template, restart
 from appliance.secrets import Secrets
@@ -109,6 +110,20 @@ def messages(settings: Settings, report: Report) -> list[str]:
     return [f"Warning: registry.debug_addr {debug} is not a loopback address: whoever "
             f"reaches it reads /debug/vars, /metrics and /debug/pprof/ (profiles, goroutine "
             f"dumps) without signing in. Use 127.0.0.1:PORT unless a firewall guards it."]
+
+
+def service(settings: Settings) -> Service:
+    """The registry has no reload: a changed config is a restart."""
+    r = settings.registry
+    binds = {address(settings): "registry.listen_network" if r.listen_network == "unix"
+             else "registry.http_addr"}
+    if r.debug_addr:
+        binds[r.debug_addr] = "registry.debug_addr"
+    p = settings.paths
+    return Service("registry", enabled=r.enable, reload=RESTART, ready=address(settings),
+                   binds=binds, user=service_user(settings, r.username),
+                   reaches=(p.registry_config, filesystem_root(settings) or p.registry_dir),
+                   log=supervisor.service_log(settings, "registry"))
 
 
 def config_context(settings: Settings, secrets: Secrets) -> dict:

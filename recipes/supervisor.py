@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from appliance import launcher
 from appliance.errors import ConfigError
 from appliance.resources import (
     Absent,
@@ -26,8 +27,6 @@ from appliance.resources import (
 )
 from appliance.secrets import Secrets
 from appliance.settings import Settings
-
-PROGRAMS = ("nginx", "registry", "auth", "renewer")
 
 
 def programs_dir(settings: Settings) -> Path:
@@ -107,14 +106,17 @@ def program(settings: Settings, name: str, command: list[str], user: str | None 
 
     The service's output goes to supervisord, which writes it into a directory the
     service cannot change (log_directory). A service that writes logs of its own (the
-    auth service's audit log) gets a directory of its own for them.
+    auth service's audit log) gets a directory of its own for them. The
+    command runs through the launcher (appliance/launcher.py): it dies with supervisord
+    and carries this root's marker, so it never outlives its supervisor unnoticed.
     """
     return [
         log_directory(settings, settings.paths.log_dir / name),
         NoSymlink(service_log(settings, name)),
         Template(programs_dir(settings) / f"{name}.conf", "supervisor/program.conf.j2", {
             "name": name,
-            "command": " ".join(shlex.quote(part) for part in command).replace("%", "%%"),
+            "command": " ".join(shlex.quote(part) for part in launched(settings, name, command))
+            .replace("%", "%%"),
             "user": user if settings.run_as_root else None,
             "environment": quote_environment(environment or {}),
             "directory": str(directory) if directory else None,
@@ -126,6 +128,13 @@ def program(settings: Settings, name: str, command: list[str], user: str | None 
             "backups": settings.logging.backups,
         }),
     ]
+
+
+def launched(settings: Settings, name: str, command: list[str]) -> list[str]:
+    """`command` behind the launcher: python without site (-S) or environment (-I)
+    runs it in a few milliseconds."""
+    return [executable("python"), "-I", "-S", str(Path(launcher.__file__).resolve()),
+            str(settings.paths.supervisor_config), name, "--", *command]
 
 
 def disabled(settings: Settings, name: str) -> list[Resource]:

@@ -29,12 +29,9 @@ certificate resources themselves live in appliance/certificates.py.
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TextIO
 
 from appliance import pki
 from appliance.certificates import (
@@ -47,8 +44,9 @@ from appliance.certificates import (
     effective_mode,
     written_record,
 )
-from appliance.engine import Engine, Report, raise_if_failed
-from appliance.errors import ApplianceError, ConfigError
+from appliance.contracts import RESTART, Service
+from appliance.engine import Report
+from appliance.errors import ApplianceError, ConfigError, ServiceError
 from appliance.resources import Directory, File, Resource, SelfSignedCertificate, reload
 from appliance.secrets import Secrets
 from appliance.settings import Settings
@@ -183,11 +181,20 @@ def late_resources(settings: Settings, secrets: Secrets) -> list[Resource]:
     return [acme_certificate(settings, secrets)]
 
 
-def renewer_resources(settings: Settings) -> list[Resource]:
+def renewer_wanted(settings: Settings) -> bool:
     """The renewer program: on for Let's Encrypt and self-signed, off for admin files."""
-    wanted = settings.registry_nginx.enable and settings.tls_mode != "files" and \
+    return settings.registry_nginx.enable and settings.tls_mode != "files" and \
         settings.letsencrypt.auto_renew
-    if not wanted:
+
+
+def service(settings: Settings) -> Service:
+    """The renewer serves nothing: RUNNING is all there is to check."""
+    return Service("renewer", enabled=renewer_wanted(settings), reload=RESTART,
+                   log=supervisor.service_log(settings, "renewer"))
+
+
+def renewer_resources(settings: Settings) -> list[Resource]:
+    if not renewer_wanted(settings):
         return supervisor.disabled(settings, "renewer")
     # A host on the embedded defaults has no appliance.yml: the renewer is told a path
     # (and then insists on it) only when this run read one.
@@ -211,71 +218,39 @@ def renewal_resources(settings: Settings, secrets: Secrets, force: bool) -> list
     return items
 
 
-def renew(settings: Settings, force: bool = False, stream: TextIO = sys.stdout) -> int:
-    """One renewal pass (`appliance-ctl renew-certs`, and the renewer twice a day).
+def renewal_intro(settings: Settings, force: bool) -> list[str]:
+    mode = effective_mode(settings)
+    if mode != settings.tls_mode:
+        mode = "a certificate placed by hand"
+    return [f"renew-certs: checking {settings.registry_host} ({mode}"
+            f"{', forced' if force else ''}) at {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC"]
 
-    The same resources reconfigure converges, so nothing is ordered when nothing is due.
-    A renewed certificate gets nginx reloaded with HUP (in-flight pushes continue). The
-    attempt's output is kept under <log dir>/renewer/, failures included.
-    """
-    from appliance import reconfigure
-    from appliance import secrets as secrets_module
 
+def renewal_preflight(settings: Settings) -> None:
     preflight(settings)
-    out = reconfigure.RunLog(stream, settings.paths.log_dir / "renewer")
-    started = time.monotonic()
-    try:
-        mode = effective_mode(settings)
-        if mode != settings.tls_mode:
-            mode = "a certificate placed by hand"
-        out(f"renew-certs: checking {settings.registry_host} ({mode}"
-            f"{', forced' if force else ''}) at {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC")
-        if not settings.paths.secrets_file.exists():
-            raise ApplianceError(f"{settings.paths.secrets_file} does not exist: run "
-                                 f"appliance-ctl reconfigure first.")
-        with reconfigure.reconfigure_lock(settings.paths.lock_file, out):
-            secrets = secrets_module.for_settings(settings)
-            out.redact = reconfigure.redactor(settings, secrets)
-            report = Engine(out, redact=out.redact).converge(
-                renewal_resources(settings, secrets, force))
-            reload_nginx(settings, report, out)
-        renewed = sum(1 for o in report.outcomes if o.changes and o.resource.kind ==
-                      "certificate")
-        out(f"renew-certs: {renewed} certificate{'s' * (renewed != 1)} renewed in "
-            f"{time.monotonic() - started:.1f} s" + ("; failed" if report.failed else ""))
-        raise_if_failed(report)
-    except ApplianceError as exc:
-        if not out.lines[-1].endswith("; failed"):  # not yet said by the summary line
-            out(f"renew-certs: failed: {exc}")
-        raise
-    finally:
-        out.save()
-    return 0
+    if not settings.paths.secrets_file.exists():
+        raise ApplianceError(f"{settings.paths.secrets_file} does not exist: run "
+                             f"appliance-ctl reconfigure first.")
 
 
-def reload_nginx(settings: Settings, report: Report, out: Callable[[str], None]) -> None:
-    """HUP nginx if a certificate changed, then wait until it serves the new one.
+def renewal_summary(report: Report, elapsed: float) -> str:
+    renewed = sum(1 for o in report.outcomes if o.changes and o.resource.kind == "certificate")
+    return (f"renew-certs: {renewed} certificate{'s' * (renewed != 1)} renewed in "
+            f"{elapsed:.1f} s" + ("; failed" if report.failed else ""))
 
-    Never a restart, and never supervisord's update (a renewal must not apply unrelated
-    program changes, nor restart the renewer). nginx reloads asynchronously (tens of
-    milliseconds here), so "renewed" is only said once a new connection gets the new
-    certificate; a reload nginx refused (it keeps the old one) is an error.
-    """
-    from appliance.errors import ServiceError
-    from appliance.services import Supervisor
 
-    if not any(n.service == "nginx" for n in report.notifications):
-        return
-    supervisor = Supervisor(settings.paths.supervisor_config, settings.paths.supervisor_socket)
-    if not (supervisor.is_running() and supervisor.signal("nginx", "HUP")):
-        out("  service nginx is not running; it loads the new certificate when it starts")
-        return
-    out("+ service nginx (reloaded)")
-    if not wait_until_served(settings):
+def check_served(settings: Settings, report: Report) -> list[str]:
+    """After a renewal reloaded nginx: "renewed" is only true once a new connection gets
+    the new certificate (nginx reloads asynchronously; a reload it refused keeps the old
+    one). A stopped nginx loads it when it starts."""
+    reloaded = any(n.service == "nginx" for n in report.notifications)
+    if reloaded and served_certificate(settings) is not None and \
+            not wait_until_served(settings):
         raise ServiceError(
             f"nginx was reloaded but still serves the previous certificate for "
             f"{settings.registry_host} on {served_address(settings)}; see appliance-ctl tail "
             f"nginx (a reload nginx refuses keeps the old configuration).")
+    return []
 
 
 def served_address(settings: Settings) -> str:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from appliance import reconfigure
 from appliance.auth.config import from_mapping
 from appliance.auth.server import gunicorn_options
 from appliance.errors import ConfigError
@@ -39,7 +38,8 @@ def test_by_default_the_service_listens_on_a_socket_only_nginx_may_reach():
         "appliance-auth", "appliance-www", 0o2750)
     program = by_path(resources, supervisor.programs_dir(settings) / "auth.conf")
     assert "\numask = 007\n" in program.content.decode()
-    assert reconfigure.service_addresses(settings, {"auth"}) == {"auth": str(socket)}
+    service = auth.service(settings)
+    assert (service.ready, service.binds) == (str(socket), {str(socket): "auth.listen_network"})
     assert gunicorn_options(from_mapping(config))["bind"] == [f"unix:{socket}"]
 
 
@@ -51,7 +51,9 @@ def test_over_tcp_the_service_believes_no_forwarded_address():
     assert config["trusted_proxies"] == []
     assert (ROOT / "var/opt/appliance/auth-socket") not in [
         getattr(r, "path", None) for r in auth.resources(settings, SECRETS)]
-    assert reconfigure.service_addresses(settings, {"auth"}) == {"auth": "127.0.0.1:6100"}
+    service = auth.service(settings)
+    assert (service.ready, service.binds) == (
+        "127.0.0.1:6100", {"127.0.0.1:6100": "auth.listen_addr"})
     assert gunicorn_options(from_mapping(config))["bind"] == ["127.0.0.1:6100"]
 
 

@@ -206,6 +206,13 @@ def test_worker_processes_setting(tmp_path):
     assert "worker_processes 3;" in config
 
 
+def supervisor_launched(argv: list[str], settings) -> list[str]:
+    """The program's own command, behind the launcher that ties it to supervisord."""
+    prefix = supervisor.launched(settings, "nginx", [])
+    assert argv[:len(prefix)] == prefix
+    return argv[len(prefix):]
+
+
 def test_config_change_reloads_nginx_and_the_program_stops_it_gracefully(tmp_path):
     settings = settings_for(tmp_path)
     resources = nginx.resources(settings, SECRETS)
@@ -216,7 +223,7 @@ def test_config_change_reloads_nginx_and_the_program_stops_it_gracefully(tmp_pat
     text = program.content.decode()
     assert "stopsignal = QUIT" in text
     [command] = [x for x in text.splitlines() if x.startswith("command = ")]
-    argv = shlex.split(command.removeprefix("command = "))
+    argv = supervisor_launched(shlex.split(command.removeprefix("command = ")), settings)
     # The launcher retires a killed master's orphaned workers, then execs nginx.
     assert argv == [supervisor.executable("python"), "-m", "appliance.programs.nginx",
                     str(nginx.pid_file(settings)),

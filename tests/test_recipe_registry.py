@@ -193,7 +193,10 @@ def test_env_value_supervisord_cannot_carry_is_refused(tmp_path):
 def test_program_runs_the_registry_on_its_config(tmp_path):
     program = program_file(tmp_path)
     config = tmp_path / "var/opt/appliance/registry/config.yml"
-    assert program["command"] == f"/usr/bin/docker-registry serve {config}"
+    assert program["command"].split(" -- ", 1)[1] == f"/usr/bin/docker-registry serve {config}"
+    assert program["command"].split(" -- ", 1)[0].endswith("/appliance/launcher.py "
+                                                          f"{tmp_path}/var/opt/appliance/"
+                                                          "supervisor/supervisord.conf registry")
     assert program["stdout_logfile"] == str(tmp_path / "var/log/appliance/registry/current")
     assert "user" not in program  # an ordinary user runs everything as itself
 

@@ -56,7 +56,9 @@ def test_a_program_as_supervisord_reads_it(tmp_path):
     [group] = supervisord_reads(settings).process_group_configs
     [program] = group.process_configs
     assert program.name == "tool"
-    assert shlex.split(program.command) == command
+    launcher = supervisor.launched(settings, "tool", [])
+    assert shlex.split(program.command) == [*launcher, *command]
+    assert launcher[-3:] == [str(settings.paths.supervisor_config), "tool", "--"]
     assert program.environment == {"A_PERCENT": "50%", "B_COMMA": "a,b", "C_FLAG": "false",
                                    "D_QUOTES": 'x "y" z'}
     assert program.uid is None  # an ordinary user's programs run as that user

@@ -81,3 +81,30 @@ def test_run_log_keeps_what_was_printed_and_only_the_newest_runs(tmp_path, capsy
     assert len(kept) == RUN_LOGS_KEPT
     assert kept[0].read_text().startswith("run 5\n")
     assert "run 0" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small file system takes root")
+def test_a_full_log_file_system_is_said_in_one_sentence_not_a_traceback(tmp_path, capsys):
+    directory = tmp_path / "log"
+    directory.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(directory)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        filler = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(filler, b"x" * 4096):  # to the last block
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(filler)
+        log = RunLog(sys.stdout, directory / "reconfigure")
+        log("reconfigure: 0/41 resources updated in 0.05 s")
+        assert log.save() is None
+        out = capsys.readouterr().out
+        assert out == ("reconfigure: 0/41 resources updated in 0.05 s\n"
+                       f"The log of this run could not be kept in {directory}/reconfigure: "
+                       "No space left on device.\n")
+    finally:
+        subprocess.run(["umount", str(directory)])

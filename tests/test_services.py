@@ -337,3 +337,27 @@ def test_wait_until_running_names_what_did_not_come_up(supervisor):
         supervisor.wait_until_running(["alpha", "broken"], timeout=15)
     assert str(error.value) == ("Not running: broken is fatal "
                                 "(registry: configuration error: no storage).")
+
+
+def test_a_program_that_cannot_start_is_reported_with_its_first_error_not_its_usage(
+        supervisor):
+    """The registry answers a bad config with its error, then `serve`'s usage text: the
+    report must carry the error, and only what was logged since this start."""
+    log = supervisor.root / "log" / "broken" / "current"
+    write_program(supervisor.root, "broken", startsecs=1, script=(
+        "echo configuration error: open /etc/x.yml: no such file or directory; "
+        "echo Usage:; echo '  registry serve <config> [flags]'; "
+        "echo '  -h, --help   help for serve'; exit 1"))
+    (supervisor.root / "conf.d/broken.conf").write_text(
+        (supervisor.root / "conf.d/broken.conf").read_text().replace(
+            "autostart = true", "autostart = false") + "startretries = 1\n")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("an old failure: error: from a start before this one\n")
+    since = {"broken": log.stat().st_size}
+    supervisor.ensure_running()
+    with pytest.raises(ServiceError):  # startProcess waits, and the start fails
+        supervisor.start("broken")
+    with pytest.raises(ServiceError) as error:
+        supervisor.wait_until_running(["broken"], timeout=15, since=since)
+    assert str(error.value) == ("Not running: broken is fatal (configuration error: open "
+                                "/etc/x.yml: no such file or directory).")

@@ -583,12 +583,18 @@ def test_certificates_the_appliance_wrote_stay_its_own(tmp_path):
 def test_renew_certs_logs_every_attempt_and_renews_only_what_is_due(tmp_path):
     import io
 
+    import recipes
+    from appliance import pipeline
     from appliance import secrets as secrets_module
     from appliance.errors import ApplianceError
 
+    def renew(s, force=False, stream=None):  # what `appliance-ctl renew-certs` runs
+        pipeline.execute(s, recipes.renewal(s, force=force), stream=stream)
+        return 0
+
     s = load(tmp_path, {"external_url": "https://localhost"})
     with pytest.raises(ApplianceError) as raised:
-        tls.renew(s, stream=io.StringIO())
+        renew(s, stream=io.StringIO())
     assert "run appliance-ctl reconfigure first" in str(raised.value)
 
     s.paths.secrets_file.write_text(secrets_module.load_or_generate(
@@ -598,12 +604,12 @@ def test_renew_certs_logs_every_attempt_and_renews_only_what_is_due(tmp_path):
     first = cert_path.read_bytes()
 
     out = io.StringIO()
-    assert tls.renew(s, stream=out) == 0
+    assert renew(s, stream=out) == 0
     assert "renew-certs: 0 certificates renewed" in out.getvalue()
     assert cert_path.read_bytes() == first
 
     out = io.StringIO()
-    assert tls.renew(s, force=True, stream=out) == 0
+    assert renew(s, force=True, stream=out) == 0
     assert "renew-certs: 1 certificate renewed" in out.getvalue()
     assert "service nginx is not running; it loads the new certificate when it starts" \
         in out.getvalue()

@@ -3,7 +3,7 @@
 supervisord runs it as `python -m appliance.programs.renewer [CONFIG]` (CONFIG when the
 host has an appliance.yml; a host on the embedded defaults has none). Each pass is a run
 of its own: it reads appliance.yml again, so a reconfigure never has to restart the
-renewer for it to see new settings, and then `recipes.tls.renew` converges the
+renewer for it to see new settings, and then `recipes.renewal` (through the pipeline) converges the
 certificate. A pass that fails is logged and retried at the next slot, the certificate
 in place staying served meanwhile.
 
@@ -76,10 +76,11 @@ def read_settings(config: Path, named: bool) -> Settings:
 
 def renew_once(settings: Settings, say: Callable[[str], None]) -> None:
     """One pass; whatever goes wrong is said, and the renewer lives on to the next slot."""
-    from recipes import tls
+    import recipes
+    from appliance import pipeline
 
     try:
-        tls.renew(settings)
+        pipeline.execute(settings, recipes.renewal(settings, force=False))
     except ApplianceError as exc:
         say(f"renewer: renewal attempt failed: {exc}")
     except Exception as exc:  # noqa: BLE001 - the renewer must outlive one bad attempt

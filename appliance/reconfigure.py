@@ -191,7 +191,7 @@ def notify(settings: Settings, notifications: list[Notify], dry_run: bool,
         if n.service in fresh or n.service in removed:
             continue
         if n.action == "reload" and n.service in RELOADABLE:
-            reload_service(supervisor, n.service)
+            reload_service(supervisor, n.service, settings)
             out(f"+ service {n.service} (reloaded)")
         else:
             supervisor.restart(n.service)
@@ -204,9 +204,17 @@ def notify(settings: Settings, notifications: list[Notify], dry_run: bool,
         wait_listening(service_addresses(settings, started))
 
 
-def reload_service(supervisor: Supervisor, name: str) -> None:
+def reload_service(supervisor: Supervisor, name: str, settings: Settings | None = None) -> None:
     """SIGHUP, and for nginx: wait until no worker of the old configuration takes
-    connections, so the next request after this run meets the new configuration."""
+    connections, so the next request after this run meets the new configuration; for the
+    registry: until it is handed over to a process on the new files."""
+    if name == "registry" and settings is not None:
+        from recipes import registry
+
+        before = registry.handover_state(settings)
+        if supervisor.signal(name, "HUP"):
+            registry.wait_handed_over(settings, before)
+        return
     if name != "nginx":
         supervisor.signal(name, "HUP")
         return
@@ -261,6 +269,6 @@ def wait_listening(addresses: dict[str, str], timeout: float = 30) -> None:
                 time.sleep(0.05)
 
 
-# Services that re-read their files on SIGHUP without dropping connections; the
-# registry has no reload, so a reload asked of it is a restart.
-RELOADABLE = {"nginx", "auth"}
+# Services that re-read their files on SIGHUP without dropping connections (the
+# registry's wrapper hands it over to a new process).
+RELOADABLE = {"nginx", "auth", "registry"}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from appliance.engine import Report
-from appliance.resources import Change, Directory, File, Resource, atomic_write, restart
+from appliance.resources import Change, Directory, File, Resource, atomic_write, reload
 from appliance.secrets import Secrets
 from appliance.settings import Settings
 from recipes import supervisor
@@ -161,7 +161,9 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
     user = service_user(settings, settings.auth.username)
     if not settings.auth.enable:
         return supervisor.disabled(settings, "auth")
-    notify = (restart("auth"),)
+    # A graceful reload (HUP) re-reads all three files: gunicorn's master builds the
+    # application again and old workers finish their requests (appliance/auth/server.py).
+    notify = (reload("auth"),)
     key_path = Path(settings.registry.key_path)
     return [
         Directory(p.auth_dir, 0o750, owner=user, group=user),

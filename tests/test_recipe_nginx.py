@@ -70,7 +70,7 @@ def test_default_config_passes_nginx_t_and_proxies_registry_and_auth(tmp_path):
     assert "listen *:5050 ssl;" in tls
     assert f"ssl_certificate {tmp_path}/etc/appliance/ssl/localhost.crt;" in tls
     assert f"ssl_certificate_key {tmp_path}/etc/appliance/ssl/localhost.key;" in tls
-    assert "server 127.0.0.1:5000;" in config  # registry.http_addr
+    assert "server 127.0.0.1:5000 max_fails=0;" in config  # registry.http_addr
     assert "server 127.0.0.1:5100;" in config  # auth.listen_addr
     assert "location /v2/ {\nproxy_pass http://registry;" in tls
     assert "location = /jwt/auth {\nproxy_pass http://auth;" in tls
@@ -112,21 +112,38 @@ def test_every_writable_path_is_under_the_prefix(tmp_path):
 
 def test_upstreams_keep_connections_alive(tmp_path):
     config = nginx_config(settings_for(tmp_path))
-    assert "upstream registry {\n        server 127.0.0.1:5000;\n        keepalive 32;" in config
+    # tmp_path is too deep for a standby socket: the registry's address alone.
+    assert "upstream registry {\n        server 127.0.0.1:5000 max_fails=0;\n" \
+           "        keepalive 32;" in config
 
 
 def test_internal_addresses_change_the_upstreams(tmp_path):
     settings = settings_for(tmp_path, registry={"http_addr": "127.0.0.1:6000"},
                             auth={"listen_addr": "127.0.0.1:6100"})
     config = nginx_config(settings)
-    assert "server 127.0.0.1:6000;" in config and "server 127.0.0.1:6100;" in config
+    assert "server 127.0.0.1:6000 max_fails=0;" in config and "server 127.0.0.1:6100;" in config
 
 
 def test_registry_on_a_socket_is_the_upstream():
     root = Path("/srv/appliance")  # pytest's tmp_path is too long for a socket path
     config = nginx_config(settings_for(root, registry={"listen_network": "unix"}))
     assert "upstream registry {\n        server unix:/srv/appliance/var/opt/appliance/" \
-           "registry-socket/registry.sock;" in config
+           "registry-socket/registry.sock max_fails=0;\n        server unix:/srv/appliance/" \
+           "var/opt/appliance/registry-socket/standby.sock max_fails=0;" in config
+
+
+def test_registry_upstream_lists_the_standby_socket_and_keeps_connections_short():
+    # A handover (appliance/programs/registry.py) runs the new registry on the standby
+    # socket while the old one drains: nginx must reach both, and hold no upstream
+    # connection longer than the wrapper waits before it stops a retired registry.
+    from appliance.programs.registry import SETTLE_SECONDS
+
+    config = nginx_config(settings_for(Path("/srv/appliance")))
+    assert "upstream registry {\n        server 127.0.0.1:5000 max_fails=0;\n" \
+           "        server unix:/srv/appliance/var/opt/appliance/registry-socket/" \
+           "standby.sock max_fails=0;\n        keepalive 32;\n        keepalive_time 1s;\n" \
+           "        keepalive_timeout 2s;\n    }" in config
+    assert SETTLE_SECONDS > 1 + 2  # the wrapper outwaits both
 
 
 def test_registry_on_its_own_domain_listens_on_443_with_that_domains_certificate(tmp_path):

@@ -115,10 +115,16 @@ def cmd_status(args: argparse.Namespace, s: settings_module.Settings) -> int:
 
 
 def cmd_control(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    from appliance import reconfigure
+
     _check_service(args.service)
     supervisor = _supervisor(s)
     names = [args.service] if args.service else [p.name for p in supervisor.status()]
     for name in names:
+        if args.verb == "restart" and name in reconfigure.GRACEFUL_RESTART:
+            reconfigure.reload_service(supervisor, name, s)
+            print(f"ok: restart {name} (graceful: new processes, no request refused)")
+            continue
         getattr(supervisor, args.verb)(name)
         print(f"ok: {args.verb} {name}")
     return 0

@@ -272,3 +272,6 @@ def wait_listening(addresses: dict[str, str], timeout: float = 30) -> None:
 # Services that re-read their files on SIGHUP without dropping connections (the
 # registry's wrapper hands it over to a new process).
 RELOADABLE = {"nginx", "auth", "registry"}
+# Services whose `appliance-ctl restart` is that reload: new processes on the current
+# files, none of them refusing a request (stop, then start, for a cold restart).
+GRACEFUL_RESTART = {"auth", "registry"}

@@ -222,3 +222,47 @@ def test_the_registry_log_masks_the_notification_authorization(appliance):
     assert HOOK_SECRET not in log
     tail = appliance.ctl("tail", "registry", "--no-follow").stdout
     assert "hook" in tail and HOOK_SECRET not in tail
+
+
+def registry_processes(appliance: ApplianceUnderTest) -> dict[int, int]:
+    """pid -> parent pid of every docker-registry serving this appliance's config."""
+    config = str(appliance.root / "var/opt/appliance/registry/config.yml").encode()
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+            stat = open(f"/proc/{entry}/stat").read()
+        except OSError:
+            continue
+        if config in cmdline and cmdline[0].endswith((b"docker-registry", b"/registry")):
+            found[int(entry)] = int(stat[stat.rfind(")") + 2:].split()[1])
+    return found
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_no_registry_outlives_its_wrapper(appliance):
+    # kill -9 of the wrapper (the OOM killer): its child is told to stop with it, and
+    # supervisord's new wrapper runs the only registry left.
+    # (A standby left by an earlier handover retires within seconds.)
+    assert wait_for(lambda: len(registry_processes(appliance)) == 1), \
+        registry_processes(appliance)
+    old = registry_processes(appliance)
+    wrapper = appliance.kill_and_wait_back("registry")
+    assert wait_for(lambda: set(registry_processes(appliance).values()) == {wrapper}), \
+        registry_processes(appliance)
+    assert not set(old) & set(registry_processes(appliance))
+    # A stop is forwarded: the registry stops with its wrapper.
+    appliance.ctl("stop", "registry")
+    assert wait_for(lambda: not registry_processes(appliance)), registry_processes(appliance)
+    appliance.ctl("start", "registry")
+    appliance.wait_until_running()

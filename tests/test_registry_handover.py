@@ -266,3 +266,24 @@ def test_no_registry_outlives_its_wrapper(appliance):
     assert wait_for(lambda: not registry_processes(appliance)), registry_processes(appliance)
     appliance.ctl("start", "registry")
     appliance.wait_until_running()
+
+
+def test_on_a_unix_socket_a_registry_change_is_a_handover_that_fails_no_request():
+    appliance = ApplianceUnderTest.create(extra={"registry": {"listen_network": "unix"}},
+                                          prefix="ho-")
+    try:
+        appliance.reconfigure()
+        appliance.wait_until_running()
+        registry_pid = appliance.pids()["registry"]
+
+        def change() -> None:
+            appliance.write_config({"registry": {"log_level": "debug"}})
+            assert "+ service registry (reloaded)" in appliance.reconfigure().stdout
+
+        client = across(appliance, change, transfers=True)
+        assert client.failures == [], client.failures
+        assert appliance.pids()["registry"] == registry_pid
+        socket = appliance.root / "var/opt/appliance/registry-socket/registry.sock"
+        assert socket.is_socket()  # back on its own socket
+    finally:
+        appliance.destroy()

@@ -193,6 +193,21 @@ def test_a_registry_env_change_is_a_handover_that_fails_no_request(appliance):
     assert f"mark={marker}" in log
 
 
+def test_a_new_registry_address_is_a_handover_that_fails_no_request(appliance):
+    address = f"127.0.0.1:{free_port()}"
+    outputs = []
+
+    def change() -> None:
+        appliance.write_config({"registry": {"http_addr": address}})
+        outputs.append(appliance.reconfigure().stdout)
+
+    client = across(appliance, change)
+    assert client.failures == [], client.failures
+    assert "+ service registry (reloaded)" in outputs[0]
+    assert "+ service nginx (reloaded)" in outputs[0]
+    appliance.wait_listening()  # the registry answers on its new address
+
+
 def test_restart_registry_is_a_handover_that_fails_no_request(appliance):
     def change() -> None:
         result = appliance.ctl("restart", "registry")

@@ -129,7 +129,8 @@ def answers(address: str, timeout: float = 1.0) -> bool:
 class Child:
     process: subprocess.Popen
     address: str
-    retire_at: float | None = None  # when it is due for TERM (its path already unlinked)
+    retire_at: float | None = None  # when it is due for TERM
+    unlink_at: float | None = None  # when its socket path goes (new connections stop)
     stopping: bool = False
 
 
@@ -204,16 +205,14 @@ class Wrapper:
         child.process.kill()
         return f"the registry did not answer on {child.address} within {READY_TIMEOUT:.0f} s"
 
-    def retire(self, child: Child, now: bool = False) -> None:
-        """Stop sending it requests; TERM it once nginx can hold no idle connection to it."""
+    def retire(self, child: Child, after: float = 0) -> None:
+        """Stop sending it requests (in `after` seconds); TERM it once nginx can hold no
+        idle connection to it."""
         if child.address.startswith("/"):
-            try:
-                os.unlink(child.address)
-            except FileNotFoundError:
-                pass
-            child.retire_at = time.monotonic() + (0 if now else SETTLE_SECONDS)
+            child.unlink_at = time.monotonic() + after
+            child.retire_at = child.unlink_at + SETTLE_SECONDS
         else:
-            child.retire_at = time.monotonic()  # a TCP listener closes only with TERM
+            child.retire_at = time.monotonic() + after  # a TCP listener closes with TERM
         self.tick()
 
     def tick(self) -> int | None:
@@ -227,6 +226,12 @@ class Wrapper:
                     self.say(f"the registry on {child.address} exited with status {code}")
                     return code or 1
                 continue
+            if child.unlink_at is not None and time.monotonic() >= child.unlink_at:
+                try:
+                    os.unlink(child.address)
+                except FileNotFoundError:
+                    pass
+                child.unlink_at = None
             if child.retire_at is not None and not child.stopping \
                     and time.monotonic() >= child.retire_at:
                 child.process.send_signal(signal.SIGTERM)
@@ -234,17 +239,13 @@ class Wrapper:
         return None
 
     def wait_gone(self, child: Child) -> None:
-        deadline = time.monotonic() + self.program.drain_seconds + 5
+        deadline = (child.retire_at or time.monotonic()) + self.program.drain_seconds + 5
         while child.process.poll() is None:
             self.tick()
             if time.monotonic() > deadline:
                 child.process.kill()
             time.sleep(0.05)
         self.tick()
-
-    def serving(self, address: str) -> Child | None:
-        return next((c for c in self.children
-                     if c.address == address and c.retire_at is None), None)
 
     # ------------------------------------------------------------ the handover
     def hand_over(self) -> None:
@@ -268,8 +269,9 @@ class Wrapper:
             self._failed(taken, f"{problem}; the running registry is kept (see its log)")
             return
         os.chmod(p.standby, 0o660)  # nginx's workers (the directory's group) connect to it
-        old = self.serving(p.primary)
-        if old is not None:
+        moved = False
+        for old in [c for c in self.children if c.retire_at is None and c is not standby]:
+            moved = moved or old.address != p.primary
             self.retire(old)
             self.wait_gone(old)
         primary = self.start_child(p.primary)
@@ -278,7 +280,9 @@ class Wrapper:
             self.wait_gone(primary)
             self._failed(taken, f"{problem}; the registry serves on {p.standby} only")
             return
-        self.retire(standby)
+        # A new address reaches nginx with its reload, which follows this handover: the
+        # standby keeps taking requests meanwhile.
+        self.retire(standby, after=SETTLE_SECONDS if moved else 0)
         self.completed = taken
         self.write_state("serving")
         self.say(f"handed over to pid {primary.process.pid} on {p.primary}")
@@ -286,8 +290,7 @@ class Wrapper:
     def replace_in_place(self, taken: int) -> None:
         """Without a standby socket: drain the old process, then start the new one on
         the same address (requests in between are refused)."""
-        old = self.serving(self.program.primary)
-        if old is not None:
+        for old in [c for c in self.children if c.retire_at is None]:
             self.retire(old)
             self.wait_gone(old)
         primary = self.start_child(self.program.primary)
@@ -307,7 +310,7 @@ class Wrapper:
     # ------------------------------------------------------------ the main loop
     def stop(self) -> int:
         for child in self.children:
-            child.retire_at = child.retire_at or time.monotonic()
+            child.retire_at = min(child.retire_at or time.monotonic(), time.monotonic())
         for child in list(self.children):
             self.wait_gone(child)
         return 0

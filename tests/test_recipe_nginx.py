@@ -262,3 +262,21 @@ def test_ssl_protocols_cannot_carry_anything_but_protocol_names(tmp_path, protoc
     with pytest.raises(ConfigError) as refused:
         settings_for(tmp_path, registry_nginx={"ssl_protocols": protocols})
     assert any(p.startswith("registry_nginx.ssl_protocols:") for p in refused.value.problems)
+
+
+def test_small_registry_requests_may_be_retried_large_bodies_stream(tmp_path):
+    # A registry retiring in a handover closes its idle connections; a request nginx
+    # sent on one just then is sent again to the other registry, which nginx can do
+    # only with the body in hand: bodyless and small requests are read first, layers
+    # (large or chunked) stream as before.
+    tls, _ = server_blocks(nginx_config(settings_for(tmp_path)))
+    config = nginx_config(settings_for(tmp_path))
+    assert '":" buffered;' in config and '"~^:[0-9]{1,6}$" buffered;' in config
+    assert "default streamed;" in config
+    v2 = tls[tls.index("location /v2/ {"):tls.index("location @registry_streamed")]
+    for directive in ("proxy_request_buffering on;",
+                      "proxy_next_upstream error timeout non_idempotent;",
+                      "error_page 418 = @registry_streamed;", "if ($registry_body = streamed) {"):
+        assert directive in v2.splitlines(), directive
+    assert "location @registry_streamed {\nproxy_pass http://registry;\n}" in tls
+    assert "proxy_request_buffering off;" in tls.splitlines()  # the server's default

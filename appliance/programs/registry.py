@@ -260,6 +260,10 @@ class Wrapper:
         if p.standby is None:
             self.replace_in_place(taken)
             return
+        stranded = [c for c in self.children if c.address == p.standby and c.retire_at is None]
+        if stranded:
+            self.back_to_primary(taken, stranded[0])
+            return
         for child in [c for c in self.children if c.address == p.standby]:
             self.wait_gone(child)  # a standby still draining holds the standby path
         standby = self.start_child(p.standby)
@@ -286,6 +290,20 @@ class Wrapper:
         self.completed = taken
         self.write_state("serving")
         self.say(f"handed over to pid {primary.process.pid} on {p.primary}")
+
+    def back_to_primary(self, taken: int, standby: Child) -> None:
+        """After a handover whose last step failed, the standby serves alone: a new
+        registry on the primary address relieves it."""
+        primary = self.start_child(self.program.primary)
+        problem = self.wait_ready(primary)
+        if problem:
+            self.wait_gone(primary)
+            self._failed(taken, f"{problem}; the registry serves on {standby.address} only")
+            return
+        self.retire(standby)
+        self.completed = taken
+        self.write_state("serving")
+        self.say(f"handed over to pid {primary.process.pid} on {self.program.primary}")
 
     def replace_in_place(self, taken: int) -> None:
         """Without a standby socket: drain the old process, then start the new one on

@@ -125,24 +125,15 @@ def test_broken_config_exits_2_and_changes_nothing(appliance):
     assert appliance.pids() == pids
 
 
-def registry_process(appliance) -> int:
-    """The registry serving on its address: a child of the `registry` program's wrapper."""
-    import json
-
-    state = json.loads((appliance.root / "var/opt/appliance/registry-socket/handover.json")
-                       .read_text())
-    return state["children"][appliance.registry_internal_address]
-
-
 def test_changed_registry_setting_hands_over_the_registry_only(appliance):
     before = appliance.wait_until_running()
-    serving = registry_process(appliance)
+    serving = appliance.registry_process()
     appliance.write_config({"registry": {"log_level": "debug"}})
     try:
         result = appliance.reconfigure()
         after = appliance.wait_until_running()
         assert "registry (reloaded)" in result.stdout
-        assert registry_process(appliance) != serving  # a new registry process
+        assert appliance.registry_process() != serving  # a new registry process
         assert after == before  # no supervised program restarted, nginx and auth included
     finally:
         appliance.write_config({"registry": {"log_level": "info"}})
@@ -150,11 +141,11 @@ def test_changed_registry_setting_hands_over_the_registry_only(appliance):
 
 
 def test_restart_registry_then_push_again(appliance, client, tmp_path):
-    serving = registry_process(appliance)
+    serving = appliance.registry_process()
     result = appliance.ctl("restart", "registry")
     assert "ok: restart registry" in result.stdout
     appliance.wait_until_running()
-    assert registry_process(appliance) != serving  # a graceful restart: a new process
+    assert appliance.registry_process() != serving  # a graceful restart: a new process
     image = build_image(tmp_path / "image", tag="after-restart")
     client.push(image, "root/restarted", "after-restart")
     assert client.list_tags("root/restarted") == ["after-restart"]

@@ -129,7 +129,7 @@ def test_registry_on_a_socket_is_the_upstream():
     config = nginx_config(settings_for(root, registry={"listen_network": "unix"}))
     assert "upstream registry {\n        server unix:/srv/appliance/var/opt/appliance/" \
            "registry-socket/registry.sock max_fails=0;\n        server unix:/srv/appliance/" \
-           "var/opt/appliance/registry-socket/standby.sock max_fails=0;" in config
+           "var/opt/appliance/registry-socket/standby.sock max_fails=0 backup;" in config
 
 
 def test_registry_upstream_lists_the_standby_socket_and_keeps_connections_short():
@@ -141,7 +141,7 @@ def test_registry_upstream_lists_the_standby_socket_and_keeps_connections_short(
     config = nginx_config(settings_for(Path("/srv/appliance")))
     assert "upstream registry {\n        server 127.0.0.1:5000 max_fails=0;\n" \
            "        server unix:/srv/appliance/var/opt/appliance/registry-socket/" \
-           "standby.sock max_fails=0;\n        keepalive 32;\n        keepalive_time 1s;\n" \
+           "standby.sock max_fails=0 backup;\n        keepalive 32;\n        keepalive_time 1s;\n" \
            "        keepalive_timeout 2s;\n    }" in config
     assert SETTLE_SECONDS > 1 + 2  # the wrapper outwaits both
 

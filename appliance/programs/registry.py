@@ -14,7 +14,7 @@ instead, with no request refused:
 3. once it is gone, a new child starts on the configured address and answers;
 4. the standby retires the same way.
 
-nginx's upstream lists both the configured address and the standby socket with
+nginx's upstream lists the configured address and, as a backup, the standby socket with
 `max_fails=0`: a connection refused (or a socket path gone) on one is passed to the
 other, before a byte of the request was sent, so even an upload is not refused. Both
 children share the storage and the http secret, so an upload session started on one is

@@ -302,3 +302,20 @@ def test_on_a_unix_socket_a_registry_change_is_a_handover_that_fails_no_request(
         assert socket.is_socket()  # back on its own socket
     finally:
         appliance.destroy()
+
+
+def test_a_registry_that_cannot_start_on_the_change_fails_the_run_and_keeps_serving(appliance):
+    # Distribution refuses an unknown log level at start: the new registry exits, the
+    # running one is kept, and reconfigure says so in one sentence.
+    serving = appliance.registry_process()
+    appliance.write_config({"registry": {"env": {"REGISTRY_LOG_LEVEL": "chatty"}}})
+    try:
+        result = appliance.reconfigure(check=False)
+        assert result.returncode != 0
+        assert "the registry kept its running configuration" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert appliance.registry_process() == serving
+        assert across(appliance, lambda: None).failures == []  # still serving
+    finally:
+        appliance.write_config({"registry": {"env": {}}})
+        appliance.reconfigure()

@@ -90,7 +90,9 @@ class SecretFilter:
         values = sorted({s for s in secrets if s}, key=len, reverse=True)
         self.anywhere = [v for v in values if len(v) >= MASK_ANYWHERE_LENGTH]
         short = [re.escape(v) for v in values if len(v) < MASK_ANYWHERE_LENGTH]
-        self.words = re.compile(r"(?<!\w)(" + "|".join(short) + r")(?!\w)") if short else None
+        # A whole word: not part of a longer word, number, address or name (10.0.0.1).
+        self.words = re.compile(r"(?<![\w.:/-])(" + "|".join(short) + r")(?![\w.:/-])") \
+            if short else None
 
     def __call__(self, line: str) -> str:
         for value in self.anywhere:

@@ -133,13 +133,23 @@ def cmd_status(args: argparse.Namespace, s: settings_module.Settings) -> int:
 
 def cmd_control(args: argparse.Namespace, s: settings_module.Settings) -> int:
     """A service the admin stops stays stopped across reconfigures until the admin starts
-    it again: the mark under the supervisor directory tells reconfigure it is on purpose."""
-    from appliance.pipeline import mark_stopped
+    it again: the mark under the supervisor directory tells reconfigure it is on purpose.
+    A restart of a service whose contract has a graceful restart (a registry handed over,
+    auth's workers replaced) is that signal: new processes, no request refused."""
+    import recipes
+    from appliance.pipeline import mark_stopped, reload_service
 
     _check_service(s, args.service)
+    contracts = {service.name: service for service in recipes.services(s)}
     supervisor = _supervisor(s)
     names = [args.service] if args.service else [p.name for p in supervisor.status()]
     for name in names:
+        service = contracts.get(name)
+        if args.verb == "restart" and service is not None and service.graceful_restart \
+                and reload_service(supervisor, service, service.graceful_restart):
+            mark_stopped(s.paths, name, False)
+            print(f"ok: restart {name} (graceful: new processes, no request refused)")
+            continue
         getattr(supervisor, args.verb)(name)
         mark_stopped(s.paths, name, args.verb == "stop")
         print(f"ok: {args.verb} {name}")

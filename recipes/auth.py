@@ -18,7 +18,7 @@ from typing import ClassVar
 from appliance.auth.database_files import check_database_files, chown_database_files
 from appliance.contracts import Service, signal
 from appliance.engine import Report
-from appliance.resources import Change, Directory, File, Resource, atomic_write, restart
+from appliance.resources import Change, Directory, File, Resource, atomic_write, reload
 from appliance.secrets import Secrets
 from appliance.settings import Settings
 from recipes import supervisor
@@ -179,7 +179,8 @@ def service(settings: Settings) -> Service:
     """gunicorn reloads its workers on HUP without dropping requests."""
     a, p = settings.auth, settings.paths
     bound = "auth.listen_network" if a.listen_network == "unix" else "auth.listen_addr"
-    return Service("auth", enabled=a.enable, reload=signal("HUP"), ready=address(settings),
+    return Service("auth", enabled=a.enable, reload=signal("HUP"), graceful_restart="HUP",
+                   ready=address(settings),
                    binds={address(settings): bound},
                    user=service_user(settings, a.username),
                    reaches=(p.auth_config, Path(settings.registry.key_path)),
@@ -191,7 +192,9 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
     user = service_user(settings, settings.auth.username)
     if not settings.auth.enable:
         return supervisor.disabled(settings, "auth")
-    notify = (restart("auth"),)
+    # A graceful reload (HUP) re-reads all three files: gunicorn's master builds the
+    # application again and old workers finish their requests (appliance/auth/server.py).
+    notify = (reload("auth"),)
     key_path = Path(settings.registry.key_path)
     umask = None
     socket_dir: list[Resource] = []

@@ -25,6 +25,7 @@ from appliance.settings import Settings
 from recipes import supervisor
 from recipes.auth import address as auth_address
 from recipes.base import service_user
+from recipes.registry import KEEPALIVE_IDLE_SECONDS, KEEPALIVE_TIME_SECONDS, standby_address
 from recipes.registry import address as registry_address
 
 NGINX_BINARY = "/usr/sbin/nginx"  # Debian's nginx-light
@@ -94,8 +95,15 @@ def config_context(settings: Settings) -> dict:
             "ssl_certificate_key": rn.ssl_certificate_key,
             # Either may be off: the vhost of a token service for an external registry
             # (registry.enable: false, auth.enable: true) serves /jwt/auth alone.
+            # The registry's own address and the standby socket of a handover
+            # (appliance/programs/registry.py): nginx passes a request refused by one to
+            # the other, and keeps upstream connections short enough to let one retire.
             "upstream": upstream_address(registry_address(settings))
             if settings.registry.enable else None,
+            "standby_upstream": upstream_address(standby_address(settings))
+            if settings.registry.enable and standby_address(settings) else None,
+            "keepalive_time": KEEPALIVE_TIME_SECONDS,
+            "keepalive_idle": KEEPALIVE_IDLE_SECONDS,
             "auth_upstream": upstream_address(auth_address(settings))
             if settings.auth.enable else None,
             "proxy_timeout": rn.proxy_timeout,

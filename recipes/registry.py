@@ -1,20 +1,27 @@
 """What the Distribution registry gets: its directories, the token bundle, its config
 and its supervised program.
 
-A changed config or token bundle restarts the registry (it has no reload); a changed
-program file (environment, address) is restarted by supervisord's update. Disabled, the
-program file goes away and the registry stops; the images stay on disk.
+The registry has no reload, so its program is a wrapper (appliance/programs/registry.py)
+that hands it over to a new process on SIGHUP without refusing a request or cutting a
+transfer. A changed config, token bundle or program.json (environment, secrets to mask)
+therefore notifies a reload; the supervisord program file names only the wrapper and
+program.json, so it changes only when a path does. Disabled, the program file goes away
+and the registry stops; the images stay on disk.
 """
 
 from __future__ import annotations
 
+import json
+import time
+from functools import partial
 from pathlib import Path
 
-from appliance.contracts import RESTART, Service
+from appliance.contracts import Service, signal
 from appliance.engine import Report
-from appliance.resources import Directory, File, Resource, Template, restart
+from appliance.errors import ServiceError
+from appliance.resources import Directory, File, Resource, Template, reload
 from appliance.secrets import Secrets
-from appliance.settings import STORAGE_EXTRAS, Settings
+from appliance.settings import STORAGE_EXTRAS, UNIX_PATH_MAX, Settings, is_sensitive
 from recipes import supervisor
 from recipes.base import service_user
 
@@ -80,6 +87,120 @@ def notifications(settings: Settings) -> list[dict]:
     return endpoints
 
 
+def secret_values(settings: Settings, secrets: Secrets) -> list[str]:
+    """Every secret the registry config and environment carry: http.secret, storage
+    credentials, notification headers (they carry Authorization tokens) and registry.env
+    values under secret-looking names (the rule show-config masks by)."""
+    found = [secrets.registry_http_secret]
+
+    def walk(value: object, key: str = "") -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, str(k))
+        elif isinstance(value, list):
+            for item in value:
+                walk(item, key)
+        elif is_sensitive(key) and value not in (None, ""):
+            found.append(str(value))
+
+    walk(settings.registry.storage)
+    for endpoint in settings.registry.notifications:
+        for values in (endpoint.get("headers") or {}).values():
+            found.extend(str(v) for v in values)
+    found.extend(str(v) for k, v in settings.registry.env.items()
+                 if is_sensitive(k) and v not in (None, ""))
+    return found
+
+
+# Go's collector runs when the heap has grown by GOGC percent since the last collection.
+# bench/pull-storm measured the default (100) against 200 and 400 on a pull storm through
+# nginx: see the README (Benchmarks) for the figures behind this choice. registry.env
+# may set GOGC itself.
+GOGC = "400"
+
+# How long a registry that is handed over or stopped lets its transfers in flight finish
+# (http.draintimeout); supervisord waits a little longer before it kills.
+DRAIN_SECONDS = 30
+
+# nginx's upstream keepalive for the registry (files/nginx/nginx.conf.j2 renders these):
+# every upstream connection is closed by nginx at most KEEPALIVE_TIME_SECONDS after it
+# was opened (at the end of a request), an idle one after KEEPALIVE_IDLE_SECONDS. A
+# child whose socket path is gone therefore has no connection nginx could reuse after
+# SETTLE_SECONDS, and the wrapper's stopping it cannot race a request nginx sends on one.
+KEEPALIVE_TIME_SECONDS = 1
+KEEPALIVE_IDLE_SECONDS = 2
+SETTLE_SECONDS = KEEPALIVE_TIME_SECONDS + KEEPALIVE_IDLE_SECONDS + 0.5
+
+
+def standby_address(settings: Settings) -> str | None:
+    """The socket of the second registry process during a handover, beside the registry
+    socket (the same directory nginx's workers may enter), either listen_network.
+
+    None when the root is so deep that the path would not fit a unix socket (only
+    possible with listen_network: tcp, the settings refuse such a root for unix): the
+    wrapper then replaces the registry in place, draining the old process first, and
+    requests that arrive in between are refused (README, Reliability).
+    """
+    path = settings.paths.registry_socket.with_name("standby.sock")
+    return str(path) if len(bytes(path)) <= UNIX_PATH_MAX else None
+
+
+def state_file(settings: Settings) -> Path:
+    return settings.paths.registry_socket.with_name("handover.json")
+
+
+def environment(settings: Settings) -> dict[str, str]:
+    """The registry's environment: GOGC (unless registry.env sets it) and registry.env."""
+    env = {"GOGC": GOGC}
+    for key, value in settings.registry.env.items():
+        env[key] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+def program_description(settings: Settings, secrets: Secrets) -> dict:
+    """program.json, what the wrapper reads at its start and at every HUP."""
+    return {
+        "command": [registry_binary(), "serve", str(settings.paths.registry_config)],
+        "primary": address(settings),
+        "standby": standby_address(settings),
+        "environment": environment(settings),
+        "secrets": secret_values(settings, secrets),
+        "drain_seconds": DRAIN_SECONDS,
+        "settle_seconds": SETTLE_SECONDS,
+        "state_file": str(state_file(settings)),
+    }
+
+
+def handover_state(settings: Settings) -> dict:
+    """What the wrapper last wrote: HUPs `requested`, the last `completed`, `phase`,
+    `error`; zeros when it has written nothing yet."""
+    try:
+        return json.loads(state_file(settings).read_text())
+    except (OSError, ValueError):
+        return {"requested": 0, "completed": 0, "phase": None, "error": None}
+
+
+def wait_handed_over(settings: Settings, before: dict,
+                     timeout: float = DRAIN_SECONDS + 40) -> None:
+    """After a HUP: return once the registry serves the new files on its own address
+    (the old process gone; the standby retiring), or raise the reason it could not.
+
+    `before` is handover_state() read before the HUP; the wait ends with the first
+    handover taken after it.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = handover_state(settings)
+        if state.get("completed", 0) > before.get("requested", 0):
+            if state.get("phase") == "failed":
+                raise ServiceError(f"the registry kept its running configuration: "
+                                   f"{state.get('error')}; see appliance-ctl tail registry.")
+            return
+        time.sleep(0.05)
+    raise ServiceError(f"the registry was not handed over within {timeout:.0f} s; see "
+                       f"appliance-ctl tail registry.")
+
+
 def address(settings: Settings) -> str:
     """Where the registry answers: http_addr, or the socket path, which is also what
     reconfigure waits on and what nginx's upstream names (`unix:` + path)."""
@@ -113,15 +234,20 @@ def messages(settings: Settings, report: Report) -> list[str]:
 
 
 def service(settings: Settings) -> Service:
-    """The registry has no reload: a changed config is a restart."""
+    """Distribution cannot reload, but its wrapper (appliance/programs/registry.py) hands
+    it over to a new process on SIGHUP without refusing a request: a changed config is
+    that signal, and so is `appliance-ctl restart registry`; the run waits until the
+    new process serves (`wait_handed_over`)."""
     r = settings.registry
     binds = {address(settings): "registry.listen_network" if r.listen_network == "unix"
              else "registry.http_addr"}
     if r.debug_addr:
         binds[r.debug_addr] = "registry.debug_addr"
     p = settings.paths
-    return Service("registry", enabled=r.enable, reload=RESTART, ready=address(settings),
-                   binds=binds, user=service_user(settings, r.username),
+    return Service("registry", enabled=r.enable, reload=signal("HUP"), ready=address(settings),
+                   wait_after_reload=lambda pid: partial(wait_handed_over, settings,
+                                                         handover_state(settings)),
+                   graceful_restart="HUP", binds=binds, user=service_user(settings, r.username),
                    reaches=(p.registry_config, filesystem_root(settings) or p.registry_dir),
                    log=supervisor.service_log(settings, "registry"))
 
@@ -150,7 +276,7 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
         return supervisor.disabled(settings, "registry")
     p = settings.paths
     user = service_user(settings, settings.registry.username)
-    notify = (restart("registry"),)
+    notify = (reload("registry"),)
     out: list[Resource] = [
         # root-owned, readable by the registry's group: it may read its config, not edit it.
         Directory(p.registry_dir, 0o750, group=user),
@@ -158,14 +284,14 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
     data = filesystem_root(settings)
     if data is not None:
         out.append(Directory(data, 0o750, owner=user, group=user))
-    umask = None
-    if settings.registry.listen_network == "unix":
-        # nginx's workers connect to the socket, which takes write permission on it. The
-        # registry creates it under umask 007, and the set-group-id directory hands it the
-        # web server's group: nginx may connect, other local users may not even look.
-        web_user = service_user(settings, settings.web_server.username)
-        out.append(Directory(p.registry_socket.parent, 0o2750, owner=user, group=web_user))
-        umask = "007"
+    # The registry socket (listen_network: unix), the standby socket of a handover and
+    # the wrapper's state file. nginx's workers connect to the sockets, which takes write
+    # permission on them: the registry creates its socket under umask 007 (the wrapper
+    # makes the standby socket 0660), and the set-group-id directory hands them the web
+    # server's group: nginx may connect, other local users may not even look.
+    web_user = service_user(settings, settings.web_server.username)
+    out.append(Directory(p.registry_socket.parent, 0o2750, owner=user, group=web_user))
+    umask = "007" if settings.registry.listen_network == "unix" else None
     out += [
         # The certificate of the token-signing key, from the same secrets entry the auth
         # service signs with: the registry cannot trust a key other than the one in use.
@@ -173,9 +299,19 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
         # It holds http.secret and storage credentials; the engine masks them in its diff.
         Template(p.registry_config, "registry/config.yml.j2", config_context(settings, secrets),
                  mode=0o640, group=user, notifies=notify),
+        # Environment and the secrets the wrapper masks in the registry's log: a change
+        # is a handover, not a restart of the program.
+        File(program_file(settings),
+             json.dumps(program_description(settings, secrets), indent=2) + "\n", 0o640,
+             group=user, sensitive=True, notifies=notify),
         *supervisor.program(settings, "registry",
-                            [registry_binary(), "serve", str(p.registry_config)],
-                            user=user, environment=dict(settings.registry.env),
-                            stopsignal="TERM", umask=umask),
+                            [supervisor.executable("python"), "-m",
+                             "appliance.programs.registry", str(program_file(settings))],
+                            user=user, stopsignal="TERM", stopwaitsecs=DRAIN_SECONDS + 10,
+                            umask=umask),
     ]
     return out
+
+
+def program_file(settings: Settings) -> Path:
+    return settings.paths.registry_dir / "program.json"

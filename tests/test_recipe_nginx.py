@@ -70,7 +70,7 @@ def test_default_config_passes_nginx_t_and_proxies_registry_and_auth(tmp_path):
     assert "listen *:5050 ssl;" in tls
     assert f"ssl_certificate {tmp_path}/etc/appliance/ssl/localhost.crt;" in tls
     assert f"ssl_certificate_key {tmp_path}/etc/appliance/ssl/localhost.key;" in tls
-    assert "server 127.0.0.1:5000;" in config  # registry.http_addr
+    assert "server 127.0.0.1:5000 max_fails=0;" in config  # registry.http_addr
     # auth.listen_network: unix, the default
     assert f"server unix:{tmp_path}/var/opt/appliance/auth-socket/auth.sock;" in config
     assert "location /v2/ {\nproxy_pass http://registry;" in tls
@@ -113,21 +113,38 @@ def test_every_writable_path_is_under_the_prefix(tmp_path):
 
 def test_upstreams_keep_connections_alive(tmp_path):
     config = nginx_config(settings_for(tmp_path))
-    assert "upstream registry {\n        server 127.0.0.1:5000;\n        keepalive 32;" in config
+    # tmp_path is too deep for a standby socket: the registry's address alone.
+    assert "upstream registry {\n        server 127.0.0.1:5000 max_fails=0;\n" \
+           "        keepalive 32;" in config
 
 
 def test_internal_addresses_change_the_upstreams(tmp_path):
     settings = settings_for(tmp_path, registry={"http_addr": "127.0.0.1:6000"},
                             auth={"listen_network": "tcp", "listen_addr": "127.0.0.1:6100"})
     config = nginx_config(settings)
-    assert "server 127.0.0.1:6000;" in config and "server 127.0.0.1:6100;" in config
+    assert "server 127.0.0.1:6000 max_fails=0;" in config and "server 127.0.0.1:6100;" in config
 
 
 def test_registry_on_a_socket_is_the_upstream():
     root = Path("/srv/appliance")  # pytest's tmp_path is too long for a socket path
     config = nginx_config(settings_for(root, registry={"listen_network": "unix"}))
     assert "upstream registry {\n        server unix:/srv/appliance/var/opt/appliance/" \
-           "registry-socket/registry.sock;" in config
+           "registry-socket/registry.sock max_fails=0;\n        server unix:/srv/appliance/" \
+           "var/opt/appliance/registry-socket/standby.sock max_fails=0 backup;" in config
+
+
+def test_registry_upstream_lists_the_standby_socket_and_keeps_connections_short():
+    # A handover (appliance/programs/registry.py) runs the new registry on the standby
+    # socket while the old one drains: nginx must reach both, and hold no upstream
+    # connection longer than the wrapper waits before it stops a retired registry.
+    from recipes.registry import SETTLE_SECONDS
+
+    config = nginx_config(settings_for(Path("/srv/appliance")))
+    assert "upstream registry {\n        server 127.0.0.1:5000 max_fails=0;\n" \
+           "        server unix:/srv/appliance/var/opt/appliance/registry-socket/" \
+           "standby.sock max_fails=0 backup;\n        keepalive 32;\n        keepalive_time 1s;\n" \
+           "        keepalive_timeout 2s;\n    }" in config
+    assert SETTLE_SECONDS > 1 + 2  # the wrapper outwaits both
 
 
 def test_registry_on_its_own_domain_listens_on_443_with_that_domains_certificate(tmp_path):
@@ -289,9 +306,13 @@ def test_only_blob_transfers_stream_bodies_and_small_bodies_have_timeouts(tmp_pa
                       "send_timeout 10s;"):
         assert directive in server_level, directive
     v2 = location(tls, "location /v2/ {")
+    for directive in ("client_max_body_size 0;", "client_body_timeout 600s;",
+                      "send_timeout 600s;"):
+        assert directive in v2, directive
+    streamed = location(tls, "location @registry_streamed {")
     for directive in ("client_max_body_size 0;", "proxy_request_buffering off;",
                       "client_body_timeout 600s;", "send_timeout 600s;"):
-        assert directive in v2, directive
+        assert directive in streamed, directive
     for path in ("location = /jwt/auth {", "location = /-/health {"):
         assert location(tls, path) == [path, "proxy_pass http://auth;"]
 
@@ -315,3 +336,22 @@ def test_temp_paths_sit_in_a_root_owned_parent_like_debians(tmp_path):
     web = [r for r in nginx.resources(settings, SECRETS) if getattr(r, "owner", None)
            == "appliance-www"]
     assert web == []
+
+
+def test_small_registry_requests_may_be_retried_large_bodies_stream(tmp_path):
+    # A registry retiring in a handover closes its idle connections; a request nginx
+    # sent on one just then is sent again to the other registry, which nginx can do
+    # only with the body in hand: bodyless and small requests are read first, layers
+    # (large or chunked) stream as before.
+    tls, _ = server_blocks(nginx_config(settings_for(tmp_path)))
+    config = nginx_config(settings_for(tmp_path))
+    assert '":" buffered;' in config and '"~^:[0-9]{1,6}$" buffered;' in config
+    assert "default streamed;" in config
+    v2 = tls[tls.index("location /v2/ {"):tls.index("location @registry_streamed")]
+    for directive in ("proxy_request_buffering on;",
+                      "proxy_next_upstream error timeout non_idempotent;",
+                      "error_page 418 = @registry_streamed;", "if ($registry_body = streamed) {"):
+        assert directive in v2.splitlines(), directive
+    streamed = location(tls, "location @registry_streamed {")
+    assert streamed[:2] == ["location @registry_streamed {", "proxy_pass http://registry;"]
+    assert "proxy_request_buffering off;" in streamed

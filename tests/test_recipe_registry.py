@@ -6,15 +6,15 @@ it. Processes are the whole-appliance tests' business.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import yaml
-from supervisor.datatypes import dict_of_key_value_pairs
 
 from appliance.engine import Engine, Redactor
 from appliance.errors import ConfigError
-from appliance.resources import Absent, Directory, restart
+from appliance.resources import Absent, Directory, reload
 from appliance.secrets import Secrets
 from appliance.settings import sensitive_values
 from recipes import registry, supervisor
@@ -172,15 +172,42 @@ def test_on_a_unix_socket_the_registry_listens_there_under_umask_007():
     assert "net" not in rendered_config(root)["http"]
 
 
+def program_json(root: Path, **overrides: object) -> dict:
+    """program.json, what the registry's wrapper reads (appliance/programs/registry.py)."""
+    settings = settings_for(root, **overrides)
+    resource = by_path(registry.resources(settings, SECRETS),
+                       settings.paths.registry_dir / "program.json")
+    return json.loads(resource.content)
+
+
 def test_env_reaches_the_program_exactly_as_given(tmp_path):
     env = {"REGISTRY_HTTP_RELATIVEURLS": True, "REGISTRY_LOG_FIELDS_SITE": "a,b=c 100%",
            "REGISTRY_QUOTED": 'say "hi" now', "REGISTRY_NUMBER": 3}
-    program = program_file(tmp_path, registry={"env": env})
-    # supervisord expands %(...)s in values, then splits environment= its own way.
-    parsed = dict_of_key_value_pairs(program["environment"].replace("%%", "%"))
-    assert parsed == {"REGISTRY_HTTP_RELATIVEURLS": "true",
-                      "REGISTRY_LOG_FIELDS_SITE": "a,b=c 100%",
-                      "REGISTRY_QUOTED": 'say "hi" now', "REGISTRY_NUMBER": "3"}
+    # The wrapper passes it to the registry: the supervisord program file carries no
+    # environment, so an env change is a handover, not a restart of the program.
+    assert "environment" not in program_file(tmp_path, registry={"env": env})
+    assert program_json(tmp_path, registry={"env": env})["environment"] == {
+        "REGISTRY_HTTP_RELATIVEURLS": "true", "REGISTRY_LOG_FIELDS_SITE": "a,b=c 100%",
+        "REGISTRY_QUOTED": 'say "hi" now', "REGISTRY_NUMBER": "3", "GOGC": registry.GOGC}
+
+
+def test_gogc_in_registry_env_replaces_the_default(tmp_path):
+    environment = program_json(tmp_path, registry={"env": {"GOGC": 100}})["environment"]
+    assert environment == {"GOGC": "100"}
+
+
+def test_wrapper_masks_every_configured_secret_in_the_log(tmp_path):
+    storage = {"s3": {"bucket": "b", "region": "r", "accesskey": "AKIA",
+                      "secretkey": "very-secret-key"}}
+    notifications = [{"name": "n", "url": "http://127.0.0.1:1/",
+                      "headers": {"Authorization": ["Bearer hook-token"]}}]
+    env = {"REGISTRY_STORAGE_S3_SESSIONTOKEN": "session-token-value", "REGISTRY_X": "plain"}
+    secrets = program_json(tmp_path, registry={"storage": storage, "env": env,
+                                               "notifications": notifications})["secrets"]
+    for secret in ("very-secret-key", "Bearer hook-token", "session-token-value",
+                   SECRETS.registry_http_secret):
+        assert secret in secrets
+    assert "plain" not in secrets and "b" not in secrets
 
 
 def test_env_value_supervisord_cannot_carry_is_refused(tmp_path):
@@ -193,7 +220,15 @@ def test_env_value_supervisord_cannot_carry_is_refused(tmp_path):
 def test_program_runs_the_registry_on_its_config(tmp_path):
     program = program_file(tmp_path)
     config = tmp_path / "var/opt/appliance/registry/config.yml"
-    assert program["command"].split(" -- ", 1)[1] == f"/usr/bin/docker-registry serve {config}"
+    wrapper = program_json(tmp_path)
+    assert wrapper["command"] == ["/usr/bin/docker-registry", "serve", str(config)]
+    assert wrapper["primary"] == "127.0.0.1:5000"
+    assert wrapper["standby"] is None  # tmp_path is too deep for a socket path
+    assert program_json(Path("/srv/appliance"))["standby"] == \
+        "/srv/appliance/var/opt/appliance/registry-socket/standby.sock"
+    assert program["command"].split(" -- ", 1)[1] == (
+        f"{supervisor.executable('python')} -m appliance.programs.registry "
+        f"{tmp_path / 'var/opt/appliance/registry/program.json'}")
     assert program["command"].split(" -- ", 1)[0].endswith("/appliance/launcher.py "
                                                           f"{tmp_path}/var/opt/appliance/"
                                                           "supervisor/supervisord.conf registry")
@@ -212,13 +247,16 @@ def test_as_root_the_registry_runs_as_its_own_account(tmp_path):
     assert (data.owner, data.mode) == ("appliance-registry", 0o750)
 
 
-def test_config_and_bundle_restart_the_registry(tmp_path):
+def test_config_bundle_and_environment_hand_the_registry_over(tmp_path):
     settings = settings_for(tmp_path)
     resources = registry.resources(settings, SECRETS)
     config = by_path(resources, settings.paths.registry_config)
     bundle = by_path(resources, settings.paths.token_bundle)
-    assert config.notifies == (restart("registry"),)
-    assert bundle.notifies == (restart("registry"),)
+    program = by_path(resources, settings.paths.registry_dir / "program.json")
+    assert config.notifies == (reload("registry"),)
+    assert bundle.notifies == (reload("registry"),)
+    assert program.notifies == (reload("registry"),)
+    assert program.sensitive and program.mode == 0o640
     assert bundle.content == SECRETS.token_signing_certificate.encode()
 
 

@@ -388,11 +388,11 @@ def test_schema1_manifests_are_accepted_only_when_enabled(appliance, client, tmp
     with pytest.raises(SkopeoError):
         push_schema1(client, image, "root/schema1")
     config = appliance.root / "var/opt/appliance/registry/config.yml"
-    registry = appliance.pids()["registry"]
+    registry = appliance.registry_process()
     with reconfigured(appliance, {"registry": {"compatibility_schema1_enabled": True}}) as run:
         assert "compatibility:\n  schema1:\n    enabled: true\n" in config.read_text()
-        assert "registry (restarted)" in run.stdout
-        assert appliance.pids()["registry"] != registry
+        assert "registry (reloaded)" in run.stdout  # handed over to a new process
+        assert appliance.registry_process() != registry
         push_schema1(client, image, "root/schema1")
         manifest = client.inspect("root/schema1", "old")
         assert manifest["schemaVersion"] == 1
@@ -512,19 +512,20 @@ def fetch_blob(appliance: ApplianceUnderTest, repository: str, digest: str
 # ---------------------------------------------------------------- internal port
 
 
-def test_new_internal_port_restarts_the_registry_and_reloads_nginx(appliance, client, tmp_path):
+def test_new_internal_port_hands_the_registry_over_and_reloads_nginx(appliance, client,
+                                                                    tmp_path):
     before = appliance.wait_until_running()
+    serving = appliance.registry_process()
     old_addr = appliance.config["registry"]["http_addr"]
     new_addr = f"127.0.0.1:{free_port()}"
     nginx_config = appliance.root / "var/opt/appliance/nginx/conf/nginx.conf"
     with reconfigured(appliance, {"registry": {"http_addr": new_addr}}) as run:
-        assert "registry (changed and started)" in run.stdout \
-            or "registry (restarted)" in run.stdout, run.stdout
+        assert "registry (reloaded)" in run.stdout, run.stdout  # handed over
         assert "+ service nginx (reloaded)" in run.stdout
         after = appliance.pids()
-        assert after["registry"] != before["registry"]
+        assert appliance.registry_process() != serving
         assert after["nginx"] == before["nginx"]  # reloaded in place: connections survive
-        assert f"server {new_addr};" in nginx_config.read_text()
+        assert f"server {new_addr} max_fails=0;" in nginx_config.read_text()
         assert is_listening(new_addr) and not is_listening(old_addr)
         image = build_image(tmp_path / "image", tag="moved")
         client.push(image, "root/moved", "moved")
@@ -542,7 +543,7 @@ def test_registry_on_a_unix_socket_has_no_tcp_port_and_only_nginx_may_connect(
         assert "+ service nginx (reloaded)" in run.stdout
         assert appliance.pids()["registry"] != before["registry"]
         assert appliance.pids()["nginx"] == before["nginx"]
-        assert f"server unix:{sock};" in nginx_config.read_text()
+        assert f"server unix:{sock} max_fails=0;" in nginx_config.read_text()
         assert not is_listening(http_addr)
         assert stat.S_ISSOCK(sock.lstat().st_mode)
         assert sock.lstat().st_mode & 0o007 == 0  # no other local user may connect
@@ -709,15 +710,18 @@ def test_token_signing_key_given_in_the_config_is_the_one_the_registry_trusts(
     key_path = appliance.root / "srv/keys/token-signing.key"
     key_path.parent.mkdir(parents=True)  # the admin's key directory (reconfigure needs it)
     bundle = appliance.root / "var/opt/appliance/registry/token-bundle.crt"
-    before = appliance.pids()
+    serving = appliance.registry_process()
+    auth_workers = worker_pids(appliance.pids()["auth"])
     with reconfigured(appliance, {"registry": {"internal_key": key.decode(),
                                                "key_path": str(key_path),
                                                "issuer": "corp-issuer"}}) as run:
-        assert "+ service registry (restarted)" in run.stdout
-        assert "+ service auth (restarted)" in run.stdout
+        # Both reload: the registry is handed over to a new process, auth's gunicorn
+        # starts new workers on the new key (README, Reliability).
+        assert "+ service registry (reloaded)" in run.stdout
+        assert "+ service auth (reloaded)" in run.stdout
         assert "PRIVATE KEY" not in run.stdout  # the key is never echoed in a diff
-        after = appliance.pids()
-        assert after["registry"] != before["registry"] and after["auth"] != before["auth"]
+        assert appliance.registry_process() != serving
+        assert not set(worker_pids(appliance.pids()["auth"])) & set(auth_workers)
         assert key_path.read_bytes() == key
         assert pki.public_key_matches(bundle.read_bytes(), key)
         claims = jwt.decode(appliance.token("repository:root/signed:push,pull"),
@@ -870,9 +874,9 @@ def test_localhost_addresses_as_in_the_guide_work_on_a_stock_hosts_file(tmp_path
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         config = (appliance.root / "var/opt/appliance/nginx/conf/nginx.conf").read_text()
-        for setting in (appliance.config["registry"]["http_addr"],
-                        appliance.config["auth"]["listen_addr"]):
-            assert f"server 127.0.0.1:{setting.rsplit(':', 1)[1]};" in config
+        for setting, options in ((appliance.config["registry"]["http_addr"], " max_fails=0"),
+                                 (appliance.config["auth"]["listen_addr"], "")):
+            assert f"server 127.0.0.1:{setting.rsplit(':', 1)[1]}{options};" in config
         client = appliance.skopeo(tmp_path / "client")
         image = build_image(tmp_path / "image", tag="local")
         client.push(image, "root/localhost", "local")

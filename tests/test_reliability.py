@@ -182,7 +182,9 @@ def listen_stranger(port: int) -> subprocess.Popen:
 
 @pytest.mark.parametrize("setting", ["nginx.http_port", "auth.listen_addr"])
 def test_a_port_taken_by_another_process_is_named_before_anything_changes(setting):
-    appliance = ApplianceUnderTest.create()
+    # auth.listen_addr is bound only when the token service listens on TCP (its default
+    # is a unix socket).
+    appliance = ApplianceUnderTest.create({"auth": {"listen_network": "tcp"}})
     try:
         section, key = setting.split(".")
         value = appliance.config[section][key]

@@ -11,6 +11,7 @@ reaches a traceback (issue 17.6) or a host file (17.7).
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from pathlib import Path
 
@@ -194,7 +195,7 @@ def render_all(root: Path, config: dict) -> None:
 
 def files_read_back(loaded: settings.Settings, resources: list) -> None:
     """What the services read parses, and says what appliance.yml said: the registry's
-    YAML config, the JSON auth config, supervisord's environment= of the registry."""
+    YAML config, the JSON auth config, the registry wrapper's environment."""
     for resource in resources:
         content = getattr(resource, "content", None)
         name = getattr(resource, "name", "")
@@ -203,14 +204,13 @@ def files_read_back(loaded: settings.Settings, resources: list) -> None:
         if name.endswith((".yml", ".json")):
             parsed = yaml.safe_load(content)
             assert isinstance(parsed, dict), name
-        if name.endswith("/registry.conf"):
-            from supervisor.datatypes import dict_of_key_value_pairs
-
-            [line] = [x for x in content.decode().split("\n")
-                      if x.startswith("environment = ")] or ["environment = "]
-            environment = dict_of_key_value_pairs(line.split(" = ", 1)[1].replace("%%", "%"))
-            assert environment == {k: str(v).lower() if isinstance(v, bool) else str(v)
-                                   for k, v in loaded.registry.env.items()}
+        if name.endswith("/registry/program.json"):
+            # registry.env reaches the registry through its wrapper's program.json (beside
+            # the appliance's own GOGC default, which registry.env may override).
+            environment = json.loads(content)["environment"]
+            expected = {k: str(v).lower() if isinstance(v, bool) else str(v)
+                        for k, v in loaded.registry.env.items()}
+            assert environment == {"GOGC": environment.get("GOGC"), **expected}
         if name == str(loaded.paths.registry_config):
             config = yaml.safe_load(content)
             assert config["http"].get("addr") in (loaded.registry.http_addr,

@@ -1,9 +1,15 @@
 """`appliance-auth --config PATH`: the token service under gunicorn, in the foreground.
 
 supervisord starts it and sends TERM to stop it. The application (key, certificate,
-config) is loaded once in the master before forking, so a broken key or config fails
-the start with one clear line instead of crash-looping workers; each worker then opens
-its own database connection on first use.
+config) is loaded in the master before forking, so a broken key or config fails the
+start with one clear line instead of crash-looping workers; each worker then opens its
+own database connection on first use.
+
+A HUP is the graceful reload that reconfigure sends when the config, key or certificate
+changed: the master re-reads the config file and builds the application again, then
+starts new workers on it while the old ones finish their requests (no request is
+refused). A config that no longer loads is refused with one line in the log, and the
+running application is kept: a bad file never takes the service down.
 
 Worker model, measured on 2 cores with bench/token: gunicorn's threaded workers
 (gthread), one process per core, a few threads each. The work is CPU-bound (ECDSA
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
@@ -28,14 +35,31 @@ from appliance.errors import ApplianceError
 
 
 class _Gunicorn(BaseApplication):
-    def __init__(self, application: TokenService, options: dict) -> None:
+    def __init__(self, application: TokenService, options: dict, config_path: Path,
+                 reload_options: Callable[[auth_config.AuthConfig], dict]) -> None:
         self.application, self.options = application, options
+        self.config_path, self.reload_options = config_path, reload_options
         super().__init__()
 
     def load_config(self) -> None:
         for key, value in self.options.items():
             if key in self.cfg.settings:  # settings newer than the installed gunicorn are skipped
                 self.cfg.set(key, value)
+
+    def reload(self) -> None:
+        """On HUP (in the master): the config file again, then new workers fork from
+        the application built on it (gunicorn's own reload re-uses the preloaded one)."""
+        try:
+            config = auth_config.load(self.config_path)
+            check_schema(config.database)
+            application = TokenService(config)
+        except (ApplianceError, OSError, ValueError) as error:
+            print(f"appliance-auth: reload refused, the running configuration is kept: "
+                  f"{error}", file=sys.stderr, flush=True)
+        else:
+            self.application, self.options = application, self.reload_options(config)
+            self.callable = None  # wsgi() hands out the new application
+        super().reload()
 
     def load(self) -> TokenService:
         return self.application
@@ -93,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     except ApplianceError as error:
         print(f"appliance-auth: {error}", file=sys.stderr)
         return 2
-    _Gunicorn(application, gunicorn_options(config, args.worker_class, args.threads)).run()
+    def options(loaded: auth_config.AuthConfig) -> dict:
+        return gunicorn_options(loaded, args.worker_class, args.threads)
+
+    _Gunicorn(application, options(config), args.config, options).run()
     return 0
 
 

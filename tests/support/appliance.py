@@ -185,6 +185,14 @@ class ApplianceUnderTest:
             return str(Paths.under(self.root, self.config_file).auth_socket)
         return self.config["auth"]["listen_addr"]
 
+    def registry_process(self) -> int:
+        """The registry process serving on its address: a child of the `registry`
+        program's wrapper, which hands it over to a new one on a change."""
+        import json
+
+        state = self.root / "var/opt/appliance/registry-socket/handover.json"
+        return json.loads(state.read_text())["children"][self.registry_internal_address]
+
     def wait_listening(self, timeout: float = 20) -> None:
         """Until nginx, the registry and the token service all accept connections."""
         from appliance.reconfigure import wait_listening

@@ -354,6 +354,7 @@ def reload_service(supervisor: Supervisor, service: Service,
     wait = service.wait_after_reload(status.pid) if service.wait_after_reload else None
     if not supervisor.signal(service.name, signal_name):
         return False
+    crash_point("mid-reload")
     if wait is not None:
         wait()
     return True

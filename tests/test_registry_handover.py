@@ -317,5 +317,6 @@ def test_a_registry_that_cannot_start_on_the_change_fails_the_run_and_keeps_serv
         assert appliance.registry_process() == serving
         assert across(appliance, lambda: None).failures == []  # still serving
     finally:
-        appliance.write_config({"registry": {"env": {}}})
+        appliance.config["registry"].pop("env")  # (write_config merges: {} would keep it)
+        appliance.write_config()
         appliance.reconfigure()

@@ -46,6 +46,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.services import ERROR_WORDS
+
 MASK = "********"
 MASK_ANYWHERE_LENGTH = 8
 READY_TIMEOUT = 30.0
@@ -131,6 +133,9 @@ class Child:
     retire_at: float | None = None  # when it is due for TERM
     unlink_at: float | None = None  # when its socket path goes (new connections stop)
     stopping: bool = False
+    # The first line it printed that reads as an error: why it would not start, said by
+    # the run that asked for the handover (its usage text follows it in the log).
+    first_error: str | None = None
 
 
 @dataclass
@@ -162,9 +167,11 @@ class Wrapper:
         except OSError as error_:
             self.say(f"cannot write {path}: {error_.strerror}")
 
-    def _pump(self, stream, mask: SecretFilter) -> None:  # noqa: ANN001 - a pipe
+    def _pump(self, stream, mask: SecretFilter, child: Child) -> None:  # noqa: ANN001
         for raw in iter(stream.readline, b""):
             line = mask(raw.decode("utf-8", "replace").rstrip("\n"))
+            if child.first_error is None and ERROR_WORDS.search(line):
+                child.first_error = line.strip()[:300]
             with self.output_lock:
                 sys.stdout.write(line + "\n")
                 sys.stdout.flush()
@@ -185,9 +192,10 @@ class Wrapper:
         process = subprocess.Popen(p.command, env=env, stdin=subprocess.DEVNULL,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    preexec_fn=_parent_death_signal)  # noqa: PLW1509
-        threading.Thread(target=self._pump, args=(process.stdout, SecretFilter(p.secrets)),
-                         daemon=True).start()
         child = Child(process, address)
+        threading.Thread(target=self._pump,
+                         args=(process.stdout, SecretFilter(p.secrets), child),
+                         daemon=True).start()
         self.children.append(child)
         return child
 
@@ -197,7 +205,9 @@ class Wrapper:
         while time.monotonic() < deadline and not self.stop_requested:
             code = child.process.poll()
             if code is not None:
-                return f"the registry exited with status {code} on {child.address}"
+                time.sleep(0.1)  # its last lines reach the pump
+                why = f" ({child.first_error})" if child.first_error else ""
+                return f"the registry exited with status {code} on {child.address}{why}"
             if answers(child.address):
                 return None
             time.sleep(0.05)

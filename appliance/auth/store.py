@@ -176,6 +176,43 @@ def check_schema(db_path: Path) -> None:
         )
 
 
+def schema_version(db_path: Path) -> int | None:
+    """The schema number the database has reached, None when there is no database yet.
+    Opened read-only, so that asking (a dry run, the recipe's plan) creates nothing."""
+    db_path = Path(db_path)
+    check_database_files(db_path)  # a linked auth.db-wal: one sentence, never followed
+    if not db_path.exists():
+        return None
+    connection = _read_only(db_path)
+    try:
+        return connection.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        connection.close()
+
+
+def user_exists(db_path: Path, username: str) -> bool:
+    """Whether `username` has an account; False while there is no database or no users
+    table yet (the recipe asks before its schema step has run). Read-only, like
+    schema_version."""
+    db_path = Path(db_path)
+    if schema_version(db_path) is None:
+        return False
+    connection = _read_only(db_path)
+    try:
+        row = connection.execute(
+            "SELECT 1 FROM users WHERE username = ?", (username,)
+        ).fetchone()
+        return row is not None
+    except sqlite3.OperationalError:  # no users table: schema 0
+        return False
+    finally:
+        connection.close()
+
+
+def _read_only(db_path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"{db_path.absolute().as_uri()}?mode=ro", uri=True)
+
+
 def ensure_admin(db_path: Path, username: str, password: str) -> bool:
     """Create the administrator if missing (True); never touches an existing user."""
     store = Store(db_path)

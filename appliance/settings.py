@@ -350,6 +350,12 @@ class AuthSettings:
                                        check_positive)
     credential_cache_ttl: int = setting(30, "Seconds a verified password is remembered "
                                         "(a password change ends it at once).", check_positive)
+    credential_cache_size: int = setting(10000, "Verified passwords each worker remembers "
+                                         "(the least recently used are dropped).",
+                                         check_positive)
+    refresh_tokens_per_user: int = setting(50, "Live refresh tokens (docker login) kept per "
+                                           "user or deploy token; the oldest is dropped "
+                                           "first.", check_positive)
     username: str = setting("appliance-auth", "Account the token service runs as (when "
                             "reconfigure runs as root).", check_username)
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import secrets as random
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from appliance.auth.database_files import check_database_files, chown_database_files
+from appliance.auth.config import AuthConfig
+from appliance.auth.database_files import chown_database_files
+from appliance.auth.store import schema_version, user_exists
 from appliance.contracts import Service, signal
 from appliance.engine import Report
 from appliance.resources import Change, Directory, File, Resource, atomic_write, reload
@@ -25,17 +26,6 @@ from recipes import supervisor
 from recipes.base import service_user
 
 ADMIN_USERNAME = "root"
-
-
-def database_version(db_path: Path) -> int | None:
-    check_database_files(db_path)  # a linked auth.db-wal: one sentence, never followed
-    if not db_path.exists():
-        return None
-    connection = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    try:
-        return connection.execute("PRAGMA user_version").fetchone()[0]
-    finally:
-        connection.close()
 
 
 def _chown_database(db_path: Path, owner: str | None) -> None:
@@ -60,7 +50,7 @@ class AuthDatabase(Resource):
         return str(self.path)
 
     def current(self) -> int | None:
-        return database_version(self.path)
+        return schema_version(self.path)
 
     def plan(self, current: int | None) -> list[Change]:
         from appliance.auth.migrations import MIGRATIONS
@@ -97,17 +87,7 @@ class AdminUser(Resource):
         return ADMIN_USERNAME
 
     def current(self) -> bool:
-        if database_version(self.db_path) is None:
-            return False
-        connection = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True)
-        try:
-            row = connection.execute("SELECT 1 FROM users WHERE username = ?",
-                                     (ADMIN_USERNAME,)).fetchone()
-            return row is not None
-        except sqlite3.OperationalError:
-            return False
-        finally:
-            connection.close()
+        return user_exists(self.db_path, ADMIN_USERNAME)
 
     def plan(self, current: bool) -> list[Change]:
         if current:
@@ -144,35 +124,38 @@ def address(settings: Settings) -> str:
     return settings.auth.listen_addr
 
 
-def auth_config(settings: Settings) -> dict:
-    p = settings.paths
+def auth_config(settings: Settings) -> AuthConfig:
+    """The token service's whole config, every field from the settings (AuthConfig has
+    no defaults of its own that could disagree with them)."""
     a = settings.auth
-    return {
-        "database": str(settings.auth_database),
-        "signing_key": settings.registry.key_path,
-        "signing_certificate": str(p.token_signing_certificate),
-        "issuer": settings.registry.issuer,
-        "service": settings.registry.service,
-        "realm": settings.token_realm,
-        "audit_log": str(audit_dir(settings) / "audit.log"),
-        "listen_addr": address(settings),
-        "workers": a.workers,
-        "threads": a.threads,
-        "token_lifetime": a.token_lifetime,
-        "refresh_token_lifetime": a.refresh_token_lifetime,
+    return AuthConfig(
+        database=settings.auth_database,
+        signing_key=Path(settings.registry.key_path),
+        signing_certificate=settings.paths.token_signing_certificate,
+        issuer=settings.registry.issuer,
+        service=settings.registry.service,
+        realm=settings.token_realm,
+        audit_log=audit_dir(settings) / "audit.log",
+        listen_addr=address(settings),
+        workers=a.workers,
+        threads=a.threads,
+        token_lifetime=a.token_lifetime,
+        refresh_token_lifetime=a.refresh_token_lifetime,
         # On the socket every peer is nginx (no other account may connect), and the
         # service believes its X-Real-IP. Over TCP any local process may connect and
         # claim any address, so the peer address is all the service believes.
-        "trusted_proxies": [],
-        "rate_limit_window": a.failed_login_window,
-        "rate_limit_user_failures": a.max_failed_logins,
-        "rate_limit_address_failures": a.max_failed_logins * 3,
-        "rate_limit_account_failures": a.max_failed_logins * 10,
-        "audit_log_max_bytes": settings.logging.max_bytes,
-        "audit_log_backups": settings.logging.backups,
-        "credential_cache_ttl": a.credential_cache_ttl,
-        "default_registry_enabled": settings.default_projects_features.container_registry,
-    }
+        trusted_proxies=(),
+        rate_limit_window=a.failed_login_window,
+        rate_limit_user_failures=a.max_failed_logins,
+        rate_limit_address_failures=a.max_failed_logins * 3,
+        rate_limit_account_failures=a.max_failed_logins * 10,
+        refresh_tokens_per_user=a.refresh_tokens_per_user,
+        audit_log_max_bytes=settings.logging.max_bytes,
+        audit_log_backups=settings.logging.backups,
+        credential_cache_ttl=a.credential_cache_ttl,
+        credential_cache_size=a.credential_cache_size,
+        default_registry_enabled=settings.default_projects_features.container_registry,
+    )
 
 
 def service(settings: Settings) -> Service:
@@ -219,7 +202,7 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
              owner=user, group=user, sensitive=True, notifies=notify),
         File(p.token_signing_certificate, secrets.token_signing_certificate, 0o644,
              notifies=notify),
-        File(p.auth_config, json.dumps(auth_config(settings), indent=2) + "\n", 0o640,
+        File(p.auth_config, json.dumps(auth_config(settings).to_mapping(), indent=2) + "\n", 0o640,
              owner=user, group=user, notifies=notify),
         AuthDatabase(settings.auth_database, owner=user),
         AdminUser(settings.auth_database, settings.initial_root_password,

@@ -1,5 +1,6 @@
 """The service's JSON config (schema, every problem at once) and the database functions
-the reconfigure recipe calls: ensure_schema and ensure_admin."""
+the reconfigure recipe calls: schema_version and user_exists to read, ensure_schema and
+ensure_admin to act."""
 
 from __future__ import annotations
 
@@ -11,11 +12,18 @@ import pytest
 
 from appliance.auth import config as auth_config
 from appliance.auth import credentials
-from appliance.auth.store import MIGRATIONS, Store, ensure_admin, ensure_schema
+from appliance.auth.store import (
+    MIGRATIONS,
+    Store,
+    ensure_admin,
+    ensure_schema,
+    schema_version,
+    user_exists,
+)
 from appliance.errors import ConfigError
 from tests.support.auth_requests import use_cheap_hasher
 
-MINIMAL = {
+COMPLETE = {
     "database": "/var/opt/appliance/auth/auth.db",
     "signing_key": "/etc/appliance/ssl/token.key",
     "signing_certificate": "/etc/appliance/ssl/token.crt",
@@ -23,23 +31,53 @@ MINIMAL = {
     "service": "container_registry",
     "realm": "https://registry.example.com/jwt/auth",
     "audit_log": "/var/log/appliance/auth/audit.log",
+    "listen_addr": "127.0.0.1:5001",
+    "workers": 2,
+    "threads": 4,
+    "token_lifetime": 300,
+    "refresh_token_lifetime": 2592000,
+    "trusted_proxies": ["127.0.0.1", "::1"],
+    "rate_limit_window": 300,
+    "rate_limit_user_failures": 10,
+    "rate_limit_address_failures": 30,
+    "rate_limit_account_failures": 100,
+    "refresh_tokens_per_user": 50,
+    "audit_log_max_bytes": 52428800,
+    "audit_log_backups": 10,
+    "credential_cache_ttl": 30,
+    "credential_cache_size": 10000,
+    "default_registry_enabled": True,
 }
 
 
-def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
+def test_a_complete_config_loads_and_round_trips(tmp_path: Path) -> None:
     path = tmp_path / "auth.json"
-    path.write_text(json.dumps(MINIMAL))
+    path.write_text(json.dumps(COMPLETE))
     config = auth_config.load(path)
-    assert config.database == Path(MINIMAL["database"])
+    assert config.database == Path(COMPLETE["database"])
     assert (config.listen_host, config.listen_port) == ("127.0.0.1", 5001)
     assert config.trusted_proxies == ("127.0.0.1", "::1")
     assert config.default_registry_enabled is True
     assert auth_config.from_mapping(auth_config.to_mapping(config)) == config
+    assert config.to_mapping() == COMPLETE
+
+
+@pytest.mark.parametrize("field", sorted(COMPLETE))
+def test_a_missing_field_is_named_not_defaulted(tmp_path: Path, field: str) -> None:
+    """No field has a default of its own that could disagree with the settings: a file
+    without one (written by an older version, say) is refused, naming it and the fix."""
+    path = tmp_path / "auth.json"
+    path.write_text(json.dumps({k: v for k, v in COMPLETE.items() if k != field}))
+    with pytest.raises(ConfigError) as raised:
+        auth_config.load(path)
+    assert str(raised.value) == (
+        f"Invalid {path}: {field}: required; run 'appliance-ctl reconfigure' to write it again."
+    )
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     raw = {
-        **MINIMAL,
+        **COMPLETE,
         "database": "relative.db",
         "workers": "two",
         "trusted_proxies": ["nope"],
@@ -103,6 +141,24 @@ def test_ensure_admin_creates_once_and_never_changes_the_password(tmp_path, monk
     assert not credentials.verify_password(root.password_hash, "other password")
 
 
+def test_the_recipe_reads_the_database_without_creating_or_changing_it(tmp_path, monkeypatch):
+    """What the recipe's plan (and a dry run) asks: no database yet, an empty file
+    (schema 0, no users table), the latest schema without and then with the admin."""
+    use_cheap_hasher(monkeypatch)
+    db = tmp_path / "auth.db"
+    assert (schema_version(db), user_exists(db, "root")) == (None, False)
+    assert list(tmp_path.iterdir()) == []  # asking created nothing
+    sqlite3.connect(db).close()
+    assert (schema_version(db), user_exists(db, "root")) == (0, False)
+    db.unlink()
+    ensure_schema(db)
+    before = db.read_bytes()
+    assert (schema_version(db), user_exists(db, "root")) == (len(MIGRATIONS), False)
+    assert db.read_bytes() == before
+    ensure_admin(db, "root", "a password")
+    assert (user_exists(db, "root"), user_exists(db, "alice")) == (True, False)
+
+
 def test_stored_secrets_are_hashes(tmp_path: Path, monkeypatch) -> None:
     use_cheap_hasher(monkeypatch)
     db = tmp_path / "auth.db"
@@ -124,7 +180,7 @@ def test_server_refuses_a_missing_or_old_database(tmp_path: Path, capsys) -> Non
 
     key, cert = write_signing_material(tmp_path)
     raw = {
-        **MINIMAL,
+        **COMPLETE,
         "database": str(tmp_path / "auth.db"),
         "signing_key": str(key),
         "signing_certificate": str(cert),
@@ -145,7 +201,7 @@ def test_server_reports_a_bad_key_in_one_line(tmp_path: Path, capsys) -> None:
     ensure_schema(tmp_path / "auth.db")
     (tmp_path / "bad.key").write_text("not a key")
     raw = {
-        **MINIMAL,
+        **COMPLETE,
         "database": str(tmp_path / "auth.db"),
         "signing_key": str(tmp_path / "bad.key"),
         "audit_log": str(tmp_path / "audit.log"),

@@ -388,7 +388,7 @@ def test_reconfigure_gives_the_service_the_log_caps_and_the_limits(tmp_path: Pat
         logging={"max_bytes": 123456, "backups": 4},
         auth={"max_failed_logins": 7},
     )
-    config = from_mapping(auth_config(settings))
+    config = from_mapping(auth_config(settings).to_mapping())
     assert (config.audit_log_max_bytes, config.audit_log_backups) == (123456, 4)
     assert (
         config.rate_limit_user_failures,

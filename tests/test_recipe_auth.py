@@ -3,12 +3,13 @@ the directories of its socket and audit log."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
-from appliance.auth.config import from_mapping
+from appliance.auth.config import AuthConfig, from_mapping
 from appliance.auth.server import gunicorn_options
 from appliance.errors import ConfigError
 from recipes import auth, supervisor
@@ -83,3 +84,67 @@ def test_the_new_keys_are_checked(overrides, problem):
     with pytest.raises(ConfigError) as caught:
         settings_for(root, **overrides)
     assert caught.value.problems == [problem]
+
+
+def test_the_written_config_is_exactly_the_config_the_recipe_built():
+    """One shape: what the service will load from the file equals the AuthConfig the
+    recipe built, and the file carries every field (the service fills none in)."""
+    for network in ("unix", "tcp"):
+        settings = settings_for(ROOT, run_as_root=True, auth={"listen_network": network})
+        built = auth.auth_config(settings)
+        written = written_config(settings)
+        assert list(written) == [spec.name for spec in dataclasses.fields(AuthConfig)]
+        assert from_mapping(written) == built
+
+
+OTHER_ROOT = Path("/srv/elsewhere")
+# A value other than the default for every setting the token service's config comes
+# from, and the field each one must reach.
+NON_DEFAULT_SETTINGS = {
+    "registry_external_url": "https://registry.example.org:6443",
+    "registry": {"issuer": "example-issuer", "service": "example-registry",
+                 "key_path": "/etc/keys/signing.key"},
+    "auth": {"listen_network": "tcp", "listen_addr": "127.0.0.1:6200", "workers": 3,
+             "threads": 5, "token_lifetime": 600, "refresh_token_lifetime": 86400,
+             "database_path": "/srv/db/users.db", "max_failed_logins": 4,
+             "failed_login_window": 120, "credential_cache_ttl": 15,
+             "credential_cache_size": 500, "refresh_tokens_per_user": 7},
+    "logging": {"max_bytes": 123456, "backups": 3},
+    "default_projects_features": {"container_registry": False},
+}
+ARRIVES_AS = {
+    "database": Path("/srv/db/users.db"),
+    "signing_key": Path("/etc/keys/signing.key"),
+    "signing_certificate": OTHER_ROOT / "var/opt/appliance/auth/token-signing.crt",
+    "issuer": "example-issuer",
+    "service": "example-registry",
+    "realm": "https://registry.example.org:6443/jwt/auth",
+    "audit_log": OTHER_ROOT / "var/log/appliance/audit/audit.log",
+    "listen_addr": "127.0.0.1:6200",
+    "workers": 3,
+    "threads": 5,
+    "token_lifetime": 600,
+    "refresh_token_lifetime": 86400,
+    "trusted_proxies": (),  # fixed by the recipe: see recipes/auth.auth_config
+    "rate_limit_window": 120,
+    "rate_limit_user_failures": 4,
+    "rate_limit_address_failures": 12,
+    "rate_limit_account_failures": 40,
+    "refresh_tokens_per_user": 7,
+    "audit_log_max_bytes": 123456,
+    "audit_log_backups": 3,
+    "credential_cache_ttl": 15,
+    "credential_cache_size": 500,
+    "default_registry_enabled": False,
+}
+
+
+def test_every_field_of_the_service_config_comes_from_the_settings():
+    default = auth.auth_config(settings_for(ROOT))
+    custom = auth.auth_config(settings_for(OTHER_ROOT, **NON_DEFAULT_SETTINGS))
+    assert custom == AuthConfig(**ARRIVES_AS)
+    # Each field followed its setting away from the default (none is set by the recipe
+    # alone), except the proxies the service never believes over TCP.
+    unchanged = [spec.name for spec in dataclasses.fields(AuthConfig)
+                 if getattr(custom, spec.name) == getattr(default, spec.name)]
+    assert unchanged == ["trusted_proxies"]

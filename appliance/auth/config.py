@@ -1,7 +1,11 @@
 """The auth service's own configuration file (JSON), rendered by the reconfigure recipe.
 
 The service reads nothing else: every knob is a field of AuthConfig, documented below, so
-the recipe that writes the file and the server that reads it agree on one schema.
+the recipe that writes the file and the server that reads it agree on one schema. The
+fields have no defaults here: the recipe (`recipes/auth.auth_config`) sets every one
+from the settings, whose defaults are the only ones, and a file missing a field (one
+written by an older version, say) is refused with the field's name instead of being
+filled with a value that could disagree with appliance.yml.
 """
 
 from __future__ import annotations
@@ -34,41 +38,43 @@ class AuthConfig:
     """Public URL of the token endpoint (…/jwt/auth), sent in WWW-Authenticate challenges."""
     audit_log: Path
     """JSON-lines file receiving one record per grant or denial."""
-    listen_addr: str = "127.0.0.1:5001"
+    listen_addr: str
     """host:port the WSGI server binds, or the absolute path of a unix socket. On a socket
     every peer is nginx (only its account may connect) and its X-Real-IP is believed."""
-    workers: int = 2
+    workers: int
     """Worker processes; one per core is the measured optimum (CPU-bound signing)."""
-    threads: int = 4
+    threads: int
     """Threads per worker. They mostly hold nginx's idle keep-alive connections (the GIL
     serialises the work itself); keep-alive is what makes threads beat sync workers."""
-    token_lifetime: int = 300
+    token_lifetime: int
     """Seconds a registry token stays valid (`expires_in`)."""
-    refresh_token_lifetime: int = 2_592_000
+    refresh_token_lifetime: int
     """Seconds an OAuth2 refresh token (docker login's offline token) stays valid."""
-    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
-    """Peer addresses (or CIDR networks) whose X-Real-IP header is believed."""
-    rate_limit_window: int = 300
+    trusted_proxies: tuple[str, ...]
+    """Peer addresses (or CIDR networks) whose X-Real-IP header is believed over TCP. The
+    recipe lists none: on the socket every peer is nginx anyway (listen_socket), and over
+    TCP any local process may connect and claim any address."""
+    rate_limit_window: int
     """Seconds over which failed sign-ins are counted; also the longest Retry-After."""
-    rate_limit_user_failures: int = 10
+    rate_limit_user_failures: int
     """Failed sign-ins for one username from one client address within the window before
     that username answers 429 to that address (other addresses are not affected)."""
-    rate_limit_address_failures: int = 30
+    rate_limit_address_failures: int
     """Failed sign-ins from one client address within the window before it answers 429."""
-    rate_limit_account_failures: int = 100
+    rate_limit_account_failures: int
     """Failed sign-ins for one username from all addresses within the window before the
     account answers 429 to everyone (a guesser spread over many addresses)."""
-    refresh_tokens_per_user: int = 50
+    refresh_tokens_per_user: int
     """Live refresh tokens kept per user (or deploy token); the oldest is dropped first."""
-    audit_log_max_bytes: int = 50 * 1024 * 1024
+    audit_log_max_bytes: int
     """The audit log is rotated before it would grow past this size (0: never rotated)."""
-    audit_log_backups: int = 10
+    audit_log_backups: int
     """Rotated audit logs kept (audit.log.1 is the newest)."""
-    credential_cache_ttl: int = 60
+    credential_cache_ttl: int
     """Seconds a verified password is remembered per worker (0 disables the cache)."""
-    credential_cache_size: int = 10_000
+    credential_cache_size: int
     """Most verified credentials a worker remembers (least recently used are dropped)."""
-    default_registry_enabled: bool = True
+    default_registry_enabled: bool
     """Registry switch of projects created without an explicit choice
     (default_projects_features.container_registry)."""
 
@@ -84,6 +90,19 @@ class AuthConfig:
     @property
     def listen_port(self) -> int:
         return int(self.listen_addr.rsplit(":", 1)[1])
+
+    def to_mapping(self) -> dict:
+        """The JSON-ready form, every field present (what the recipe writes); the inverse
+        of from_mapping."""
+        out = {}
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[spec.name] = value
+        return out
 
 
 _PATH_FIELDS = {"database", "signing_key", "signing_certificate", "audit_log"}
@@ -103,21 +122,16 @@ def load(path: Path) -> AuthConfig:
 
 
 def from_mapping(raw: dict, source: str = "auth config") -> AuthConfig:
+    """Validate a parsed config: every field present and well-typed, no unknown key; all
+    problems in one ConfigError sentence."""
     fields = {f.name: f for f in dataclasses.fields(AuthConfig)}
-    problems: list[str] = []
+    problems = [f"{key}: unknown setting" for key in raw if key not in fields]
+    problems += [f"{name}: required" for name in fields if name not in raw]
     values: dict = {}
-    for key, value in raw.items():
-        if key not in fields:
-            problems.append(f"{key}: unknown setting")
-            continue
-        values[key] = value
     for name, spec in fields.items():
-        required = spec.default is dataclasses.MISSING
-        if name not in values:
-            if required:
-                problems.append(f"{name}: required")
+        if name not in raw:
             continue
-        value = values[name]
+        value = values[name] = raw[name]
         if name in _PATH_FIELDS:
             if not isinstance(value, str) or not value.startswith("/"):
                 problems.append(f"{name}: must be an absolute path")
@@ -142,27 +156,24 @@ def from_mapping(raw: dict, source: str = "auth config") -> AuthConfig:
         elif spec.type in ("str", str):
             if not isinstance(value, str) or not value:
                 problems.append(f"{name}: must be a non-empty string")
-    listen = values.get("listen_addr", AuthConfig.listen_addr)
-    if isinstance(listen, str) and not listen.startswith("/"):
+    listen = values.get("listen_addr")
+    if isinstance(listen, str) and listen and not listen.startswith("/"):
         host, _, port = listen.rpartition(":")
         if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             problems.append("listen_addr: must be host:port or a socket path")
     for name in ("workers", "threads"):
-        if values.get(name, 1) == 0:
+        if values.get(name) == 0:
             problems.append(f"{name}: must be at least 1")
     if problems:
-        raise ConfigError(f"Invalid {source}: " + "; ".join(problems) + ".")
+        # A field the file lacks is most likely one this version added after an older
+        # reconfigure wrote the file: reconfigure writes every field again.
+        raise ConfigError(
+            f"Invalid {source}: " + "; ".join(problems)
+            + "; run 'appliance-ctl reconfigure' to write it again."
+        )
     return AuthConfig(**values)
 
 
 def to_mapping(config: AuthConfig) -> dict:
-    """The JSON-ready form (what the recipe writes); inverse of from_mapping."""
-    out = {}
-    for spec in dataclasses.fields(AuthConfig):
-        value = getattr(config, spec.name)
-        if isinstance(value, Path):
-            value = str(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[spec.name] = value
-    return out
+    """The JSON-ready form of `config`, beside from_mapping (its inverse)."""
+    return config.to_mapping()

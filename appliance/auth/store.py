@@ -8,6 +8,11 @@ implementation of this same interface can replace the module later.
 
 Schema changes are numbered migrations applied by `ensure_schema`, which records the
 number reached in SQLite's `user_version` pragma.
+
+Reconfigure reads the database through this module on every run, a no-op included
+(`schema_version`, `user_exists`), so the password hasher (argon2, through
+`credentials`) is imported only by the few functions that make a secret: loading it
+for every run would cost more than the reads themselves.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.auth import credentials
 from appliance.auth.database_files import check_database_files
 from appliance.auth.migrations import MIGRATIONS
 from appliance.auth.names import path_prefixes, validate_project_path, validate_username
@@ -176,8 +180,47 @@ def check_schema(db_path: Path) -> None:
         )
 
 
+def schema_version(db_path: Path) -> int | None:
+    """The schema number the database has reached, None when there is no database yet.
+    Opened read-only, so that asking (a dry run, the recipe's plan) creates nothing."""
+    db_path = Path(db_path)
+    check_database_files(db_path)  # a linked auth.db-wal: one sentence, never followed
+    if not db_path.exists():
+        return None
+    connection = _read_only(db_path)
+    try:
+        return connection.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        connection.close()
+
+
+def user_exists(db_path: Path, username: str) -> bool:
+    """Whether `username` has an account; False while there is no database or no users
+    table yet (the recipe asks before its schema step has run). Read-only, like
+    schema_version."""
+    db_path = Path(db_path)
+    if schema_version(db_path) is None:
+        return False
+    connection = _read_only(db_path)
+    try:
+        row = connection.execute(
+            "SELECT 1 FROM users WHERE username = ?", (username,)
+        ).fetchone()
+        return row is not None
+    except sqlite3.OperationalError:  # no users table: schema 0
+        return False
+    finally:
+        connection.close()
+
+
+def _read_only(db_path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"{db_path.absolute().as_uri()}?mode=ro", uri=True)
+
+
 def ensure_admin(db_path: Path, username: str, password: str) -> bool:
     """Create the administrator if missing (True); never touches an existing user."""
+    from appliance.auth import credentials  # argon2: see the module docstring
+
     store = Store(db_path)
     try:
         if store.find_user(username) is not None:
@@ -426,6 +469,8 @@ class Store:
         self, username: str, name: str, scopes: Iterable[str], expires_at: int | None
     ) -> tuple[PersonalAccessToken, str]:
         """Returns the token and its secret; only the secret's digest is stored."""
+        from appliance.auth import credentials  # argon2: see the module docstring
+
         user = self.user(username)
         scope_text = _scope_text(scopes)
         secret = credentials.new_secret(credentials.PERSONAL_TOKEN_PREFIX)
@@ -485,6 +530,8 @@ class Store:
     def create_deploy_token(
         self, path: str, name: str, scopes: Iterable[str], expires_at: int | None
     ) -> tuple[DeployToken, str]:
+        from appliance.auth import credentials  # argon2: see the module docstring
+
         project = self.project(path)
         scope_text = _scope_text(scopes)
         secret = credentials.new_secret(credentials.DEPLOY_TOKEN_PREFIX)

@@ -75,6 +75,22 @@ def make_config(directory: Path, port: int = 0, key_kind: str = "ec", **override
         audit_log=directory / "audit.log",
         listen_addr=f"127.0.0.1:{port}",
         workers=2,
+        # The values AuthConfig once defaulted to: the tests below were written against
+        # them (a loopback peer's X-Real-IP believed, a 60 s credential cache).
+        threads=4,
+        token_lifetime=300,
+        refresh_token_lifetime=2_592_000,
+        trusted_proxies=("127.0.0.1", "::1"),
+        rate_limit_window=300,
+        rate_limit_user_failures=10,
+        rate_limit_address_failures=30,
+        rate_limit_account_failures=100,
+        refresh_tokens_per_user=50,
+        audit_log_max_bytes=50 * 1024 * 1024,
+        audit_log_backups=10,
+        credential_cache_ttl=60,
+        credential_cache_size=10_000,
+        default_registry_enabled=True,
     )
     values.update(overrides)
     config = AuthConfig(**values)

@@ -18,13 +18,6 @@ from appliance.settings import STORAGE_EXTRAS, Settings
 from recipes import supervisor
 from recipes.base import service_user
 
-# Debian's docker-registry, or EL's docker-distribution/distribution: same `serve CONFIG`.
-REGISTRY_BINARIES = ("/usr/bin/docker-registry", "/usr/bin/registry")
-
-
-def registry_binary() -> str:
-    return next((b for b in REGISTRY_BINARIES if Path(b).exists()), REGISTRY_BINARIES[0])
-
 # What the reference guide's Omnibus defaults are for an endpoint that leaves them out.
 NOTIFICATION_DEFAULTS = {"timeout": "500ms", "threshold": 5, "backoff": "1s"}
 
@@ -174,7 +167,7 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
         Template(p.registry_config, "registry/config.yml.j2", config_context(settings, secrets),
                  mode=0o640, group=user, notifies=notify),
         *supervisor.program(settings, "registry",
-                            [registry_binary(), "serve", str(p.registry_config)],
+                            [settings.facts.registry_binary, "serve", str(p.registry_config)],
                             user=user, environment=dict(settings.registry.env),
                             stopsignal="TERM", umask=umask),
     ]

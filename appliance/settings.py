@@ -6,11 +6,17 @@ problem in one pass and raises one ConfigError listing them all with their key p
 so an admin fixes the file once instead of once per error. `derive()` is the one
 place that fills in values computed from others; it returns new objects and mutates
 nothing, so `show-config` prints exactly what the recipes see.
+
+Raw and resolved settings are two types: `load()` validates the file into `RawSettings`
+(the schema; a value that follows from others is None there), and `derive()` turns it
+into `Settings`, where every derived value is required and typed without None, plus the
+run's `HostFacts`, read once by `load()`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import json
 import os
@@ -223,7 +229,8 @@ def doc(text: str, check: typing.Callable[[Any], str | None] | None = None,
 def setting(default: Any, text: str, check: typing.Callable | None = None,
             example: Any = None) -> Any:
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d),
+        # each instance gets its own copy of the default list or mapping
+        return field(default_factory=functools.partial(type(default), default),
                      metadata=doc(text, check, example))
     return field(default=default, metadata=doc(text, check, example))
 
@@ -609,7 +616,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
         self.depth = 0
         self.nodes = 0
 
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         self.depth += 1
         self.nodes += 1
         if self.depth > MAX_CONFIG_DEPTH:
@@ -818,7 +825,7 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
             problems.append(f"{path}: unknown key{hint}")
             continue
         f, tp = fields[key], hints[key]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             values[key] = _build(tp, value if value is not None else {}, f"{path}.", problems)
             continue
         if not _matches(tp, value):
@@ -1072,13 +1079,13 @@ def check_ports(s: RawSettings) -> list[str]:
     and an internal service on a port nginx binds on the same address."""
     problems = []
     registry_url = registry_url_of(s)
-    ports = {}
+    ports: dict[int, str] = {}
     port = s.registry_nginx.listen_port or urlsplit(registry_url).port or 443
-    for name, value in (("nginx.http_port", s.nginx.http_port),
-                        ("registry_nginx.listen_port", port)):
-        if value in ports:
-            problems.append(f"{name}: {value} is also {ports[value]}; pick another port")
-        ports[value] = name
+    for name, number in (("nginx.http_port", s.nginx.http_port),
+                         ("registry_nginx.listen_port", port)):
+        if number in ports:
+            problems.append(f"{name}: {number} is also {ports[number]}; pick another port")
+        ports[number] = name
     addrs = {"registry.http_addr": s.registry.http_addr, "auth.listen_addr": s.auth.listen_addr}
     if s.registry.listen_network == "unix":
         del addrs["registry.http_addr"]  # the registry has no TCP port
@@ -1104,14 +1111,14 @@ def check_ports(s: RawSettings) -> list[str]:
     # nginx binds its ports on every listen address; an internal service on one of them
     # (registry.http_addr 127.0.0.1:5050 beside the default vhost on *:5050) fails to start.
     for name, value in addrs.items():
-        host, _, port = value.rpartition(":")
-        if not _PORT.fullmatch(port) or int(port) not in ports:
+        host, _, port_text = value.rpartition(":")
+        if not _PORT.fullmatch(port_text) or int(port_text) not in ports:
             continue
         host = host.strip("[]")
         if host in ("0.0.0.0", "::") or any(
                 a in ("*", "[::]") or a.strip("[]") == host
                 for a in s.nginx.listen_addresses if isinstance(a, str)):
-            problems.append(f"{name}: {value} is also {ports[int(port)]}, where nginx "
+            problems.append(f"{name}: {value} is also {ports[int(port_text)]}, where nginx "
                             f"listens; pick another port")
     return problems
 
@@ -1281,7 +1288,7 @@ def _example_lines(cls: type, indent: str, lines: list[str]) -> None:
             _example_lines(hints[f.name], indent + "  ", lines)
             lines.append("")
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = f.default_factory() if callable(f.default_factory) else f.default
         lines.extend(f"# {indent}{line}" for line in _dump({f.name: default}))
         if f.metadata.get("example") is not None:
             lines.append(f"# {indent}# for example:")

@@ -547,6 +547,10 @@ class HostFacts:
                    certificate_placed_by_admin=placed_by_admin(s))
 
 
+# How the registry's certificate is obtained (README, TLS): decided once, by derive().
+TlsMode = typing.Literal["letsencrypt", "files", "self-signed"]
+
+
 def _derived() -> Any:
     return field(metadata={"derived": True})
 
@@ -569,7 +573,7 @@ class Settings(RawSettings):
     registry_port: int = _derived()
     registry_on_own_domain: bool = _derived()
     token_realm: str = _derived()
-    tls_mode: str = _derived()  # letsencrypt|files|self-signed
+    tls_mode: TlsMode = _derived()
     # Not part of what the settings are: two equal configs are equal settings.
     facts: HostFacts = field(compare=False, metadata={"derived": True})
 

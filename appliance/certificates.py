@@ -59,7 +59,7 @@ def placed_by_admin(settings: Settings) -> bool:
     path keys). A CA-signed certificate the appliance did not write is the admin's: it
     is served as it is and never replaced by a placeholder, a self-signed certificate or
     a Let's Encrypt order, which would otherwise overwrite it once it came due. A run
-    asks this once, when its settings are loaded (`settings.certificate_placed_by_admin`).
+    asks this once, when its settings are loaded (`settings.facts.certificate_placed_by_admin`).
     """
     if settings.tls_mode == "files":
         return False
@@ -85,7 +85,7 @@ def placed_by_admin(settings: Settings) -> bool:
 def effective_mode(settings: Settings) -> str:
     """settings.tls_mode, except "files" while a certificate the admin placed by hand is at
     the default path (the run's host fact, not a new look at the disk)."""
-    return "files" if settings.certificate_placed_by_admin else settings.tls_mode
+    return "files" if settings.facts.certificate_placed_by_admin else settings.tls_mode
 
 
 def read_certificate(cert_path: Path, key_path: Path) -> CertificateState:

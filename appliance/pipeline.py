@@ -288,7 +288,7 @@ def preflight(settings: Settings, services: list[Service],
                 f"port {procfs.split_address(address)[1]}"
             raise ServiceError(f"{what} ({key}) is used by {holder}; stop that process or "
                                f"set another {key} in appliance.yml.")
-        if settings.run_as_root and service.user:
+        if settings.facts.run_as_root and service.user:
             for path in service.reaches:
                 problem = untraversable(service.user, path)
                 if problem:

@@ -6,11 +6,17 @@ problem in one pass and raises one ConfigError listing them all with their key p
 so an admin fixes the file once instead of once per error. `derive()` is the one
 place that fills in values computed from others; it returns new objects and mutates
 nothing, so `show-config` prints exactly what the recipes see.
+
+Raw and resolved settings are two types: `load()` validates the file into `RawSettings`
+(the schema; a value that follows from others is None there), and `derive()` turns it
+into `Settings`, where every derived value is required and typed without None, plus the
+run's `HostFacts`, read once by `load()`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import json
 import os
@@ -223,7 +229,8 @@ def doc(text: str, check: typing.Callable[[Any], str | None] | None = None,
 def setting(default: Any, text: str, check: typing.Callable | None = None,
             example: Any = None) -> Any:
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d),
+        # each instance gets its own copy of the default list or mapping
+        return field(default_factory=functools.partial(type(default), default),
                      metadata=doc(text, check, example))
     return field(default=default, metadata=doc(text, check, example))
 
@@ -446,7 +453,13 @@ class Paths:
 
 
 @dataclass(frozen=True)
-class Settings:
+class RawSettings:
+    """appliance.yml as the admin wrote it, validated: what derive() starts from.
+
+    A value left to a default that follows from others is None here; `Settings`, which
+    derive() returns, has it filled in.
+    """
+
     root: str = setting("/", "Every default path lives under this directory (tests and demos "
                         "run the whole appliance unprivileged in a temporary one).",
                         check_safe_path)
@@ -469,30 +482,110 @@ class Settings:
         DefaultProjectsFeatures, "Defaults for new projects.")
     logging: LoggingSettings = section(LoggingSettings, "Service logs.")
 
+    @property
+    def default_registry_enabled(self) -> bool:
+        return self.default_projects_features.container_registry
+
+
+# ---------------------------------------------------------------- resolved settings
+# What derive() returns and every recipe reads. Each resolved class is its schema class
+# with the values derive() fills in narrowed to their type (never None), so a recipe
+# neither asserts nor falls back to a default of its own. They are keyword-only and
+# have no defaults (`= field()`: a bare annotation would inherit the schema's None),
+# so a resolved value can only come from derive().
+
+@dataclass(frozen=True, kw_only=True)
+class ResolvedRegistrySettings(RegistrySettings):
+    storage_path: str = field()
+    key_path: str = field()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResolvedRegistryNginxSettings(RegistryNginxSettings):
+    listen_port: int = field()
+    ssl_certificate: str = field()
+    ssl_certificate_key: str = field()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResolvedAuthSettings(AuthSettings):
+    enable: bool = field()
+    database_path: str = field()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResolvedLetsEncryptSettings(LetsEncryptSettings):
+    enable: bool = field()
+
+
+# Debian's docker-registry, or EL's docker-distribution/distribution: same `serve CONFIG`.
+REGISTRY_BINARIES = ("/usr/bin/docker-registry", "/usr/bin/registry")
+
+
+def registry_binary() -> str:
+    """The registry program installed on this host (the first of REGISTRY_BINARIES)."""
+    return next((b for b in REGISTRY_BINARIES if Path(b).exists()), REGISTRY_BINARIES[0])
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What a run needs to know about the host, read once when the settings are loaded
+    (`HostFacts.read`): every recipe of a run sees the same host, however often it asks
+    and whatever changes on disk meanwhile. derive() reads none of them.
+
+    The defaults are what derive() assumes when it is not told: an unprivileged run on
+    a host with nothing on it.
+    """
+
+    run_as_root: bool = False
+    registry_binary: str = REGISTRY_BINARIES[0]
+    config_file_present: bool = False
+    # A CA-signed certificate at the default path that the appliance did not write
+    # (appliance.certificates.placed_by_admin): served as it is, never replaced.
+    certificate_placed_by_admin: bool = False
+
+    @classmethod
+    def read(cls, s: Settings) -> HostFacts:
+        from appliance.certificates import placed_by_admin
+
+        return cls(run_as_root=os.geteuid() == 0, registry_binary=registry_binary(),
+                   config_file_present=s.paths.config_file.exists(),
+                   certificate_placed_by_admin=placed_by_admin(s))
+
+
+# How the registry's certificate is obtained (README, TLS): decided once, by derive().
+TlsMode = typing.Literal["letsencrypt", "files", "self-signed"]
+
+
+def _derived() -> Any:
+    return field(metadata={"derived": True})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings(RawSettings):
+    """The settings a run uses: what derive() makes of a RawSettings, with the run's host
+    facts. Every value derive() fills in is required here; show-config prints this."""
+
+    registry_external_url: str = field()
+    registry: ResolvedRegistrySettings
+    registry_nginx: ResolvedRegistryNginxSettings
+    auth: ResolvedAuthSettings
+    letsencrypt: ResolvedLetsEncryptSettings
+
     # Derived by derive(); never read from the file.
-    paths: Paths | None = field(default=None, metadata={"derived": True})
-    host: str = field(default="", metadata={"derived": True})
-    registry_host: str = field(default="", metadata={"derived": True})
-    registry_port: int = field(default=0, metadata={"derived": True})
-    registry_on_own_domain: bool = field(default=False, metadata={"derived": True})
-    token_realm: str = field(default="", metadata={"derived": True})
-    run_as_root: bool = field(default=False, metadata={"derived": True})
-    tls_mode: str = field(default="", metadata={"derived": True})  # letsencrypt|files|self-signed
-    # Host facts, read once per run by load() (with_host_facts): every recipe of a run
-    # sees the same host, however often it asks, and whatever changes on disk meanwhile.
+    paths: Paths = _derived()
+    host: str = _derived()
+    registry_host: str = _derived()
+    registry_port: int = _derived()
+    registry_on_own_domain: bool = _derived()
+    token_realm: str = _derived()
+    tls_mode: TlsMode = _derived()
     # Not part of what the settings are: two equal configs are equal settings.
-    config_file_present: bool = field(default=False, compare=False,
-                                      metadata={"derived": True})
-    certificate_placed_by_admin: bool = field(default=False, compare=False,
-                                              metadata={"derived": True})
+    facts: HostFacts = field(compare=False, metadata={"derived": True})
 
     @property
     def auth_database(self) -> Path:
         return Path(self.auth.database_path)
-
-    @property
-    def default_registry_enabled(self) -> bool:
-        return self.default_projects_features.container_registry
 
 
 # ---------------------------------------------------------------- loading
@@ -533,7 +626,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
         self.depth = 0
         self.nodes = 0
 
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         self.depth += 1
         self.nodes += 1
         if self.depth > MAX_CONFIG_DEPTH:
@@ -683,21 +776,19 @@ def load(path: Path, must_exist: bool = False, overrides: dict | None = None) ->
     if overrides:
         raw = {**raw, **overrides}
     problems: list[str] = []
-    settings = _build(Settings, raw, "", problems)
+    schema = _build(RawSettings, raw, "", problems)
     rejected = {problem.split(":", 1)[0] for problem in problems}
-    problems.extend(_cross_checks(settings, rejected))
+    problems.extend(_cross_checks(schema, rejected))
     if problems:
         raise ConfigError(f"{path}: {len(problems)} problem{'s' * (len(problems) > 1)} "
                           f"found; nothing was changed.", problems)
-    return with_host_facts(derive(settings, path))
+    return with_host_facts(derive(schema, path))
 
 
 def with_host_facts(s: Settings) -> Settings:
-    """The settings with the host facts a run needs, read here once (derive() reads none)."""
-    from appliance.certificates import placed_by_admin
-
-    return dataclasses.replace(s, config_file_present=s.paths.config_file.exists(),
-                               certificate_placed_by_admin=placed_by_admin(s))
+    """The settings with the host facts a run needs, read here once (derive() reads none;
+    whether a certificate was placed by hand depends on the paths derive() fills in)."""
+    return dataclasses.replace(s, facts=HostFacts.read(s))
 
 
 def did_you_mean(word: str, choices: Any, n: int = 1, cutoff: float = 0.6) -> list[str]:
@@ -744,7 +835,7 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
             problems.append(f"{path}: unknown key{hint}")
             continue
         f, tp = fields[key], hints[key]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             values[key] = _build(tp, value if value is not None else {}, f"{path}.", problems)
             continue
         if not _matches(tp, value):
@@ -802,7 +893,7 @@ STORAGE_DRIVERS = {
 STORAGE_EXTRAS = ("cache", "redirect", "maintenance", "delete")
 
 
-def _cross_checks(s: Settings, rejected: set[str] | None = None) -> list[str]:
+def _cross_checks(s: RawSettings, rejected: set[str] | None = None) -> list[str]:
     """Checks that look at more than one value, or inside free-form hashes: one small
     function per section, each table-tested on its own (tests/test_settings_checks.py).
 
@@ -974,7 +1065,7 @@ def check_contact_emails(emails: list) -> list[str]:
             for i, email in enumerate(emails) if not isinstance(email, str) or check_email(email)]
 
 
-def check_tls(s: Settings, rejected: set[str]) -> list[str]:
+def check_tls(s: RawSettings, rejected: set[str]) -> list[str]:
     """Certificate files, Let's Encrypt and the registry URL's scheme, together."""
     problems = []
     rn = s.registry_nginx
@@ -993,18 +1084,18 @@ def check_tls(s: Settings, rejected: set[str]) -> list[str]:
     return problems
 
 
-def check_ports(s: Settings) -> list[str]:
+def check_ports(s: RawSettings) -> list[str]:
     """No two listeners on one port: nginx's two ports, the internal services' addresses,
     and an internal service on a port nginx binds on the same address."""
     problems = []
     registry_url = registry_url_of(s)
-    ports = {}
+    ports: dict[int, str] = {}
     port = s.registry_nginx.listen_port or urlsplit(registry_url).port or 443
-    for name, value in (("nginx.http_port", s.nginx.http_port),
-                        ("registry_nginx.listen_port", port)):
-        if value in ports:
-            problems.append(f"{name}: {value} is also {ports[value]}; pick another port")
-        ports[value] = name
+    for name, number in (("nginx.http_port", s.nginx.http_port),
+                         ("registry_nginx.listen_port", port)):
+        if number in ports:
+            problems.append(f"{name}: {number} is also {ports[number]}; pick another port")
+        ports[number] = name
     addrs = {"registry.http_addr": s.registry.http_addr, "auth.listen_addr": s.auth.listen_addr}
     if s.registry.listen_network == "unix":
         del addrs["registry.http_addr"]  # the registry has no TCP port
@@ -1030,14 +1121,14 @@ def check_ports(s: Settings) -> list[str]:
     # nginx binds its ports on every listen address; an internal service on one of them
     # (registry.http_addr 127.0.0.1:5050 beside the default vhost on *:5050) fails to start.
     for name, value in addrs.items():
-        host, _, port = value.rpartition(":")
-        if not _PORT.fullmatch(port) or int(port) not in ports:
+        host, _, port_text = value.rpartition(":")
+        if not _PORT.fullmatch(port_text) or int(port_text) not in ports:
             continue
         host = host.strip("[]")
         if host in ("0.0.0.0", "::") or any(
                 a in ("*", "[::]") or a.strip("[]") == host
                 for a in s.nginx.listen_addresses if isinstance(a, str)):
-            problems.append(f"{name}: {value} is also {ports[int(port)]}, where nginx "
+            problems.append(f"{name}: {value} is also {ports[int(port_text)]}, where nginx "
                             f"listens; pick another port")
     return problems
 
@@ -1059,7 +1150,7 @@ def is_public_name(host: str) -> bool:
                                               ".example", ".invalid", ".lan", ".home.arpa"))
 
 
-def registry_url_of(s: Settings) -> str:
+def registry_url_of(s: RawSettings) -> str:
     """The URL users docker login to: registry_external_url, else port 5050 of external_url's host.
 
     Validation and derive() both call this, so the port-clash and https checks judge the
@@ -1069,8 +1160,11 @@ def registry_url_of(s: Settings) -> str:
     return s.registry_external_url or f"https://{f'[{host}]' if ':' in host else host}:5050"
 
 
-def derive(s: Settings, config_file: Path | None = None) -> Settings:
-    """Fill in every value that follows from others; returns a new Settings."""
+def derive(s: RawSettings, config_file: Path | None = None,
+           facts: HostFacts = HostFacts()) -> Settings:  # noqa: B008 - frozen, shared safely
+    """Fill in every value that follows from others: the resolved Settings, in which none
+    of them is None. Pure: the host facts come in (`facts`, read by load()), and the
+    input is left as it is."""
     root = Path(s.root)
     paths = Paths.under(root, config_file or Path(DEFAULT_CONFIG))
     host = urlsplit(s.external_url).hostname or "localhost"
@@ -1092,32 +1186,43 @@ def derive(s: Settings, config_file: Path | None = None) -> Settings:
     def under_root(value: str | None, default: Path) -> str:
         return value or str(default)
 
-    registry = dataclasses.replace(
-        s.registry,
-        storage_path=under_root(s.registry.storage_path, paths.registry_dir / "data"),
-        key_path=under_root(s.registry.key_path, paths.auth_dir / "token-signing.key"),
-    )
-    return dataclasses.replace(
-        s,
+    return resolved(
+        Settings, s,
         registry_external_url=registry_url.rstrip("/"),
-        registry=registry,
-        registry_nginx=dataclasses.replace(
-            rn, enable=rn.enable and (s.registry.enable or auth_enable),
-            listen_port=rn.listen_port or registry_port,
-            ssl_certificate=cert, ssl_certificate_key=key),
-        auth=dataclasses.replace(
-            s.auth, enable=auth_enable,
-            database_path=under_root(s.auth.database_path, paths.auth_dir / "auth.db")),
-        letsencrypt=dataclasses.replace(s.letsencrypt, enable=letsencrypt),
+        registry=resolved(ResolvedRegistrySettings, s.registry,
+                          storage_path=under_root(s.registry.storage_path,
+                                                  paths.registry_dir / "data"),
+                          key_path=under_root(s.registry.key_path,
+                                              paths.auth_dir / "token-signing.key")),
+        registry_nginx=resolved(ResolvedRegistryNginxSettings, rn,
+                                enable=rn.enable and (s.registry.enable or auth_enable),
+                                listen_port=rn.listen_port or registry_port,
+                                ssl_certificate=cert, ssl_certificate_key=key),
+        auth=resolved(ResolvedAuthSettings, s.auth, enable=auth_enable,
+                      database_path=under_root(s.auth.database_path,
+                                               paths.auth_dir / "auth.db")),
+        letsencrypt=resolved(ResolvedLetsEncryptSettings, s.letsencrypt, enable=letsencrypt),
         paths=paths,
         host=host,
         registry_host=registry_host,
         registry_port=registry_port,
         registry_on_own_domain=own_domain,
         token_realm=f"{registry_url.rstrip('/')}/jwt/auth",
-        run_as_root=os.geteuid() == 0,
         tls_mode="letsencrypt" if letsencrypt else "files" if rn.ssl_certificate else "self-signed",
+        facts=facts,
     )
+
+
+_Resolved = typing.TypeVar("_Resolved")
+
+
+def resolved(cls: type[_Resolved], section: Any, **derived: Any) -> _Resolved:
+    """`section`'s values as its resolved class `cls`, with the `derived` ones filled in.
+
+    The resolved classes require every derived value, so one derive() forgets is a
+    TypeError in every test, not a None a recipe meets later."""
+    values = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+    return cls(**{**values, **derived})
 
 
 # ---------------------------------------------------------------- output
@@ -1177,7 +1282,7 @@ def example_config() -> str:
              "# Every key is shown commented out with its default. Uncomment and edit, then run:",
              "#   sudo appliance-ctl reconfigure",
              "# Run `appliance-ctl show-config` to see the effective values.", ""]
-    _example_lines(Settings, "", lines)
+    _example_lines(RawSettings, "", lines)
     return "\n".join(lines) + "\n"
 
 
@@ -1193,7 +1298,7 @@ def _example_lines(cls: type, indent: str, lines: list[str]) -> None:
             _example_lines(hints[f.name], indent + "  ", lines)
             lines.append("")
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = f.default_factory() if callable(f.default_factory) else f.default
         lines.extend(f"# {indent}{line}" for line in _dump({f.name: default}))
         if f.metadata.get("example") is not None:
             lines.append(f"# {indent}# for example:")

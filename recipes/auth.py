@@ -194,7 +194,7 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
         *socket_dir,
         # The service writes its audit log here itself; the admin group may read it.
         Directory(audit_dir(settings), 0o750, owner=user,
-                  group=supervisor.LOG_READERS if settings.run_as_root else None),
+                  group=supervisor.LOG_READERS if settings.facts.run_as_root else None),
         # registry.key_path may name a directory of the admin's choosing: it must exist
         # and let the auth account through to its key.
         *([Directory(key_path.parent, 0o755)] if key_path.parent != p.auth_dir else []),

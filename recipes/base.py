@@ -48,13 +48,13 @@ class Account(Resource):
 
 def service_user(settings: Settings, username: str) -> str | None:
     """The account a service runs as: its own when run as root, else whoever runs us."""
-    return username if settings.run_as_root else None
+    return username if settings.facts.run_as_root else None
 
 
 def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
     p = settings.paths
     out: list[Resource] = []
-    if settings.run_as_root and settings.manage_accounts:
+    if settings.facts.run_as_root and settings.manage_accounts:
         for username in (settings.registry.username, settings.auth.username,
                          settings.web_server.username):
             out.append(Account(username, p.data_dir))

@@ -25,13 +25,6 @@ from appliance.settings import STORAGE_EXTRAS, UNIX_PATH_MAX, Settings, is_sensi
 from recipes import supervisor
 from recipes.base import service_user
 
-# Debian's docker-registry, or EL's docker-distribution/distribution: same `serve CONFIG`.
-REGISTRY_BINARIES = ("/usr/bin/docker-registry", "/usr/bin/registry")
-
-
-def registry_binary() -> str:
-    return next((b for b in REGISTRY_BINARIES if Path(b).exists()), REGISTRY_BINARIES[0])
-
 # What the reference guide's Omnibus defaults are for an endpoint that leaves them out.
 NOTIFICATION_DEFAULTS = {"timeout": "500ms", "threshold": 5, "backoff": "1s"}
 
@@ -160,7 +153,7 @@ def environment(settings: Settings) -> dict[str, str]:
 def program_description(settings: Settings, secrets: Secrets) -> dict:
     """program.json, what the wrapper reads at its start and at every HUP."""
     return {
-        "command": [registry_binary(), "serve", str(settings.paths.registry_config)],
+        "command": [settings.facts.registry_binary, "serve", str(settings.paths.registry_config)],
         "primary": address(settings),
         "standby": standby_address(settings),
         "environment": environment(settings),

@@ -75,7 +75,7 @@ def log_directory(settings: Settings, path: Path) -> Directory:
     directory the service account's, the service could put a symlink there and have
     root append text of its clients' choosing to any file on the host.
     """
-    if not settings.run_as_root:
+    if not settings.facts.run_as_root:
         return Directory(path, 0o750)
     return Directory(path, 0o750, owner="root", group=LOG_READERS)
 
@@ -117,7 +117,7 @@ def program(settings: Settings, name: str, command: list[str], user: str | None 
             "name": name,
             "command": " ".join(shlex.quote(part) for part in launched(settings, name, command))
             .replace("%", "%%"),
-            "user": user if settings.run_as_root else None,
+            "user": user if settings.facts.run_as_root else None,
             "environment": quote_environment(environment or {}),
             "directory": str(directory) if directory else None,
             "stopsignal": stopsignal,
@@ -155,6 +155,6 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
             "programs_dir": str(programs_dir(settings)),
             "max_bytes": settings.logging.max_bytes,
             "backups": settings.logging.backups,
-            "run_as_root": settings.run_as_root,
+            "run_as_root": settings.facts.run_as_root,
         }),
     ]

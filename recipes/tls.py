@@ -60,7 +60,7 @@ def preflight(settings: Settings, now: datetime | None = None) -> None:
     would reject, or Let's Encrypt asked for a name it never issues for."""
     if not settings.registry_nginx.enable:
         return
-    if settings.tls_mode == "letsencrypt" and not settings.certificate_placed_by_admin:
+    if settings.tls_mode == "letsencrypt" and not settings.facts.certificate_placed_by_admin:
         host = settings.registry_host
         if pki.is_ip_address(host):
             raise ConfigError(
@@ -198,7 +198,7 @@ def renewer_resources(settings: Settings) -> list[Resource]:
         return supervisor.disabled(settings, "renewer")
     # A host on the embedded defaults has no appliance.yml: the renewer is told a path
     # (and then insists on it) only when this run read one.
-    config = [str(settings.paths.config_file)] if settings.config_file_present else []
+    config = [str(settings.paths.config_file)] if settings.facts.config_file_present else []
     command = [supervisor.executable("python"), "-m", "appliance.programs.renewer", *config]
     return supervisor.program(settings, "renewer", command)
 
@@ -317,7 +317,7 @@ def messages(settings: Settings, report: Report) -> list[str]:
         lines.append(f"TLS: warning: {served_address(settings)} serves another certificate "
                      f"than {cert}; see appliance-ctl tail nginx.")
     until = f"{info.not_after:%Y-%m-%d}"
-    if settings.certificate_placed_by_admin:
+    if settings.facts.certificate_placed_by_admin:
         lines.append(f"TLS: certificate {cert} placed by hand, until {until}; it is served as "
                      f"it is ({settings.tls_mode} is not used while it is there): replace it "
                      f"before then and run reconfigure.")

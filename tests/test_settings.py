@@ -8,6 +8,7 @@ admin never wrote) fails the test as surely as a missing one.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import typing
 from pathlib import Path
@@ -18,7 +19,9 @@ import yaml
 from appliance import pki, settings
 from appliance.errors import ConfigError
 from appliance.settings import (
+    HostFacts,
     LetsEncryptSettings,
+    RawSettings,
     RegistryNginxSettings,
     RegistrySettings,
     Settings,
@@ -498,14 +501,16 @@ def test_root_moves_every_path(tmp_path: Path) -> None:
 
 
 def test_derive_returns_new_settings_and_leaves_its_input_alone() -> None:
-    given = Settings(registry_external_url="https://registry.corp.com",
-                     registry=RegistrySettings(http_addr="127.0.0.1:6000"),
-                     registry_nginx=RegistryNginxSettings(),
-                     letsencrypt=LetsEncryptSettings())
+    given = RawSettings(registry_external_url="https://registry.corp.com",
+                        registry=RegistrySettings(http_addr="127.0.0.1:6000"),
+                        registry_nginx=RegistryNginxSettings(),
+                        letsencrypt=LetsEncryptSettings())
     before = dataclasses.replace(given)
     derived = derive(given, Path("/etc/appliance/appliance.yml"))
     assert given == before
-    assert given.paths is None and given.registry_nginx.listen_port is None
+    # The raw settings have no derived values at all (once: `paths is None`).
+    assert not isinstance(given, Settings) and not hasattr(given, "paths")
+    assert given.registry_nginx.listen_port is None
     assert given.letsencrypt.enable is None and given.registry.storage_path is None
     assert derived is not given and derived.registry is not given.registry
     assert derived.registry_nginx.listen_port == 443
@@ -513,6 +518,58 @@ def test_derive_returns_new_settings_and_leaves_its_input_alone() -> None:
         derived.root = "/elsewhere"  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         derived.registry.enable = False  # type: ignore[misc]
+
+
+def optional_fields(cls: type, prefix: str = "") -> set[str]:
+    """Key paths of `cls` whose type admits None, sections walked."""
+    hints = typing.get_type_hints(cls)
+    out: set[str] = set()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out |= optional_fields(tp, f"{prefix}{f.name}.")
+        elif type(None) in typing.get_args(tp):
+            out.add(f"{prefix}{f.name}")
+    return out
+
+
+def test_resolved_settings_leave_optional_only_what_the_services_may_go_without() -> None:
+    """Every value derive() fills in is typed without None in what the recipes read, so
+    none of them asserts or falls back to a default of its own."""
+    assert optional_fields(RawSettings) >= {
+        "registry_external_url", "registry.storage_path", "registry.key_path",
+        "registry_nginx.listen_port", "registry_nginx.ssl_certificate",
+        "registry_nginx.ssl_certificate_key", "auth.enable", "auth.database_path",
+        "letsencrypt.enable"}
+    assert optional_fields(Settings) == {
+        "initial_root_password", "registry.debug_addr", "registry.internal_key",
+        "letsencrypt.ca_bundle"}
+
+
+@pytest.mark.parametrize(("config", "expected"), list(DERIVATIONS.values()),
+                         ids=list(DERIVATIONS))
+def test_derived_values_are_never_none(tmp_path: Path, config: dict, expected: dict) -> None:
+    derived = load(tmp_path, config)
+    for key in optional_fields(RawSettings) - optional_fields(Settings):
+        assert attribute(derived, key) is not None, key
+
+
+def test_host_facts_are_read_by_load_and_derive_reads_none(tmp_path: Path) -> None:
+    raw = RawSettings(root=str(tmp_path))
+    present = tmp_path / "appliance.yml"
+    present.write_text("{}\n")
+    assert derive(raw, present).facts == HostFacts()  # told nothing, it assumes nothing
+    facts = HostFacts(run_as_root=True, registry_binary="/opt/registry",
+                      config_file_present=True)
+    assert derive(raw, present, facts).facts == facts
+    loaded = settings.load(present)
+    assert loaded.facts.run_as_root is (os.geteuid() == 0)
+    assert loaded.facts.config_file_present is True
+    installed = [b for b in settings.REGISTRY_BINARIES if Path(b).exists()]
+    assert loaded.facts.registry_binary == (installed or settings.REGISTRY_BINARIES)[0]
+    assert settings.load(tmp_path / "absent.yml").facts.config_file_present is False
+    # Facts are about the host, not the config: equal configs are equal settings.
+    assert loaded == dataclasses.replace(loaded, facts=HostFacts())
 
 
 # ---------------------------------------------------------------- example config
@@ -570,7 +627,7 @@ def test_example_config_documents_every_key_and_its_examples_are_valid(tmp_path:
                 out[f.name] = f.metadata["example"]
         return out
 
-    config = with_examples(Settings)
+    config = with_examples(RawSettings)  # the schema
     documented = {}
     for indent, block in examples:
         documented.update(yaml.safe_load("\n".join(line[len(f"# {indent}#   "):]

@@ -16,9 +16,9 @@ from appliance.settings import (
     AuthSettings,
     LetsEncryptSettings,
     NginxSettings,
+    RawSettings,
     RegistryNginxSettings,
     RegistrySettings,
-    Settings,
 )
 
 S3 = {"bucket": "b", "region": "r"}
@@ -140,41 +140,41 @@ EMAILS = {
 
 CERT = RegistryNginxSettings(ssl_certificate="/etc/ssl/r.crt")
 TLS = {
-    "defaults": (Settings(), set(), []),
-    "a certificate without its key": (Settings(registry_nginx=CERT), set(), [
+    "defaults": (RawSettings(), set(), []),
+    "a certificate without its key": (RawSettings(registry_nginx=CERT), set(), [
         "registry_nginx.ssl_certificate_key: set both ssl_certificate and ssl_certificate_key, "
         "or neither"]),
     "... unless the key was refused already": (
-        Settings(registry_nginx=CERT), {"registry_nginx.ssl_certificate_key"}, []),
+        RawSettings(registry_nginx=CERT), {"registry_nginx.ssl_certificate_key"}, []),
     "certificate files and Let's Encrypt": (
-        Settings(registry_nginx=RegistryNginxSettings(ssl_certificate="/r.crt",
-                                                      ssl_certificate_key="/r.key"),
-                 letsencrypt=LetsEncryptSettings(enable=True)), set(), [
+        RawSettings(registry_nginx=RegistryNginxSettings(ssl_certificate="/r.crt",
+                                                         ssl_certificate_key="/r.key"),
+                    letsencrypt=LetsEncryptSettings(enable=True)), set(), [
             "letsencrypt.enable: true conflicts with registry_nginx.ssl_certificate; remove the "
             "certificate paths to use Let's Encrypt, or set letsencrypt.enable: false"]),
     "a plain-HTTP registry": (
-        Settings(registry_external_url="http://registry.example.com"), set(), [
+        RawSettings(registry_external_url="http://registry.example.com"), set(), [
             'registry_external_url: "http://registry.example.com" must be https; clients '
             'refuse plain-HTTP registries unless each one is told it is insecure']),
 }
 
 PORTS = {
-    "defaults": (Settings(), []),
-    "nginx's two ports the same": (Settings(nginx=NginxSettings(http_port=5050)), [
+    "defaults": (RawSettings(), []),
+    "nginx's two ports the same": (RawSettings(nginx=NginxSettings(http_port=5050)), [
         "registry_nginx.listen_port: 5050 is also nginx.http_port; pick another port"]),
     "auth on the registry's address": (
-        Settings(auth=AuthSettings(listen_addr="127.0.0.1:5000", listen_network="tcp")),
+        RawSettings(auth=AuthSettings(listen_addr="127.0.0.1:5000", listen_network="tcp")),
         ["auth.listen_addr: 127.0.0.1:5000 is also registry.http_addr; pick another port"]),
     "the registry on the port nginx binds everywhere": (
-        Settings(registry=RegistrySettings(http_addr="127.0.0.1:5050")),
+        RawSettings(registry=RegistrySettings(http_addr="127.0.0.1:5050")),
         ["registry.http_addr: 127.0.0.1:5050 is also registry_nginx.listen_port, where nginx "
          "listens; pick another port"]),
     "... but not when nginx listens elsewhere": (
-        Settings(registry=RegistrySettings(http_addr="127.0.0.1:5050"),
-                 nginx=NginxSettings(listen_addresses=["192.0.2.1"])), []),
+        RawSettings(registry=RegistrySettings(http_addr="127.0.0.1:5050"),
+                    nginx=NginxSettings(listen_addresses=["192.0.2.1"])), []),
     "a unix socket path too long": (
-        Settings(root="/" + "r" * 100, registry=RegistrySettings(listen_network="unix"),
-                 auth=AuthSettings(listen_network="tcp")), [
+        RawSettings(root="/" + "r" * 100, registry=RegistrySettings(listen_network="unix"),
+                    auth=AuthSettings(listen_network="tcp")), [
             f"registry.listen_network: the socket path /{'r' * 100}/var/opt/appliance/"
             f"registry-socket/registry.sock is longer than the 107 bytes a unix socket may "
             f"have; use a shorter root, or listen_network: tcp"]),

@@ -152,7 +152,7 @@ def of_type(tp: object) -> st.SearchStrategy:
     return st.one_of(options) if options else anything
 
 
-LEAVES = leaves(settings.Settings)
+LEAVES = leaves(settings.RawSettings)
 
 
 def nest(changes: list[tuple[tuple[str, ...], object]]) -> dict:
@@ -219,7 +219,7 @@ def files_read_back(loaded: settings.Settings, resources: list) -> None:
 
 @hypothesis_settings(max_examples=400, deadline=None,
                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(config=st.one_of(mutations, schema(settings.Settings)))
+@given(config=st.one_of(mutations, schema(settings.RawSettings)))
 def test_any_config_validates_or_is_refused_and_valid_ones_render(root: Path,
                                                                   config: dict) -> None:
     render_all(root, config)

@@ -17,4 +17,5 @@ def settings_for(root: Path, run_as_root: bool = False, **overrides: object) -> 
     whether the recipes hand files to the service accounts."""
     settings = load(root / "etc/appliance/appliance.yml", overrides={"root": str(root),
                                                                      **overrides})
-    return dataclasses.replace(settings, run_as_root=run_as_root)
+    return dataclasses.replace(settings, facts=dataclasses.replace(settings.facts,
+                                                                   run_as_root=run_as_root))

@@ -94,6 +94,7 @@ def read_certificate(cert_path: Path, key_path: Path) -> CertificateState:
             return path.read_bytes()
         except FileNotFoundError:
             return None
+
     return CertificateState(read(cert_path), read(key_path))
 
 
@@ -115,8 +116,9 @@ def record_written(record: Path | None, cert_path: Path) -> None:
     """Note the certificate just written as the appliance's own (see `placed_by_admin`)."""
     if record is not None:
         record.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(record, (hashlib.sha256(cert_path.read_bytes()).hexdigest() + "\n")
-                     .encode(), 0o644)
+        atomic_write(
+            record, (hashlib.sha256(cert_path.read_bytes()).hexdigest() + "\n").encode(), 0o644
+        )
 
 
 @dataclass
@@ -183,24 +185,36 @@ class AcmeCertificate(Resource):
         problem = unusable_pair(current)
         if problem is not None:
             return [Change(f"{source}: {problem}")]
-        due, reason = pki.should_renew(current.cert_pem, self.now or datetime.now(UTC),
-                                       self.renew_before, self.domains,
-                                       replace_self_signed=True)
+        due, reason = pki.should_renew(
+            current.cert_pem,
+            self.now or datetime.now(UTC),
+            self.renew_before,
+            self.domains,
+            replace_self_signed=True,
+        )
         return [Change(f"{source}: {reason}")] if due else []
 
     def apply(self) -> None:
         from appliance import letsencrypt
 
-        kept = (f"The certificate in place ({self.cert_path}) was kept and is still served."
-                if self.cert_path.exists() else "No certificate was written.")
+        kept = (
+            f"The certificate in place ({self.cert_path}) was kept and is still served."
+            if self.cert_path.exists()
+            else "No certificate was written."
+        )
         try:
             if self.webroot_url:
                 wait_for_webroot(self.webroot, self.webroot_url, self.domains[0])
             issued = letsencrypt.obtain_certificate(
-                self.domains, directory_url=self.directory_url,
-                account_key_pem=self.account_key_pem, webroot=self.webroot,
-                contact_emails=self.contact_emails, ca_bundle=self.ca_bundle,
-                key_type=self.key_type, deadline_seconds=ORDER_DEADLINE_SECONDS)
+                self.domains,
+                directory_url=self.directory_url,
+                account_key_pem=self.account_key_pem,
+                webroot=self.webroot,
+                contact_emails=self.contact_emails,
+                ca_bundle=self.ca_bundle,
+                key_type=self.key_type,
+                deadline_seconds=ORDER_DEADLINE_SECONDS,
+            )
         except letsencrypt.IssuanceError as exc:
             raise type(exc)(f"{exc} {kept}") from None
         # Each file is replaced atomically, key first; nginx reads them only when the
@@ -210,8 +224,9 @@ class AcmeCertificate(Resource):
         record_written(self.record, self.cert_path)
 
 
-def wait_for_webroot(webroot: Path, url: str, host: str,
-                     timeout: float = WEBROOT_WAIT_SECONDS) -> None:
+def wait_for_webroot(
+    webroot: Path, url: str, host: str, timeout: float = WEBROOT_WAIT_SECONDS
+) -> None:
     """Serve a probe token and fetch it the way the CA will, before spending an order.
 
     Waits for nginx, which supervisord reports started before it listens, and turns a
@@ -242,7 +257,9 @@ def wait_for_webroot(webroot: Path, url: str, host: str,
                     return
                 problem = f"it answered {response.status} {response.reason}" + (
                     f" (redirect to {response.getheader('Location')})"
-                    if response.getheader("Location") else "")
+                    if response.getheader("Location")
+                    else ""
+                )
             except OSError as exc:
                 problem = f"cannot connect: {exc.strerror or exc}"
             finally:
@@ -252,7 +269,8 @@ def wait_for_webroot(webroot: Path, url: str, host: str,
                     f"nginx does not serve the ACME challenge for {host}: "
                     f"http://{url}/{CHALLENGE_DIR}/ {problem}. The CA would fail the same "
                     f"way; check `appliance-ctl status nginx` and its log (appliance-ctl "
-                    f"tail nginx), and that nginx.http_port is this appliance's.")
+                    f"tail nginx), and that nginx.http_port is this appliance's."
+                )
             time.sleep(0.2)
     finally:
         probe.unlink(missing_ok=True)

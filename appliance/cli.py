@@ -19,10 +19,13 @@ AUTH_COMMANDS = ("user", "project", "member", "token", "deploy-token")
 
 def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="appliance-ctl",
-        description="Configure and control the container registry appliance.")
-    parser.add_argument("-c", "--config", help="appliance.yml to use (default: "
-                        "$APPLIANCE_CONFIG, else /etc/appliance/appliance.yml)")
+        prog="appliance-ctl", description="Configure and control the container registry appliance."
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        help="appliance.yml to use (default: $APPLIANCE_CONFIG, else /etc/appliance/appliance.yml)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("reconfigure", help="make the host match appliance.yml")
@@ -42,8 +45,11 @@ def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(verb, help=f"{text} one service, or all of them")
         p.add_argument("service", nargs="?")
         p.set_defaults(handler=cmd_control, verb=verb)
-    p = sub.add_parser("shutdown", help="stop every service and supervisord itself "
-                       "(reconfigure or the appliance-runsvdir unit starts them again)")
+    p = sub.add_parser(
+        "shutdown",
+        help="stop every service and supervisord itself "
+        "(reconfigure or the appliance-runsvdir unit starts them again)",
+    )
     p.set_defaults(handler=cmd_shutdown)
     p = sub.add_parser("hup", help="reload a service (SIGHUP) without dropping connections")
     p.add_argument("service")
@@ -111,8 +117,10 @@ def _log_disk_note(s: settings_module.Settings) -> str | None:
         return None
     if disk.f_bavail * disk.f_frsize > 0:
         return None
-    return (f"warning: the file system of {s.paths.log_dir} is full: services keep serving "
-            f"but log lines are lost; free some space there.")
+    return (
+        f"warning: the file system of {s.paths.log_dir} is full: services keep serving "
+        f"but log lines are lost; free some space there."
+    )
 
 
 def cmd_status(args: argparse.Namespace, s: settings_module.Settings) -> int:
@@ -145,8 +153,12 @@ def cmd_control(args: argparse.Namespace, s: settings_module.Settings) -> int:
     names = [args.service] if args.service else [p.name for p in supervisor.status()]
     for name in names:
         service = contracts.get(name)
-        if args.verb == "restart" and service is not None and service.graceful_restart \
-                and reload_service(supervisor, service, service.graceful_restart):
+        if (
+            args.verb == "restart"
+            and service is not None
+            and service.graceful_restart
+            and reload_service(supervisor, service, service.graceful_restart)
+        ):
             mark_stopped(s.paths, name, False)
             print(f"ok: restart {name} (graceful: new processes, no request refused)")
             continue
@@ -225,8 +237,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # The auth commands pull in the auth service's modules; a reconfigure or status
     # does not need them, and every millisecond of a no-op reconfigure counts.
-    core = {"reconfigure", "show-config", "example-config", "status", "start", "stop",
-            "restart", "hup", "tail", "renew-certs", "shutdown"}
+    core = {
+        "reconfigure",
+        "show-config",
+        "example-config",
+        "status",
+        "start",
+        "stop",
+        "restart",
+        "hup",
+        "tail",
+        "renew-certs",
+        "shutdown",
+    }
     parser = build_parser(with_auth_commands=command_word(argv) not in core)
     args = parser.parse_args(argv)
     try:

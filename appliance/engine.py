@@ -95,8 +95,9 @@ class Redactor:
     recipe having to know it holds one.
     """
 
-    def __init__(self, values: Iterable[str] = (),
-                 is_sensitive: Callable[[str], bool] | None = None):
+    def __init__(
+        self, values: Iterable[str] = (), is_sensitive: Callable[[str], bool] | None = None
+    ):
         self.values = list(values)
         self.is_sensitive = is_sensitive
         found: set[str] = set()
@@ -106,21 +107,34 @@ class Redactor:
             # As templates write it too: JSON/YAML-escaped, or with supervisord's %%.
             found |= {value, json.dumps(value)[1:-1], value.replace("%", "%%")}
             # A PEM key spans lines, and a diff shows it a line at a time.
-            found |= {line.strip() for line in value.splitlines()[1:]
-                      if len(line.strip()) >= MASK_ANYWHERE_LENGTH and "-----" not in line}
+            found |= {
+                line.strip()
+                for line in value.splitlines()[1:]
+                if len(line.strip()) >= MASK_ANYWHERE_LENGTH and "-----" not in line
+            }
         found.discard("")
         # Longest first, so a secret that contains another is masked whole.
-        self.anywhere = sorted((v for v in found if len(v) >= MASK_ANYWHERE_LENGTH and
-                                "\n" not in v), key=len, reverse=True)
-        self.whole = [self._whole_value(v) for v in sorted(
-            (v for v in found if len(v) < MASK_ANYWHERE_LENGTH), key=len, reverse=True)]
+        self.anywhere = sorted(
+            (v for v in found if len(v) >= MASK_ANYWHERE_LENGTH and "\n" not in v),
+            key=len,
+            reverse=True,
+        )
+        self.whole = [
+            self._whole_value(v)
+            for v in sorted(
+                (v for v in found if len(v) < MASK_ANYWHERE_LENGTH), key=len, reverse=True
+            )
+        ]
 
     @staticmethod
     def _whole_value(value: str) -> tuple[str, re.Pattern, re.Pattern]:
         escaped = re.escape(value)
         # `key: s` or `- s` (YAML, quoted or not) up to the end of the line; "s" or 's'.
-        return (value, re.compile(r"(:\s+|-\s+)([\"']?)" + escaped + r"\2(\s*)$"),
-                re.compile(r"([\"'])" + escaped + r"\1"))
+        return (
+            value,
+            re.compile(r"(:\s+|-\s+)([\"']?)" + escaped + r"\2(\s*)$"),
+            re.compile(r"([\"'])" + escaped + r"\1"),
+        )
 
     def with_values_in(self, *contents: object) -> Redactor:
         """This redactor plus the values under a sensitive key in these file contents.
@@ -132,8 +146,12 @@ class Redactor:
         """
         if self.is_sensitive is None:
             return self
-        found = [value for content in contents if isinstance(content, bytes)
-                 for value in values_under_sensitive_keys(content, self.is_sensitive)]
+        found = [
+            value
+            for content in contents
+            if isinstance(content, bytes)
+            for value in values_under_sensitive_keys(content, self.is_sensitive)
+        ]
         return Redactor([*self.values, *found], self.is_sensitive) if found else self
 
     def __call__(self, text: str) -> str:
@@ -152,8 +170,7 @@ class Redactor:
         return line
 
 
-def values_under_sensitive_keys(content: bytes, is_sensitive: Callable[[str], bool]
-                                ) -> list[str]:
+def values_under_sensitive_keys(content: bytes, is_sensitive: Callable[[str], bool]) -> list[str]:
     found: list[str] = []
     if len(content) > 1024 * 1024:
         return found  # none of our files is this big; a diff of it is not shown whole
@@ -191,9 +208,14 @@ def values_under_sensitive_keys(content: bytes, is_sensitive: Callable[[str], bo
 
 
 class Engine:
-    def __init__(self, out: Callable[[str], None], dry_run: bool = False,
-                 show_diffs: bool = True, redact: Callable[[str], str] | None = None,
-                 before_apply: Callable[[Resource], None] | None = None):
+    def __init__(
+        self,
+        out: Callable[[str], None],
+        dry_run: bool = False,
+        show_diffs: bool = True,
+        redact: Callable[[str], str] | None = None,
+        before_apply: Callable[[Resource], None] | None = None,
+    ):
         self.redact = redact or Redactor()
         self.raw_out = out
         self.out = lambda line: out(self.redact(line))
@@ -225,12 +247,18 @@ class Engine:
             if changes and self.show_diffs:
                 redact = self.redact
                 if isinstance(redact, Redactor):
-                    redact = redact.with_values_in(getattr(current, "content", None),
-                                                   getattr(resource, "content", None))
+                    redact = redact.with_values_in(
+                        getattr(current, "content", None), getattr(resource, "content", None)
+                    )
                 for change in changes:
                     if change.diff:
-                        self.raw_out(redact("".join("    " + line for line in
-                                     change.diff.splitlines(keepends=True)).rstrip("\n")))
+                        self.raw_out(
+                            redact(
+                                "".join(
+                                    "    " + line for line in change.diff.splitlines(keepends=True)
+                                ).rstrip("\n")
+                            )
+                        )
             if changes and not self.dry_run:
                 try:
                     if self.before_apply is not None:
@@ -246,8 +274,11 @@ class Engine:
         return report
 
     def _fail(self, report: Report, resource: Resource, exc: Exception) -> None:
-        message = str(exc) if isinstance(exc, ApplianceError) else \
-            f"{exc.strerror or exc} ({getattr(exc, 'filename', '') or resource.name})"
+        message = (
+            str(exc)
+            if isinstance(exc, ApplianceError)
+            else f"{exc.strerror or exc} ({getattr(exc, 'filename', '') or resource.name})"
+        )
         self.out(f"! {resource} (failed: {message})")
         report.outcomes.append(Outcome(resource, [], error=message))
 

@@ -39,12 +39,16 @@ def main(argv: list) -> None:
     marker, service, command = argv[0], argv[1], argv[3:]
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        sys.exit(f"{service}: cannot ask for a signal on the death of supervisord: "
-                 f"{os.strerror(ctypes.get_errno())}")
+        sys.exit(
+            f"{service}: cannot ask for a signal on the death of supervisord: "
+            f"{os.strerror(ctypes.get_errno())}"
+        )
     parent = os.getppid()
     if os.fsencode(marker) not in parent_command(parent).split(b"\0"):
-        sys.exit(f"{service}: not started by the supervisord of {marker} (parent pid "
-                 f"{parent}); it is not run")
+        sys.exit(
+            f"{service}: not started by the supervisord of {marker} (parent pid "
+            f"{parent}); it is not run"
+        )
     os.environ[ROOT_MARKER] = marker
     os.environ[SERVICE_MARKER] = service
     try:

@@ -44,8 +44,7 @@ _NETWORK_TIMEOUT_MAX = 30
 _POLL_FIRST, _POLL_MAX = 0.2, 2.0
 
 # ACME problem types (RFC 8555 section 6.7) grouped by what the operator has to fix.
-_CHALLENGE_CODES = {"connection", "dns", "unknownHost", "unauthorized", "incorrectResponse",
-                    "tls"}
+_CHALLENGE_CODES = {"connection", "dns", "unknownHost", "unauthorized", "incorrectResponse", "tls"}
 _IDENTIFIER_CODES = {"rejectedIdentifier", "unsupportedIdentifier"}
 _CONTACT_CODES = {"invalidContact", "invalidEmail", "unsupportedContact"}
 
@@ -219,9 +218,7 @@ def _account(client: acme_client.ClientV2, contact_emails: list[str]) -> tuple[s
             raise
     else:
         if set(account.body.contact) != set(contact):
-            account = client.update_registration(
-                account, messages.Registration(contact=contact)
-            )
+            account = client.update_registration(account, messages.Registration(contact=contact))
             log.info("updated contacts of ACME account %s", account.uri)
         log.info("using ACME account %s", account.uri)
         return account.uri, False
@@ -244,8 +241,9 @@ def _answer_challenges(
         if authorization.body.status == messages.STATUS_VALID:
             continue  # reused from an earlier order
         host = authorization.body.identifier.value
-        http01 = [c for c in authorization.body.challenges
-                  if isinstance(c.chall, challenges.HTTP01)]
+        http01 = [
+            c for c in authorization.body.challenges if isinstance(c.chall, challenges.HTTP01)
+        ]
         if not http01:
             raise ChallengeFailed(
                 f"The ACME server offers no http-01 challenge for {host}; this appliance "
@@ -270,8 +268,7 @@ def _wait_for_authorizations(
     done = []
     delay = _POLL_FIRST
     for authorization in authorizations:
-        while authorization.body.status in (messages.STATUS_PENDING,
-                                            messages.STATUS_PROCESSING):
+        while authorization.body.status in (messages.STATUS_PENDING, messages.STATUS_PROCESSING):
             if time.monotonic() + delay > deadline:
                 raise acme_errors.TimeoutError()
             time.sleep(delay)
@@ -370,8 +367,7 @@ def _translated_errors(hosts: str, deadline_seconds: float) -> Iterator[None]:
         raise error_for_problem(error, hosts) from None
     except requests.exceptions.RequestException as error:
         raise DirectoryUnreachable(
-            f"Lost the connection to the ACME server while ordering for {hosts}: "
-            f"{_reason(error)}."
+            f"Lost the connection to the ACME server while ordering for {hosts}: {_reason(error)}."
         ) from None
     except acme_errors.Error as error:
         raise IssuanceError(f"The ACME order for {hosts} failed: {error}.") from None

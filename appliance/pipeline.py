@@ -68,14 +68,18 @@ class Run:
     not_running_note: str = "it reads its new files when it starts"
 
 
-def execute(settings: Settings, run: Run, dry_run: bool = False,
-            stream: TextIO = sys.stdout) -> Report:
+def execute(
+    settings: Settings, run: Run, dry_run: bool = False, stream: TextIO = sys.stdout
+) -> Report:
     """Run `run` to the end; raise an ApplianceError saying what is not as it should be."""
     paths = settings.paths
     out = RunLog(stream, None if dry_run else paths.log_dir / run.log_name)
     started = time.monotonic()
-    lock = reconfigure_lock(paths.lock_file, out) if not dry_run or paths.data_dir.exists() \
+    lock = (
+        reconfigure_lock(paths.lock_file, out)
+        if not dry_run or paths.data_dir.exists()
         else _no_lock()
+    )
     try:
         for line in run.intro():
             out(line)
@@ -94,8 +98,7 @@ def execute(settings: Settings, run: Run, dry_run: bool = False,
 
                 use_template_cache(paths.data_dir / "cache" / "templates")
             journal = Journal(paths.data_dir / "pending-notifications.json", paths)
-            engine = Engine(out, dry_run=dry_run, redact=out.redact,
-                            before_apply=journal.record)
+            engine = Engine(out, dry_run=dry_run, redact=out.redact, before_apply=journal.record)
             report = Report(dry_run=dry_run)
             if not dry_run:
                 report.notifications = journal.pending()
@@ -121,8 +124,9 @@ def execute(settings: Settings, run: Run, dry_run: bool = False,
                     for n in late.notifications:
                         out(f"  would {n.action} {n.service}")
                 else:
-                    touched |= conductor.notify(late.notifications, journal.programs_changed,
-                                                start=False)
+                    touched |= conductor.notify(
+                        late.notifications, journal.programs_changed, start=False
+                    )
                     journal.done()
                 report.outcomes += late.outcomes
                 report.notifications = queue(report.notifications, late.notifications)
@@ -207,9 +211,16 @@ class Journal:
         if state == self.written:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, json.dumps({
-            "notify": [[n.action, n.service] for n in self.queued],
-            "update": self.programs_changed}).encode(), 0o600)
+        atomic_write(
+            self.path,
+            json.dumps(
+                {
+                    "notify": [[n.action, n.service] for n in self.queued],
+                    "update": self.programs_changed,
+                }
+            ).encode(),
+            0o600,
+        )
         self.written = state
 
     def done(self) -> None:
@@ -250,20 +261,21 @@ def mark_stopped(paths: Paths, name: str, stopped: bool) -> None:
         (marks / name).unlink(missing_ok=True)
 
 
-def sweep_leftovers(paths: Paths, services: Iterable[Service],
-                    out: Callable[[str], None]) -> None:
+def sweep_leftovers(paths: Paths, services: Iterable[Service], out: Callable[[str], None]) -> None:
     """Stop the processes of this root that outlived their supervisord, before a new one
     starts its programs on the same ports."""
-    pids = procfs.leftovers(paths.supervisor_config,
-                            [s.pid_file for s in services if s.pid_file])
+    pids = procfs.leftovers(paths.supervisor_config, [s.pid_file for s in services if s.pid_file])
     if pids:
-        out(f"+ stopped {len(pids)} leftover process{'es' * (len(pids) != 1)} of a "
-            f"supervisord that is gone (pids {', '.join(map(str, pids))})")
+        out(
+            f"+ stopped {len(pids)} leftover process{'es' * (len(pids) != 1)} of a "
+            f"supervisord that is gone (pids {', '.join(map(str, pids))})"
+        )
         procfs.stop(pids)
 
 
-def preflight(settings: Settings, services: list[Service],
-              table: procfs.ListenTable | None = None) -> None:
+def preflight(
+    settings: Settings, services: list[Service], table: procfs.ListenTable | None = None
+) -> None:
     """Before anything changes: no stranger on a port a service binds, and every service
     account can reach its files."""
     paths = settings.paths
@@ -279,21 +291,30 @@ def preflight(settings: Settings, services: list[Service],
             if holder is None or holder.pid in ours:
                 continue
             if leftovers is None:  # scanned once, and only when a port is taken
-                leftovers = set(procfs.leftovers(paths.supervisor_config,
-                                                 [s.pid_file for s in services if s.pid_file],
-                                                 spare=ours))
+                leftovers = set(
+                    procfs.leftovers(
+                        paths.supervisor_config,
+                        [s.pid_file for s in services if s.pid_file],
+                        spare=ours,
+                    )
+                )
             if holder.pid in leftovers:
                 continue  # ours, stopped before the new supervisord starts
-            what = address if address.startswith("/") else \
-                f"port {procfs.split_address(address)[1]}"
-            raise ServiceError(f"{what} ({key}) is used by {holder}; stop that process or "
-                               f"set another {key} in appliance.yml.")
+            what = (
+                address if address.startswith("/") else f"port {procfs.split_address(address)[1]}"
+            )
+            raise ServiceError(
+                f"{what} ({key}) is used by {holder}; stop that process or "
+                f"set another {key} in appliance.yml."
+            )
         if settings.facts.run_as_root and service.user:
             for path in service.reaches:
                 problem = untraversable(service.user, path)
                 if problem:
-                    raise ServiceError(f"{problem}: {service.name} needs {path}; make it "
-                                       f"traversable (chmod o+x) or choose another root.")
+                    raise ServiceError(
+                        f"{problem}: {service.name} needs {path}; make it "
+                        f"traversable (chmod o+x) or choose another root."
+                    )
 
 
 def untraversable(user: str, path: Path) -> str | None:
@@ -305,8 +326,10 @@ def untraversable(user: str, path: Path) -> str | None:
 
     try:
         entry = pwd.getpwnam(user)
-        uid, groups = entry.pw_uid, {entry.pw_gid} | {g.gr_gid for g in grp.getgrall()
-                                                       if user in g.gr_mem}
+        uid, groups = (
+            entry.pw_uid,
+            {entry.pw_gid} | {g.gr_gid for g in grp.getgrall() if user in g.gr_mem},
+        )
     except KeyError:
         uid, groups = None, set()
     if uid == 0:
@@ -343,8 +366,9 @@ def answers(address: str) -> bool:
         return False
 
 
-def reload_service(supervisor: Supervisor, service: Service,
-                   signal_name: str | None = None) -> bool:
+def reload_service(
+    supervisor: Supervisor, service: Service, signal_name: str | None = None
+) -> bool:
     """Send `service` its reload signal (or `signal_name`) and run its contract's wait
     after a reload; False if it was not running (its next start reads the new files)."""
     signal_name = signal_name or service.reload
@@ -378,8 +402,9 @@ class Conductor:
         if self._supervisor is None:
             from appliance.services import Supervisor
 
-            self._supervisor = Supervisor(self.paths.supervisor_config,
-                                          self.paths.supervisor_socket)
+            self._supervisor = Supervisor(
+                self.paths.supervisor_config, self.paths.supervisor_socket
+            )
         return self._supervisor
 
     def _mark_logs(self, names: Iterable[str]) -> None:
@@ -390,8 +415,9 @@ class Conductor:
             if service and service.log and name not in self.since:
                 self.since[name] = log_size(service.log)
 
-    def notify(self, notifications: list[Notify], programs_changed: bool,
-               start: bool = True) -> set[str]:
+    def notify(
+        self, notifications: list[Notify], programs_changed: bool, start: bool = True
+    ) -> set[str]:
         """Bring supervisord in line with the program files, then run the queue once;
         the names of the services started, restarted or reloaded.
 
@@ -419,8 +445,9 @@ class Conductor:
             changes = supervisor.update()
             for verb in ("added", "changed", "removed"):
                 for name in changes.get(verb, []):
-                    self.out(f"+ service {name} ({verb}"
-                             f"{' and started' if verb != 'removed' else ''})")
+                    self.out(
+                        f"+ service {name} ({verb}{' and started' if verb != 'removed' else ''})"
+                    )
             fresh |= set(changes.get("added", [])) | set(changes.get("changed", []))
             removed = set(changes.get("removed", []))
         touched = fresh - removed
@@ -429,8 +456,10 @@ class Conductor:
             if n.service in fresh or n.service in removed:
                 continue
             if n.service in held:
-                self.out(f"  service {n.service} stays stopped (appliance-ctl stop); it reads "
-                         f"its new files when started")
+                self.out(
+                    f"  service {n.service} stays stopped (appliance-ctl stop); it reads "
+                    f"its new files when started"
+                )
                 continue
             service = self.services.get(n.service, Service(n.service))
             if not running:
@@ -441,8 +470,7 @@ class Conductor:
                     self.out(f"+ service {n.service} (reloaded)")
                     touched.add(n.service)
                 else:
-                    self.out(f"  service {n.service} is not running; "
-                             f"{self.run.not_running_note}")
+                    self.out(f"  service {n.service} is not running; {self.run.not_running_note}")
             elif service.graceful_restart and self.reload(service, service.graceful_restart):
                 self.out(f"+ service {n.service} (restarted by {service.graceful_restart})")
                 touched.add(n.service)
@@ -474,8 +502,10 @@ class Conductor:
             held = stopped_by_admin(self.paths)
             wanted = [s for s in self.services.values() if s.enabled and s.name not in held]
             for name in sorted(held & {s.name for s in self.services.values() if s.enabled}):
-                self.out(f"  service {name} stays stopped (appliance-ctl stop); "
-                         f"appliance-ctl start {name} starts it")
+                self.out(
+                    f"  service {name} stays stopped (appliance-ctl stop); "
+                    f"appliance-ctl start {name} starts it"
+                )
         else:
             wanted = [self.services.get(name, Service(name)) for name in sorted(touched)]
         if touched:  # started or restarted by supervisord: RUNNING only after startsecs
@@ -509,14 +539,20 @@ class Conductor:
                     return False
             else:
                 if named is None:
-                    named = {procfs.environment(child).get(SERVICE_MARKER)
-                             for child in procfs.children(pid)}
+                    named = {
+                        procfs.environment(child).get(SERVICE_MARKER)
+                        for child in procfs.children(pid)
+                    }
                 if service.name not in named:
                     return False
         return True
 
-    def wait_answering(self, wanted: list[Service], statuses: dict[str, ProcessStatus],
-                       timeout: float = READY_TIMEOUT) -> None:
+    def wait_answering(
+        self,
+        wanted: list[Service],
+        statuses: dict[str, ProcessStatus],
+        timeout: float = READY_TIMEOUT,
+    ) -> None:
         deadline = time.monotonic() + timeout
         for service in wanted:
             if not service.ready:
@@ -527,13 +563,17 @@ class Conductor:
                 holder = procfs.listener(service.ready, ours)
                 if holder is not None and holder.pid not in ours:
                     key = service.binds.get(service.ready, "its address")
-                    raise ServiceError(f"{service.name} does not answer on {service.ready}: "
-                                       f"{holder} holds it; stop that process or set another "
-                                       f"{key} in appliance.yml.")
+                    raise ServiceError(
+                        f"{service.name} does not answer on {service.ready}: "
+                        f"{holder} holds it; stop that process or set another "
+                        f"{key} in appliance.yml."
+                    )
                 if holder is not None and answers(service.ready):
                     break
                 if time.monotonic() > deadline:
-                    raise ServiceError(f"{service.name} runs but does not accept connections "
-                                       f"on {service.ready}; see appliance-ctl tail "
-                                       f"{service.name}.")
+                    raise ServiceError(
+                        f"{service.name} runs but does not accept connections "
+                        f"on {service.ready}; see appliance-ctl tail "
+                        f"{service.name}."
+                    )
                 time.sleep(0.05)

@@ -68,9 +68,7 @@ def generate_private_key(key_type: str = "ec-p256") -> bytes:
             f"Unknown key type {key_type!r}; use one of: {', '.join(KEY_TYPES)}."
         ) from None
     if family == "ec":
-        key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = ec.generate_private_key(
-            _CURVES[size]
-        )
+        key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = ec.generate_private_key(_CURVES[size])
     else:
         key = rsa.generate_private_key(public_exponent=65537, key_size=size)
     return key.private_bytes(
@@ -90,11 +88,17 @@ def self_signed_certificate(
     """
     if not hostnames:
         raise CertificateError("A certificate needs at least one host name.")
-    return _self_issued(key_pem, hostnames[0], days, now, [
-        (x509.SubjectAlternativeName(_general_names(hostnames)), False),
-        (x509.BasicConstraints(ca=False, path_length=None), True),
-        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
-    ])
+    return _self_issued(
+        key_pem,
+        hostnames[0],
+        days,
+        now,
+        [
+            (x509.SubjectAlternativeName(_general_names(hostnames)), False),
+            (x509.BasicConstraints(ca=False, path_length=None), True),
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+        ],
+    )
 
 
 def signing_certificate(
@@ -106,18 +110,35 @@ def signing_certificate(
     against it), so it is a CA certificate with digitalSignature for the tokens.
     """
     usage = x509.KeyUsage(
-        digital_signature=True, content_commitment=False, key_encipherment=False,
-        data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=False,
-        encipher_only=False, decipher_only=False,
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
     )
-    return _self_issued(key_pem, common_name, days, now, [
-        (x509.BasicConstraints(ca=True, path_length=0), True),
-        (usage, True),
-    ])
+    return _self_issued(
+        key_pem,
+        common_name,
+        days,
+        now,
+        [
+            (x509.BasicConstraints(ca=True, path_length=0), True),
+            (usage, True),
+        ],
+    )
 
 
-def _self_issued(key_pem: bytes, common_name: str, days: int, now: dt.datetime | None,
-                 extensions: list[tuple[x509.ExtensionType, bool]]) -> bytes:
+def _self_issued(
+    key_pem: bytes,
+    common_name: str,
+    days: int,
+    now: dt.datetime | None,
+    extensions: list[tuple[x509.ExtensionType, bool]],
+) -> bytes:
     """A certificate its own key signs: subject = issuer = CN, backdated, with the
     given (extension, critical) pairs and a subject key identifier."""
     key = _load_private_key(key_pem)
@@ -135,7 +156,8 @@ def _self_issued(key_pem: bytes, common_name: str, days: int, now: dt.datetime |
     for extension, critical in extensions:
         builder = builder.add_extension(extension, critical=critical)
     builder = builder.add_extension(
-        x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+    )
     return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
@@ -178,9 +200,7 @@ def check_certificate(
             problems.append(_mismatch_message(chain, spki, info))
     now = _utc(now)
     if now >= info.not_after:
-        problems.append(
-            f"The certificate for {info.subject} expired on {_date(info.not_after)}."
-        )
+        problems.append(f"The certificate for {info.subject} expired on {_date(info.not_after)}.")
     elif now < info.not_before:
         problems.append(
             f"The certificate for {info.subject} is not valid before "

@@ -51,7 +51,7 @@ def split_address(address: str) -> tuple[str, int]:
 def _decode_ip(text: str) -> str:
     raw = bytes.fromhex(text)
     if sys.byteorder == "little":
-        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+        raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
     ip = ipaddress.ip_address(raw)
     if ip.version == 6 and ip.ipv4_mapped:
         ip = ip.ipv4_mapped
@@ -68,8 +68,9 @@ def tcp_listeners(family: int) -> list[tuple[str, int, int]]:
     """(ip or '' for any, port, inode) of every listening TCP socket of `family`, asked
     of the kernel's sock_diag netlink interface filtered to the LISTEN state: reading
     /proc/net/tcp walks every connection of a busy host (milliseconds a read)."""
-    request = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0,
-                          1 << TCP_LISTEN_STATE) + bytes(48)
+    request = struct.pack(
+        "=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_LISTEN_STATE
+    ) + bytes(48)
     header = struct.pack("=IHHII", 16 + len(request), SOCK_DIAG_BY_FAMILY, 0x301, 1, 0)
     found = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as diag:
@@ -86,7 +87,7 @@ def tcp_listeners(family: int) -> list[tuple[str, int, int]]:
                     raise OSError("sock_diag refused the request")
                 body = offset + 16
                 port = struct.unpack_from("!H", data, body + 4)[0]
-                raw = data[body + 8:body + 8 + (4 if family == socket.AF_INET else 16)]
+                raw = data[body + 8 : body + 8 + (4 if family == socket.AF_INET else 16)]
                 inode = struct.unpack_from("=I", data, body + 68)[0]
                 found.append((_normal_ip(socket.inet_ntop(family, raw)), port, inode))
                 offset += (length + 3) & ~3
@@ -130,8 +131,7 @@ class ListenTable:
                 fields = line.split()
                 if fields[3] == LISTEN:
                     local_ip, local_port = fields[1].split(":")
-                    self.tcp.append((_decode_ip(local_ip), int(local_port, 16),
-                                     int(fields[9])))
+                    self.tcp.append((_decode_ip(local_ip), int(local_port, 16), int(fields[9])))
 
     def sockets_of(self, pid: int) -> set[int]:
         if pid not in self.held:
@@ -144,8 +144,12 @@ class ListenTable:
             return set(self.unix.get(address, ()))
         host, port = split_address(address)
         wanted = ipaddress.ip_address(host) if host else None
-        return {inode for bound, bound_port, inode in self.tcp if bound_port == port and
-                (not bound or wanted is None or ipaddress.ip_address(bound) == wanted)}
+        return {
+            inode
+            for bound, bound_port, inode in self.tcp
+            if bound_port == port
+            and (not bound or wanted is None or ipaddress.ip_address(bound) == wanted)
+        }
 
 
 def children(pid: int) -> list[int]:
@@ -199,8 +203,9 @@ def all_pids() -> list[int]:
     return [int(name) for name in os.listdir(PROC) if name.isdigit()]
 
 
-def listener(address: str, likely: Iterable[int] = (),
-             table: ListenTable | None = None) -> Listener | None:
+def listener(
+    address: str, likely: Iterable[int] = (), table: ListenTable | None = None
+) -> Listener | None:
     """The process holding a listening socket on `address`, None if nothing listens.
 
     The `likely` pids (our own services) are searched first; every process only when
@@ -239,19 +244,21 @@ def process_group(pid: int) -> int | None:
         text = (PROC / str(pid) / "stat").read_text()
     except OSError:
         return None
-    return int(text[text.rfind(")") + 2:].split()[2])
+    return int(text[text.rfind(")") + 2 :].split()[2])
 
 
 def _cmdline(pid: int) -> str:
     try:
-        return (PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
+        return (
+            (PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
     except OSError:
         return ""
 
 
-def leftovers(supervisor_config: Path, pid_files: Iterable[Path] = (),
-              spare: Iterable[int] = ()) -> list[int]:
+def leftovers(
+    supervisor_config: Path, pid_files: Iterable[Path] = (), spare: Iterable[int] = ()
+) -> list[int]:
     """Processes of this appliance root that no live supervisord of it runs.
 
     A program of this root carries ROOT_MARKER in its environment (the launcher puts

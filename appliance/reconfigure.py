@@ -23,8 +23,9 @@ RUN_LOGS_KEPT = 30
 
 
 @contextmanager
-def reconfigure_lock(path: Path, out: Callable[[str], None],
-                     wait: float = LOCK_WAIT_SECONDS) -> Iterator[None]:
+def reconfigure_lock(
+    path: Path, out: Callable[[str], None], wait: float = LOCK_WAIT_SECONDS
+) -> Iterator[None]:
     """One reconfigure at a time; a second one waits, saying for whom, then gives up."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
@@ -41,9 +42,10 @@ def reconfigure_lock(path: Path, out: Callable[[str], None],
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        raise LockError(f"another reconfigure (pid {holder}) has held {path} "
-                                        f"for over {int(wait)} s; wait for it or stop it.") \
-                            from None
+                        raise LockError(
+                            f"another reconfigure (pid {holder}) has held {path} "
+                            f"for over {int(wait)} s; wait for it or stop it."
+                        ) from None
                     time.sleep(0.1)
         handle.seek(0)
         handle.truncate()
@@ -61,8 +63,12 @@ class RunLog:
     """Tee of everything a run prints, kept under the log directory, secrets masked
     (`redact`, set once the run knows its secrets) whoever printed the line."""
 
-    def __init__(self, stream: TextIO | None, directory: Path | None,
-                 redact: Callable[[str], str] | None = None):
+    def __init__(
+        self,
+        stream: TextIO | None,
+        directory: Path | None,
+        redact: Callable[[str], str] | None = None,
+    ):
         self.stream = stream
         self.lines: list[str] = []
         self.directory = directory
@@ -98,8 +104,12 @@ class RunLog:
         except OSError as exc:
             path.unlink(missing_ok=True)
             if self.stream is not None:
-                print(f"The log of this run could not be kept in {self.directory}: "
-                      f"{exc.strerror or exc}.", file=self.stream, flush=True)
+                print(
+                    f"The log of this run could not be kept in {self.directory}: "
+                    f"{exc.strerror or exc}.",
+                    file=self.stream,
+                    flush=True,
+                )
             return None
         return path
 
@@ -131,7 +141,9 @@ def wait_listening(addresses: dict[str, str], timeout: float = 30) -> None:
                 break
             except OSError as exc:
                 if time.monotonic() > deadline:
-                    raise ServiceError(f"{service} runs but does not accept connections on "
-                                       f"{address} ({exc.strerror or exc}); see "
-                                       f"appliance-ctl tail {service}.") from None
+                    raise ServiceError(
+                        f"{service} runs but does not accept connections on "
+                        f"{address} ({exc.strerror or exc}); see "
+                        f"appliance-ctl tail {service}."
+                    ) from None
                 time.sleep(0.05)

@@ -75,8 +75,10 @@ def uid_of(owner: str | None) -> int | None:
     try:
         return pwd.getpwnam(owner).pw_uid
     except KeyError:
-        raise ResourceError(f"user {owner} does not exist; create it or let reconfigure "
-                            f"manage accounts (manage_accounts: true).") from None
+        raise ResourceError(
+            f"user {owner} does not exist; create it or let reconfigure "
+            f"manage accounts (manage_accounts: true)."
+        ) from None
 
 
 def gid_of(group: str | None) -> int | None:
@@ -109,13 +111,21 @@ def read_path(path: Path, with_content: bool = False) -> PathState:
     content = None
     if with_content and stat.S_ISREG(st.st_mode):
         content = path.read_bytes()
-    return PathState(exists=True, is_dir=stat.S_ISDIR(st.st_mode), is_link=is_link,
-                     mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
-                     content=content, link_target=os.readlink(path) if is_link else None)
+    return PathState(
+        exists=True,
+        is_dir=stat.S_ISDIR(st.st_mode),
+        is_link=is_link,
+        mode=stat.S_IMODE(st.st_mode),
+        uid=st.st_uid,
+        gid=st.st_gid,
+        content=content,
+        link_target=os.readlink(path) if is_link else None,
+    )
 
 
-def _ownership_changes(current: PathState, mode: int, owner: str | None,
-                       group: str | None) -> list[Change]:
+def _ownership_changes(
+    current: PathState, mode: int, owner: str | None, group: str | None
+) -> list[Change]:
     changes = []
     if current.mode != mode:
         changes.append(Change(f"mode {current.mode:04o} -> {mode:04o}"))
@@ -130,13 +140,19 @@ def _ownership_changes(current: PathState, mode: int, owner: str | None,
 def _chown(path: Path, owner: str | None, group: str | None) -> None:
     uid, gid = uid_of(owner), gid_of(group)
     if uid is not None or gid is not None:
-        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid,
-                 follow_symlinks=False)
+        os.chown(
+            path, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=False
+        )
 
 
-def atomic_write(path: Path, content: bytes, mode: int, owner: str | None = None,
-                 group: str | None = None,
-                 verify: Callable[[Path], None] | None = None) -> None:
+def atomic_write(
+    path: Path,
+    content: bytes,
+    mode: int,
+    owner: str | None = None,
+    group: str | None = None,
+    verify: Callable[[Path], None] | None = None,
+) -> None:
     """Write so that a reader sees the old file or the new one, never a part.
 
     The temporary file sits in the same directory (same filesystem, so os.replace is
@@ -231,8 +247,9 @@ def unified_diff(old: bytes | None, new: bytes, path: str) -> str:
         return "(binary content differs)\n"
     import difflib  # only a run that changes a file pays for it
 
-    lines = difflib.unified_diff(old_text, new_text, fromfile=f"{path} (current)",
-                                 tofile=f"{path} (new)", n=2)
+    lines = difflib.unified_diff(
+        old_text, new_text, fromfile=f"{path} (current)", tofile=f"{path} (new)", n=2
+    )
     return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
 
 
@@ -265,8 +282,7 @@ class File(PathResource):
             return [Change("replace a link with a file")]
         changes = []
         if current.content != self.content:
-            diff = "" if self.sensitive else unified_diff(current.content, self.content,
-                                                          self.name)
+            diff = "" if self.sensitive else unified_diff(current.content, self.content, self.name)
             changes.append(Change("update content", diff))
         return changes + _ownership_changes(current, self.mode, self.owner, self.group)
 
@@ -315,13 +331,21 @@ def template_environment() -> jinja2.Environment:
 
         import yaml
 
-        cache = jinja2.FileSystemBytecodeCache(str(_bytecode_cache_dir)) \
-            if _bytecode_cache_dir else None
-        env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(files_dir())),
-                                 undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                                 autoescape=False, bytecode_cache=cache)
-        env.filters["yaml"] = lambda v: yaml.safe_dump(v, default_flow_style=False,
-                                                       sort_keys=False).rstrip("\n")
+        cache = (
+            jinja2.FileSystemBytecodeCache(str(_bytecode_cache_dir))
+            if _bytecode_cache_dir
+            else None
+        )
+        env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(files_dir())),
+            undefined=jinja2.StrictUndefined,
+            keep_trailing_newline=True,
+            autoescape=False,
+            bytecode_cache=cache,
+        )
+        env.filters["yaml"] = lambda v: yaml.safe_dump(
+            v, default_flow_style=False, sort_keys=False
+        ).rstrip("\n")
         env.filters["json"] = lambda v: json.dumps(v)
         _environment = env
     return _environment
@@ -331,11 +355,13 @@ def render(source: str, context: dict) -> str:
     try:
         return template_environment().get_template(source).render(**context)
     except jinja2.UndefinedError as exc:
-        raise ResourceError(f"template {source}: {exc.message}; this is a bug in the "
-                            f"recipe that renders it.") from None
+        raise ResourceError(
+            f"template {source}: {exc.message}; this is a bug in the recipe that renders it."
+        ) from None
     except jinja2.TemplateNotFound:
-        raise ResourceError(f"template {source} is missing under {files_dir()}; "
-                            f"reinstall the package.") from None
+        raise ResourceError(
+            f"template {source} is missing under {files_dir()}; reinstall the package."
+        ) from None
 
 
 class Template(File):
@@ -437,6 +463,7 @@ class SelfSignedCertificate(Resource):
                 return path.read_bytes()
             except FileNotFoundError:
                 return None
+
         return CertificateState(read(self.cert_path), read(self.key_path))
 
     def plan(self, current: CertificateState) -> list[Change]:

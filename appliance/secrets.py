@@ -37,8 +37,12 @@ class Secrets:
 
     def private_values(self) -> list[str]:
         """The values that must never be printed (the certificate and digest are public)."""
-        return [self.token_signing_key, self.registry_http_secret, self.auth_secret,
-                self.letsencrypt_account_key]
+        return [
+            self.token_signing_key,
+            self.registry_http_secret,
+            self.auth_secret,
+            self.letsencrypt_account_key,
+        ]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -50,15 +54,20 @@ def read(path: Path) -> dict:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: cannot read the secrets file ({exc}); restore it from a "
-                          f"backup - deleting it would invalidate every issued token.") from None
+        raise ConfigError(
+            f"{path}: cannot read the secrets file ({exc}); restore it from a "
+            f"backup - deleting it would invalidate every issued token."
+        ) from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the secrets file is not a JSON object; restore it from a "
-                          f"backup.")
+        raise ConfigError(
+            f"{path}: the secrets file is not a JSON object; restore it from a backup."
+        )
     damaged = sorted(str(k) for k, v in data.items() if not isinstance(v, str))
     if damaged:
-        raise ConfigError(f"{path}: {', '.join(damaged)} should be a string; restore the "
-                          f"secrets file from a backup.")
+        raise ConfigError(
+            f"{path}: {', '.join(damaged)} should be a string; restore the "
+            f"secrets file from a backup."
+        )
     return data
 
 
@@ -66,8 +75,12 @@ def pair_digest(key: str, cert: str) -> str:
     return hashlib.sha256((key + "\0" + cert).encode()).hexdigest()
 
 
-def load_or_generate(path: Path, internal_key: str | None = None,
-                     key_type: str = "ec-p256", issuer: str = "appliance-issuer") -> Secrets:
+def load_or_generate(
+    path: Path,
+    internal_key: str | None = None,
+    key_type: str = "ec-p256",
+    issuer: str = "appliance-issuer",
+) -> Secrets:
     """The secrets to use: what the file holds, plus whatever is missing, generated."""
     stored = read(path)
     key = internal_key or stored.get("token_signing_key")
@@ -92,11 +105,14 @@ def load_or_generate(path: Path, internal_key: str | None = None,
             cert = pki.signing_certificate(key.encode(), issuer).decode()
         except pki.CertificateError:
             if internal_key:
-                raise ConfigError("registry.internal_key: not a readable unencrypted PEM "
-                                  "private key (RSA or EC).") from None
-            raise ConfigError(f"{path}: token_signing_key is not a readable PEM private key; "
-                              f"restore the secrets file from a backup - a new key would "
-                              f"invalidate every issued token.") from None
+                raise ConfigError(
+                    "registry.internal_key: not a readable unencrypted PEM private key (RSA or EC)."
+                ) from None
+            raise ConfigError(
+                f"{path}: token_signing_key is not a readable PEM private key; "
+                f"restore the secrets file from a backup - a new key would "
+                f"invalidate every issued token."
+            ) from None
     account_key = stored.get("letsencrypt_account_key")
     if not account_key:
         from appliance.letsencrypt import generate_account_key
@@ -115,5 +131,4 @@ def load_or_generate(path: Path, internal_key: str | None = None,
 def for_settings(settings: Settings) -> Secrets:
     """The secrets a run of reconfigure or renew-certs uses for these settings."""
     r = settings.registry
-    return load_or_generate(settings.paths.secrets_file, r.internal_key, r.token_key_type,
-                            r.issuer)
+    return load_or_generate(settings.paths.secrets_file, r.internal_key, r.token_key_type, r.issuer)

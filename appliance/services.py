@@ -173,8 +173,9 @@ class Supervisor:
         if not Path("/run/systemd/system").is_dir():
             return None
         try:
-            result = subprocess.run(["systemctl", "cat", SYSTEMD_UNIT], capture_output=True,
-                                    text=True, timeout=10)
+            result = subprocess.run(
+                ["systemctl", "cat", SYSTEMD_UNIT], capture_output=True, text=True, timeout=10
+            )
         except (OSError, subprocess.TimeoutExpired):
             return None
         if result.returncode != 0 or f" -c {self.config_path}\n" not in result.stdout:
@@ -182,12 +183,15 @@ class Supervisor:
         return SYSTEMD_UNIT
 
     def _systemctl(self, action: str, unit: str, timeout: float) -> None:
-        result = subprocess.run(["systemctl", action, unit], capture_output=True, text=True,
-                                timeout=max(timeout, 120))
+        result = subprocess.run(
+            ["systemctl", action, unit], capture_output=True, text=True, timeout=max(timeout, 120)
+        )
         if result.returncode != 0:
-            raise ServiceError(f"systemctl {action} {unit} failed: "
-                               f"{result.stderr.strip() or result.returncode}; see "
-                               f"journalctl -u {unit}.")
+            raise ServiceError(
+                f"systemctl {action} {unit} failed: "
+                f"{result.stderr.strip() or result.returncode}; see "
+                f"journalctl -u {unit}."
+            )
 
     def shutdown(self, timeout: float = 30) -> None:
         """Stop every service, then supervisord; nothing to do if it is not running."""
@@ -321,8 +325,9 @@ class Supervisor:
                 raise self._error("read the status of", name, fault) from fault
         return sorted((_status(info) for info in infos), key=lambda s: s.name)  # type: ignore[union-attr]
 
-    def wait_until_running(self, names: Iterable[str], timeout: float = 30,
-                           since: dict[str, int] | None = None) -> None:
+    def wait_until_running(
+        self, names: Iterable[str], timeout: float = 30, since: dict[str, int] | None = None
+    ) -> None:
         """Return once every named service is RUNNING (up for its startsecs); raise a
         ServiceError naming each one that is not, with the first error line its log got
         since `since` (log sizes taken before the start), else the last line of its log.
@@ -344,8 +349,7 @@ class Supervisor:
                     state = statuses[name].state.lower() if name in statuses else "not supervised"
                     try:
                         log = self.log_path(name)
-                        last = first_error_line(log, (since or {}).get(name)) or \
-                            _last_line(log)
+                        last = first_error_line(log, (since or {}).get(name)) or _last_line(log)
                     except (ServiceError, OSError):
                         last = ""
                     problems.append(f"{name} is {state}" + (f" ({last})" if last else ""))
@@ -449,13 +453,17 @@ def _last_line(log: Path, limit: int = 300) -> str:
     """The last non-empty line of a log: usually the reason a program would not start."""
     with open(log, "rb") as handle:
         handle.seek(max(0, os.fstat(handle.fileno()).st_size - 4096))
-        lines = [line for line in handle.read().decode(errors="replace").splitlines()
-                 if line.strip()]
+        lines = [
+            line for line in handle.read().decode(errors="replace").splitlines() if line.strip()
+        ]
     return lines[-1].strip()[:limit] if lines else ""
 
 
-ERROR_WORDS = re.compile(r"\b(error|fatal|panic|failed|cannot|can't|unable|refused|denied|"
-                         r"invalid|not found|no such|emerg|crit|unknown)\b", re.IGNORECASE)
+ERROR_WORDS = re.compile(
+    r"\b(error|fatal|panic|failed|cannot|can't|unable|refused|denied|"
+    r"invalid|not found|no such|emerg|crit|unknown)\b",
+    re.IGNORECASE,
+)
 
 
 def log_size(log: Path) -> int:

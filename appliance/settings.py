@@ -34,12 +34,30 @@ import yaml
 from appliance.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/appliance/appliance.yml"
-SENSITIVE_KEYS = {"initial_root_password", "internal_key", "secretkey", "accountkey",
-                  "accesskeysecret", "password", "keyfile_contents", "Authorization",
-                  "sessiontoken", "private_key", "secret"}
+SENSITIVE_KEYS = {
+    "initial_root_password",
+    "internal_key",
+    "secretkey",
+    "accountkey",
+    "accesskeysecret",
+    "password",
+    "keyfile_contents",
+    "Authorization",
+    "sessiontoken",
+    "private_key",
+    "secret",
+}
 # Free-form names (registry.env variables, notification headers) that carry secrets.
-_SENSITIVE_WORDS = ("SECRET", "PASSWORD", "PASSWD", "TOKEN", "KEY", "AUTHORIZATION",
-                    "COOKIE", "CREDENTIAL")
+_SENSITIVE_WORDS = (
+    "SECRET",
+    "PASSWORD",
+    "PASSWD",
+    "TOKEN",
+    "KEY",
+    "AUTHORIZATION",
+    "COOKIE",
+    "CREDENTIAL",
+)
 
 
 def is_sensitive(key: str) -> bool:
@@ -54,6 +72,7 @@ def is_sensitive(key: str) -> bool:
     if key == key.lower():
         return False
     return any(word in key.upper() for word in _SENSITIVE_WORDS)
+
 
 # ---------------------------------------------------------------- value checks
 # A check returns None when the value is fine, else what was expected.
@@ -104,8 +123,10 @@ def split_host_port(value: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
-ZONE_PROBLEM = ("an address without an IPv6 zone ID: nginx, the registry and gunicorn take "
-                "no '%eth0'; use the interface's own address")
+ZONE_PROBLEM = (
+    "an address without an IPv6 zone ID: nginx, the registry and gunicorn take "
+    "no '%eth0'; use the interface's own address"
+)
 
 
 def check_host_port(value: str) -> str | None:
@@ -195,8 +216,11 @@ def check_ssl_protocols(value: str) -> str | None:
 
 
 def check_email(value: str) -> str | None:
-    return None if re.fullmatch(r"[^@\s;{}'\"\x00-\x1f\x7f]+@[A-Za-z0-9.-]+", value) \
+    return (
+        None
+        if re.fullmatch(r"[^@\s;{}'\"\x00-\x1f\x7f]+@[A-Za-z0-9.-]+", value)
         else "an email address"
+    )
 
 
 def check_username(value: str) -> str | None:
@@ -217,21 +241,28 @@ def check_log_level(value: str) -> str | None:
 
 
 def check_pem_key(value: str) -> str | None:
-    return None if "-----BEGIN" in value and "PRIVATE KEY-----" in value \
+    return (
+        None
+        if "-----BEGIN" in value and "PRIVATE KEY-----" in value
         else "a PEM private key (-----BEGIN ... PRIVATE KEY-----)"
+    )
 
 
-def doc(text: str, check: typing.Callable[[Any], str | None] | None = None,
-        example: Any = None) -> dict:
+def doc(
+    text: str, check: typing.Callable[[Any], str | None] | None = None, example: Any = None
+) -> dict:
     return {"doc": text, "check": check, "example": example}
 
 
-def setting(default: Any, text: str, check: typing.Callable | None = None,
-            example: Any = None) -> Any:
+def setting(
+    default: Any, text: str, check: typing.Callable | None = None, example: Any = None
+) -> Any:
     if isinstance(default, (list, dict)):
         # each instance gets its own copy of the default list or mapping
-        return field(default_factory=functools.partial(type(default), default),
-                     metadata=doc(text, check, example))
+        return field(
+            default_factory=functools.partial(type(default), default),
+            metadata=doc(text, check, example),
+        )
     return field(default=default, metadata=doc(text, check, example))
 
 
@@ -244,80 +275,142 @@ def section(cls: type, text: str) -> Any:
 
 @dataclass(frozen=True)
 class RegistrySettings:
-    enable: bool = setting(True, "Run the registry. false stops it and removes its vhost; "
-                                 "images stay on disk.")
-    http_addr: str = setting("127.0.0.1:5000", "Internal address the registry listens on "
-                             "(nginx proxies to it). Not the public port.", check_host_port)
-    listen_network: str = setting("tcp", "tcp: the registry listens on http_addr. unix: on "
-                                  "<root>/var/opt/appliance/registry-socket/registry.sock, "
-                                  "which only nginx may connect to: no TCP port for the "
-                                  "registry, and pulls through nginx a few points faster "
-                                  "(README, Benchmarks).",
-                                  check_listen_network)
-    storage_path: str | None = setting(None, "Filesystem storage directory. "
-                                       "Default: <root>/var/opt/appliance/registry/data.",
-                                       check_safe_path)
-    storage: dict = setting({}, "Storage driver hash, as in the registry's config: "
-                            "{s3: {bucket: ..., region: ...}}, azure, gcs, swift, oss; "
-                            "plus optional cache, redirect, maintenance. Empty = filesystem.",
-                            example={"s3": {"accesskey": "AKIA...", "secretkey": "...",
-                                            "bucket": "registry", "region": "us-east-1"}})
+    enable: bool = setting(
+        True, "Run the registry. false stops it and removes its vhost; images stay on disk."
+    )
+    http_addr: str = setting(
+        "127.0.0.1:5000",
+        "Internal address the registry listens on (nginx proxies to it). Not the public port.",
+        check_host_port,
+    )
+    listen_network: str = setting(
+        "tcp",
+        "tcp: the registry listens on http_addr. unix: on "
+        "<root>/var/opt/appliance/registry-socket/registry.sock, "
+        "which only nginx may connect to: no TCP port for the "
+        "registry, and pulls through nginx a few points faster "
+        "(README, Benchmarks).",
+        check_listen_network,
+    )
+    storage_path: str | None = setting(
+        None,
+        "Filesystem storage directory. Default: <root>/var/opt/appliance/registry/data.",
+        check_safe_path,
+    )
+    storage: dict = setting(
+        {},
+        "Storage driver hash, as in the registry's config: "
+        "{s3: {bucket: ..., region: ...}}, azure, gcs, swift, oss; "
+        "plus optional cache, redirect, maintenance. Empty = filesystem.",
+        example={
+            "s3": {
+                "accesskey": "AKIA...",
+                "secretkey": "...",
+                "bucket": "registry",
+                "region": "us-east-1",
+            }
+        },
+    )
     storage_delete_enabled: bool = setting(True, "Allow deleting images by digest or tag.")
-    notifications: list = setting([], "Webhook endpoints: name, url, headers, timeout, "
-                                  "threshold, backoff, disabled.",
-                                  example=[{"name": "listener", "url": "https://hooks.example.com/event",
-                                            "timeout": "500ms", "threshold": 5, "backoff": "1s",
-                                            "headers": {"Authorization": ["Bearer TOKEN"]}}])
-    debug_addr: str | None = setting(None, "Debug server address (/debug/health, /debug/vars, "
-                                     "/metrics, and /debug/pprof/: profiles and goroutine "
-                                     "dumps, unauthenticated), e.g. 127.0.0.1:5001. Keep it "
-                                     "on loopback.", check_host_port)
-    compatibility_schema1_enabled: bool = setting(False, "Accept schema1 manifests from "
-                                                  "Docker 1.9 and older.")
-    env: dict = setting({}, "Extra environment for the registry process, e.g. "
-                        "REGISTRY_HTTP_RELATIVEURLS: true.",
-                        example={"REGISTRY_HTTP_RELATIVEURLS": True})
-    issuer: str = setting("appliance-issuer", "Token issuer: the auth service signs as this, "
-                          "the registry expects it.")
+    notifications: list = setting(
+        [],
+        "Webhook endpoints: name, url, headers, timeout, threshold, backoff, disabled.",
+        example=[
+            {
+                "name": "listener",
+                "url": "https://hooks.example.com/event",
+                "timeout": "500ms",
+                "threshold": 5,
+                "backoff": "1s",
+                "headers": {"Authorization": ["Bearer TOKEN"]},
+            }
+        ],
+    )
+    debug_addr: str | None = setting(
+        None,
+        "Debug server address (/debug/health, /debug/vars, "
+        "/metrics, and /debug/pprof/: profiles and goroutine "
+        "dumps, unauthenticated), e.g. 127.0.0.1:5001. Keep it "
+        "on loopback.",
+        check_host_port,
+    )
+    compatibility_schema1_enabled: bool = setting(
+        False, "Accept schema1 manifests from Docker 1.9 and older."
+    )
+    env: dict = setting(
+        {},
+        "Extra environment for the registry process, e.g. REGISTRY_HTTP_RELATIVEURLS: true.",
+        example={"REGISTRY_HTTP_RELATIVEURLS": True},
+    )
+    issuer: str = setting(
+        "appliance-issuer", "Token issuer: the auth service signs as this, the registry expects it."
+    )
     service: str = setting("container_registry", "Token service (audience) name.")
-    internal_key: str | None = setting(None, "PEM token-signing key to use instead of the "
-                                       "generated one (external registry set-ups).", check_pem_key)
-    key_path: str | None = setting(None, "Where the token-signing key is written. "
-                                   "Default: <root>/var/opt/appliance/auth/token-signing.key.",
-                                   check_safe_path)
-    token_key_type: str = setting("ec-p256", "Type of a generated token-signing key "
-                                  "(ec-p256 signs ~10x faster than rsa).", check_key_type)
+    internal_key: str | None = setting(
+        None,
+        "PEM token-signing key to use instead of the generated one (external registry set-ups).",
+        check_pem_key,
+    )
+    key_path: str | None = setting(
+        None,
+        "Where the token-signing key is written. "
+        "Default: <root>/var/opt/appliance/auth/token-signing.key.",
+        check_safe_path,
+    )
+    token_key_type: str = setting(
+        "ec-p256",
+        "Type of a generated token-signing key (ec-p256 signs ~10x faster than rsa).",
+        check_key_type,
+    )
     log_level: str = setting("info", "Registry log level.", check_log_level)
     health_storagedriver_enabled: bool = setting(True, "Registry health check of its storage.")
-    username: str = setting("appliance-registry", "Account the registry runs as (when "
-                            "reconfigure runs as root).", check_username)
+    username: str = setting(
+        "appliance-registry",
+        "Account the registry runs as (when reconfigure runs as root).",
+        check_username,
+    )
 
 
 @dataclass(frozen=True)
 class RegistryNginxSettings:
     enable: bool = setting(True, "Serve the registry through nginx (follows registry.enable).")
-    listen_port: int | None = setting(None, "Port of the registry vhost. Default: the port of "
-                                      "registry_external_url (5050 on the main host, 443 on its "
-                                      "own domain).", check_port)
-    ssl_certificate: str | None = setting(None, "Certificate file (full chain). Default: "
-                                          "<root>/etc/appliance/ssl/<registry host>.crt; setting "
-                                          "it turns Let's Encrypt off.", check_safe_path)
-    ssl_certificate_key: str | None = setting(None, "Key of ssl_certificate. Default: "
-                                              "<root>/etc/appliance/ssl/<registry host>.key.",
-                                              check_safe_path)
-    ssl_protocols: str = setting("TLSv1.2 TLSv1.3", "nginx ssl_protocols.",
-                                 check_ssl_protocols)
-    proxy_timeout: int = setting(900, "Seconds nginx waits on a slow push or pull.",
-                                 check_positive)
-    hsts_max_age: int = setting(63072000, "Strict-Transport-Security max-age in seconds "
-                                "(two years, Mozilla's intermediate profile); 0 sends no "
-                                "HSTS header.", check_not_negative)
+    listen_port: int | None = setting(
+        None,
+        "Port of the registry vhost. Default: the port of "
+        "registry_external_url (5050 on the main host, 443 on its "
+        "own domain).",
+        check_port,
+    )
+    ssl_certificate: str | None = setting(
+        None,
+        "Certificate file (full chain). Default: "
+        "<root>/etc/appliance/ssl/<registry host>.crt; setting "
+        "it turns Let's Encrypt off.",
+        check_safe_path,
+    )
+    ssl_certificate_key: str | None = setting(
+        None,
+        "Key of ssl_certificate. Default: <root>/etc/appliance/ssl/<registry host>.key.",
+        check_safe_path,
+    )
+    ssl_protocols: str = setting("TLSv1.2 TLSv1.3", "nginx ssl_protocols.", check_ssl_protocols)
+    proxy_timeout: int = setting(900, "Seconds nginx waits on a slow push or pull.", check_positive)
+    hsts_max_age: int = setting(
+        63072000,
+        "Strict-Transport-Security max-age in seconds "
+        "(two years, Mozilla's intermediate profile); 0 sends no "
+        "HSTS header.",
+        check_not_negative,
+    )
 
 
 @dataclass(frozen=True)
 class NginxSettings:
-    http_port: int = setting(80, "Plain-HTTP port: redirects to https and answers Let's "
-                             "Encrypt http-01 challenges.", check_port)
+    http_port: int = setting(
+        80,
+        "Plain-HTTP port: redirects to https and answers Let's Encrypt http-01 challenges.",
+        check_port,
+    )
     listen_addresses: list = setting(["*"], "Addresses nginx listens on ('*', '[::]', or IPs).")
     worker_processes: str = setting("auto", "nginx worker_processes.")
     redirect_http_to_https: bool = setting(True, "Redirect plain HTTP to the registry's https URL.")
@@ -325,60 +418,96 @@ class NginxSettings:
 
 @dataclass(frozen=True)
 class WebServerSettings:
-    username: str = setting("appliance-www", "Account nginx workers run as (when "
-                            "reconfigure runs as root).", check_username)
+    username: str = setting(
+        "appliance-www",
+        "Account nginx workers run as (when reconfigure runs as root).",
+        check_username,
+    )
 
 
 @dataclass(frozen=True)
 class AuthSettings:
-    enable: bool | None = setting(None, "Run the token service. Default: with the registry. "
-                                  "true with registry.enable: false serves only /jwt/auth, "
-                                  "for an external registry (the guide's GitLab-as-auth case).")
-    listen_network: str = setting("unix", "unix: the token service listens on "
-                                  "<root>/var/opt/appliance/auth-socket/auth.sock, which only "
-                                  "nginx may connect to, and believes the client address "
-                                  "nginx sends (X-Real-IP). tcp: on listen_addr, where any "
-                                  "local process may connect, so X-Real-IP is ignored and "
-                                  "every client counts as nginx's address.",
-                                  check_listen_network)
-    listen_addr: str = setting("127.0.0.1:5100", "Address the token service listens on "
-                               "with listen_network: tcp.", check_host_port)
+    enable: bool | None = setting(
+        None,
+        "Run the token service. Default: with the registry. "
+        "true with registry.enable: false serves only /jwt/auth, "
+        "for an external registry (the guide's GitLab-as-auth case).",
+    )
+    listen_network: str = setting(
+        "unix",
+        "unix: the token service listens on "
+        "<root>/var/opt/appliance/auth-socket/auth.sock, which only "
+        "nginx may connect to, and believes the client address "
+        "nginx sends (X-Real-IP). tcp: on listen_addr, where any "
+        "local process may connect, so X-Real-IP is ignored and "
+        "every client counts as nginx's address.",
+        check_listen_network,
+    )
+    listen_addr: str = setting(
+        "127.0.0.1:5100",
+        "Address the token service listens on with listen_network: tcp.",
+        check_host_port,
+    )
     workers: int = setting(2, "Token service worker processes (one per core).", check_positive)
-    threads: int = setting(4, "Threads per worker (keep-alive connections from nginx).",
-                           check_positive)
+    threads: int = setting(
+        4, "Threads per worker (keep-alive connections from nginx).", check_positive
+    )
     token_lifetime: int = setting(300, "Seconds a registry token is valid.", check_positive)
-    refresh_token_lifetime: int = setting(2592000, "Seconds a docker login refresh token "
-                                          "is valid.", check_positive)
-    database_path: str | None = setting(None, "SQLite database. Default: "
-                                        "<root>/var/opt/appliance/auth/auth.db.", check_safe_path)
-    max_failed_logins: int = setting(10, "Failed sign-ins per user or address before 429.",
-                                     check_positive)
-    failed_login_window: int = setting(300, "Seconds over which failed sign-ins count.",
-                                       check_positive)
-    credential_cache_ttl: int = setting(30, "Seconds a verified password is remembered "
-                                        "(a password change ends it at once).", check_positive)
-    credential_cache_size: int = setting(10000, "Verified passwords each worker remembers "
-                                         "(the least recently used are dropped).",
-                                         check_positive)
-    refresh_tokens_per_user: int = setting(50, "Live refresh tokens (docker login) kept per "
-                                           "user or deploy token; the oldest is dropped "
-                                           "first.", check_positive)
-    username: str = setting("appliance-auth", "Account the token service runs as (when "
-                            "reconfigure runs as root).", check_username)
+    refresh_token_lifetime: int = setting(
+        2592000, "Seconds a docker login refresh token is valid.", check_positive
+    )
+    database_path: str | None = setting(
+        None, "SQLite database. Default: <root>/var/opt/appliance/auth/auth.db.", check_safe_path
+    )
+    max_failed_logins: int = setting(
+        10, "Failed sign-ins per user or address before 429.", check_positive
+    )
+    failed_login_window: int = setting(
+        300, "Seconds over which failed sign-ins count.", check_positive
+    )
+    credential_cache_ttl: int = setting(
+        30,
+        "Seconds a verified password is remembered (a password change ends it at once).",
+        check_positive,
+    )
+    credential_cache_size: int = setting(
+        10000,
+        "Verified passwords each worker remembers (the least recently used are dropped).",
+        check_positive,
+    )
+    refresh_tokens_per_user: int = setting(
+        50,
+        "Live refresh tokens (docker login) kept per "
+        "user or deploy token; the oldest is dropped "
+        "first.",
+        check_positive,
+    )
+    username: str = setting(
+        "appliance-auth",
+        "Account the token service runs as (when reconfigure runs as root).",
+        check_username,
+    )
 
 
 @dataclass(frozen=True)
 class LetsEncryptSettings:
-    enable: bool | None = setting(None, "Obtain certificates from Let's Encrypt. Default: on "
-                                  "for an https URL with a public host name and no "
-                                  "certificate files configured.")
-    directory_url: str = setting("https://acme-v02.api.letsencrypt.org/directory",
-                                 "ACME directory (staging: https://acme-staging-v02.api."
-                                 "letsencrypt.org/directory).", check_url)
-    ca_bundle: str | None = setting(None, "CA bundle to trust for the ACME directory "
-                                    "(a private ACME server).", check_safe_path)
-    contact_emails: list = setting([], "Emails Let's Encrypt writes to about expiry.",
-                                   example=["admin@example.com"])
+    enable: bool | None = setting(
+        None,
+        "Obtain certificates from Let's Encrypt. Default: on "
+        "for an https URL with a public host name and no "
+        "certificate files configured.",
+    )
+    directory_url: str = setting(
+        "https://acme-v02.api.letsencrypt.org/directory",
+        "ACME directory (staging: https://acme-staging-v02.api.letsencrypt.org/directory).",
+        check_url,
+    )
+    ca_bundle: str | None = setting(
+        None, "CA bundle to trust for the ACME directory (a private ACME server).", check_safe_path
+    )
+    contact_emails: list = setting(
+        [], "Emails Let's Encrypt writes to about expiry.", example=["admin@example.com"]
+    )
     key_type: str = setting("ec-p256", "Certificate key type.", check_key_type)
     renew_before_days: int = setting(30, "Renew this many days before expiry.", check_positive)
     auto_renew: bool = setting(True, "Run the renewer (twice a day, per-host jitter).")
@@ -387,14 +516,14 @@ class LetsEncryptSettings:
 
 @dataclass(frozen=True)
 class DefaultProjectsFeatures:
-    container_registry: bool = setting(True, "Registry on for new projects (owners may "
-                                       "change it per project).")
+    container_registry: bool = setting(
+        True, "Registry on for new projects (owners may change it per project)."
+    )
 
 
 @dataclass(frozen=True)
 class LoggingSettings:
-    max_bytes: int = setting(50 * 1024 * 1024, "Rotate a service log at this size.",
-                             check_positive)
+    max_bytes: int = setting(50 * 1024 * 1024, "Rotate a service log at this size.", check_positive)
     backups: int = setting(10, "Rotated logs kept per service.", check_positive)
 
 
@@ -431,21 +560,28 @@ class Paths:
         config_dir = root / "etc/appliance"
         data = root / "var/opt/appliance"
         return cls(
-            root=root, config_dir=config_dir, config_file=config_file,
+            root=root,
+            config_dir=config_dir,
+            config_file=config_file,
             secrets_file=config_dir / "appliance-secrets.json",
             initial_root_password_file=config_dir / "initial_root_password",
-            ssl_dir=config_dir / "ssl", data_dir=data, log_dir=root / "var/log/appliance",
+            ssl_dir=config_dir / "ssl",
+            data_dir=data,
+            log_dir=root / "var/log/appliance",
             lock_file=data / "reconfigure.lock",
             supervisor_dir=data / "supervisor",
             supervisor_config=data / "supervisor/supervisord.conf",
             supervisor_socket=data / "supervisor/supervisor.sock",
-            registry_dir=data / "registry", registry_config=data / "registry/config.yml",
+            registry_dir=data / "registry",
+            registry_config=data / "registry/config.yml",
             # Not under registry/: nginx's workers must reach the socket, not the config.
             registry_socket=data / "registry-socket/registry.sock",
             token_bundle=data / "registry/token-bundle.crt",
-            nginx_dir=data / "nginx", nginx_config=data / "nginx/conf/nginx.conf",
+            nginx_dir=data / "nginx",
+            nginx_config=data / "nginx/conf/nginx.conf",
             acme_webroot=data / "nginx/acme-webroot",
-            auth_dir=data / "auth", auth_config=data / "auth/config.json",
+            auth_dir=data / "auth",
+            auth_config=data / "auth/config.json",
             token_signing_certificate=data / "auth/token-signing.crt",
             # Not under auth/: nginx's workers must reach the socket, not the key.
             auth_socket=data / "auth-socket/auth.sock",
@@ -460,26 +596,37 @@ class RawSettings:
     derive() returns, has it filled in.
     """
 
-    root: str = setting("/", "Every default path lives under this directory (tests and demos "
-                        "run the whole appliance unprivileged in a temporary one).",
-                        check_safe_path)
+    root: str = setting(
+        "/",
+        "Every default path lives under this directory (tests and demos "
+        "run the whole appliance unprivileged in a temporary one).",
+        check_safe_path,
+    )
     external_url: str = setting("https://localhost", "URL of this host.", check_site_url)
     registry_external_url: str | None = setting(
-        None, "URL users docker login to. Default: port 5050 of external_url's host.",
-        check_site_url, example="https://registry.example.com")
-    initial_root_password: str | None = setting(None, "Password of the admin user root on "
-                                                "first reconfigure. Default: generated, written "
-                                                "to <root>/etc/appliance/initial_root_password.")
+        None,
+        "URL users docker login to. Default: port 5050 of external_url's host.",
+        check_site_url,
+        example="https://registry.example.com",
+    )
+    initial_root_password: str | None = setting(
+        None,
+        "Password of the admin user root on "
+        "first reconfigure. Default: generated, written "
+        "to <root>/etc/appliance/initial_root_password.",
+    )
     manage_accounts: bool = setting(True, "Create the service accounts when running as root.")
     registry: RegistrySettings = section(RegistrySettings, "The Distribution registry.")
-    registry_nginx: RegistryNginxSettings = section(RegistryNginxSettings,
-                                                    "The registry's nginx vhost.")
+    registry_nginx: RegistryNginxSettings = section(
+        RegistryNginxSettings, "The registry's nginx vhost."
+    )
     nginx: NginxSettings = section(NginxSettings, "nginx as a whole.")
     web_server: WebServerSettings = section(WebServerSettings, "nginx worker account.")
     auth: AuthSettings = section(AuthSettings, "The token service.")
     letsencrypt: LetsEncryptSettings = section(LetsEncryptSettings, "Let's Encrypt.")
     default_projects_features: DefaultProjectsFeatures = section(
-        DefaultProjectsFeatures, "Defaults for new projects.")
+        DefaultProjectsFeatures, "Defaults for new projects."
+    )
     logging: LoggingSettings = section(LoggingSettings, "Service logs.")
 
     @property
@@ -493,6 +640,7 @@ class RawSettings:
 # neither asserts nor falls back to a default of its own. They are keyword-only and
 # have no defaults (`= field()`: a bare annotation would inherit the schema's None),
 # so a resolved value can only come from derive().
+
 
 @dataclass(frozen=True, kw_only=True)
 class ResolvedRegistrySettings(RegistrySettings):
@@ -548,9 +696,12 @@ class HostFacts:
     def read(cls, s: Settings) -> HostFacts:
         from appliance.certificates import placed_by_admin
 
-        return cls(run_as_root=os.geteuid() == 0, registry_binary=registry_binary(),
-                   config_file_present=s.paths.config_file.exists(),
-                   certificate_placed_by_admin=placed_by_admin(s))
+        return cls(
+            run_as_root=os.geteuid() == 0,
+            registry_binary=registry_binary(),
+            config_file_present=s.paths.config_file.exists(),
+            certificate_placed_by_admin=placed_by_admin(s),
+        )
 
 
 # How the registry's certificate is obtained (README, TLS): decided once, by derive().
@@ -589,6 +740,7 @@ class Settings(RawSettings):
 
 
 # ---------------------------------------------------------------- loading
+
 
 def config_path(cli_path: str | None) -> tuple[Path, bool]:
     """Which config to read, and whether the admin named it (a named file must exist)."""
@@ -630,11 +782,15 @@ class UniqueKeyLoader(yaml.SafeLoader):
         self.depth += 1
         self.nodes += 1
         if self.depth > MAX_CONFIG_DEPTH:
-            raise ConfigTooLarge(f"nested more than {MAX_CONFIG_DEPTH} levels deep at line "
-                                 f"{self.peek_event().start_mark.line + 1}")
+            raise ConfigTooLarge(
+                f"nested more than {MAX_CONFIG_DEPTH} levels deep at line "
+                f"{self.peek_event().start_mark.line + 1}"
+            )
         if self.nodes > MAX_CONFIG_VALUES:
-            raise ConfigTooLarge(f"more than {MAX_CONFIG_VALUES} values (at line "
-                                 f"{self.peek_event().start_mark.line + 1})")
+            raise ConfigTooLarge(
+                f"more than {MAX_CONFIG_VALUES} values (at line "
+                f"{self.peek_event().start_mark.line + 1})"
+            )
         try:
             return super().compose_node(parent, index)
         finally:
@@ -643,14 +799,14 @@ class UniqueKeyLoader(yaml.SafeLoader):
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         if isinstance(node, yaml.ScalarNode) and not _encodable(node.value):
             raise yaml.constructor.ConstructorError(
-                None, None, "a \\u escape that is no character (a lone surrogate)",
-                node.start_mark)
+                None, None, "a \\u escape that is no character (a lone surrogate)", node.start_mark
+            )
         try:
             return super().construct_object(node, deep)
         except (ValueError, OverflowError) as exc:  # a 5000-digit int, a 13th month
             raise yaml.constructor.ConstructorError(
-                None, None, f"cannot read this value ({str(exc)[:80]})",
-                node.start_mark) from None
+                None, None, f"cannot read this value ({str(exc)[:80]})", node.start_mark
+            ) from None
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set[str] = set()
@@ -658,8 +814,11 @@ class UniqueKeyLoader(yaml.SafeLoader):
             if isinstance(key_node, yaml.ScalarNode):
                 if key_node.value in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"the key {_brief(key_node.value)} appears twice in one "
-                        f"mapping", key_node.start_mark)
+                        None,
+                        None,
+                        f"the key {_brief(key_node.value)} appears twice in one mapping",
+                        key_node.start_mark,
+                    )
                 seen.add(key_node.value)
         return super().construct_mapping(node, deep)
 
@@ -685,12 +844,14 @@ def expanded_size(node: yaml.Node) -> int:
     def walk(node: yaml.Node, depth: int) -> tuple[int, int]:
         key = id(node)
         if key in open_nodes:
-            raise ConfigTooLarge(f"the value at line {node.start_mark.line + 1} contains an "
-                                 f"alias to itself")
+            raise ConfigTooLarge(
+                f"the value at line {node.start_mark.line + 1} contains an alias to itself"
+            )
         if key not in known:
             if depth > MAX_CONFIG_DEPTH:
-                raise ConfigTooLarge(f"nested more than {MAX_CONFIG_DEPTH} levels deep once "
-                                     f"its aliases are expanded")
+                raise ConfigTooLarge(
+                    f"nested more than {MAX_CONFIG_DEPTH} levels deep once its aliases are expanded"
+                )
             open_nodes.add(key)
             children: list[yaml.Node] = []
             if isinstance(node, yaml.SequenceNode):
@@ -703,14 +864,16 @@ def expanded_size(node: yaml.Node) -> int:
                 values += child_values
                 height = max(height, child_height + 1)
                 if values > MAX_CONFIG_VALUES:
-                    raise ConfigTooLarge(f"more than {MAX_CONFIG_VALUES} values once its "
-                                         f"aliases are expanded")
+                    raise ConfigTooLarge(
+                        f"more than {MAX_CONFIG_VALUES} values once its aliases are expanded"
+                    )
             open_nodes.discard(key)
             known[key] = (values, height)
         values, height = known[key]
         if depth + height > MAX_CONFIG_DEPTH:
-            raise ConfigTooLarge(f"nested more than {MAX_CONFIG_DEPTH} levels deep once its "
-                                 f"aliases are expanded")
+            raise ConfigTooLarge(
+                f"nested more than {MAX_CONFIG_DEPTH} levels deep once its aliases are expanded"
+            )
         return known[key]
 
     return walk(node, 1)[0]
@@ -735,29 +898,38 @@ def read_config(path: Path, must_exist: bool) -> dict:
             data = handle.read(MAX_CONFIG_BYTES + 1)  # never more, whatever the file is
     except FileNotFoundError:
         if must_exist:
-            raise ConfigError(f"{path}: no such file; create it (appliance-ctl example-config "
-                              f"prints a commented one) or leave out -c.") from None
+            raise ConfigError(
+                f"{path}: no such file; create it (appliance-ctl example-config "
+                f"prints a commented one) or leave out -c."
+            ) from None
         return {}
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read it: {exc.strerror}.") from None
     if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024 // 1024} MiB, which "
-                          f"no appliance.yml needs; is it the right file?")
+        raise ConfigError(
+            f"{path}: larger than {MAX_CONFIG_BYTES // 1024 // 1024} MiB, which "
+            f"no appliance.yml needs; is it the right file?"
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at line "
-                          f"{line}); save it as UTF-8.") from None
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at line "
+            f"{line}); save it as UTF-8."
+        ) from None
     try:
         data = parse_yaml(text)
     except ConfigTooLarge as exc:
-        raise ConfigError(f"{path}: {exc}, which no appliance.yml needs; is it the right "
-                          f"file?") from None
+        raise ConfigError(
+            f"{path}: {exc}, which no appliance.yml needs; is it the right file?"
+        ) from None
     except yaml.reader.ReaderError as exc:
         line = text.count("\n", 0, max(exc.position, 0)) + 1
-        raise ConfigError(f"{path}: not a text file (character #x{exc.character:04x} at line "
-                          f"{line}); appliance.yml is YAML text.") from None
+        raise ConfigError(
+            f"{path}: not a text file (character #x{exc.character:04x} at line "
+            f"{line}); appliance.yml is YAML text."
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -766,8 +938,9 @@ def read_config(path: Path, must_exist: bool) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, not "
-                          f"{type(data).__name__}.")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of keys, not {type(data).__name__}."
+        )
     return data
 
 
@@ -780,8 +953,11 @@ def load(path: Path, must_exist: bool = False, overrides: dict | None = None) ->
     rejected = {problem.split(":", 1)[0] for problem in problems}
     problems.extend(_cross_checks(schema, rejected))
     if problems:
-        raise ConfigError(f"{path}: {len(problems)} problem{'s' * (len(problems) > 1)} "
-                          f"found; nothing was changed.", problems)
+        raise ConfigError(
+            f"{path}: {len(problems)} problem{'s' * (len(problems) > 1)} "
+            f"found; nothing was changed.",
+            problems,
+        )
     return with_host_facts(derive(schema, path))
 
 
@@ -798,8 +974,13 @@ def did_you_mean(word: str, choices: Any, n: int = 1, cutoff: float = 0.6) -> li
 
 
 def _type_name(tp: Any) -> str:
-    names = {bool: "true or false", int: "a whole number", str: "a string", list: "a list",
-             dict: "a mapping"}
+    names = {
+        bool: "true or false",
+        int: "a whole number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+    }
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if args:
         return names.get(args[0], str(args[0]))
@@ -830,8 +1011,11 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
         path = f"{prefix}{_key(key)}"
         if key not in fields:
             close = did_you_mean(_key(key), fields, n=1, cutoff=0.6)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else \
-                f"; valid keys here: {', '.join(sorted(fields))}"
+            hint = (
+                f"; did you mean {prefix}{close[0]}?"
+                if close
+                else f"; valid keys here: {', '.join(sorted(fields))}"
+            )
             problems.append(f"{path}: unknown key{hint}")
             continue
         f, tp = fields[key], hints[key]
@@ -856,8 +1040,7 @@ def _show(key: str, value: Any) -> str:
         return "the value"
     # JSON quoting: a newline or quote in the value stays visible and the problem stays
     # on one line of the report.
-    text = json.dumps(value[:100], ensure_ascii=False) if isinstance(value, str) \
-        else _brief(value)
+    text = json.dumps(value[:100], ensure_ascii=False) if isinstance(value, str) else _brief(value)
     return text if len(text) < 80 else text[:77] + '..."'
 
 
@@ -900,13 +1083,15 @@ def _cross_checks(s: RawSettings, rejected: set[str] | None = None) -> list[str]
     `rejected` are key paths whose value was already refused (and left at its default
     here); a check about them would only repeat that problem in other words.
     """
-    return [*check_storage(s.registry.storage),
-            *check_notifications(s.registry.notifications),
-            *check_env(s.registry.env),
-            *check_nginx(s.nginx),
-            *check_contact_emails(s.letsencrypt.contact_emails),
-            *check_tls(s, rejected or set()),
-            *check_ports(s)]
+    return [
+        *check_storage(s.registry.storage),
+        *check_notifications(s.registry.notifications),
+        *check_env(s.registry.env),
+        *check_nginx(s.nginx),
+        *check_contact_emails(s.letsencrypt.contact_emails),
+        *check_tls(s, rejected or set()),
+        *check_ports(s),
+    ]
 
 
 def check_storage(storage: dict) -> list[str]:
@@ -917,22 +1102,28 @@ def check_storage(storage: dict) -> list[str]:
     for key in drivers:
         if key not in STORAGE_DRIVERS:
             close = did_you_mean(_key(key), STORAGE_DRIVERS, n=1)
-            hint = f"; did you mean {close[0]}?" if close else \
-                f"; drivers: {', '.join(STORAGE_DRIVERS)}"
+            hint = (
+                f"; did you mean {close[0]}?"
+                if close
+                else f"; drivers: {', '.join(STORAGE_DRIVERS)}"
+            )
             problems.append(f"registry.storage.{_key(key)}: unknown storage driver{hint}")
     if len(drivers) > 1:
-        problems.append(f"registry.storage: one driver at a time, found "
-                        f"{', '.join(_key(d) for d in drivers)}")
+        problems.append(
+            f"registry.storage: one driver at a time, found {', '.join(_key(d) for d in drivers)}"
+        )
     for key in drivers:
         problems += check_driver(key, storage[key])
     for extra in ("cache", "maintenance", "delete"):
         if storage.get(extra) is not None and not isinstance(storage[extra], dict):
             # the registry reads each of them as a mapping and will not start otherwise
-            problems.append(f"registry.storage.{extra}: expected a mapping, as in the "
-                            f"registry's own config")
+            problems.append(
+                f"registry.storage.{extra}: expected a mapping, as in the registry's own config"
+            )
     redirect = storage.get("redirect")
-    if redirect is not None and (not isinstance(redirect, dict) or
-                                 not isinstance(redirect.get("disable", False), bool)):
+    if redirect is not None and (
+        not isinstance(redirect, dict) or not isinstance(redirect.get("disable", False), bool)
+    ):
         problems.append("registry.storage.redirect: expected {disable: true|false}")
     return problems
 
@@ -952,22 +1143,39 @@ def check_driver(key: Any, params: Any) -> list[str]:
         if params.get(required) in (None, ""):
             problems.append(f"{where}.{required}: required by the {key} driver")
     if "regionendpoint" in params and check_url(str(params["regionendpoint"])):
-        problems.append(f"{where}.regionendpoint: "
-                        f"{_show('regionendpoint', params['regionendpoint'])} is not a URL "
-                        f"such as http://127.0.0.1:9000")
-    if "rootdirectory" in params and (not isinstance(params["rootdirectory"], str)
-                                      or check_safe_path(params["rootdirectory"])):
-        problems.append(f"{where}.rootdirectory: {_show('', params['rootdirectory'])} is not "
-                        f"an absolute path without spaces, quotes or shell characters")
-    if "chunksize" in params and (type(params["chunksize"]) is not int
-                                  or params["chunksize"] < 5 * 1024 * 1024):
-        problems.append(f"{where}.chunksize: must be a whole number of bytes, at least "
-                        f"5242880 (25000000 to 50000000 is typical)")
+        problems.append(
+            f"{where}.regionendpoint: "
+            f"{_show('regionendpoint', params['regionendpoint'])} is not a URL "
+            f"such as http://127.0.0.1:9000"
+        )
+    if "rootdirectory" in params and (
+        not isinstance(params["rootdirectory"], str) or check_safe_path(params["rootdirectory"])
+    ):
+        problems.append(
+            f"{where}.rootdirectory: {_show('', params['rootdirectory'])} is not "
+            f"an absolute path without spaces, quotes or shell characters"
+        )
+    if "chunksize" in params and (
+        type(params["chunksize"]) is not int or params["chunksize"] < 5 * 1024 * 1024
+    ):
+        problems.append(
+            f"{where}.chunksize: must be a whole number of bytes, at least "
+            f"5242880 (25000000 to 50000000 is typical)"
+        )
     return problems
 
 
-ENDPOINT_KEYS = {"name", "url", "headers", "timeout", "threshold", "backoff", "disabled",
-                 "ignoredmediatypes", "ignore"}
+ENDPOINT_KEYS = {
+    "name",
+    "url",
+    "headers",
+    "timeout",
+    "threshold",
+    "backoff",
+    "disabled",
+    "ignoredmediatypes",
+    "ignore",
+}
 
 
 def check_notifications(endpoints: list) -> list[str]:
@@ -983,7 +1191,7 @@ def check_notifications(endpoints: list) -> list[str]:
         name = endpoint.get("name")
         if isinstance(name, str) and name:
             if name in names:
-                problems.append(f"{where}.name: \"{name}\" is used twice")
+                problems.append(f'{where}.name: "{name}" is used twice')
             names.add(name)
     return problems
 
@@ -1003,27 +1211,39 @@ def check_endpoint(where: str, endpoint: dict) -> list[str]:
     if not endpoint.get("url") or check_url(str(endpoint["url"])):
         problems.append(f"{where}.url: required, a URL starting with http:// or https://")
     for key in ("timeout", "backoff"):
-        if key in endpoint and (not isinstance(endpoint[key], str)
-                                or check_duration(endpoint[key])):
-            problems.append(f"{where}.{key}: {_show(key, endpoint[key])} is not a duration "
-                            f"such as 500ms, 1s or 5m")
-    if "threshold" in endpoint and (type(endpoint["threshold"]) is not int
-                                    or endpoint["threshold"] < 1):
+        if key in endpoint and (
+            not isinstance(endpoint[key], str) or check_duration(endpoint[key])
+        ):
+            problems.append(
+                f"{where}.{key}: {_show(key, endpoint[key])} is not a duration "
+                f"such as 500ms, 1s or 5m"
+            )
+    if "threshold" in endpoint and (
+        type(endpoint["threshold"]) is not int or endpoint["threshold"] < 1
+    ):
         problems.append(f"{where}.threshold: a whole number of failures, at least 1")
     if "disabled" in endpoint and not isinstance(endpoint["disabled"], bool):
         problems.append(f"{where}.disabled: true or false")
     if not _is_list_of_strings(endpoint.get("ignoredmediatypes") or []):
         problems.append(f"{where}.ignoredmediatypes: a list of media types")
     ignore = endpoint.get("ignore") or {}
-    if not isinstance(ignore, dict) or set(ignore) - {"mediatypes", "actions"} or not all(
-            _is_list_of_strings(v) for v in ignore.values()):
-        problems.append(f"{where}.ignore: a mapping with mediatypes and actions, each a "
-                        f"list of strings, e.g. {{actions: [pull]}}")
+    if (
+        not isinstance(ignore, dict)
+        or set(ignore) - {"mediatypes", "actions"}
+        or not all(_is_list_of_strings(v) for v in ignore.values())
+    ):
+        problems.append(
+            f"{where}.ignore: a mapping with mediatypes and actions, each a "
+            f"list of strings, e.g. {{actions: [pull]}}"
+        )
     headers = endpoint.get("headers", {})
     if not isinstance(headers, dict) or not all(
-            isinstance(k, str) and _is_list_of_strings(v) for k, v in headers.items()):
-        problems.append(f"{where}.headers: a mapping of header name to a list of strings, "
-                        f"e.g. {{Authorization: [\"Bearer TOKEN\"]}}")
+        isinstance(k, str) and _is_list_of_strings(v) for k, v in headers.items()
+    ):
+        problems.append(
+            f"{where}.headers: a mapping of header name to a list of strings, "
+            f'e.g. {{Authorization: ["Bearer TOKEN"]}}'
+        )
     return problems
 
 
@@ -1032,15 +1252,19 @@ def check_env(env: dict) -> list[str]:
     problems = []
     for key, value in env.items():
         if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
-            problems.append(f"registry.env.{_key(key)}: not an environment variable name "
-                            f"(A-Z, 0-9, _)")
+            problems.append(
+                f"registry.env.{_key(key)}: not an environment variable name (A-Z, 0-9, _)"
+            )
         elif not isinstance(value, (str, int, bool)) or _CONTROL.search(str(value)):
             problems.append(f"registry.env.{key}: a single-line string, number or boolean")
-        elif isinstance(value, str) and (value[:1] in ("'", '"') or value[-1:] in ("'", '"')
-                                         or ("'" in value and '"' in value)):
+        elif isinstance(value, str) and (
+            value[:1] in ("'", '"') or value[-1:] in ("'", '"') or ("'" in value and '"' in value)
+        ):
             # supervisord's environment= parser strips surrounding quotes and has no escapes
-            problems.append(f"registry.env.{key}: a value that neither starts nor ends with a "
-                            f"quote and does not contain both ' and \"")
+            problems.append(
+                f"registry.env.{key}: a value that neither starts nor ends with a "
+                f"quote and does not contain both ' and \""
+            )
     return problems
 
 
@@ -1048,21 +1272,28 @@ def check_nginx(n: NginxSettings) -> list[str]:
     """nginx: listen addresses in nginx's grammar, and worker_processes."""
     problems = []
     for i, address in enumerate(n.listen_addresses):
-        problem = check_listen_address(address) if isinstance(address, str) \
+        problem = (
+            check_listen_address(address)
+            if isinstance(address, str)
             else "an IP address, '*' or '[::]'"
+        )
         if problem:
             problems.append(f"nginx.listen_addresses[{i}]: {_show('', address)} is not {problem}")
     if not n.listen_addresses:
         problems.append("nginx.listen_addresses: at least one address")
     if not re.fullmatch(r"auto|[0-9]{1,3}", n.worker_processes):
-        problems.append(f"nginx.worker_processes: {_show('', n.worker_processes)} is not "
-                        f"'auto' or a number")
+        problems.append(
+            f"nginx.worker_processes: {_show('', n.worker_processes)} is not 'auto' or a number"
+        )
     return problems
 
 
 def check_contact_emails(emails: list) -> list[str]:
-    return [f"letsencrypt.contact_emails[{i}]: {_show('', email)} is not an email address"
-            for i, email in enumerate(emails) if not isinstance(email, str) or check_email(email)]
+    return [
+        f"letsencrypt.contact_emails[{i}]: {_show('', email)} is not an email address"
+        for i, email in enumerate(emails)
+        if not isinstance(email, str) or check_email(email)
+    ]
 
 
 def check_tls(s: RawSettings, rejected: set[str]) -> list[str]:
@@ -1070,17 +1301,25 @@ def check_tls(s: RawSettings, rejected: set[str]) -> list[str]:
     problems = []
     rn = s.registry_nginx
     if bool(rn.ssl_certificate) != bool(rn.ssl_certificate_key) and not rejected & {
-            "registry_nginx.ssl_certificate", "registry_nginx.ssl_certificate_key"}:
-        problems.append("registry_nginx.ssl_certificate_key: set both ssl_certificate and "
-                        "ssl_certificate_key, or neither")
+        "registry_nginx.ssl_certificate",
+        "registry_nginx.ssl_certificate_key",
+    }:
+        problems.append(
+            "registry_nginx.ssl_certificate_key: set both ssl_certificate and "
+            "ssl_certificate_key, or neither"
+        )
     if rn.ssl_certificate and s.letsencrypt.enable:
-        problems.append("letsencrypt.enable: true conflicts with registry_nginx.ssl_certificate; "
-                        "remove the certificate paths to use Let's Encrypt, or set "
-                        "letsencrypt.enable: false")
+        problems.append(
+            "letsencrypt.enable: true conflicts with registry_nginx.ssl_certificate; "
+            "remove the certificate paths to use Let's Encrypt, or set "
+            "letsencrypt.enable: false"
+        )
     registry_url = registry_url_of(s)
     if urlsplit(registry_url).scheme != "https":
-        problems.append(f"registry_external_url: \"{registry_url}\" must be https; clients "
-                        f"refuse plain-HTTP registries unless each one is told it is insecure")
+        problems.append(
+            f'registry_external_url: "{registry_url}" must be https; clients '
+            f"refuse plain-HTTP registries unless each one is told it is insecure"
+        )
     return problems
 
 
@@ -1091,8 +1330,10 @@ def check_ports(s: RawSettings) -> list[str]:
     registry_url = registry_url_of(s)
     ports: dict[int, str] = {}
     port = s.registry_nginx.listen_port or urlsplit(registry_url).port or 443
-    for name, number in (("nginx.http_port", s.nginx.http_port),
-                         ("registry_nginx.listen_port", port)):
+    for name, number in (
+        ("nginx.http_port", s.nginx.http_port),
+        ("registry_nginx.listen_port", port),
+    ):
         if number in ports:
             problems.append(f"{name}: {number} is also {ports[number]}; pick another port")
         ports[number] = name
@@ -1101,16 +1342,20 @@ def check_ports(s: RawSettings) -> list[str]:
         del addrs["registry.http_addr"]  # the registry has no TCP port
         socket = Paths.under(Path(s.root), Path(DEFAULT_CONFIG)).registry_socket
         if len(bytes(socket)) > UNIX_PATH_MAX:
-            problems.append(f"registry.listen_network: the socket path {socket} is longer "
-                            f"than the {UNIX_PATH_MAX} bytes a unix socket may have; use a "
-                            f"shorter root, or listen_network: tcp")
+            problems.append(
+                f"registry.listen_network: the socket path {socket} is longer "
+                f"than the {UNIX_PATH_MAX} bytes a unix socket may have; use a "
+                f"shorter root, or listen_network: tcp"
+            )
     if s.auth.listen_network == "unix":
         del addrs["auth.listen_addr"]  # the token service has no TCP port
         socket = Paths.under(Path(s.root), Path(DEFAULT_CONFIG)).auth_socket
         if len(bytes(socket)) > UNIX_PATH_MAX:
-            problems.append(f"auth.listen_network: the socket path {socket} is longer "
-                            f"than the {UNIX_PATH_MAX} bytes a unix socket may have; use a "
-                            f"shorter root, or listen_network: tcp")
+            problems.append(
+                f"auth.listen_network: the socket path {socket} is longer "
+                f"than the {UNIX_PATH_MAX} bytes a unix socket may have; use a "
+                f"shorter root, or listen_network: tcp"
+            )
     if s.registry.debug_addr:
         addrs["registry.debug_addr"] = s.registry.debug_addr
     seen: dict[str, str] = {}
@@ -1126,10 +1371,14 @@ def check_ports(s: RawSettings) -> list[str]:
             continue
         host = host.strip("[]")
         if host in ("0.0.0.0", "::") or any(
-                a in ("*", "[::]") or a.strip("[]") == host
-                for a in s.nginx.listen_addresses if isinstance(a, str)):
-            problems.append(f"{name}: {value} is also {ports[int(port_text)]}, where nginx "
-                            f"listens; pick another port")
+            a in ("*", "[::]") or a.strip("[]") == host
+            for a in s.nginx.listen_addresses
+            if isinstance(a, str)
+        ):
+            problems.append(
+                f"{name}: {value} is also {ports[int(port_text)]}, where nginx "
+                f"listens; pick another port"
+            )
     return problems
 
 
@@ -1139,6 +1388,7 @@ def _is_list_of_strings(value: Any) -> bool:
 
 # ---------------------------------------------------------------- derivation
 
+
 def is_public_name(host: str) -> bool:
     """Let's Encrypt can only vouch for names the internet can resolve."""
     try:
@@ -1146,8 +1396,9 @@ def is_public_name(host: str) -> bool:
         return False
     except ValueError:
         pass
-    return "." in host and not host.endswith((".local", ".localhost", ".test", ".internal",
-                                              ".example", ".invalid", ".lan", ".home.arpa"))
+    return "." in host and not host.endswith(
+        (".local", ".localhost", ".test", ".internal", ".example", ".invalid", ".lan", ".home.arpa")
+    )
 
 
 def registry_url_of(s: RawSettings) -> str:
@@ -1160,8 +1411,9 @@ def registry_url_of(s: RawSettings) -> str:
     return s.registry_external_url or f"https://{f'[{host}]' if ':' in host else host}:5050"
 
 
-def derive(s: RawSettings, config_file: Path | None = None,
-           facts: HostFacts = HostFacts()) -> Settings:  # noqa: B008 - frozen, shared safely
+def derive(
+    s: RawSettings, config_file: Path | None = None, facts: HostFacts = HostFacts()
+) -> Settings:  # noqa: B008 - frozen, shared safely
     """Fill in every value that follows from others: the resolved Settings, in which none
     of them is None. Pure: the host facts come in (`facts`, read by load()), and the
     input is left as it is."""
@@ -1180,27 +1432,37 @@ def derive(s: RawSettings, config_file: Path | None = None,
     key = rn.ssl_certificate_key or str(paths.ssl_dir / f"{registry_host}.key")
     letsencrypt = s.letsencrypt.enable
     if letsencrypt is None:
-        letsencrypt = (parts.scheme == "https" and not rn.ssl_certificate
-                       and is_public_name(registry_host))
+        letsencrypt = (
+            parts.scheme == "https" and not rn.ssl_certificate and is_public_name(registry_host)
+        )
 
     def under_root(value: str | None, default: Path) -> str:
         return value or str(default)
 
     return resolved(
-        Settings, s,
+        Settings,
+        s,
         registry_external_url=registry_url.rstrip("/"),
-        registry=resolved(ResolvedRegistrySettings, s.registry,
-                          storage_path=under_root(s.registry.storage_path,
-                                                  paths.registry_dir / "data"),
-                          key_path=under_root(s.registry.key_path,
-                                              paths.auth_dir / "token-signing.key")),
-        registry_nginx=resolved(ResolvedRegistryNginxSettings, rn,
-                                enable=rn.enable and (s.registry.enable or auth_enable),
-                                listen_port=rn.listen_port or registry_port,
-                                ssl_certificate=cert, ssl_certificate_key=key),
-        auth=resolved(ResolvedAuthSettings, s.auth, enable=auth_enable,
-                      database_path=under_root(s.auth.database_path,
-                                               paths.auth_dir / "auth.db")),
+        registry=resolved(
+            ResolvedRegistrySettings,
+            s.registry,
+            storage_path=under_root(s.registry.storage_path, paths.registry_dir / "data"),
+            key_path=under_root(s.registry.key_path, paths.auth_dir / "token-signing.key"),
+        ),
+        registry_nginx=resolved(
+            ResolvedRegistryNginxSettings,
+            rn,
+            enable=rn.enable and (s.registry.enable or auth_enable),
+            listen_port=rn.listen_port or registry_port,
+            ssl_certificate=cert,
+            ssl_certificate_key=key,
+        ),
+        auth=resolved(
+            ResolvedAuthSettings,
+            s.auth,
+            enable=auth_enable,
+            database_path=under_root(s.auth.database_path, paths.auth_dir / "auth.db"),
+        ),
         letsencrypt=resolved(ResolvedLetsEncryptSettings, s.letsencrypt, enable=letsencrypt),
         paths=paths,
         host=host,
@@ -1226,6 +1488,7 @@ def resolved(cls: type[_Resolved], section: Any, **derived: Any) -> _Resolved:
 
 
 # ---------------------------------------------------------------- output
+
 
 def _masked(key: str, value: Any) -> Any:
     if isinstance(value, dict):
@@ -1278,10 +1541,13 @@ def example_config() -> str:
 
     Generated from the schema, so a key can never be documented but missing or the reverse.
     """
-    lines = ["# appliance.yml - the one file that describes this registry host.",
-             "# Every key is shown commented out with its default. Uncomment and edit, then run:",
-             "#   sudo appliance-ctl reconfigure",
-             "# Run `appliance-ctl show-config` to see the effective values.", ""]
+    lines = [
+        "# appliance.yml - the one file that describes this registry host.",
+        "# Every key is shown commented out with its default. Uncomment and edit, then run:",
+        "#   sudo appliance-ctl reconfigure",
+        "# Run `appliance-ctl show-config` to see the effective values.",
+        "",
+    ]
     _example_lines(RawSettings, "", lines)
     return "\n".join(lines) + "\n"
 
@@ -1306,5 +1572,8 @@ def _example_lines(cls: type, indent: str, lines: list[str]) -> None:
 
 
 def _dump(value: dict) -> list[str]:
-    return yaml.safe_dump(value, default_flow_style=False, sort_keys=False,
-                          width=1000).rstrip("\n").splitlines()
+    return (
+        yaml.safe_dump(value, default_flow_style=False, sort_keys=False, width=1000)
+        .rstrip("\n")
+        .splitlines()
+    )

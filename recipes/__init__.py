@@ -46,17 +46,23 @@ def reconfigure(settings: Settings) -> Run:
 
     def summary(report: Report, elapsed: float) -> str:
         dry = report.dry_run
-        return (f"reconfigure{' (dry run)' if dry else ''}: {report.updated}/"
-                f"{len(report.outcomes)} resources {'would be updated' if dry else 'updated'} "
-                f"in {elapsed:.2f} s")
+        return (
+            f"reconfigure{' (dry run)' if dry else ''}: {report.updated}/"
+            f"{len(report.outcomes)} resources {'would be updated' if dry else 'updated'} "
+            f"in {elapsed:.2f} s"
+        )
 
-    return Run(name="reconfigure", log_name="reconfigure",
-               resources=lambda secrets: resources(settings, secrets),
-               late_resources=lambda secrets: late_resources(settings, secrets),
-               services=services(settings),
-               secrets=lambda: secrets_module.for_settings(settings),
-               preflight=lambda: preflight(settings), summary=summary,
-               messages=lambda report: messages(settings, report))
+    return Run(
+        name="reconfigure",
+        log_name="reconfigure",
+        resources=lambda secrets: resources(settings, secrets),
+        late_resources=lambda secrets: late_resources(settings, secrets),
+        services=services(settings),
+        secrets=lambda: secrets_module.for_settings(settings),
+        preflight=lambda: preflight(settings),
+        summary=summary,
+        messages=lambda report: messages(settings, report),
+    )
 
 
 def renewal(settings: Settings, force: bool = False) -> Run:
@@ -65,16 +71,21 @@ def renewal(settings: Settings, force: bool = False) -> Run:
     nginx reloaded (never restarted, and no program change is applied on the way)."""
     from recipes import tls
 
-    return Run(name="renew-certs", log_name="renewer",
-               resources=lambda secrets: tls.renewal_resources(settings, secrets, force),
-               services=services(settings),
-               secrets=lambda: secrets_module.for_settings(settings),
-               preflight=lambda: tls.renewal_preflight(settings),
-               intro=lambda: tls.renewal_intro(settings, force),
-               summary=tls.renewal_summary,
-               messages=lambda report: tls.check_served(settings, report),
-               start_services=False, check_every_service=False, say_failure=True,
-               not_running_note="it loads the new certificate when it starts")
+    return Run(
+        name="renew-certs",
+        log_name="renewer",
+        resources=lambda secrets: tls.renewal_resources(settings, secrets, force),
+        services=services(settings),
+        secrets=lambda: secrets_module.for_settings(settings),
+        preflight=lambda: tls.renewal_preflight(settings),
+        intro=lambda: tls.renewal_intro(settings, force),
+        summary=tls.renewal_summary,
+        messages=lambda report: tls.check_served(settings, report),
+        start_services=False,
+        check_every_service=False,
+        say_failure=True,
+        not_running_note="it loads the new certificate when it starts",
+    )
 
 
 def preflight(settings: Settings) -> None:

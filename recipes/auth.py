@@ -92,8 +92,11 @@ class AdminUser(Resource):
     def plan(self, current: bool) -> list[Change]:
         if current:
             return []
-        source = "initial_root_password" if self.password else \
-            f"a generated password written to {self.password_file}"
+        source = (
+            "initial_root_password"
+            if self.password
+            else f"a generated password written to {self.password_file}"
+        )
         return [Change(f"create admin with {source}")]
 
     def apply(self) -> None:
@@ -162,12 +165,17 @@ def service(settings: Settings) -> Service:
     """gunicorn reloads its workers on HUP without dropping requests."""
     a, p = settings.auth, settings.paths
     bound = "auth.listen_network" if a.listen_network == "unix" else "auth.listen_addr"
-    return Service("auth", enabled=a.enable, reload=signal("HUP"), graceful_restart="HUP",
-                   ready=address(settings),
-                   binds={address(settings): bound},
-                   user=service_user(settings, a.username),
-                   reaches=(p.auth_config, Path(settings.registry.key_path)),
-                   log=supervisor.service_log(settings, "auth"))
+    return Service(
+        "auth",
+        enabled=a.enable,
+        reload=signal("HUP"),
+        graceful_restart="HUP",
+        ready=address(settings),
+        binds={address(settings): bound},
+        user=service_user(settings, a.username),
+        reaches=(p.auth_config, Path(settings.registry.key_path)),
+        log=supervisor.service_log(settings, "auth"),
+    )
 
 
 def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
@@ -193,40 +201,75 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
         Directory(p.auth_dir, 0o750, owner=user, group=user),
         *socket_dir,
         # The service writes its audit log here itself; the admin group may read it.
-        Directory(audit_dir(settings), 0o750, owner=user,
-                  group=supervisor.LOG_READERS if settings.facts.run_as_root else None),
+        Directory(
+            audit_dir(settings),
+            0o750,
+            owner=user,
+            group=supervisor.LOG_READERS if settings.facts.run_as_root else None,
+        ),
         # registry.key_path may name a directory of the admin's choosing: it must exist
         # and let the auth account through to its key.
         *([Directory(key_path.parent, 0o755)] if key_path.parent != p.auth_dir else []),
-        File(key_path, secrets.token_signing_key, 0o600,
-             owner=user, group=user, sensitive=True, notifies=notify),
-        File(p.token_signing_certificate, secrets.token_signing_certificate, 0o644,
-             notifies=notify),
-        File(p.auth_config, json.dumps(auth_config(settings).to_mapping(), indent=2) + "\n", 0o640,
-             owner=user, group=user, notifies=notify),
+        File(
+            key_path,
+            secrets.token_signing_key,
+            0o600,
+            owner=user,
+            group=user,
+            sensitive=True,
+            notifies=notify,
+        ),
+        File(
+            p.token_signing_certificate, secrets.token_signing_certificate, 0o644, notifies=notify
+        ),
+        File(
+            p.auth_config,
+            json.dumps(auth_config(settings).to_mapping(), indent=2) + "\n",
+            0o640,
+            owner=user,
+            group=user,
+            notifies=notify,
+        ),
         AuthDatabase(settings.auth_database, owner=user),
-        AdminUser(settings.auth_database, settings.initial_root_password,
-                  p.initial_root_password_file, owner=user),
-        *supervisor.program(settings, "auth", [supervisor.executable("appliance-auth"),
-                                               "--config", str(p.auth_config)],
-                            user=user, stopsignal="TERM", umask=umask),
+        AdminUser(
+            settings.auth_database,
+            settings.initial_root_password,
+            p.initial_root_password_file,
+            owner=user,
+        ),
+        *supervisor.program(
+            settings,
+            "auth",
+            [supervisor.executable("appliance-auth"), "--config", str(p.auth_config)],
+            user=user,
+            stopsignal="TERM",
+            umask=umask,
+        ),
     ]
 
 
 def messages(settings: Settings, report: Report) -> list[str]:
     if settings.auth.enable and not settings.registry.enable:
-        return [f"Token service for an external registry: realm {settings.token_realm}, "
-                f"service {settings.registry.service}, issuer {settings.registry.issuer}, "
-                f"rootcertbundle {settings.paths.token_signing_certificate}."]
+        return [
+            f"Token service for an external registry: realm {settings.token_realm}, "
+            f"service {settings.registry.service}, issuer {settings.registry.issuer}, "
+            f"rootcertbundle {settings.paths.token_signing_certificate}."
+        ]
     if not settings.registry.enable:
         return []
-    address = settings.registry_host if settings.registry_port == 443 else \
-        f"{settings.registry_host}:{settings.registry_port}"
-    lines = [f"Registry: {settings.registry_external_url}  (docker login {address} -u "
-             f"{ADMIN_USERNAME})"]
+    address = (
+        settings.registry_host
+        if settings.registry_port == 443
+        else f"{settings.registry_host}:{settings.registry_port}"
+    )
+    lines = [
+        f"Registry: {settings.registry_external_url}  (docker login {address} -u {ADMIN_USERNAME})"
+    ]
     password_file = settings.paths.initial_root_password_file
     if password_file.exists():
-        lines.append(f"The password of {ADMIN_USERNAME} is in {password_file}; delete that "
-                     f"file once you have changed it (appliance-ctl user passwd "
-                     f"{ADMIN_USERNAME}).")
+        lines.append(
+            f"The password of {ADMIN_USERNAME} is in {password_file}; delete that "
+            f"file once you have changed it (appliance-ctl user passwd "
+            f"{ADMIN_USERNAME})."
+        )
     return lines

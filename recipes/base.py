@@ -39,9 +39,20 @@ class Account(Resource):
 
     def apply(self) -> None:
         result = subprocess.run(
-            ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir",
-             str(self.home), "--shell", "/usr/sbin/nologin", self.username],
-            capture_output=True, text=True)
+            [
+                "useradd",
+                "--system",
+                "--user-group",
+                "--no-create-home",
+                "--home-dir",
+                str(self.home),
+                "--shell",
+                "/usr/sbin/nologin",
+                self.username,
+            ],
+            capture_output=True,
+            text=True,
+        )
         if result.returncode not in (0, 9):  # 9: exists (created meanwhile)
             raise ResourceError(f"useradd {self.username} failed: {result.stderr.strip()}")
 
@@ -55,8 +66,11 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
     p = settings.paths
     out: list[Resource] = []
     if settings.facts.run_as_root and settings.manage_accounts:
-        for username in (settings.registry.username, settings.auth.username,
-                         settings.web_server.username):
+        for username in (
+            settings.registry.username,
+            settings.auth.username,
+            settings.web_server.username,
+        ):
             out.append(Account(username, p.data_dir))
     out += [
         Directory(p.config_dir, 0o755),

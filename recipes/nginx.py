@@ -99,13 +99,16 @@ def config_context(settings: Settings) -> dict:
             # (appliance/programs/registry.py): nginx passes a request refused by one to
             # the other, and keeps upstream connections short enough to let one retire.
             "upstream": upstream_address(registry_address(settings))
-            if settings.registry.enable else None,
+            if settings.registry.enable
+            else None,
             "standby_upstream": upstream_address(standby_address(settings))
-            if settings.registry.enable and standby_address(settings) else None,
+            if settings.registry.enable and standby_address(settings)
+            else None,
             "keepalive_time": KEEPALIVE_TIME_SECONDS,
             "keepalive_idle": KEEPALIVE_IDLE_SECONDS,
             "auth_upstream": upstream_address(auth_address(settings))
-            if settings.auth.enable else None,
+            if settings.auth.enable
+            else None,
             "proxy_timeout": rn.proxy_timeout,
             "hsts_max_age": rn.hsts_max_age,
         }
@@ -122,7 +125,8 @@ def config_context(settings: Settings) -> dict:
         "registry": registry,
         "http_listen": [listen_address(a, n.http_port) for a in n.listen_addresses],
         "redirect_url": settings.registry_external_url
-        if rn.enable and n.redirect_http_to_https else None,
+        if rn.enable and n.redirect_http_to_https
+        else None,
     }
 
 
@@ -137,12 +141,14 @@ def check_config(settings: Settings):  # noqa: ANN201 - returns the File.verify 
     refuse never reaches a reload, and the running nginx keeps serving the old one."""
 
     def verify(candidate: Path) -> None:
-        result = subprocess.run([*command(settings, candidate), "-t", "-q"],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [*command(settings, candidate), "-t", "-q"], capture_output=True, text=True
+        )
         if result.returncode != 0:
             problem = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
-            raise ResourceError(f"nginx refused the new configuration, the running one is "
-                                f"kept: {problem}")
+            raise ResourceError(
+                f"nginx refused the new configuration, the running one is kept: {problem}"
+            )
 
     return verify
 
@@ -158,18 +164,24 @@ def service(settings: Settings) -> Service:
     n, rn = settings.nginx, settings.registry_nginx
     binds = {bind_address(a, n.http_port): "nginx.http_port" for a in n.listen_addresses}
     if rn.enable:
-        binds |= {bind_address(a, rn.listen_port): "registry_nginx.listen_port"
-                  for a in n.listen_addresses}
+        binds |= {
+            bind_address(a, rn.listen_port): "registry_nginx.listen_port"
+            for a in n.listen_addresses
+        }
     first = n.listen_addresses[0]
     host = "127.0.0.1" if first in ("*", "[::]") else first
     port = rn.listen_port if rn.enable else n.http_port
     return Service(
-        "nginx", reload=reload_signal("HUP"),
+        "nginx",
+        reload=reload_signal("HUP"),
         ready=listen_address(host, port),
         wait_after_reload=lambda master: partial(wait_reloaded, worker_pids(master)),
-        binds=binds, user=service_user(settings, settings.web_server.username),
+        binds=binds,
+        user=service_user(settings, settings.web_server.username),
         reaches=(settings.paths.acme_webroot, temp_dir(settings)),
-        log=supervisor.service_log(settings, "nginx"), pid_file=pid_file(settings))
+        log=supervisor.service_log(settings, "nginx"),
+        pid_file=pid_file(settings),
+    )
 
 
 def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
@@ -183,15 +195,31 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
         # root's (0755), so the worker can neither replace a sub-directory by a symlink
         # nor add one that the master would chown through.
         Directory(temp_dir(settings), 0o755, owner=service_user(settings, "root")),
-        Template(config, "nginx/nginx.conf.j2", config_context(settings), mode=0o644,
-                 verify=check_config(settings), notifies=(reload("nginx"),)),
+        Template(
+            config,
+            "nginx/nginx.conf.j2",
+            config_context(settings),
+            mode=0o644,
+            verify=check_config(settings),
+            notifies=(reload("nginx"),),
+        ),
         # The program retires a killed master's orphaned workers first, then becomes
         # nginx: see appliance/programs/nginx.py.
-        *supervisor.program(settings, "nginx",
-                            [supervisor.executable("python"), "-m", "appliance.programs.nginx",
-                             str(pid_file(settings)), *command(settings, config),
-                             "-g", "daemon off;"],
-                            user=None, stopsignal="QUIT"),
+        *supervisor.program(
+            settings,
+            "nginx",
+            [
+                supervisor.executable("python"),
+                "-m",
+                "appliance.programs.nginx",
+                str(pid_file(settings)),
+                *command(settings, config),
+                "-g",
+                "daemon off;",
+            ],
+            user=None,
+            stopsignal="QUIT",
+        ),
     ]
 
 
@@ -224,7 +252,8 @@ def wait_reloaded(old_workers: list[int], timeout: float = 5.0) -> None:
             return
         old_workers = serving
         time.sleep(0.02)
-    raise ServiceError(f"nginx was reloaded, but its workers of the previous configuration "
-                       f"(pids {', '.join(map(str, old_workers))}) still take connections "
-                       f"after {timeout:g} s; see appliance-ctl tail nginx.")
-
+    raise ServiceError(
+        f"nginx was reloaded, but its workers of the previous configuration "
+        f"(pids {', '.join(map(str, old_workers))}) still take connections "
+        f"after {timeout:g} s; see appliance-ctl tail nginx."
+    )

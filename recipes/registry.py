@@ -66,15 +66,24 @@ NO_MEDIA_TYPE = "application/vnd.appliance.no-such-media-type"
 def notifications(settings: Settings) -> list[dict]:
     endpoints = []
     for endpoint in settings.registry.notifications:
-        rendered = {"name": endpoint["name"], "url": endpoint["url"],
-                    "headers": endpoint.get("headers", {}),
-                    **{key: endpoint.get(key, default)
-                       for key, default in NOTIFICATION_DEFAULTS.items()},
-                    **{key: endpoint[key] for key in ("disabled", "ignoredmediatypes", "ignore")
-                       if key in endpoint}}
+        rendered = {
+            "name": endpoint["name"],
+            "url": endpoint["url"],
+            "headers": endpoint.get("headers", {}),
+            **{key: endpoint.get(key, default) for key, default in NOTIFICATION_DEFAULTS.items()},
+            **{
+                key: endpoint[key]
+                for key in ("disabled", "ignoredmediatypes", "ignore")
+                if key in endpoint
+            },
+        }
         ignore = endpoint.get("ignore")
-        if isinstance(ignore, dict) and ignore.get("actions") and not ignore.get("mediatypes") \
-                and not endpoint.get("ignoredmediatypes"):
+        if (
+            isinstance(ignore, dict)
+            and ignore.get("actions")
+            and not ignore.get("mediatypes")
+            and not endpoint.get("ignoredmediatypes")
+        ):
             rendered["ignoredmediatypes"] = [NO_MEDIA_TYPE]
         endpoints.append(rendered)
     return endpoints
@@ -100,8 +109,9 @@ def secret_values(settings: Settings, secrets: Secrets) -> list[str]:
     for endpoint in settings.registry.notifications:
         for values in (endpoint.get("headers") or {}).values():
             found.extend(str(v) for v in values)
-    found.extend(str(v) for k, v in settings.registry.env.items()
-                 if is_sensitive(k) and v not in (None, ""))
+    found.extend(
+        str(v) for k, v in settings.registry.env.items() if is_sensitive(k) and v not in (None, "")
+    )
     return found
 
 
@@ -173,8 +183,7 @@ def handover_state(settings: Settings) -> dict:
         return {"requested": 0, "completed": 0, "phase": None, "error": None}
 
 
-def wait_handed_over(settings: Settings, before: dict,
-                     timeout: float = DRAIN_SECONDS + 40) -> None:
+def wait_handed_over(settings: Settings, before: dict, timeout: float = DRAIN_SECONDS + 40) -> None:
     """After a HUP: return once the registry serves the new files on its own address
     (the old process gone; the standby retiring), or raise the reason it could not.
 
@@ -186,12 +195,15 @@ def wait_handed_over(settings: Settings, before: dict,
         state = handover_state(settings)
         if state.get("completed", 0) > before.get("requested", 0):
             if state.get("phase") == "failed":
-                raise ServiceError(f"the registry kept its running configuration: "
-                                   f"{state.get('error')}; see appliance-ctl tail registry.")
+                raise ServiceError(
+                    f"the registry kept its running configuration: "
+                    f"{state.get('error')}; see appliance-ctl tail registry."
+                )
             return
         time.sleep(0.05)
-    raise ServiceError(f"the registry was not handed over within {timeout:.0f} s; see "
-                       f"appliance-ctl tail registry.")
+    raise ServiceError(
+        f"the registry was not handed over within {timeout:.0f} s; see appliance-ctl tail registry."
+    )
 
 
 def address(settings: Settings) -> str:
@@ -221,9 +233,11 @@ def messages(settings: Settings, report: Report) -> list[str]:
     debug = settings.registry.debug_addr
     if not settings.registry.enable or not debug or is_loopback(debug):
         return []
-    return [f"Warning: registry.debug_addr {debug} is not a loopback address: whoever "
-            f"reaches it reads /debug/vars, /metrics and /debug/pprof/ (profiles, goroutine "
-            f"dumps) without signing in. Use 127.0.0.1:PORT unless a firewall guards it."]
+    return [
+        f"Warning: registry.debug_addr {debug} is not a loopback address: whoever "
+        f"reaches it reads /debug/vars, /metrics and /debug/pprof/ (profiles, goroutine "
+        f"dumps) without signing in. Use 127.0.0.1:PORT unless a firewall guards it."
+    ]
 
 
 def service(settings: Settings) -> Service:
@@ -232,17 +246,26 @@ def service(settings: Settings) -> Service:
     that signal, and so is `appliance-ctl restart registry`; the run waits until the
     new process serves (`wait_handed_over`)."""
     r = settings.registry
-    binds = {address(settings): "registry.listen_network" if r.listen_network == "unix"
-             else "registry.http_addr"}
+    binds = {
+        address(settings): "registry.listen_network"
+        if r.listen_network == "unix"
+        else "registry.http_addr"
+    }
     if r.debug_addr:
         binds[r.debug_addr] = "registry.debug_addr"
     p = settings.paths
-    return Service("registry", enabled=r.enable, reload=signal("HUP"), ready=address(settings),
-                   wait_after_reload=lambda pid: partial(wait_handed_over, settings,
-                                                         handover_state(settings)),
-                   graceful_restart="HUP", binds=binds, user=service_user(settings, r.username),
-                   reaches=(p.registry_config, filesystem_root(settings) or p.registry_dir),
-                   log=supervisor.service_log(settings, "registry"))
+    return Service(
+        "registry",
+        enabled=r.enable,
+        reload=signal("HUP"),
+        ready=address(settings),
+        wait_after_reload=lambda pid: partial(wait_handed_over, settings, handover_state(settings)),
+        graceful_restart="HUP",
+        binds=binds,
+        user=service_user(settings, r.username),
+        reaches=(p.registry_config, filesystem_root(settings) or p.registry_dir),
+        log=supervisor.service_log(settings, "registry"),
+    )
 
 
 def config_context(settings: Settings, secrets: Secrets) -> dict:
@@ -290,18 +313,38 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
         # service signs with: the registry cannot trust a key other than the one in use.
         File(p.token_bundle, secrets.token_signing_certificate, 0o644, notifies=notify),
         # It holds http.secret and storage credentials; the engine masks them in its diff.
-        Template(p.registry_config, "registry/config.yml.j2", config_context(settings, secrets),
-                 mode=0o640, group=user, notifies=notify),
+        Template(
+            p.registry_config,
+            "registry/config.yml.j2",
+            config_context(settings, secrets),
+            mode=0o640,
+            group=user,
+            notifies=notify,
+        ),
         # Environment and the secrets the wrapper masks in the registry's log: a change
         # is a handover, not a restart of the program.
-        File(program_file(settings),
-             json.dumps(program_description(settings, secrets), indent=2) + "\n", 0o640,
-             group=user, sensitive=True, notifies=notify),
-        *supervisor.program(settings, "registry",
-                            [supervisor.executable("python"), "-m",
-                             "appliance.programs.registry", str(program_file(settings))],
-                            user=user, stopsignal="TERM", stopwaitsecs=DRAIN_SECONDS + 10,
-                            umask=umask),
+        File(
+            program_file(settings),
+            json.dumps(program_description(settings, secrets), indent=2) + "\n",
+            0o640,
+            group=user,
+            sensitive=True,
+            notifies=notify,
+        ),
+        *supervisor.program(
+            settings,
+            "registry",
+            [
+                supervisor.executable("python"),
+                "-m",
+                "appliance.programs.registry",
+                str(program_file(settings)),
+            ],
+            user=user,
+            stopsignal="TERM",
+            stopwaitsecs=DRAIN_SECONDS + 10,
+            umask=umask,
+        ),
     ]
     return out
 

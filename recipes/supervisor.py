@@ -54,8 +54,10 @@ def quote_environment(environment: dict[str, object]) -> str:
     def value(key: str, raw: object) -> str:
         text = str(raw).lower() if isinstance(raw, bool) else str(raw)
         if "\n" in text or (text and (text[0] in "'\"" or text[-1] in "'\"")):
-            raise ConfigError(f"{key}: an environment value cannot start or end with a "
-                              f"quote or contain a newline.")
+            raise ConfigError(
+                f"{key}: an environment value cannot start or end with a "
+                f"quote or contain a newline."
+            )
         quote = '"' if '"' not in text else "'"
         if quote in text:
             raise ConfigError(f"{key}: an environment value cannot contain both ' and \".")
@@ -98,10 +100,17 @@ class NoSymlink(PathResource):
             self.path.unlink()
 
 
-def program(settings: Settings, name: str, command: list[str], user: str | None = None,
-            environment: dict[str, object] | None = None, directory: Path | None = None,
-            stopsignal: str = "TERM", stopwaitsecs: int = 30,
-            umask: str | None = None) -> list[Resource]:
+def program(
+    settings: Settings,
+    name: str,
+    command: list[str],
+    user: str | None = None,
+    environment: dict[str, object] | None = None,
+    directory: Path | None = None,
+    stopsignal: str = "TERM",
+    stopwaitsecs: int = 30,
+    umask: str | None = None,
+) -> list[Resource]:
     """The log directory and program file that make supervisord run `command` as `name`.
 
     The service's output goes to supervisord, which writes it into a directory the
@@ -113,28 +122,41 @@ def program(settings: Settings, name: str, command: list[str], user: str | None 
     return [
         log_directory(settings, settings.paths.log_dir / name),
         NoSymlink(service_log(settings, name)),
-        Template(programs_dir(settings) / f"{name}.conf", "supervisor/program.conf.j2", {
-            "name": name,
-            "command": " ".join(shlex.quote(part) for part in launched(settings, name, command))
-            .replace("%", "%%"),
-            "user": user if settings.facts.run_as_root else None,
-            "environment": quote_environment(environment or {}),
-            "directory": str(directory) if directory else None,
-            "stopsignal": stopsignal,
-            "stopwaitsecs": stopwaitsecs,
-            "umask": umask,
-            "log_file": str(service_log(settings, name)),
-            "max_bytes": settings.logging.max_bytes,
-            "backups": settings.logging.backups,
-        }),
+        Template(
+            programs_dir(settings) / f"{name}.conf",
+            "supervisor/program.conf.j2",
+            {
+                "name": name,
+                "command": " ".join(
+                    shlex.quote(part) for part in launched(settings, name, command)
+                ).replace("%", "%%"),
+                "user": user if settings.facts.run_as_root else None,
+                "environment": quote_environment(environment or {}),
+                "directory": str(directory) if directory else None,
+                "stopsignal": stopsignal,
+                "stopwaitsecs": stopwaitsecs,
+                "umask": umask,
+                "log_file": str(service_log(settings, name)),
+                "max_bytes": settings.logging.max_bytes,
+                "backups": settings.logging.backups,
+            },
+        ),
     ]
 
 
 def launched(settings: Settings, name: str, command: list[str]) -> list[str]:
     """`command` behind the launcher: python without site (-S) or environment (-I)
     runs it in a few milliseconds."""
-    return [executable("python"), "-I", "-S", str(Path(launcher.__file__).resolve()),
-            str(settings.paths.supervisor_config), name, "--", *command]
+    return [
+        executable("python"),
+        "-I",
+        "-S",
+        str(Path(launcher.__file__).resolve()),
+        str(settings.paths.supervisor_config),
+        name,
+        "--",
+        *command,
+    ]
 
 
 def disabled(settings: Settings, name: str) -> list[Resource]:
@@ -148,13 +170,17 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
         Directory(p.supervisor_dir, 0o700),
         Directory(programs_dir(settings), 0o755),
         log_directory(settings, log_dir),
-        Template(p.supervisor_config, "supervisor/supervisord.conf.j2", {
-            "socket": str(p.supervisor_socket),
-            "pidfile": str(p.supervisor_dir / "supervisord.pid"),
-            "log_dir": str(log_dir),
-            "programs_dir": str(programs_dir(settings)),
-            "max_bytes": settings.logging.max_bytes,
-            "backups": settings.logging.backups,
-            "run_as_root": settings.facts.run_as_root,
-        }),
+        Template(
+            p.supervisor_config,
+            "supervisor/supervisord.conf.j2",
+            {
+                "socket": str(p.supervisor_socket),
+                "pidfile": str(p.supervisor_dir / "supervisord.pid"),
+                "log_dir": str(log_dir),
+                "programs_dir": str(programs_dir(settings)),
+                "max_bytes": settings.logging.max_bytes,
+                "backups": settings.logging.backups,
+                "run_as_root": settings.facts.run_as_root,
+            },
+        ),
     ]

@@ -65,36 +65,48 @@ def preflight(settings: Settings, now: datetime | None = None) -> None:
         if pki.is_ip_address(host):
             raise ConfigError(
                 "Let's Encrypt cannot be used for this registry URL; nothing was changed.",
-                [f"letsencrypt.enable: Let's Encrypt does not issue certificates for the IP "
-                 f"address {host}; use a DNS name in registry_external_url, or set "
-                 f"letsencrypt.enable: false for a self-signed certificate, or configure "
-                 f"registry_nginx.ssl_certificate and ssl_certificate_key"])
+                [
+                    f"letsencrypt.enable: Let's Encrypt does not issue certificates for the IP "
+                    f"address {host}; use a DNS name in registry_external_url, or set "
+                    f"letsencrypt.enable: false for a self-signed certificate, or configure "
+                    f"registry_nginx.ssl_certificate and ssl_certificate_key"
+                ],
+            )
         return
     if effective_mode(settings) != "files":
         return
     cert_path, key_path = certificate_paths(settings)
     problems = []
-    for what, path in (("registry_nginx.ssl_certificate", cert_path),
-                       ("registry_nginx.ssl_certificate_key", key_path)):
+    for what, path in (
+        ("registry_nginx.ssl_certificate", cert_path),
+        ("registry_nginx.ssl_certificate_key", key_path),
+    ):
         if not path.is_file():
             problems.append(f"{what}: {path} does not exist or is not a file")
     if not problems:
         try:
             cert_pem, key_pem = cert_path.read_bytes(), key_path.read_bytes()
         except OSError as exc:
-            problems.append(f"registry_nginx.ssl_certificate: cannot read {exc.filename}: "
-                            f"{exc.strerror}")
+            problems.append(
+                f"registry_nginx.ssl_certificate: cannot read {exc.filename}: {exc.strerror}"
+            )
         else:
-            found = pki.check_certificate(cert_pem, key_pem, [settings.registry_host],
-                                          now or datetime.now(UTC))
+            found = pki.check_certificate(
+                cert_pem, key_pem, [settings.registry_host], now or datetime.now(UTC)
+            )
             problems += [f"registry_nginx.ssl_certificate: {cert_path}: {p}" for p in found]
     if problems and settings.tls_mode != "files":
-        problems.append(f"{cert_path} is a certificate placed by hand (not written by the "
-                        f"appliance): fix it, or remove it and its key to let the appliance "
-                        f"manage the certificate ({settings.tls_mode})")
+        problems.append(
+            f"{cert_path} is a certificate placed by hand (not written by the "
+            f"appliance): fix it, or remove it and its key to let the appliance "
+            f"manage the certificate ({settings.tls_mode})"
+        )
     if problems:
-        raise ConfigError(f"the certificate files cannot be used: {len(problems)} problem"
-                          f"{'s' * (len(problems) > 1)}; nothing was changed.", problems)
+        raise ConfigError(
+            f"the certificate files cannot be used: {len(problems)} problem"
+            f"{'s' * (len(problems) > 1)}; nothing was changed.",
+            problems,
+        )
 
 
 # ---------------------------------------------------------------- resources
@@ -120,27 +132,44 @@ def certificate_resources(settings: Settings) -> list[Resource]:
     webroot = settings.paths.acme_webroot
     # nginx serves the challenge path from here in every mode (a switch to Let's
     # Encrypt needs no nginx change); its workers only read it.
-    out: list[Resource] = [Directory(webroot, 0o755),
-                           Directory(webroot / CHALLENGE_DIR.parent, 0o755),
-                           Directory(webroot / CHALLENGE_DIR, 0o755),
-                           LeftoverChallengeTokens(webroot),
-                           Directory(written_record(settings).parent, 0o755)]
+    out: list[Resource] = [
+        Directory(webroot, 0o755),
+        Directory(webroot / CHALLENGE_DIR.parent, 0o755),
+        Directory(webroot / CHALLENGE_DIR, 0o755),
+        LeftoverChallengeTokens(webroot),
+        Directory(written_record(settings).parent, 0o755),
+    ]
     record = written_record(settings)
     mode = effective_mode(settings)
     if mode == "files":
         # The files are the admin's; what we own is the record of what nginx last loaded
         # (0600: it hashes the key too), so a changed certificate reloads nginx.
-        out.append(File(fingerprint_path(settings), _fingerprint(cert, key), 0o600,
-                        notifies=notify))
+        out.append(
+            File(fingerprint_path(settings), _fingerprint(cert, key), 0o600, notifies=notify)
+        )
     elif mode == "letsencrypt":
-        out.append(PlaceholderCertificate(cert, key, [settings.registry_host],
-                                          key_type=settings.letsencrypt.key_type,
-                                          days=90, notifies=notify, record=record))
+        out.append(
+            PlaceholderCertificate(
+                cert,
+                key,
+                [settings.registry_host],
+                key_type=settings.letsencrypt.key_type,
+                days=90,
+                notifies=notify,
+                record=record,
+            )
+        )
     else:
-        out.append(HostSelfSignedCertificate(
-            cert, key, [settings.registry_host],
-            renew_before=timedelta(days=settings.letsencrypt.renew_before_days),
-            notifies=notify, record=record))
+        out.append(
+            HostSelfSignedCertificate(
+                cert,
+                key,
+                [settings.registry_host],
+                renew_before=timedelta(days=settings.letsencrypt.renew_before_days),
+                notifies=notify,
+                record=record,
+            )
+        )
     return out
 
 
@@ -166,13 +195,21 @@ def acme_certificate(settings: Settings, secrets: Secrets, force: bool = False) 
     cert, key = certificate_paths(settings)
     le = settings.letsencrypt
     return AcmeCertificate(
-        cert, key, [settings.registry_host], directory_url=le.directory_url,
+        cert,
+        key,
+        [settings.registry_host],
+        directory_url=le.directory_url,
         account_key_pem=secrets.letsencrypt_account_key.encode(),
-        webroot=settings.paths.acme_webroot, contact_emails=list(le.contact_emails),
-        ca_bundle=le.ca_bundle, key_type=le.key_type,
+        webroot=settings.paths.acme_webroot,
+        contact_emails=list(le.contact_emails),
+        ca_bundle=le.ca_bundle,
+        key_type=le.key_type,
         renew_before=timedelta(days=le.renew_before_days),
-        webroot_url=webroot_url(settings), record=written_record(settings), force=force,
-        notifies=(reload("nginx"),))
+        webroot_url=webroot_url(settings),
+        record=written_record(settings),
+        force=force,
+        notifies=(reload("nginx"),),
+    )
 
 
 def late_resources(settings: Settings, secrets: Secrets) -> list[Resource]:
@@ -183,14 +220,21 @@ def late_resources(settings: Settings, secrets: Secrets) -> list[Resource]:
 
 def renewer_wanted(settings: Settings) -> bool:
     """The renewer program: on for Let's Encrypt and self-signed, off for admin files."""
-    return settings.registry_nginx.enable and settings.tls_mode != "files" and \
-        settings.letsencrypt.auto_renew
+    return (
+        settings.registry_nginx.enable
+        and settings.tls_mode != "files"
+        and settings.letsencrypt.auto_renew
+    )
 
 
 def service(settings: Settings) -> Service:
     """The renewer serves nothing: RUNNING is all there is to check."""
-    return Service("renewer", enabled=renewer_wanted(settings), reload=RESTART,
-                   log=supervisor.service_log(settings, "renewer"))
+    return Service(
+        "renewer",
+        enabled=renewer_wanted(settings),
+        reload=RESTART,
+        log=supervisor.service_log(settings, "renewer"),
+    )
 
 
 def renewer_resources(settings: Settings) -> list[Resource]:
@@ -222,21 +266,26 @@ def renewal_intro(settings: Settings, force: bool) -> list[str]:
     mode = effective_mode(settings)
     if mode != settings.tls_mode:
         mode = "a certificate placed by hand"
-    return [f"renew-certs: checking {settings.registry_host} ({mode}"
-            f"{', forced' if force else ''}) at {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC"]
+    return [
+        f"renew-certs: checking {settings.registry_host} ({mode}"
+        f"{', forced' if force else ''}) at {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC"
+    ]
 
 
 def renewal_preflight(settings: Settings) -> None:
     preflight(settings)
     if not settings.paths.secrets_file.exists():
-        raise ApplianceError(f"{settings.paths.secrets_file} does not exist: run "
-                             f"appliance-ctl reconfigure first.")
+        raise ApplianceError(
+            f"{settings.paths.secrets_file} does not exist: run appliance-ctl reconfigure first."
+        )
 
 
 def renewal_summary(report: Report, elapsed: float) -> str:
     renewed = sum(1 for o in report.outcomes if o.changes and o.resource.kind == "certificate")
-    return (f"renew-certs: {renewed} certificate{'s' * (renewed != 1)} renewed in "
-            f"{elapsed:.1f} s" + ("; failed" if report.failed else ""))
+    return (
+        f"renew-certs: {renewed} certificate{'s' * (renewed != 1)} renewed in "
+        f"{elapsed:.1f} s" + ("; failed" if report.failed else "")
+    )
 
 
 def check_served(settings: Settings, report: Report) -> list[str]:
@@ -244,12 +293,12 @@ def check_served(settings: Settings, report: Report) -> list[str]:
     the new certificate (nginx reloads asynchronously; a reload it refused keeps the old
     one). A stopped nginx loads it when it starts."""
     reloaded = any(n.service == "nginx" for n in report.notifications)
-    if reloaded and served_certificate(settings) is not None and \
-            not wait_until_served(settings):
+    if reloaded and served_certificate(settings) is not None and not wait_until_served(settings):
         raise ServiceError(
             f"nginx was reloaded but still serves the previous certificate for "
             f"{settings.registry_host} on {served_address(settings)}; see appliance-ctl tail "
-            f"nginx (a reload nginx refuses keeps the old configuration).")
+            f"nginx (a reload nginx refuses keeps the old configuration)."
+        )
     return []
 
 
@@ -282,8 +331,7 @@ def wait_until_served(settings: Settings, timeout: float = 10) -> bool:
 
     cert, _ = certificate_paths(settings)
     try:
-        wanted = x509.load_pem_x509_certificates(cert.read_bytes())[0].public_bytes(
-            Encoding.DER)
+        wanted = x509.load_pem_x509_certificates(cert.read_bytes())[0].public_bytes(Encoding.DER)
     except (OSError, ValueError):
         return False
     deadline = time.monotonic() + timeout
@@ -312,24 +360,38 @@ def messages(settings: Settings, report: Report) -> list[str]:
     # Only when nginx answers (a stopped nginx is `status`'s business) with another
     # certificate than the file: then a reload is under way, or nginx refused it.
     nginx_notified = any(n.service == "nginx" for n in report.notifications)
-    if nginx_notified and not report.dry_run and served_certificate(settings) is not None and \
-            not wait_until_served(settings, 5):
-        lines.append(f"TLS: warning: {served_address(settings)} serves another certificate "
-                     f"than {cert}; see appliance-ctl tail nginx.")
+    if (
+        nginx_notified
+        and not report.dry_run
+        and served_certificate(settings) is not None
+        and not wait_until_served(settings, 5)
+    ):
+        lines.append(
+            f"TLS: warning: {served_address(settings)} serves another certificate "
+            f"than {cert}; see appliance-ctl tail nginx."
+        )
     until = f"{info.not_after:%Y-%m-%d}"
     if settings.facts.certificate_placed_by_admin:
-        lines.append(f"TLS: certificate {cert} placed by hand, until {until}; it is served as "
-                     f"it is ({settings.tls_mode} is not used while it is there): replace it "
-                     f"before then and run reconfigure.")
+        lines.append(
+            f"TLS: certificate {cert} placed by hand, until {until}; it is served as "
+            f"it is ({settings.tls_mode} is not used while it is there): replace it "
+            f"before then and run reconfigure."
+        )
     elif settings.tls_mode == "self-signed":
-        lines.append(f"TLS: self-signed certificate {cert} (until {until}); clients must "
-                     f"trust it (docker: copy it to /etc/docker/certs.d/"
-                     f"{settings.registry_host}:{settings.registry_port}/ca.crt).")
+        lines.append(
+            f"TLS: self-signed certificate {cert} (until {until}); clients must "
+            f"trust it (docker: copy it to /etc/docker/certs.d/"
+            f"{settings.registry_host}:{settings.registry_port}/ca.crt)."
+        )
     elif settings.tls_mode == "letsencrypt" and not info.self_signed:
-        lines.append(f"TLS: Let's Encrypt certificate for {settings.registry_host} until "
-                     f"{until}; the renewer renews it "
-                     f"{settings.letsencrypt.renew_before_days} days before.")
+        lines.append(
+            f"TLS: Let's Encrypt certificate for {settings.registry_host} until "
+            f"{until}; the renewer renews it "
+            f"{settings.letsencrypt.renew_before_days} days before."
+        )
     elif settings.tls_mode == "files":
-        lines.append(f"TLS: certificate {cert} until {until}; replace the file before then "
-                     f"and run reconfigure (nginx reloads when its content changes).")
+        lines.append(
+            f"TLS: certificate {cert} until {until}; replace the file before then "
+            f"and run reconfigure (nginx reloads when its content changes)."
+        )
     return lines

@@ -168,7 +168,8 @@ def from_mapping(raw: dict, source: str = "auth config") -> AuthConfig:
         # A field the file lacks is most likely one this version added after an older
         # reconfigure wrote the file: reconfigure writes every field again.
         raise ConfigError(
-            f"Invalid {source}: " + "; ".join(problems)
+            f"Invalid {source}: "
+            + "; ".join(problems)
             + "; run 'appliance-ctl reconfigure' to write it again."
         )
     return AuthConfig(**values)

@@ -41,8 +41,7 @@ def check_database_files(db_path: Path) -> None:
             )
         if not stat.S_ISREG(mode):
             raise AuthError(
-                f"The auth database file {path} is not a regular file; move it away, then"
-                " retry."
+                f"The auth database file {path} is not a regular file; move it away, then retry."
             )
 
 

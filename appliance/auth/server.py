@@ -35,8 +35,13 @@ from appliance.errors import ApplianceError
 
 
 class _Gunicorn(BaseApplication):
-    def __init__(self, application: TokenService, options: dict, config_path: Path,
-                 reload_options: Callable[[auth_config.AuthConfig], dict]) -> None:
+    def __init__(
+        self,
+        application: TokenService,
+        options: dict,
+        config_path: Path,
+        reload_options: Callable[[auth_config.AuthConfig], dict],
+    ) -> None:
         self.application, self.options = application, options
         self.config_path, self.reload_options = config_path, reload_options
         super().__init__()
@@ -54,8 +59,11 @@ class _Gunicorn(BaseApplication):
             check_schema(config.database)
             application = TokenService(config)
         except (ApplianceError, OSError, ValueError) as error:
-            print(f"appliance-auth: reload refused, the running configuration is kept: "
-                  f"{error}", file=sys.stderr, flush=True)
+            print(
+                f"appliance-auth: reload refused, the running configuration is kept: {error}",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
             self.application, self.options = application, self.reload_options(config)
             self.callable = None  # wsgi() hands out the new application
@@ -117,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     except ApplianceError as error:
         print(f"appliance-auth: {error}", file=sys.stderr)
         return 2
+
     def options(loaded: auth_config.AuthConfig) -> dict:
         return gunicorn_options(loaded, args.worker_class, args.threads)
 

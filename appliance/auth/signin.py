@@ -261,14 +261,12 @@ class Authenticator:
                     retry_after,
                 )
 
-
     def failed(self, username: str | None, address: str, now: float) -> None:
         """Count one failure; None for requests that name no username."""
         window = self.config.rate_limit_window
         self.store.record_failed_signin(self._subjects(username, address), int(now), window)
         # Guessed usernames must not grow the table forever: drop finished windows.
         self.store.forget_failed_signins(before=int(now) - window)
-
 
 
 def _bounded_subject(subject: str) -> str:

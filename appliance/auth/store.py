@@ -203,9 +203,7 @@ def user_exists(db_path: Path, username: str) -> bool:
         return False
     connection = _read_only(db_path)
     try:
-        row = connection.execute(
-            "SELECT 1 FROM users WHERE username = ?", (username,)
-        ).fetchone()
+        row = connection.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone()
         return row is not None
     except sqlite3.OperationalError:  # no users table: schema 0
         return False

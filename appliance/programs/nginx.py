@@ -35,13 +35,19 @@ def orphaned_workers(pid_file: Path) -> list[int]:
             text = stat.read_text()
         except OSError:
             continue
-        fields = text[text.rfind(")") + 2:].split()  # state, ppid, pgrp, ...
-        processes[int(stat.parent.name)] = (text[text.find("(") + 1:text.rfind(")")],
-                                            fields[0], int(fields[2]))
+        fields = text[text.rfind(")") + 2 :].split()  # state, ppid, pgrp, ...
+        processes[int(stat.parent.name)] = (
+            text[text.find("(") + 1 : text.rfind(")")],
+            fields[0],
+            int(fields[2]),
+        )
     if master in processes and processes[master][1] not in "ZX":
         return []  # the master lives: those are its workers
-    return [pid for pid, (name, _, group) in processes.items()
-            if group == master and pid != master and name == "nginx"]
+    return [
+        pid
+        for pid, (name, _, group) in processes.items()
+        if group == master and pid != master and name == "nginx"
+    ]
 
 
 def retire_orphaned_workers(pid_file: Path, timeout: float = 5.0) -> None:

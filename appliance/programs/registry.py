@@ -54,7 +54,6 @@ READY_TIMEOUT = 30.0
 PR_SET_PDEATHSIG = 1
 
 
-
 @dataclass(frozen=True)
 class Program:
     """What the recipe wrote for the wrapper (program.json), re-read at every HUP."""
@@ -74,11 +73,16 @@ class Program:
     @classmethod
     def load(cls, path: Path) -> Program:
         raw = json.loads(path.read_text())
-        return cls(command=list(raw["command"]), primary=raw["primary"],
-                   standby=raw.get("standby"), environment=dict(raw["environment"]),
-                   secrets=list(raw["secrets"]), drain_seconds=int(raw["drain_seconds"]),
-                   settle_seconds=float(raw["settle_seconds"]),
-                   state_file=Path(raw["state_file"]))
+        return cls(
+            command=list(raw["command"]),
+            primary=raw["primary"],
+            standby=raw.get("standby"),
+            environment=dict(raw["environment"]),
+            secrets=list(raw["secrets"]),
+            drain_seconds=int(raw["drain_seconds"]),
+            settle_seconds=float(raw["settle_seconds"]),
+            state_file=Path(raw["state_file"]),
+        )
 
 
 class SecretFilter:
@@ -90,8 +94,9 @@ class SecretFilter:
         self.anywhere = [v for v in values if len(v) >= MASK_ANYWHERE_LENGTH]
         short = [re.escape(v) for v in values if len(v) < MASK_ANYWHERE_LENGTH]
         # A whole word: not part of a longer word, number, address or name (10.0.0.1).
-        self.words = re.compile(r"(?<![\w.:/-])(" + "|".join(short) + r")(?![\w.:/-])") \
-            if short else None
+        self.words = (
+            re.compile(r"(?<![\w.:/-])(" + "|".join(short) + r")(?![\w.:/-])") if short else None
+        )
 
     def __call__(self, line: str) -> str:
         for value in self.anywhere:
@@ -155,10 +160,16 @@ class Wrapper:
             sys.stdout.flush()
 
     def write_state(self, phase: str, error: str | None = None) -> None:
-        state = {"requested": self.requested, "completed": self.completed, "phase": phase,
-                 "error": error, "pid": os.getpid(),
-                 "children": {c.address: c.process.pid for c in self.children
-                              if c.process.poll() is None}}
+        state = {
+            "requested": self.requested,
+            "completed": self.completed,
+            "phase": phase,
+            "error": error,
+            "pid": os.getpid(),
+            "children": {
+                c.address: c.process.pid for c in self.children if c.process.poll() is None
+            },
+        }
         path = self.program.state_file
         temporary = path.with_name(path.name + ".tmp")
         try:
@@ -189,13 +200,18 @@ class Wrapper:
             # Two children cannot share the debug address (2.8 exits when it cannot bind
             # it): the standby serves registry requests only.
             env["REGISTRY_HTTP_DEBUG_ADDR"] = ""
-        process = subprocess.Popen(p.command, env=env, stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   preexec_fn=_parent_death_signal)  # noqa: PLW1509
+        process = subprocess.Popen(
+            p.command,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_parent_death_signal,
+        )  # noqa: PLW1509
         child = Child(process, address)
-        threading.Thread(target=self._pump,
-                         args=(process.stdout, SecretFilter(p.secrets), child),
-                         daemon=True).start()
+        threading.Thread(
+            target=self._pump, args=(process.stdout, SecretFilter(p.secrets), child), daemon=True
+        ).start()
         self.children.append(child)
         return child
 
@@ -241,8 +257,11 @@ class Wrapper:
                 except FileNotFoundError:
                     pass
                 child.unlink_at = None
-            if child.retire_at is not None and not child.stopping \
-                    and time.monotonic() >= child.retire_at:
+            if (
+                child.retire_at is not None
+                and not child.stopping
+                and time.monotonic() >= child.retire_at
+            ):
                 child.process.send_signal(signal.SIGTERM)
                 child.stopping = True
         return None
@@ -382,8 +401,10 @@ def main(argv: list[str]) -> int:
     try:
         program = Program.load(path)
     except (OSError, ValueError, KeyError) as error:
-        print(f"registry-handover: cannot read {path}: {error}; run appliance-ctl "
-              f"reconfigure.", file=sys.stderr)
+        print(
+            f"registry-handover: cannot read {path}: {error}; run appliance-ctl reconfigure.",
+            file=sys.stderr,
+        )
         return 2
     return Wrapper(path, program).run()
 

@@ -53,8 +53,9 @@ def renewal_runs_per_day(settings: Settings) -> int:
     cert, key = certificate_paths(settings)
     current = read_certificate(cert, key)
     try:
-        waiting = unusable_pair(current) is not None or \
-            pki.certificate_info(current.cert_pem).self_signed  # type: ignore[arg-type]
+        waiting = (
+            unusable_pair(current) is not None or pki.certificate_info(current.cert_pem).self_signed
+        )  # type: ignore[arg-type]
     except pki.CertificateError:
         waiting = True
     return max(runs, PLACEHOLDER_RUNS_PER_DAY) if waiting else runs
@@ -63,15 +64,18 @@ def renewal_runs_per_day(settings: Settings) -> int:
 def read_settings(config: Path, named: bool) -> Settings:
     """This pass's settings, or a ConfigError whose message is the one sentence to log."""
     if named and not config.exists():
-        raise ConfigError(f"{config} does not exist (deleted since the last reconfigure?), "
-                          f"so no certificate is renewed until it is back: restore it, or "
-                          f"run appliance-ctl reconfigure.")
+        raise ConfigError(
+            f"{config} does not exist (deleted since the last reconfigure?), "
+            f"so no certificate is renewed until it is back: restore it, or "
+            f"run appliance-ctl reconfigure."
+        )
     try:
         return settings_module.load(config, must_exist=named)
     except ConfigError as exc:
         problems = f" ({'; '.join(exc.problems)})" if exc.problems else ""
-        raise ConfigError(f"{str(exc).rstrip('.')}{problems}, so no certificate is renewed "
-                          f"until it is fixed.") from None
+        raise ConfigError(
+            f"{str(exc).rstrip('.')}{problems}, so no certificate is renewed until it is fixed."
+        ) from None
 
 
 def renew_once(settings: Settings, say: Callable[[str], None]) -> None:
@@ -87,8 +91,12 @@ def renew_once(settings: Settings, say: Callable[[str], None]) -> None:
         say(f"renewer: renewal attempt failed (a bug): {exc!r}")
 
 
-def renew_forever(config: Path, named: bool, say: Callable[[str], None],
-                  sleep: Callable[[float], None] = time.sleep) -> NoReturn:
+def renew_forever(
+    config: Path,
+    named: bool,
+    say: Callable[[str], None],
+    sleep: Callable[[float], None] = time.sleep,
+) -> NoReturn:
     """Read the settings, renew if a slot has come, sleep until the next slot; forever.
 
     `named`: the config file must exist (reconfigure passed its path); without it, a

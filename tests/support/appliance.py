@@ -59,8 +59,11 @@ class ApplianceUnderTest:
             "root": str(root),
             "external_url": "https://localhost",
             "registry_external_url": f"https://localhost:{port}",
-            "nginx": {"http_port": free_port(), "listen_addresses": ["127.0.0.1"],
-                      "worker_processes": "2"},
+            "nginx": {
+                "http_port": free_port(),
+                "listen_addresses": ["127.0.0.1"],
+                "worker_processes": "2",
+            },
             "registry": {"http_addr": f"127.0.0.1:{free_port()}"},
             "auth": {"listen_addr": f"127.0.0.1:{free_port()}"},
         }
@@ -102,33 +105,48 @@ class ApplianceUnderTest:
 
         credentials = base64.b64encode(f"root:{self.password}".encode()).decode()
         request = urllib.request.Request(
-            f"https://{self.registry_address}/jwt/auth?service=container_registry"
-            f"&scope={scope}", headers={"Authorization": f"Basic {credentials}"})
+            f"https://{self.registry_address}/jwt/auth?service=container_registry&scope={scope}",
+            headers={"Authorization": f"Basic {credentials}"},
+        )
         context = ssl.create_default_context(cafile=str(self.certificate))
         with urllib.request.urlopen(request, context=context, timeout=30) as reply:
             return json.load(reply)["token"]
 
-    def ctl(self, *args: str, check: bool = True, input: str | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess:
-        result = subprocess.run([str(BIN / "appliance-ctl"), "-c", str(self.config_file), *args],
-                                capture_output=True, text=True, input=input, timeout=timeout)
+    def ctl(
+        self, *args: str, check: bool = True, input: str | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            [str(BIN / "appliance-ctl"), "-c", str(self.config_file), *args],
+            capture_output=True,
+            text=True,
+            input=input,
+            timeout=timeout,
+        )
         if check and result.returncode != 0:
-            raise AssertionError(f"appliance-ctl {' '.join(args)} exited {result.returncode}\n"
-                                 f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+            raise AssertionError(
+                f"appliance-ctl {' '.join(args)} exited {result.returncode}\n"
+                f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+            )
         return result
 
     def reconfigure(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.ctl("reconfigure", *args, check=check)
 
-    def skopeo(self, home: Path, username: str | None = "root",
-               password: str | None = None) -> Skopeo:
+    def skopeo(
+        self, home: Path, username: str | None = "root", password: str | None = None
+    ) -> Skopeo:
         cert_dir = home / "certs"
         cert_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy(self.certificate, cert_dir / "ca.crt")
-        return Skopeo(home=home, registry=self.registry_address, username=username,
-                      password=password if password is not None else
-                      (self.password if username == "root" else None),
-                      cert_dir=cert_dir)
+        return Skopeo(
+            home=home,
+            registry=self.registry_address,
+            username=username,
+            password=password
+            if password is not None
+            else (self.password if username == "root" else None),
+            cert_dir=cert_dir,
+        )
 
     def pids(self) -> dict[str, int]:
         """Service name -> pid, from `appliance-ctl status`."""
@@ -139,16 +157,19 @@ class ApplianceUnderTest:
                 out[name] = int(line.split("(pid ")[1].split(")")[0])
         return out
 
-    def wait_until_running(self, services: tuple[str, ...] = ("nginx", "registry", "auth"),
-                           timeout: float = 20) -> dict[str, int]:
+    def wait_until_running(
+        self, services: tuple[str, ...] = ("nginx", "registry", "auth"), timeout: float = 20
+    ) -> dict[str, int]:
         deadline = time.monotonic() + timeout
         while True:
             pids = self.pids()
             if all(s in pids for s in services):
                 return pids
             if time.monotonic() > deadline:
-                raise AssertionError(f"services not running after {timeout}s: "
-                                     f"{self.ctl('status', check=False).stdout}")
+                raise AssertionError(
+                    f"services not running after {timeout}s: "
+                    f"{self.ctl('status', check=False).stdout}"
+                )
             time.sleep(0.2)
 
     def kill_and_wait_back(self, service: str, timeout: float = 20) -> int:
@@ -162,8 +183,9 @@ class ApplianceUnderTest:
             if pid not in (None, killed):
                 return pid
             if time.monotonic() > deadline:
-                raise AssertionError(f"{service} did not come back: "
-                                     f"{self.ctl('status', check=False).stdout}")
+                raise AssertionError(
+                    f"{service} did not come back: {self.ctl('status', check=False).stdout}"
+                )
             time.sleep(0.2)
 
     @property
@@ -198,9 +220,14 @@ class ApplianceUnderTest:
         from appliance.reconfigure import wait_listening
 
         port = self.registry_address.rsplit(":", 1)[1]
-        wait_listening({"nginx": f"127.0.0.1:{port}",
-                        "registry": self.registry_internal_address,
-                        "auth": self.auth_internal_address}, timeout)
+        wait_listening(
+            {
+                "nginx": f"127.0.0.1:{port}",
+                "registry": self.registry_internal_address,
+                "auth": self.auth_internal_address,
+            },
+            timeout,
+        )
 
     def shutdown(self) -> None:
         from appliance.services import Supervisor

@@ -119,8 +119,13 @@ class AuthServer:
         self.log_path = self.config_path.with_suffix(".log")
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(
-            [*self.prefix, str(APPLIANCE_AUTH), "--config", str(self.config_path),
-             *self.extra_args],
+            [
+                *self.prefix,
+                str(APPLIANCE_AUTH),
+                "--config",
+                str(self.config_path),
+                *self.extra_args,
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -28,8 +28,12 @@ MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 # got no byte of answer on a reused connection is sent again on a new one. Anything else
 # counts as a failure.
 RETRIED_METHODS = ("GET", "HEAD")
-CLOSED_UNANSWERED = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
-                     ssl.SSLEOFError)
+CLOSED_UNANSWERED = (
+    http.client.RemoteDisconnected,
+    ConnectionResetError,
+    BrokenPipeError,
+    ssl.SSLEOFError,
+)
 
 
 class Connection:
@@ -38,8 +42,13 @@ class Connection:
     def __init__(self, connect) -> None:  # noqa: ANN001 - returns an HTTPSConnection
         self.connect, self.conn, self.used = connect, connect(), 0
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> http.client.HTTPResponse:
         reused = self.used > 0
         self.used += 1
         try:
@@ -73,8 +82,7 @@ class Registry:
         return http.client.HTTPSConnection(host, int(port), context=context, timeout=timeout)
 
     def token_path(self, repository: str) -> str:
-        return (f"/jwt/auth?service=container_registry"
-                f"&scope=repository:{repository}:pull,push")
+        return f"/jwt/auth?service=container_registry&scope=repository:{repository}:pull,push"
 
     def basic(self) -> dict[str, str]:
         credentials = f"root:{self.appliance.password}".encode()
@@ -90,8 +98,7 @@ class Registry:
             raise AssertionError(f"token: {reply.status} {body[:200]!r}")
         return json.loads(body)["token"]
 
-    def push_blob(self, conn: Connection, token: str, repository: str,
-                  data: bytes) -> str:
+    def push_blob(self, conn: Connection, token: str, repository: str, data: bytes) -> str:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         auth = {"Authorization": f"Bearer {token}"}
         reply = conn.request("POST", f"/v2/{repository}/blobs/uploads/", headers=auth)
@@ -100,51 +107,72 @@ class Registry:
             raise AssertionError(f"POST upload: {reply.status}")
         location = reply.getheader("Location")
         path = location.split("://", 1)[-1]
-        path = path[path.index("/"):] if not location.startswith("/") else location
-        reply = conn.request("PUT", f"{path}{'&' if '?' in path else '?'}digest={digest}",
-                             body=data,
-                             headers={**auth, "Content-Type": "application/octet-stream"})
+        path = path[path.index("/") :] if not location.startswith("/") else location
+        reply = conn.request(
+            "PUT",
+            f"{path}{'&' if '?' in path else '?'}digest={digest}",
+            body=data,
+            headers={**auth, "Content-Type": "application/octet-stream"},
+        )
         reply.read()
         if reply.status != 201:
             raise AssertionError(f"PUT blob: {reply.status}")
         return digest
 
-    def push_image(self, conn: Connection, token: str, repository: str,
-                   tag: str, layer: bytes) -> None:
-        config = json.dumps({"architecture": "amd64", "os": "linux",
-                             "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    def push_image(
+        self, conn: Connection, token: str, repository: str, tag: str, layer: bytes
+    ) -> None:
+        config = json.dumps(
+            {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}
+        ).encode()
         config_digest = self.push_blob(conn, token, repository, config)
         layer_digest = self.push_blob(conn, token, repository, layer)
-        manifest = json.dumps({
-            "schemaVersion": 2, "mediaType": MANIFEST_TYPE,
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                       "digest": config_digest, "size": len(config)},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                        "digest": layer_digest, "size": len(layer)}]}).encode()
-        reply = conn.request("PUT", f"/v2/{repository}/manifests/{tag}", body=manifest,
-                             headers={"Authorization": f"Bearer {token}",
-                                      "Content-Type": MANIFEST_TYPE})
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": MANIFEST_TYPE,
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": config_digest,
+                    "size": len(config),
+                },
+                "layers": [
+                    {
+                        "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": layer_digest,
+                        "size": len(layer),
+                    }
+                ],
+            }
+        ).encode()
+        reply = conn.request(
+            "PUT",
+            f"/v2/{repository}/manifests/{tag}",
+            body=manifest,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": MANIFEST_TYPE},
+        )
         reply.read()
         if reply.status != 201:
             raise AssertionError(f"PUT manifest: {reply.status}")
 
-    def pull_image(self, conn: Connection, token: str, repository: str,
-                   tag: str) -> bytes:
+    def pull_image(self, conn: Connection, token: str, repository: str, tag: str) -> bytes:
         """The manifest, then every blob it names; the layer's bytes."""
         auth = {"Authorization": f"Bearer {token}"}
-        reply = conn.request("GET", f"/v2/{repository}/manifests/{tag}",
-                             headers={**auth, "Accept": MANIFEST_TYPE})
+        reply = conn.request(
+            "GET", f"/v2/{repository}/manifests/{tag}", headers={**auth, "Accept": MANIFEST_TYPE}
+        )
         body = reply.read()
         if reply.status != 200:
             raise AssertionError(f"GET manifest: {reply.status}")
         manifest = json.loads(body)
         data = b""
         for blob in [manifest["config"], *manifest["layers"]]:
-            reply = conn.request("GET", f"/v2/{repository}/blobs/{blob['digest']}",
-                                 headers=auth)
+            reply = conn.request("GET", f"/v2/{repository}/blobs/{blob['digest']}", headers=auth)
             data = reply.read()
-            if reply.status != 200 or "sha256:" + hashlib.sha256(data).hexdigest() != \
-                    blob["digest"]:
+            if (
+                reply.status != 200
+                or "sha256:" + hashlib.sha256(data).hexdigest() != blob["digest"]
+            ):
                 raise AssertionError(f"GET blob: {reply.status}, {len(data)} bytes")
         return data
 

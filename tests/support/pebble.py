@@ -117,13 +117,20 @@ class PebbleServer:
             "challtestsrv",
             [
                 CHALLTESTSRV,
-                "-dns01", f"127.0.0.1:{self.dns_port}",
-                "-http01", "",
-                "-https01", "",
-                "-tlsalpn01", "",
-                "-management", f"127.0.0.1:{challtest_management_port}",
-                "-defaultIPv4", "127.0.0.1",
-                "-defaultIPv6", "",
+                "-dns01",
+                f"127.0.0.1:{self.dns_port}",
+                "-http01",
+                "",
+                "-https01",
+                "",
+                "-tlsalpn01",
+                "",
+                "-management",
+                f"127.0.0.1:{challtest_management_port}",
+                "-defaultIPv4",
+                "127.0.0.1",
+                "-defaultIPv6",
+                "",
             ],
             env={},
         )
@@ -277,11 +284,23 @@ class NamedSkopeo(Skopeo):
     def run(self, *args: str) -> subprocess.CompletedProcess:
         # Unprivileged, a user namespace grants the mount (not needed as root).
         userns = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
-        argv = ["unshare", *userns, "--mount", "--propagation", "private", "sh", "-c",
-                'mount --bind "$0" /etc/hosts && exec "$@"', str(self.hosts_file),
-                "skopeo", "--insecure-policy", *args]
-        result = subprocess.run(argv, env=self.environment(), capture_output=True, text=True,
-                                timeout=self.timeout)
+        argv = [
+            "unshare",
+            *userns,
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'mount --bind "$0" /etc/hosts && exec "$@"',
+            str(self.hosts_file),
+            "skopeo",
+            "--insecure-policy",
+            *args,
+        ]
+        result = subprocess.run(
+            argv, env=self.environment(), capture_output=True, text=True, timeout=self.timeout
+        )
         if result.returncode != 0:
             raise SkopeoError(list(args), result)
         return result

@@ -15,7 +15,9 @@ SECRETS = Secrets("KEY", "CERT", "http-secret", "auth-secret", "ACCOUNT")
 def settings_for(root: Path, run_as_root: bool = False, **overrides: object) -> Settings:
     """`root`'s appliance.yml (or the defaults) with `overrides`; run_as_root decides
     whether the recipes hand files to the service accounts."""
-    settings = load(root / "etc/appliance/appliance.yml", overrides={"root": str(root),
-                                                                     **overrides})
-    return dataclasses.replace(settings, facts=dataclasses.replace(settings.facts,
-                                                                   run_as_root=run_as_root))
+    settings = load(
+        root / "etc/appliance/appliance.yml", overrides={"root": str(root), **overrides}
+    )
+    return dataclasses.replace(
+        settings, facts=dataclasses.replace(settings.facts, run_as_root=run_as_root)
+    )

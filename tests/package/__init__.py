@@ -1,0 +1,1 @@
+"""The deb and rpm packages, built and installed into clean roots (`-m package`, root)."""

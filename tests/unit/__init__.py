@@ -1,0 +1,1 @@
+"""Unit tests: pure logic and tables; no service of the appliance runs (seconds)."""

@@ -1078,7 +1078,7 @@ STORAGE_EXTRAS = ("cache", "redirect", "maintenance", "delete")
 
 def _cross_checks(s: RawSettings, rejected: set[str] | None = None) -> list[str]:
     """Checks that look at more than one value, or inside free-form hashes: one small
-    function per section, each table-tested on its own (tests/test_settings_checks.py).
+    function per section, each table-tested on its own (tests/unit/test_settings_checks.py).
 
     `rejected` are key paths whose value was already refused (and left at its default
     here); a check about them would only repeat that problem in other words.

@@ -44,7 +44,14 @@ def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
     for verb, text in (("start", "start"), ("stop", "stop"), ("restart", "restart")):
         p = sub.add_parser(verb, help=f"{text} one service, or all of them")
         p.add_argument("service", nargs="?")
-        p.set_defaults(handler=cmd_control, verb=verb)
+        if verb == "restart":
+            p.add_argument(
+                "--cold",
+                action="store_true",
+                help="stop, then start, even a service that restarts gracefully "
+                "(its supervising process runs new code: a package upgrade)",
+            )
+        p.set_defaults(handler=cmd_control, verb=verb, cold=False)
     p = sub.add_parser(
         "shutdown",
         help="stop every service and supervisord itself "
@@ -143,7 +150,9 @@ def cmd_control(args: argparse.Namespace, s: settings_module.Settings) -> int:
     """A service the admin stops stays stopped across reconfigures until the admin starts
     it again: the mark under the supervisor directory tells reconfigure it is on purpose.
     A restart of a service whose contract has a graceful restart (a registry handed over,
-    auth's workers replaced) is that signal: new processes, no request refused."""
+    auth's workers replaced) is that signal: new processes, no request refused; `--cold`
+    stops and starts it all the same (a package upgrade: gunicorn's master must run the
+    new code too)."""
     import recipes
     from appliance.pipeline import mark_stopped, reload_service
 
@@ -155,6 +164,7 @@ def cmd_control(args: argparse.Namespace, s: settings_module.Settings) -> int:
         service = contracts.get(name)
         if (
             args.verb == "restart"
+            and not args.cold
             and service is not None
             and service.graceful_restart
             and reload_service(supervisor, service, service.graceful_restart)

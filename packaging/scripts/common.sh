@@ -126,11 +126,12 @@ reconfigure_after_upgrade() {
         return 1
     fi
     # reconfigure restarts what its config changes touch; the services that run the
-    # package's own Python code need a restart to run the upgraded code. nginx and
-    # the registry run the system's binaries (see the dpkg triggers) and keep running.
+    # package's own Python code need a cold restart to run the upgraded code (a graceful
+    # one keeps auth's gunicorn master on the old code). nginx and the registry run the
+    # system's binaries (see the dpkg triggers) and keep running.
     for service in auth renewer; do
         if "$EMBEDDED/bin/appliance-ctl" status "$service" >/dev/null 2>&1; then
-            "$EMBEDDED/bin/appliance-ctl" restart "$service" >/dev/null \
+            "$EMBEDDED/bin/appliance-ctl" restart --cold "$service" >/dev/null \
                 || echo "appliance: restarting $service failed; run: sudo appliance-ctl restart $service" >&2
         fi
     done

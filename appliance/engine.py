@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from appliance.errors import ApplianceError, ResourceError
 from appliance.resources import Change, Notify, Resource
+from appliance.settings import sensitive_leaves
 
 
 @dataclass
@@ -174,17 +175,6 @@ def values_under_sensitive_keys(content: bytes, is_sensitive: Callable[[str], bo
     found: list[str] = []
     if len(content) > 1024 * 1024:
         return found  # none of our files is this big; a diff of it is not shown whole
-
-    def walk(key: str, value: object) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(str(k), v)
-        elif isinstance(value, list):
-            for v in value:
-                walk(key, v)
-        elif is_sensitive(key) and value not in (None, ""):
-            found.append(str(value))
-
     try:
         text = content.decode()
     except UnicodeDecodeError:
@@ -192,7 +182,7 @@ def values_under_sensitive_keys(content: bytes, is_sensitive: Callable[[str], bo
     import yaml  # only a run that prints a diff pays for it
 
     try:
-        walk("", yaml.safe_load(text))
+        found += sensitive_leaves(yaml.safe_load(text), is_sensitive)
     except yaml.YAMLError:
         pass  # not a YAML document (an nginx or supervisord config)
     for line in text.splitlines():
@@ -201,7 +191,7 @@ def values_under_sensitive_keys(content: bytes, is_sensitive: Callable[[str], bo
             from supervisor.datatypes import dict_of_key_value_pairs
 
             try:
-                walk("", dict_of_key_value_pairs(pairs.strip()))
+                found += sensitive_leaves(dict_of_key_value_pairs(pairs.strip()), is_sensitive)
             except ValueError:
                 pass
     return found

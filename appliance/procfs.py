@@ -290,10 +290,15 @@ def leftovers(
     return sorted(found - spare)
 
 
-def stop(pids: list[int], timeout: float = 10) -> None:
-    """TERM, then KILL whatever is left after `timeout` seconds."""
+def stop(
+    pids: list[int],
+    timeout: float = 10,
+    signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGKILL),
+) -> None:
+    """TERM (or the first of `signals`), then KILL whatever is left after `timeout`
+    seconds."""
     deadline = time.monotonic() + timeout
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig in signals:
         for pid in pids:
             try:
                 os.kill(pid, sig)

@@ -1503,6 +1503,12 @@ def _masked(key: str, value: Any) -> Any:
 def sensitive_values(s: Settings) -> list[str]:
     """Every value show-config masks, as text: what the engine and the run log mask too,
     in whatever file or diff it turns up."""
+    return sensitive_leaves(as_dict(s, mask=False))
+
+
+def sensitive_leaves(tree: Any, rule: typing.Callable[[str], bool] = is_sensitive) -> list[str]:
+    """The values, as text, under a key the rule calls sensitive, anywhere in a tree of
+    dicts and lists (the settings, or a YAML/JSON file the engine is about to diff)."""
     found: list[str] = []
 
     def walk(key: str, value: Any) -> None:
@@ -1512,10 +1518,10 @@ def sensitive_values(s: Settings) -> list[str]:
         elif isinstance(value, list):
             for v in value:
                 walk(key, v)
-        elif is_sensitive(key) and value not in (None, ""):
+        elif rule(key) and value not in (None, ""):
             found.append(str(value).lower() if isinstance(value, bool) else str(value))
 
-    walk("", as_dict(s, mask=False))
+    walk("", tree)
     return found
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from pathlib import Path
+
+from appliance import procfs
 
 
 def orphaned_workers(pid_file: Path) -> list[int]:
@@ -52,19 +53,7 @@ def orphaned_workers(pid_file: Path) -> list[int]:
 
 def retire_orphaned_workers(pid_file: Path, timeout: float = 5.0) -> None:
     """QUIT the orphans (they finish their transfers), KILL what is left at `timeout`."""
-    workers = orphaned_workers(pid_file)
-    deadline = time.monotonic() + timeout
-    for sig in (signal.SIGQUIT, signal.SIGKILL):
-        for pid in workers:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        while workers and time.monotonic() < deadline:
-            time.sleep(0.05)
-            workers = [pid for pid in workers if Path(f"/proc/{pid}").exists()]
-        if not workers:
-            return
+    procfs.stop(orphaned_workers(pid_file), timeout, (signal.SIGQUIT, signal.SIGKILL))
 
 
 def main(argv: list[str]) -> None:

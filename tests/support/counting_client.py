@@ -22,12 +22,16 @@ from tests.support.appliance import ApplianceUnderTest
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 
 
-# What Go's net/http (docker, containerd, skopeo) does when a server closes an idle
-# keep-alive connection just as a request goes out on it, which every HTTP server does
-# when it reloads (nginx's old workers close their idle connections): a GET or HEAD that
-# got no byte of answer on a reused connection is sent again on a new one. Anything else
-# counts as a failure.
-RETRIED_METHODS = ("GET", "HEAD")
+# What real clients do when a server closes an idle keep-alive connection just as a
+# request goes out on it, which every HTTP server does when it reloads (nginx's old
+# workers close their idle client connections at once): Go's net/http (docker,
+# containerd, skopeo) sends a GET or HEAD that got no byte of answer on a reused
+# connection again on a new one, and docker's push sends its registry requests again
+# (it retries a failed layer or manifest push); the registry's POST (a new upload
+# session) and PUT (content addressed by its digest) are safe to send twice. Only nginx
+# closes a client's connection unanswered, so this hides no registry fault: a registry
+# handed over mid-request shows as a 502, which counts. Anything else counts too.
+RETRIED_METHODS = ("GET", "HEAD", "POST", "PUT")
 CLOSED_UNANSWERED = (
     http.client.RemoteDisconnected,
     ConnectionResetError,

@@ -95,13 +95,19 @@ class RunLog:
             return None
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         path = self.directory / f"{stamp}.log"
+        # Written whole under another name (mode 0600 from the start), then renamed: a
+        # reader of the run logs (an admin, the renewer's tests) never sees half of one.
+        partial = self.directory / f".{stamp}.log.partial"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            path.write_text("\n".join(self.lines) + "\n")
-            os.chmod(path, 0o600)
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write("\n".join(self.lines) + "\n")
+            os.replace(partial, path)
             for old in sorted(self.directory.glob("*.log"))[:-RUN_LOGS_KEPT]:
                 old.unlink(missing_ok=True)
         except OSError as exc:
+            partial.unlink(missing_ok=True)
             path.unlink(missing_ok=True)
             if self.stream is not None:
                 print(

@@ -554,6 +554,7 @@ class Paths:
     auth_config: Path
     token_signing_certificate: Path
     auth_socket: Path
+    registry_storage_lock: Path
 
     @classmethod
     def under(cls, root: Path, config_file: Path) -> Paths:
@@ -585,6 +586,8 @@ class Paths:
             token_signing_certificate=data / "auth/token-signing.crt",
             # Not under auth/: nginx's workers must reach the socket, not the key.
             auth_socket=data / "auth-socket/auth.sock",
+            # Held by every run that changes the registry's storage (appliance.registry_storage).
+            registry_storage_lock=data / "registry-storage.lock",
         )
 
 

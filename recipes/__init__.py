@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from appliance import registry_storage as registry_storage_module
 from appliance import secrets as secrets_module
 from appliance.contracts import Service
 from appliance.engine import Report
@@ -113,3 +114,11 @@ def messages(settings: Settings, report: Report) -> Iterator[str]:
         hook = getattr(module, "messages", None)
         if hook:
             yield from hook(settings, report)
+
+
+def registry_storage(settings: Settings) -> registry_storage_module.Storage:
+    """The registry's storage as configured, for the commands that read or prune it
+    directly (garbage collection, content management, usage)."""
+    from recipes import registry
+
+    return registry_storage_module.open_storage(registry.storage(settings))

@@ -19,6 +19,7 @@ from appliance import secrets as secrets_module
 from appliance.contracts import Service
 from appliance.engine import Report
 from appliance.pipeline import Run
+from appliance.registry_api import RegistryAPI
 from appliance.resources import Resource
 from appliance.secrets import Secrets
 from appliance.settings import Settings
@@ -122,3 +123,19 @@ def registry_storage(settings: Settings) -> registry_storage_module.Storage:
     from recipes import registry
 
     return registry_storage_module.open_storage(registry.storage(settings))
+
+
+def registry_api(settings: Settings, secrets: Secrets) -> RegistryAPI:
+    """The registry's API on its own address, with tokens the appliance signs itself."""
+    from appliance.auth.tokens import TokenSigner
+    from recipes import registry
+
+    signer = TokenSigner(
+        "(secrets file)",
+        "(secrets file)",
+        settings.registry.issuer,
+        settings.registry.service,
+        60,
+        pem=(secrets.token_signing_key.encode(), secrets.token_signing_certificate.encode()),
+    )
+    return RegistryAPI(registry.address(settings), signer)

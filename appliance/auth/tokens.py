@@ -54,11 +54,20 @@ class TokenSigner:
     """Signs registry tokens with one key; loaded once per process."""
 
     def __init__(
-        self, key_path: Path, certificate_path: Path, issuer: str, service: str, lifetime: int
+        self,
+        key_path: Path | str,
+        certificate_path: Path | str,
+        issuer: str,
+        service: str,
+        lifetime: int,
+        pem: tuple[bytes, bytes] | None = None,
     ) -> None:
+        """From the key and certificate files (the auth service), or from `pem` (their
+        contents, as the secrets file holds them: the CLI's own admin tokens)."""
         self.issuer, self.service, self.lifetime = issuer, service, lifetime
         try:
-            key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+            key_pem = pem[0] if pem else Path(key_path).read_bytes()
+            key = serialization.load_pem_private_key(key_pem, password=None)
         except OSError as error:
             raise ConfigError(
                 f"Cannot read the token-signing key {key_path}: {error.strerror}."
@@ -79,7 +88,9 @@ class TokenSigner:
         else:
             raise ConfigError(f"The token-signing key {key_path} must be an EC P-256 or RSA key.")
         try:
-            certificates = x509.load_pem_x509_certificates(Path(certificate_path).read_bytes())
+            certificates = x509.load_pem_x509_certificates(
+                pem[1] if pem else Path(certificate_path).read_bytes()
+            )
         except OSError as error:
             raise ConfigError(
                 f"Cannot read the token-signing certificate {certificate_path}: {error.strerror}."

@@ -1,0 +1,170 @@
+"""The registry's HTTP API, spoken by the appliance itself (as an admin).
+
+Commands that change content through the registry (a manifest deleted by
+`--delete-untagged`, `tag delete`, `repo delete`) go to the registry's own address
+(`registry.http_addr` or its unix socket), not through nginx: no TLS, no name to
+resolve, and nothing for a client-facing limit to refuse. Each request carries a token
+the appliance signs itself with the token-signing key, for exactly the repository and
+actions it needs, valid for a minute; the registry checks it as it checks any other.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from appliance.auth.tokens import TokenSigner
+from appliance.errors import ApplianceError
+
+MANIFEST_TYPES = ", ".join(
+    (
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    )
+)
+SUBJECT = "appliance-ctl"
+
+
+class RegistryAPIError(ApplianceError):
+    """The registry refused or did not answer; the sentence says what to check."""
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> dict:
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            return {}
+
+
+class RegistryAPI:
+    def __init__(self, address: str, signer: TokenSigner, timeout: float = 30) -> None:
+        self.address = address
+        self.signer = signer
+        self.timeout = timeout
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self.address.startswith("/"):
+            return _UnixConnection(self.address, self.timeout)
+        host, _, port = self.address.rpartition(":")
+        host = host.strip("[]")
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        return http.client.HTTPConnection(host, int(port), timeout=self.timeout)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        access: list[dict],
+        headers: dict[str, str] | None = None,
+    ) -> Response:
+        token = self.signer.issue(SUBJECT, access, time.time()).token
+        connection = self._connection()
+        try:
+            connection.request(
+                method,
+                path,
+                headers={"Authorization": f"Bearer {token}", "Host": "registry", **(headers or {})},
+            )
+            response = connection.getresponse()
+            return Response(
+                response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+            )
+        except OSError as error:
+            raise RegistryAPIError(
+                f"the registry does not answer on {self.address} ({error}); see "
+                f"appliance-ctl status registry."
+            ) from error
+        finally:
+            connection.close()
+
+    @staticmethod
+    def _repository(name: str, *actions: str) -> list[dict]:
+        return [{"type": "repository", "name": name, "actions": list(actions)}]
+
+    def _fail(self, what: str, response: Response) -> RegistryAPIError:
+        errors = response.json().get("errors") or [{}]
+        detail = errors[0].get("message") or response.body[:200].decode("utf-8", "replace")
+        return RegistryAPIError(f"the registry refused to {what}: {response.status} {detail}")
+
+    def catalog(self) -> list[str]:
+        """Every repository name (the catalog, page by page)."""
+        names: list[str] = []
+        path = "/v2/_catalog?n=1000"
+        access = [{"type": "registry", "name": "catalog", "actions": ["*"]}]
+        while True:
+            response = self.request("GET", path, access)
+            if response.status != 200:
+                raise self._fail("list its repositories", response)
+            names += response.json().get("repositories") or []
+            link = response.headers.get("link", "")
+            if not link.startswith("<"):
+                return names
+            path = link[1 : link.index(">")]
+
+    def tags(self, repository: str) -> list[str]:
+        response = self.request(
+            "GET", f"/v2/{repository}/tags/list", self._repository(repository, "pull")
+        )
+        if response.status == 404:
+            return []
+        if response.status != 200:
+            raise self._fail(f"list the tags of {repository}", response)
+        return sorted(response.json().get("tags") or [])
+
+    def manifest(self, repository: str, reference: str) -> Response | None:
+        """The manifest as stored (its digest in docker-content-digest); None when it is
+        not there."""
+        response = self.request(
+            "GET",
+            f"/v2/{repository}/manifests/{quote(reference, safe=':')}",
+            self._repository(repository, "pull"),
+            {"Accept": MANIFEST_TYPES},
+        )
+        if response.status == 404:
+            return None
+        if response.status != 200:
+            raise self._fail(f"read {repository}:{reference}", response)
+        return response
+
+    def delete_manifest(self, repository: str, digest: str) -> bool:
+        """Delete a manifest by digest (every tag on it goes too); False if it was gone."""
+        response = self.request(
+            "DELETE",
+            f"/v2/{repository}/manifests/{digest}",
+            self._repository(repository, "delete"),
+        )
+        if response.status in (202, 200):
+            return True
+        if response.status == 404:
+            return False
+        if response.status == 405:
+            raise RegistryAPIError(
+                f"the registry refuses deletes ({repository}@{digest}); set "
+                f"registry.storage_delete_enabled: true (or storage.delete.enabled) and run "
+                f"appliance-ctl reconfigure, or wait for the maintenance window to end."
+            )
+        raise self._fail(f"delete {repository}@{digest}", response)

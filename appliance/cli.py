@@ -70,6 +70,30 @@ def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="renew even if not due")
     p.set_defaults(handler=cmd_renew_certs)
 
+    p = sub.add_parser(
+        "check",
+        help="diagnose the running appliance: one line per check (ok, warn, FAIL, skip); "
+        "exit 1 on a failure",
+    )
+    p.add_argument("--json", action="store_true", help="print the results as JSON (monitoring)")
+    p.set_defaults(handler=cmd_check)
+
+    p = sub.add_parser(
+        "why",
+        help="why USER may or may not pull, push or delete REPO (the token service's "
+        "decision replayed, with the last audit line); exit 3 when refused",
+    )
+    p.add_argument("user", help="a username, a deploy token's username, or - for anonymous")
+    p.add_argument("action", choices=["pull", "push", "delete"])
+    p.add_argument("repository", help="the repository, like team/app")
+    p.add_argument(
+        "--token",
+        type=int,
+        metavar="ID",
+        help="as signed in with this personal access token of USER (appliance-ctl token list)",
+    )
+    p.set_defaults(handler=cmd_why)
+
     if with_auth_commands:
         from appliance.auth import cli as auth_cli
 
@@ -232,6 +256,47 @@ def cmd_renew_certs(args: argparse.Namespace, s: settings_module.Settings) -> in
     return 0
 
 
+def cmd_check(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    """Every diagnosis at once; exit 1 when one failed (warnings alone exit 0)."""
+    import recipes
+    from appliance import check
+
+    report = check.run(recipes.check_plan(s))
+    sys.stdout.write(report.to_json() if args.json else report.text())
+    return 1 if report.failed else 0
+
+
+def cmd_why(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    """The token service's decision for one user, action and repository, in sentences;
+    read from the service's own config file, so it is the running service's view."""
+    import time
+
+    from appliance.auth import config as auth_config
+    from appliance.auth import why
+    from appliance.auth.app import TokenService
+    from appliance.auth.store import Store
+
+    config = auth_config.load(s.paths.auth_config)
+    store = Store(config.database)
+    try:
+        service = TokenService(config, store)
+        explanation = why.explain(
+            store,
+            service.decide_repository,
+            config.default_registry_enabled,
+            args.user,
+            args.action,
+            args.repository,
+            args.token,
+            config.audit_log,
+            time.time(),
+        )
+    finally:
+        store.close()
+    print("\n".join(explanation.lines()))
+    return 0 if explanation.granted else 3
+
+
 def command_word(argv: list[str]) -> str | None:
     """The subcommand named on the command line, skipping global options."""
     words = iter(argv)
@@ -259,6 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tail",
         "renew-certs",
         "shutdown",
+        "check",
+        "why",
     }
     parser = build_parser(with_auth_commands=command_word(argv) not in core)
     args = parser.parse_args(argv)

@@ -24,7 +24,7 @@ from urllib.parse import parse_qs
 from appliance.auth.audit import AuditLog
 from appliance.auth.config import AuthConfig
 from appliance.auth.names import is_repository_name
-from appliance.auth.permissions import Decision, decide, decide_catalog
+from appliance.auth.permissions import Decision, Principal, decide, decide_catalog
 from appliance.auth.signin import ANONYMOUS, Authenticator, SignedIn, SignInRefused
 from appliance.auth.store import Store
 from appliance.auth.tokens import TokenSigner, rfc3339
@@ -243,16 +243,7 @@ class TokenService:
         access = []
         for (kind, name), actions in merged.items():
             if kind == "repository":
-                if not is_repository_name(name):
-                    decision = Decision((), "not a valid repository name")
-                else:
-                    project = self.store.project_access(
-                        name,
-                        principal.user_id,
-                        principal.name if principal.user_id else None,
-                        self.config.default_registry_enabled,
-                    )
-                    decision = decide(principal, project, actions)
+                decision = self.decide_repository(principal, name, actions)
             elif kind == "registry" and name == "catalog":
                 decision = decide_catalog(principal, actions)
             else:
@@ -262,6 +253,21 @@ class TokenService:
             if decision.granted:
                 access.append({"type": kind, "name": name, "actions": list(decision.granted)})
         return access, reasons
+
+    def decide_repository(self, principal: Principal, name: str, actions: list[str]) -> Decision:
+        """The decision on one repository scope: what `grant` puts in a token, and what
+        `appliance-ctl why` replays (appliance/auth/why.py) to explain it. Every rule that
+        grants or refuses a repository action belongs here or in `permissions.decide`, so
+        the token and the explanation cannot disagree."""
+        if not is_repository_name(name):
+            return Decision((), "not a valid repository name")
+        project = self.store.project_access(
+            name,
+            principal.user_id,
+            principal.name if principal.user_id else None,
+            self.config.default_registry_enabled,
+        )
+        return decide(principal, project, actions)
 
     def client_address(self, environ: dict) -> str:
         peer = environ.get("REMOTE_ADDR", "")

@@ -175,14 +175,22 @@ def run(plan: CheckPlan) -> Report:
     return Report(results, time.monotonic() - started)
 
 
+GROUP_NAMES = {
+    "check_push_pull": ("push and pull", "appliance-ctl tail registry says why."),
+    "check_token_round_trip": ("token round trip", "appliance-ctl tail auth says why."),
+    "check_storage": ("storage", "check registry.storage and appliance-ctl tail registry."),
+}
+
+
 def _guarded(group: Callable[[CheckPlan], list[Result]], plan: CheckPlan) -> list[Result]:
     """A check that raises an appliance error failed with that sentence; anything else
     is a bug in the check and keeps its traceback."""
     try:
         return group(plan)
     except ApplianceError as error:
-        name = group.__name__.removeprefix("check_").replace("_", " ")
-        return [Result(name, FAIL, str(error))]
+        default = (group.__name__.removeprefix("check_").replace("_", " "), "")
+        name, fix = GROUP_NAMES.get(group.__name__, default)
+        return [Result(name, FAIL, str(error), fix)]
 
 
 # ---------------------------------------------------------------- verdicts (pure)

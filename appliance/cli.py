@@ -70,6 +70,30 @@ def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="renew even if not due")
     p.set_defaults(handler=cmd_renew_certs)
 
+    p = sub.add_parser(
+        "rotate-token-key",
+        help="sign registry tokens with a new key, without refusing any token of the old one",
+    )
+    step = p.add_mutually_exclusive_group()
+    step.add_argument(
+        "--continue",
+        dest="resume_external",
+        action="store_true",
+        help="with an external registry: switch the token service to the new key once "
+        "that registry trusts the new bundle",
+    )
+    step.add_argument(
+        "--finish",
+        action="store_true",
+        help="stop trusting the previous key (once its tokens have expired)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --finish: even before the previous key's tokens have expired",
+    )
+    p.set_defaults(handler=cmd_rotate_token_key)
+
     if with_auth_commands:
         from appliance.auth import cli as auth_cli
 
@@ -232,6 +256,19 @@ def cmd_renew_certs(args: argparse.Namespace, s: settings_module.Settings) -> in
     return 0
 
 
+def cmd_rotate_token_key(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    import recipes
+    from appliance import pipeline
+
+    if args.force and not args.finish:
+        raise UsageError("--force goes with --finish (it drops the previous key before its time).")
+    if args.finish:
+        pipeline.execute(s, recipes.finish_token_key_rotation(s, force=args.force))
+    else:
+        pipeline.execute(s, recipes.rotate_token_key(s, resume_external=args.resume_external))
+    return 0
+
+
 def command_word(argv: list[str]) -> str | None:
     """The subcommand named on the command line, skipping global options."""
     words = iter(argv)
@@ -258,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "hup",
         "tail",
         "renew-certs",
+        "rotate-token-key",
         "shutdown",
     }
     parser = build_parser(with_auth_commands=command_word(argv) not in core)

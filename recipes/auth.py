@@ -178,6 +178,32 @@ def service(settings: Settings) -> Service:
     )
 
 
+def signing_key_file(settings: Settings, secrets: Secrets) -> File:
+    """The key the service signs with, readable by its account alone."""
+    user = service_user(settings, settings.auth.username)
+    return File(
+        Path(settings.registry.key_path),
+        secrets.token_signing_key,
+        0o600,
+        owner=user,
+        group=user,
+        sensitive=True,
+        notifies=(reload("auth"),),
+    )
+
+
+def signing_certificate_file(settings: Settings, secrets: Secrets) -> File:
+    """Every certificate a registry must trust, the signing key's among them (the
+    service sends that one as x5c): the rootcertbundle an external registry copies, the
+    same bytes as the appliance registry's own bundle."""
+    return File(
+        settings.paths.token_signing_certificate,
+        secrets.trusted_certificates(),
+        0o644,
+        notifies=(reload("auth"),),
+    )
+
+
 def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
     p = settings.paths
     user = service_user(settings, settings.auth.username)
@@ -210,18 +236,8 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
         # registry.key_path may name a directory of the admin's choosing: it must exist
         # and let the auth account through to its key.
         *([Directory(key_path.parent, 0o755)] if key_path.parent != p.auth_dir else []),
-        File(
-            key_path,
-            secrets.token_signing_key,
-            0o600,
-            owner=user,
-            group=user,
-            sensitive=True,
-            notifies=notify,
-        ),
-        File(
-            p.token_signing_certificate, secrets.token_signing_certificate, 0o644, notifies=notify
-        ),
+        signing_key_file(settings, secrets),
+        signing_certificate_file(settings, secrets),
         File(
             p.auth_config,
             json.dumps(auth_config(settings).to_mapping(), indent=2) + "\n",

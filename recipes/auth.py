@@ -193,14 +193,18 @@ def signing_key_file(settings: Settings, secrets: Secrets) -> File:
 
 
 def signing_certificate_file(settings: Settings, secrets: Secrets) -> File:
-    """Every certificate a registry must trust, the signing key's among them (the
-    service sends that one as x5c): the rootcertbundle an external registry copies, the
-    same bytes as the appliance registry's own bundle."""
+    """The signing key's certificate (the service sends it as x5c). For an external
+    registry it is also that registry's rootcertbundle, so it holds every certificate a
+    registry must trust during a key rotation (the service picks its own key's); with
+    the appliance's registry that is the registry's own bundle, and this file changes
+    only when the signing key does."""
+    content = (
+        secrets.trusted_certificates()
+        if not settings.registry.enable
+        else secrets.token_signing_certificate
+    )
     return File(
-        settings.paths.token_signing_certificate,
-        secrets.trusted_certificates(),
-        0o644,
-        notifies=(reload("auth"),),
+        settings.paths.token_signing_certificate, content, 0o644, notifies=(reload("auth"),)
     )
 
 

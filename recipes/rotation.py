@@ -183,7 +183,6 @@ def rotation(settings: Settings, resume_external: bool = False) -> Run:
         messages=messages,
         start_services=False,
         check_every_service=False,
-        not_running_note="it reads the new key when it starts",
     )
 
 
@@ -239,5 +238,4 @@ def finish(settings: Settings, force: bool = False) -> Run:
         messages=messages,
         start_services=False,
         check_every_service=False,
-        not_running_note="it reads the new bundle when it starts",
     )

@@ -149,6 +149,11 @@ def test_rotation_fails_no_request_and_the_old_token_works_on(appliance, old_tok
         "any reconfigure after that removes it (or appliance-ctl rotate-token-key --finish)."
     )
     assert appliance.pids()["registry"] == registry_pid  # a handover, not a restart
+    # Neither key reaches the output or the run's log.
+    logs = appliance.root / "var/log/appliance/rotate-token-key"
+    for text in [out, result.stderr, *(f.read_text() for f in logs.iterdir())]:
+        assert "PRIVATE KEY" not in text
+    assert "Resumed" not in out
 
     new_kid = bundle_kids(appliance)[1]
     assert bundle_kids(appliance) == [old_kid, new_kid] and new_kid != old_kid

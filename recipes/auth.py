@@ -3,7 +3,8 @@ the initial admin, and its supervised program.
 
 The signing key is readable by the auth account alone. The key, its certificate and
 the registry's rootcertbundle all come from the same secrets entry in one run, so the
-registry can never be left trusting a key the service no longer signs with.
+service never signs with a key the registry does not trust; a key rotation
+(recipes/rotation.py) writes the same files in two steps, the registry's bundle first.
 """
 
 from __future__ import annotations

@@ -71,6 +71,30 @@ def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_renew_certs)
 
     p = sub.add_parser(
+        "rotate-token-key",
+        help="sign registry tokens with a new key, without refusing any token of the old one",
+    )
+    step = p.add_mutually_exclusive_group()
+    step.add_argument(
+        "--continue",
+        dest="resume_external",
+        action="store_true",
+        help="with an external registry: switch the token service to the new key once "
+        "that registry trusts the new bundle",
+    )
+    step.add_argument(
+        "--finish",
+        action="store_true",
+        help="stop trusting the previous key (once its tokens have expired)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --finish: even before the previous key's tokens have expired",
+    )
+    p.set_defaults(handler=cmd_rotate_token_key)
+
+    p = sub.add_parser(
         "check",
         help="diagnose the running appliance: one line per check (ok, warn, FAIL, skip); "
         "exit 1 on a failure",
@@ -256,6 +280,19 @@ def cmd_renew_certs(args: argparse.Namespace, s: settings_module.Settings) -> in
     return 0
 
 
+def cmd_rotate_token_key(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    import recipes
+    from appliance import pipeline
+
+    if args.force and not args.finish:
+        raise UsageError("--force goes with --finish (it drops the previous key before its time).")
+    if args.finish:
+        pipeline.execute(s, recipes.finish_token_key_rotation(s, force=args.force))
+    else:
+        pipeline.execute(s, recipes.rotate_token_key(s, resume_external=args.resume_external))
+    return 0
+
+
 def cmd_check(args: argparse.Namespace, s: settings_module.Settings) -> int:
     """Every diagnosis at once; exit 1 when one failed (warnings alone exit 0)."""
     import recipes
@@ -323,6 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "hup",
         "tail",
         "renew-certs",
+        "rotate-token-key",
         "shutdown",
         "check",
         "why",

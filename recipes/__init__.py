@@ -7,7 +7,8 @@ drops its program file there), then certificates, then the services that read th
 `late_resources` are those that need running services (a Let's Encrypt order needs
 nginx to answer the challenge). Each service module also declares its service's runtime
 contract (`service(settings)`), and this package builds the runs the pipeline executes:
-`reconfigure` (everything) and `renewal` (the certificates alone).
+`reconfigure` (everything), `renewal` (the certificates alone) and the signing-key
+rotation's (`rotate_token_key`, `finish_token_key_rotation`; recipes/rotation.py).
 """
 
 from __future__ import annotations
@@ -93,6 +94,21 @@ def renewal(settings: Settings, force: bool = False) -> Run:
         say_failure=True,
         not_running_note="it loads the new certificate when it starts",
     )
+
+
+def rotate_token_key(settings: Settings, resume_external: bool = False) -> Run:
+    """`appliance-ctl rotate-token-key [--continue]`: the registry trusts a new key, then
+    the auth service signs with it (recipes/rotation.py)."""
+    from recipes import rotation
+
+    return rotation.rotation(settings, resume_external)
+
+
+def finish_token_key_rotation(settings: Settings, force: bool = False) -> Run:
+    """`appliance-ctl rotate-token-key --finish`: the previous key trusted no more."""
+    from recipes import rotation
+
+    return rotation.finish(settings, force)
 
 
 def preflight(settings: Settings) -> None:

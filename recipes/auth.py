@@ -3,7 +3,8 @@ the initial admin, and its supervised program.
 
 The signing key is readable by the auth account alone. The key, its certificate and
 the registry's rootcertbundle all come from the same secrets entry in one run, so the
-registry can never be left trusting a key the service no longer signs with.
+service never signs with a key the registry does not trust; a key rotation
+(recipes/rotation.py) writes the same files in two steps, the registry's bundle first.
 """
 
 from __future__ import annotations
@@ -178,6 +179,36 @@ def service(settings: Settings) -> Service:
     )
 
 
+def signing_key_file(settings: Settings, secrets: Secrets) -> File:
+    """The key the service signs with, readable by its account alone."""
+    user = service_user(settings, settings.auth.username)
+    return File(
+        Path(settings.registry.key_path),
+        secrets.token_signing_key,
+        0o600,
+        owner=user,
+        group=user,
+        sensitive=True,
+        notifies=(reload("auth"),),
+    )
+
+
+def signing_certificate_file(settings: Settings, secrets: Secrets) -> File:
+    """The signing key's certificate (the service sends it as x5c). For an external
+    registry it is also that registry's rootcertbundle, so it holds every certificate a
+    registry must trust during a key rotation (the service picks its own key's); with
+    the appliance's registry that is the registry's own bundle, and this file changes
+    only when the signing key does."""
+    content = (
+        secrets.trusted_certificates()
+        if not settings.registry.enable
+        else secrets.token_signing_certificate
+    )
+    return File(
+        settings.paths.token_signing_certificate, content, 0o644, notifies=(reload("auth"),)
+    )
+
+
 def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
     p = settings.paths
     user = service_user(settings, settings.auth.username)
@@ -210,18 +241,8 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
         # registry.key_path may name a directory of the admin's choosing: it must exist
         # and let the auth account through to its key.
         *([Directory(key_path.parent, 0o755)] if key_path.parent != p.auth_dir else []),
-        File(
-            key_path,
-            secrets.token_signing_key,
-            0o600,
-            owner=user,
-            group=user,
-            sensitive=True,
-            notifies=notify,
-        ),
-        File(
-            p.token_signing_certificate, secrets.token_signing_certificate, 0o644, notifies=notify
-        ),
+        signing_key_file(settings, secrets),
+        signing_certificate_file(settings, secrets),
         File(
             p.auth_config,
             json.dumps(auth_config(settings).to_mapping(), indent=2) + "\n",

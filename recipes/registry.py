@@ -287,6 +287,18 @@ def config_context(settings: Settings, secrets: Secrets) -> dict:
     }
 
 
+def token_bundle_file(settings: Settings, secrets: Secrets) -> File:
+    """The certificates of the token-signing key, from the same secrets entry the auth
+    service signs with (the registry cannot trust a key other than the one in use), plus
+    the next or previous key's while a rotation is under way or not yet finished."""
+    return File(
+        settings.paths.token_bundle,
+        secrets.trusted_certificates(),
+        0o644,
+        notifies=(reload("registry"),),
+    )
+
+
 def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
     if not settings.registry.enable:
         return supervisor.disabled(settings, "registry")
@@ -309,9 +321,7 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
     out.append(Directory(p.registry_socket.parent, 0o2750, owner=user, group=web_user))
     umask = "007" if settings.registry.listen_network == "unix" else None
     out += [
-        # The certificate of the token-signing key, from the same secrets entry the auth
-        # service signs with: the registry cannot trust a key other than the one in use.
-        File(p.token_bundle, secrets.token_signing_certificate, 0o644, notifies=notify),
+        token_bundle_file(settings, secrets),
         # It holds http.secret and storage credentials; the engine masks them in its diff.
         Template(
             p.registry_config,

@@ -203,7 +203,9 @@ def test_the_s3_probe_heads_puts_and_deletes_with_the_registrys_credentials(
     s3_client(s3_server).create_bucket(Bucket="probe-bucket")
     found = probe_s3(S3Storage(parameters))
     assert found.status == OK, found
-    assert found.message == "s3 bucket probe-bucket under /images: HEAD, PUT, HEAD, DELETE answered."
+    assert found.message == (
+        "s3 bucket probe-bucket under /images: HEAD, PUT, HEAD, DELETE answered."
+    )
     listed = s3_client(s3_server).list_objects_v2(Bucket="probe-bucket")
     assert listed.get("KeyCount", 0) == 0  # the probe object is gone again
 

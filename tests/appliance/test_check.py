@@ -59,7 +59,7 @@ def storage_root(appliance: ApplianceUnderTest) -> Path:
     return appliance.root / "var/opt/appliance/registry/data"
 
 
-def test_a_healthy_appliance_passes_every_check_in_about_a_second(appliance) -> None:
+def test_a_healthy_appliance_passes_every_check(appliance) -> None:
     status, results, text = run_check(appliance)
     assert status == 0, text
     assert {r["status"] for r in results.values()} <= {OK, SKIP}, text
@@ -82,8 +82,9 @@ def test_a_healthy_appliance_passes_every_check_in_about_a_second(appliance) -> 
     assert len(ports) == 2  # nginx.http_port and registry_nginx.listen_port
     # Nothing external is reachable here: the clock is skipped with a note, quickly.
     assert results["clock"]["status"] in (SKIP, OK)
-    seconds = float(re.search(r"in (\d+\.\d+) s$", text.strip()).group(1))
-    assert seconds < 3.0, text  # about a second on an idle host; the suite shares 2 cores
+    # The last line counts the results and says how long the checks took (bench/check
+    # measures it; a timed test would only measure the machine's other load).
+    assert re.search(r"^check: (15 ok, 1 skip|16 ok) in \d+\.\d\d s$", text, re.M), text
     # The probe repository is gone: no directory of it, nothing in the catalog.
     repositories = storage_root(appliance) / "docker/registry/v2/repositories"
     assert not (repositories / "appliance--check").exists()
@@ -262,3 +263,25 @@ def test_why_explains_a_refusal_and_a_grant_with_the_audit_line(appliance) -> No
     unknown = appliance.ctl("why", "nobody", "pull", "team/app", check=False)
     assert unknown.returncode == 1 and unknown.stdout == ""
     assert unknown.stderr.startswith("appliance-ctl: There is no user named 'nobody'")
+
+
+def test_with_supervisord_down_every_failure_is_a_sentence_with_its_fix(appliance) -> None:
+    """The last test of the module: it stops everything, then brings it back."""
+    appliance.ctl("shutdown")
+    try:
+        result = appliance.ctl("check", check=False)
+        assert result.returncode == 1
+        assert "Traceback" not in result.stderr and result.stderr == ""
+        lines = result.stdout.splitlines()
+        assert lines[0] == (
+            "FAIL  services: supervisord is not running, so no service is. Fix: "
+            "appliance-ctl reconfigure starts it (on a host: systemctl start appliance-runsvdir)."
+        )
+        fails = [line for line in lines if line.startswith("FAIL")]
+        assert {"FAIL  token round trip", "FAIL  push and pull", "FAIL  certificate served"} <= {
+            line.split(":")[0] for line in fails
+        }, result.stdout
+        assert all(" Fix: " in line for line in fails), result.stdout
+    finally:
+        appliance.reconfigure()
+    assert run_check(appliance)[0] == 0

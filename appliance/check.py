@@ -989,9 +989,10 @@ def _ntp_offset(server: str) -> float:
     """This host's clock minus an NTP server's (SNTP, one query)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         udp.settimeout(CLOCK_TIMEOUT)
+        udp.connect((server, 123))  # connected: a refusal (ICMP) ends the wait at once
         sent = time.time()
-        udp.sendto(b"\x1b" + 47 * b"\0", (server, 123))
-        data, _ = udp.recvfrom(512)
+        udp.send(b"\x1b" + 47 * b"\0")
+        data = udp.recv(512)
         received = time.time()
     if len(data) < 48:
         raise OSError("short NTP answer")

@@ -208,7 +208,7 @@ class _SkewedDate(BaseHTTPRequestHandler):
 @pytest.fixture
 def date_server():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _SkewedDate)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield server
@@ -247,3 +247,54 @@ def test_certificate_days_use_the_real_clock() -> None:
     info = pki.certificate_info(pem)
     days = (info.not_after - dt.datetime.now(dt.UTC)).total_seconds() / 86400
     assert 29 < days <= 30
+
+
+@pytest.mark.parametrize(
+    ("host", "status", "words"),
+    [
+        ("localhost", OK, "resolves to"),
+        ("127.0.0.1", OK, "resolves to 127.0.0.1."),
+        ("192.0.2.7", WARN, "none of them an address of this host"),  # TEST-NET-1
+        ("bad..name", FAIL, "does not resolve on this host"),
+    ],
+)
+def test_the_registry_name_resolves_to_this_host(host, status, words) -> None:
+    result = check._resolves(host)
+    assert (result.check, result.status) == (f"name {host}", status)
+    assert words in result.message
+    assert bool(result.fix) == (status != OK)
+
+
+def _issued(subject: str, key, issuer_name: str, issuer_key) -> object:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .sign(issuer_key, hashes.SHA256())
+    )
+
+
+def test_the_chain_must_be_in_order() -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ca_key, leaf_key, other_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    ca = _issued("Example CA", ca_key, "Example CA", ca_key)
+    leaf = _issued("registry.example.com", leaf_key, "Example CA", ca_key)
+    other = _issued("Other CA", other_key, "Other CA", other_key)
+    assert check._chain_problems([leaf, ca]) == []
+    assert check._chain_problems([leaf]) == []
+    [problem] = check._chain_problems([leaf, other])
+    assert problem.startswith(
+        "The chain is out of order or incomplete: CN=registry.example.com is not issued by "
+        "CN=Other CA"
+    )
+    assert check._chain_problems([ca, leaf])  # intermediates before the server certificate

@@ -42,10 +42,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from appliance.contracts import Service
 from appliance.errors import ApplianceError
+
+if TYPE_CHECKING:
+    from appliance.registry_api import RegistryAPI
+    from appliance.registry_storage import S3Storage, Storage
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 
@@ -114,8 +119,8 @@ class CheckPlan:
     storage: dict
     storage_user: str | None
     storage_lock: Path
-    registry_api: Callable[[], object]  # -> appliance.registry_api.RegistryAPI
-    open_storage: Callable[[], object]  # -> appliance.registry_storage.Storage
+    registry_api: Callable[[], RegistryAPI]
+    open_storage: Callable[[], Storage]
     clock_urls: list[str]
     disks: list[tuple[str, Path]]
     ntp_servers: list[str] = field(default_factory=list)
@@ -738,7 +743,7 @@ def check_storage(plan: CheckPlan) -> list[Result]:
             _probe_filesystem(Path(plan.storage["filesystem"]["rootdirectory"]), plan.storage_user)
         ]
     if "s3" in plan.storage:
-        return [probe_s3(plan.open_storage())]
+        return [probe_s3(plan.open_storage())]  # type: ignore[arg-type] - s3 opens S3Storage
     driver = next(iter(plan.storage), "?")
     return [
         Result(
@@ -791,18 +796,18 @@ def _probe_filesystem(root: Path, user: str | None) -> Result:
     return Result("storage", OK, f"filesystem {root}: {account} writes, reads and deletes.")
 
 
-def probe_s3(storage: object) -> Result:
+def probe_s3(storage: S3Storage) -> Result:
     """HEAD the bucket, PUT, HEAD and DELETE a probe object with the registry's own
     credentials: the guide's 'unexpected 403' is one of these refused."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    client, bucket = storage.client, storage.bucket  # type: ignore[attr-defined]
-    key = storage._key(f".appliance-check-{os.getpid()}")  # type: ignore[attr-defined]
+    client, bucket = storage.client, storage.bucket
+    key = storage._key(f".appliance-check-{os.getpid()}")
     steps = [
         ("HEAD the bucket", lambda: client.head_bucket(Bucket=bucket)),
-        ("PUT", lambda: client.put_object(Bucket=bucket, Key=key, Body=b"appliance check")),
-        ("HEAD", lambda: client.head_object(Bucket=bucket, Key=key)),
-        ("DELETE", lambda: client.delete_object(Bucket=bucket, Key=key)),
+        (f"PUT {key}", lambda: client.put_object(Bucket=bucket, Key=key, Body=b"check")),
+        (f"HEAD {key}", lambda: client.head_object(Bucket=bucket, Key=key)),
+        (f"DELETE {key}", lambda: client.delete_object(Bucket=bucket, Key=key)),
     ]
     for what, step in steps:
         try:
@@ -823,18 +828,17 @@ def probe_s3(storage: object) -> Result:
             return Result(
                 "storage",
                 FAIL,
-                f"{storage.description}: {what} {key if what != 'HEAD the bucket' else ''}"  # type: ignore[attr-defined]
-                f" refused: {status} {code}.".replace("  ", " "),
+                f"{storage.description}: {what} refused: {status} {code}.",
                 fix,
             )
         except BotoCoreError as error:
             return Result(
                 "storage",
                 FAIL,
-                f"{storage.description}: {what} failed ({error}).",  # type: ignore[attr-defined]
+                f"{storage.description}: {what} failed ({error}).",
                 "check registry.storage.s3.regionendpoint and that this host reaches it.",
             )
-    return Result("storage", OK, f"{storage.description}: HEAD, PUT, HEAD, DELETE answered.")  # type: ignore[attr-defined]
+    return Result("storage", OK, f"{storage.description}: HEAD, PUT, HEAD, DELETE answered.")
 
 
 # ---------------------------------------------------------------- push and pull
@@ -902,7 +906,7 @@ def check_push_pull(plan: CheckPlan) -> list[Result]:
                 message = _push_pull(api)
             finally:
                 storage = plan.open_storage()
-                storage.delete(repository_prefix(PROBE_REPOSITORY.split("/")[0]))  # type: ignore[attr-defined]
+                storage.delete(repository_prefix(PROBE_REPOSITORY.split("/")[0]))
     except StorageError as error:
         if "busy" in str(error):
             return [Result(name, SKIP, f"not run: {error}")]
@@ -919,24 +923,24 @@ def check_push_pull(plan: CheckPlan) -> list[Result]:
     ]
 
 
-def _push_pull(api: object) -> str:
+def _push_pull(api: RegistryAPI) -> str:
     """'' when the round trip worked, else what went wrong."""
     layer, config, manifest = probe_image()
     repository = PROBE_REPOSITORY
     for blob in (layer, config):
-        api.upload_blob(repository, blob)  # type: ignore[attr-defined]
-    digest = api.put_manifest(  # type: ignore[attr-defined]
+        api.upload_blob(repository, blob)
+    digest = api.put_manifest(
         repository, PROBE_TAG, "application/vnd.oci.image.manifest.v1+json", manifest
     )
     if digest != _digest(manifest):
         return f"the registry stored the manifest as {digest}, not {_digest(manifest)}."
-    pulled = api.manifest(repository, PROBE_TAG)  # type: ignore[attr-defined]
+    pulled = api.manifest(repository, PROBE_TAG)
     if pulled is None or pulled.body != manifest:
         return "the pushed manifest does not pull back identical."
-    if api.blob(repository, _digest(layer)) != layer:  # type: ignore[attr-defined]
+    if api.blob(repository, _digest(layer)) != layer:
         return "the pushed layer does not pull back identical."
     try:
-        api.delete_manifest(repository, _digest(manifest))  # type: ignore[attr-defined]
+        api.delete_manifest(repository, _digest(manifest))
     except ApplianceError:
         pass  # deletes disabled: removing the repository's directory cleans up all the same
     return ""

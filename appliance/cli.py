@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from appliance import settings as settings_module
 from appliance.errors import ApplianceError, ConfigError, UsageError
 
-AUTH_COMMANDS = ("user", "project", "member", "token", "deploy-token")
+AUTH_COMMANDS = ("user", "project", "member", "token", "deploy-token", "history")
 
 
 def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
@@ -69,6 +69,19 @@ def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("renew-certs", help="renew Let's Encrypt certificates that are due")
     p.add_argument("--force", action="store_true", help="renew even if not due")
     p.set_defaults(handler=cmd_renew_certs)
+
+    p = sub.add_parser(
+        "usage",
+        help="storage used per project or repository, deduplicated, from storage itself",
+    )
+    p.add_argument(
+        "--by",
+        choices=("project", "repo"),
+        default="project",
+        help="group by project (default) or repository",
+    )
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(handler=cmd_usage)
 
     if with_auth_commands:
         from appliance.auth import cli as auth_cli
@@ -229,6 +242,26 @@ def cmd_renew_certs(args: argparse.Namespace, s: settings_module.Settings) -> in
     from appliance import pipeline
 
     pipeline.execute(s, recipes.renewal(s, force=args.force))
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    """Compute the figures from storage (root reads any driver's), write them for the
+    auth service (quotas, metrics) and print them."""
+    import json
+
+    import recipes
+    from appliance import usage
+    from appliance.auth.store import project_quotas
+
+    figures = usage.refresh(s, recipes.registry_storage(s))
+    quotas = {p: q for p, q in project_quotas(s.auth_database).items() if q is not None}
+    if args.json:
+        for path, entry in figures["projects"].items():
+            entry["quota_bytes"] = quotas.get(path)
+        print(json.dumps(figures, indent=2, sort_keys=True))
+    else:
+        print("\n".join(usage.report(figures, args.by, quotas)))
     return 0
 
 

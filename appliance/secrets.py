@@ -34,6 +34,9 @@ class Secrets:
     # knows the pair agrees without loading cryptography, and any edit of either side
     # (by hand, or a new internal_key) sends it through the real check again.
     token_signing_pair_digest: str = ""
+    # What the registry sends with its events to the auth service (Authorization: Bearer);
+    # the auth service's config holds only its SHA-256.
+    registry_events_secret: str = ""
 
     def private_values(self) -> list[str]:
         """The values that must never be printed (the certificate and digest are public)."""
@@ -42,6 +45,7 @@ class Secrets:
             self.registry_http_secret,
             self.auth_secret,
             self.letsencrypt_account_key,
+            *([self.registry_events_secret] if self.registry_events_secret else []),
         ]
 
     def to_json(self) -> str:
@@ -125,6 +129,7 @@ def load_or_generate(
         auth_secret=stored.get("auth_secret") or random.token_hex(32),
         letsencrypt_account_key=account_key,
         token_signing_pair_digest=pair_digest(key, cert),
+        registry_events_secret=stored.get("registry_events_secret") or random.token_hex(32),
     )
 
 

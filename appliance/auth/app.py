@@ -14,7 +14,8 @@ and on the internal listener (auth.internal_addr, loopback TCP; nothing else the
 Grants are the intersection of what was asked and what is allowed; a partial or empty
 grant is still 200 (the registry then refuses the action). Bad credentials are 401, too
 many failures 429. A request to push into a project over its quota is refused whole
-with 403 and the sentence (permissions.push_blocked), which the client prints.
+with the sentence (permissions.push_blocked), which the client prints: 401, see
+REFUSAL_STATUS.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ from appliance.auth.usage import FiguresFile, current, project_bytes
 StartResponse = Callable[..., object]
 MAX_FORM_BYTES = 64 * 1024
 MAX_EVENTS_BYTES = 1024 * 1024
+REFUSAL_STATUS = 401
+"""The status of a token request refused whole (Decision.refusal: over quota). Measured
+with the clients here: skopeo 1.9 (containers/image) prints the body's message only for
+a 401 from the token realm ("unable to retrieve auth token: invalid username/password:
+denied: <sentence>"); for a 403 it prints "invalid status code from registry 403
+(Forbidden)" and nothing of the reason. docker prints `denied: <sentence>` for either."""
 MAX_CLIENT_ID = 200
 """Characters of an offline login's client_id (docker sends "docker"): it is stored with
 the refresh token, so its length is bounded like everything a client can make us keep."""
@@ -266,9 +273,11 @@ class TokenService:
                 granted=[],
                 result="refused",
                 reason=message,
-                status=403,
+                status=REFUSAL_STATUS,
             )
-            return _respond(start_response, 403, _error_body(message, "access_denied"))
+            headers = [("WWW-Authenticate", f'Basic realm="{self.config.realm}"')]
+            body = _error_body(message, "access_denied")
+            return _respond(start_response, REFUSAL_STATUS, body, headers)
         issued = self.signer.issue(signed_in.principal.name, access, now)
         body = {
             "token": issued.token,
@@ -360,7 +369,7 @@ class TokenService:
         self, signed_in: SignedIn, scopes: list[str]
     ) -> tuple[list[dict], list[str], list[str]]:
         """The token's `access` claim for the requested scopes, why anything was refused,
-        and the refusals that answer the whole request 403 (Decision.refusal)."""
+        and the refusals that answer the whole request (Decision.refusal, REFUSAL_STATUS)."""
         merged: dict[tuple[str, str], list[str]] = {}
         reasons: list[str] = []
         for scope in scopes:

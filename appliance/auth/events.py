@@ -8,8 +8,9 @@ event per new blob and one for the manifest.
 
 From an envelope this module makes two lists, and decides nothing else:
 - the manifest events (push, pull, delete), the push and pull history;
-- the blobs a push or mount brought into a repository (digest, size), which the
-  service adds to the repository's project until usage is next computed from storage.
+- the blobs a push or mount brought into a repository (digest, size; a pushed
+  manifest is one too), which the service adds to the repository's project until usage
+  is next computed from storage.
 
 The registry sends blob pulls to neither of the appliance's endpoints (see
 recipes/registry.py `appliance_endpoints`), so a pull storm costs one event per
@@ -71,6 +72,8 @@ def parse(body: bytes) -> Envelope:
             continue
         if action not in ("push", "pull", "delete"):
             continue
+        if action == "push" and digest and size is not None:
+            blobs.append((repository, digest, size, at))  # a manifest is stored as a blob
         request = _mapping(event.get("request"))
         manifests.append(
             RegistryEvent(

@@ -8,7 +8,7 @@ the permission matrix is a plain function call.
 Two kinds of "no": a role or token that does not cover an action is a partial grant
 (the client then fails with the registry's generic `denied`, the audit log says why); a
 condition of the moment that blocks what the role allows (the project is over its
-quota) is a `refusal`: the token request itself is answered 403 with the sentence,
+quota) is a `refusal`: the token request itself is refused with the sentence,
 which docker and skopeo print. A request that asks to push while pushing is blocked is
 refused whole (pull,push: the client came to push); `*` (what `skopeo delete` asks for)
 still gets pull and delete.
@@ -91,8 +91,8 @@ class Decision:
     reason: str
     """Why something asked for was refused ('' when everything asked was granted)."""
     refusal: str = ""
-    """When set, the whole token request is refused (403) with this sentence: what the
-    role allows is blocked at the moment (over quota)."""
+    """When set, the whole token request is refused with this sentence (the status is
+    app.REFUSAL_STATUS): what the role allows is blocked at the moment (over quota)."""
 
 
 def allowed_actions(principal: Principal, project: ProjectAccess | None) -> tuple[frozenset, str]:

@@ -25,10 +25,11 @@ from typing import Protocol
 
 from appliance.auth import credentials
 from appliance.auth.database_files import check_database_files, chown_database_files
+from appliance.auth.migrations import MIGRATIONS
 from appliance.auth.names import validate_username
 from appliance.auth.permissions import ROLES, TOKEN_SCOPES, VISIBILITIES
 from appliance.auth.sizes import format_size, parse_size
-from appliance.auth.store import Store
+from appliance.auth.store import Store, schema_version
 from appliance.auth.usage import project_bytes, read_json
 from appliance.errors import AuthError
 
@@ -230,6 +231,12 @@ def _using_store(action: Callable[[argparse.Namespace, Store, AuthContext], int]
             raise AuthError(
                 f"The auth database {database} does not exist yet;"
                 " run 'appliance-ctl reconfigure' first."
+            )
+        version = schema_version(database)
+        if version is not None and version < len(MIGRATIONS):
+            raise AuthError(
+                f"The auth database {database} has schema version {version}, this version "
+                f"needs {len(MIGRATIONS)}; run 'appliance-ctl reconfigure' first."
             )
         store = Store(database)
         try:

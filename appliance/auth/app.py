@@ -142,8 +142,8 @@ class TokenService:
             local = connection.getsockname()
         except OSError:
             return False
-        if not isinstance(local, tuple):
-            return False  # the unix socket: nginx's
+        if not isinstance(local, tuple) or local[1] != self._internal[1]:
+            return False  # the unix socket (nginx's), or listen_addr's port
         try:
             return (ipaddress.ip_address(local[0]), local[1]) == self._internal
         except ValueError:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from appliance import settings as settings_module
 from appliance.errors import ApplianceError, ConfigError, UsageError
 
-AUTH_COMMANDS = ("user", "project", "member", "token", "deploy-token")
+AUTH_COMMANDS = ("user", "project", "member", "token", "deploy-token", "history")
 
 
 def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
@@ -93,6 +93,19 @@ def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
         help="with --finish: even before the previous key's tokens have expired",
     )
     p.set_defaults(handler=cmd_rotate_token_key)
+
+    p = sub.add_parser(
+        "usage",
+        help="storage used per project or repository, deduplicated, from storage itself",
+    )
+    p.add_argument(
+        "--by",
+        choices=("project", "repo"),
+        default="project",
+        help="group by project (default) or repository",
+    )
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(handler=cmd_usage)
 
     p = sub.add_parser(
         "check",
@@ -290,6 +303,26 @@ def cmd_rotate_token_key(args: argparse.Namespace, s: settings_module.Settings) 
         pipeline.execute(s, recipes.finish_token_key_rotation(s, force=args.force))
     else:
         pipeline.execute(s, recipes.rotate_token_key(s, resume_external=args.resume_external))
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    """Compute the figures from storage (root reads any driver's), write them for the
+    auth service (quotas, metrics) and print them."""
+    import json
+
+    import recipes
+    from appliance import usage
+    from appliance.auth.store import project_quotas
+
+    figures = usage.refresh(s, recipes.registry_storage(s))
+    quotas = {p: q for p, q in project_quotas(s.auth_database).items() if q is not None}
+    if args.json:
+        for path, entry in figures["projects"].items():
+            entry["quota_bytes"] = quotas.get(path)
+        print(json.dumps(figures, indent=2, sort_keys=True))
+    else:
+        print("\n".join(usage.report(figures, args.by, quotas)))
     return 0
 
 

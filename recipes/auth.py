@@ -9,6 +9,7 @@ service never signs with a key the registry does not trust; a key rotation
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets as random
 from dataclasses import dataclass
@@ -128,9 +129,15 @@ def address(settings: Settings) -> str:
     return settings.auth.listen_addr
 
 
-def auth_config(settings: Settings) -> AuthConfig:
+def events_url(settings: Settings) -> str:
+    """Where the registry posts its events: the service's internal listener."""
+    return f"http://{settings.auth.internal_addr}/-/registry-events"
+
+
+def auth_config(settings: Settings, secrets: Secrets) -> AuthConfig:
     """The token service's whole config, every field from the settings (AuthConfig has
-    no defaults of its own that could disagree with them)."""
+    no defaults of its own that could disagree with them), and the digest of the
+    registry's events secret from the secrets file."""
     a = settings.auth
     return AuthConfig(
         database=settings.auth_database,
@@ -159,6 +166,10 @@ def auth_config(settings: Settings) -> AuthConfig:
         credential_cache_ttl=a.credential_cache_ttl,
         credential_cache_size=a.credential_cache_size,
         default_registry_enabled=settings.default_projects_features.container_registry,
+        internal_addr=a.internal_addr,
+        events_secret_digest=hashlib.sha256(secrets.registry_events_secret.encode()).hexdigest(),
+        usage_file=settings.paths.registry_usage_file,
+        gc_stats_file=settings.paths.registry_gc_file,
     )
 
 
@@ -172,7 +183,7 @@ def service(settings: Settings) -> Service:
         reload=signal("HUP"),
         graceful_restart="HUP",
         ready=address(settings),
-        binds={address(settings): bound},
+        binds={address(settings): bound, a.internal_addr: "auth.internal_addr"},
         user=service_user(settings, a.username),
         reaches=(p.auth_config, Path(settings.registry.key_path)),
         log=supervisor.service_log(settings, "auth"),
@@ -245,7 +256,7 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
         signing_certificate_file(settings, secrets),
         File(
             p.auth_config,
-            json.dumps(auth_config(settings).to_mapping(), indent=2) + "\n",
+            json.dumps(auth_config(settings, secrets).to_mapping(), indent=2) + "\n",
             0o640,
             owner=user,
             group=user,

@@ -11,9 +11,11 @@ they would land in the shell history and the process list.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import functools
 import getpass
+import json
 import os
 import sys
 import time
@@ -23,9 +25,12 @@ from typing import Protocol
 
 from appliance.auth import credentials
 from appliance.auth.database_files import check_database_files, chown_database_files
+from appliance.auth.migrations import MIGRATIONS
 from appliance.auth.names import validate_username
 from appliance.auth.permissions import ROLES, TOKEN_SCOPES, VISIBILITIES
-from appliance.auth.store import Store
+from appliance.auth.sizes import format_size, parse_size
+from appliance.auth.store import Store, schema_version
+from appliance.auth.usage import project_bytes, read_json
 from appliance.errors import AuthError
 
 
@@ -47,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_member(subparsers)
     _register_token(subparsers)
     _register_deploy_token(subparsers)
+    _register_history(subparsers)
 
 
 # -- argument parsing -----------------------------------------------------------------
@@ -118,12 +124,23 @@ def _register_project(subparsers: argparse._SubParsersAction) -> None:
     _registry_switch(p, default=None)
     p.add_argument("--owner", metavar="USERNAME", help="make this user the project's owner")
     _command(group, "list", "list projects", project_list)
+    p = _command(group, "show", "a project's settings, quota and storage use", project_show)
+    p.add_argument("path")
     p = _command(
-        group, "update", "change a project's visibility or registry switch", project_update
+        group,
+        "update",
+        "change a project's visibility, registry switch or quota",
+        project_update,
     )
     p.add_argument("path")
     p.add_argument("--visibility", choices=VISIBILITIES)
     _registry_switch(p, default=None)
+    p.add_argument(
+        "--quota",
+        metavar="SIZE",
+        help="soft quota, like 20GiB or 500MB ('none' removes it): above it, pushes are "
+        "refused with the reason; pulls and deletes go on",
+    )
     p = _command(
         group, "delete", "delete a project (its images stay in the registry)", project_delete
     )
@@ -158,6 +175,16 @@ def _register_member(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("username")
     p = _command(group, "list", "list a project's members", member_list)
     p.add_argument("path")
+
+
+def _register_history(subparsers: argparse._SubParsersAction) -> None:
+    help_text = "pushes, pulls and deletes the registry reported (newest first)"
+    parser = subparsers.add_parser("history", help=help_text, description=help_text)
+    parser.set_defaults(handler=history)
+    parser.add_argument("repository", nargs="?", help="a repository, or a project's path")
+    parser.add_argument("--action", choices=("push", "pull", "delete"))
+    parser.add_argument("--limit", type=int, default=50, help="events shown (default 50)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
 def _register_token(subparsers: argparse._SubParsersAction) -> None:
@@ -204,6 +231,12 @@ def _using_store(action: Callable[[argparse.Namespace, Store, AuthContext], int]
             raise AuthError(
                 f"The auth database {database} does not exist yet;"
                 " run 'appliance-ctl reconfigure' first."
+            )
+        version = schema_version(database)
+        if version is not None and version < len(MIGRATIONS):
+            raise AuthError(
+                f"The auth database {database} has schema version {version}, this version "
+                f"needs {len(MIGRATIONS)}; run 'appliance-ctl reconfigure' first."
             )
         store = Store(database)
         try:
@@ -332,16 +365,33 @@ def project_create(args: argparse.Namespace, store: Store, context: AuthContext)
     return 0
 
 
+def _usage_of(store: Store, context: AuthContext) -> tuple[dict | None, dict[str, int]]:
+    """The computed figures (None before the first `appliance-ctl usage`) and, per
+    project, the bytes pushed since."""
+    paths = getattr(context, "paths", None)
+    figures = read_json(paths.registry_usage_file) if paths is not None else None
+    return figures, store.pending_usage(float((figures or {}).get("computed_at", 0.0)))
+
+
+def _used(figures: dict | None, pending: dict[str, int], path: str) -> str:
+    if figures is None and path not in pending:
+        return "?"
+    return format_size(project_bytes(figures, pending, path))
+
+
 @_using_store
 def project_list(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
     projects = store.list_projects()
+    figures, pending = _usage_of(store, context)
     _table(
-        ("PATH", "VISIBILITY", "REGISTRY", "CREATED"),
+        ("PATH", "VISIBILITY", "REGISTRY", "USED", "QUOTA", "CREATED"),
         [
             (
                 p.path,
                 p.visibility,
                 "enabled" if p.registry_enabled else "disabled",
+                _used(figures, pending, p.path),
+                "-" if p.quota_bytes is None else format_size(p.quota_bytes),
                 _when(p.created_at),
             )
             for p in projects
@@ -351,12 +401,60 @@ def project_list(args: argparse.Namespace, store: Store, context: AuthContext) -
 
 
 @_using_store
+def project_show(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
+    project = store.project(args.path)
+    figures, pending = _usage_of(store, context)
+    used = project_bytes(figures, pending, project.path)
+    computed = (figures or {}).get("projects", {}).get(project.path, {})
+    lines = [
+        ("path", project.path),
+        ("visibility", project.visibility),
+        ("registry", "enabled" if project.registry_enabled else "disabled"),
+        ("created", _when(project.created_at)),
+        ("members", str(len(store.list_members(project.path)))),
+        ("quota", "none" if project.quota_bytes is None else format_size(project.quota_bytes)),
+    ]
+    if figures is None and project.path not in pending:
+        lines.append(("used", "? (run appliance-ctl usage to compute it)"))
+    else:
+        lines.append(("used", f"{format_size(used)} ({used} bytes)"))
+        lines.append(("shared", format_size(int(computed.get("shared_bytes", 0)))))
+        if figures is not None:
+            lines.append(("computed", f"{_when(int(figures['computed_at']))}, plus pushes since"))
+    if project.quota_bytes is not None and used > project.quota_bytes:
+        lines.append(("pushes", "refused: over quota"))
+    for name, value in lines:
+        print(f"{name + ':':<12}{value}")
+    return 0
+
+
+@_using_store
 def project_update(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
-    if args.visibility is None and args.registry_enabled is None:
-        raise UsageProblem("Nothing to change: give --visibility, --registry or --no-registry.")
-    project = store.update_project(args.path, args.visibility, args.registry_enabled)
-    state = "enabled" if project.registry_enabled else "disabled"
-    print(f"Project {project.path} is now {project.visibility} with its registry {state}.")
+    if args.visibility is None and args.registry_enabled is None and args.quota is None:
+        raise UsageProblem(
+            "Nothing to change: give --visibility, --registry, --no-registry or --quota."
+        )
+    quota = None
+    if args.quota is not None and args.quota.strip().lower() not in ("none", "off"):
+        quota = parse_size(args.quota)
+    project = store.project(args.path)  # unknown project: say so before changing anything
+    if args.visibility is not None or args.registry_enabled is not None:
+        project = store.update_project(args.path, args.visibility, args.registry_enabled)
+        state = "enabled" if project.registry_enabled else "disabled"
+        print(f"Project {project.path} is now {project.visibility} with its registry {state}.")
+    if args.quota is not None:
+        project = store.set_quota(args.path, quota)
+        if quota is None:
+            print(f"Project {project.path} has no quota.")
+        else:
+            figures, pending = _usage_of(store, context)
+            used = project_bytes(figures, pending, project.path)
+            over = " (over it: pushes are refused)" if used > quota else ""
+            known = "" if figures is not None else "; run appliance-ctl usage to compute its use"
+            print(
+                f"Project {project.path} has a quota of {format_size(quota)}; it uses "
+                f"{format_size(used)}{over}{known}."
+            )
     return 0
 
 
@@ -467,6 +565,33 @@ def deploy_token_list(args: argparse.Namespace, store: Store, context: AuthConte
 def deploy_token_revoke(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
     store.revoke_deploy_token(args.path, args.id)
     print(f"Revoked deploy token {args.id} of {args.path}.")
+    return 0
+
+
+@_using_store
+def history(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
+    if args.limit < 1:
+        raise UsageProblem("--limit must be at least 1.")
+    events = store.history(args.repository, args.action, args.limit)
+    if args.json:
+        for event in events:
+            print(json.dumps(dataclasses.asdict(event), sort_keys=True))
+        return 0
+    _table(
+        ("TIME", "ACTION", "REPOSITORY", "TAG", "DIGEST", "BY", "FROM"),
+        [
+            (
+                dt.datetime.fromtimestamp(e.at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+                e.action,
+                e.repository,
+                e.tag or "-",
+                (e.digest or "-")[:19],
+                e.actor or "(anonymous)",
+                e.address or "-",
+            )
+            for e in events
+        ],
+    )
     return 0
 
 

@@ -36,6 +36,7 @@ from appliance.auth.permissions import (
     Principal,
     ProjectAccess,
 )
+from appliance.auth.sizes import format_size
 from appliance.auth.store import Store
 from appliance.errors import AuthError
 
@@ -280,7 +281,16 @@ def explain(
     role = role_fact(principal, project)
     if role:
         facts.append(role)
+    if project is not None and project.quota_bytes is not None:
+        facts.append(
+            f"{project.path} has a soft quota of {format_size(project.quota_bytes)} "
+            f"(appliance-ctl usage shows what it uses); over it, pushes are refused"
+        )
     decision = decide(principal, repository, [action])
+    if decision.refusal:
+        facts.append(
+            "the token request is refused whole (HTTP 401), and the client prints this reason"
+        )
     granted = action in decision.granted and not asker.refused_sign_in
     reason = asker.refused_sign_in or ("" if granted else decision.reason or "not allowed")
     if asker.refused_sign_in and action in decision.granted:

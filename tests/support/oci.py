@@ -112,8 +112,11 @@ def build_image(
     tag: str = "latest",
     files: dict[str, bytes] | None = None,
     random_bytes: int = 0,
+    base: dict[str, bytes] | None = None,
 ) -> OciImage:
-    """Build a one-layer image at `layout` (created or extended) under `tag`.
+    """Build a one-layer image at `layout` (created or extended) under `tag`; with
+    `base`, a first layer of those files under it (the same bytes give the same layer,
+    so images built on one base share it, as images on one base image do).
 
     Two images built with different `files` or any `random_bytes` have different
     digests, so a test pushing both sees two distinct manifests.
@@ -122,19 +125,22 @@ def build_image(
         files = {"hello.txt": os.urandom(16).hex().encode()}
     layout.mkdir(parents=True, exist_ok=True)
     (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
-    layer_digest, layer_size, diff_id = _write_layer(layout, files or {}, random_bytes)
+    layers = [_write_layer(layout, base, 0)] if base is not None else []
+    layers.append(_write_layer(layout, files or {}, random_bytes))
     config = {
         "architecture": "amd64",
         "os": "linux",
         "config": {},
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id for _, _, diff_id in layers]},
     }
     config_digest, config_size = _write_blob(layout, json.dumps(config).encode())
     manifest = {
         "schemaVersion": 2,
         "mediaType": MANIFEST_TYPE,
         "config": {"mediaType": CONFIG_TYPE, "digest": config_digest, "size": config_size},
-        "layers": [{"mediaType": LAYER_TYPE, "digest": layer_digest, "size": layer_size}],
+        "layers": [
+            {"mediaType": LAYER_TYPE, "digest": digest, "size": size} for digest, size, _ in layers
+        ],
     }
     manifest_digest, manifest_size = _write_blob(layout, json.dumps(manifest).encode())
     _add_to_index(layout, tag, manifest_digest, manifest_size)
@@ -143,8 +149,8 @@ def build_image(
         tag=tag,
         manifest_digest=manifest_digest,
         config_digest=config_digest,
-        layer_digests=(layer_digest,),
-        size=layer_size + config_size + manifest_size,
+        layer_digests=tuple(digest for digest, _, _ in layers),
+        size=sum(size for _, size, _ in layers) + config_size + manifest_size,
     )
 
 

@@ -227,3 +227,25 @@ def test_the_audit_line_is_found_in_the_rotated_log_and_from_the_end(tmp_path: P
     assert why.last_audit_record(log, "bob", "team/app")[0] == newest
     # a repository whose name only starts like the one asked for does not match
     assert why.last_audit_record(log, "bob", "team/ap")[0] is None
+
+
+def test_a_rule_of_the_decision_shows_up_by_itself_the_quota(service) -> None:
+    """`why` knows nothing of quotas: the refusal is the service's decision's reason."""
+    from tests.unit.test_usage_quota import envelope, event, post_events
+
+    service.store.set_quota("team/app", 1000)
+    pushed = envelope(event("push", "application/octet-stream", digest="sha256:aa", size=1500))
+    assert post_events(service, pushed) == 204
+    explanation = explain(service, "alice", "push", "team/app")
+    assert explanation.headline() == (
+        "refused: alice may not push team/app: team/app uses 1.5 KiB of its 1000 B quota; "
+        "delete images (then run a garbage collection) or ask an administrator to raise "
+        "the quota."
+    )
+    assert explanation.facts[3:] == (
+        "team/app has a soft quota of 1000 B (appliance-ctl usage shows what it uses); "
+        "over it, pushes are refused",
+        "the token request is refused whole (HTTP 401), and the client prints this reason",
+    )
+    assert explanation.fix == ""  # the reason says what to do
+    assert explain(service, "alice", "pull", "team/app").granted

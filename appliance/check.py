@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from appliance.auth.names import CHECK_NAMESPACE
 from appliance.contracts import Service
 from appliance.errors import ApplianceError
 
@@ -69,11 +70,10 @@ CLOCK_FAIL_SECONDS = 60
 CLOCK_TIMEOUT = 1.0
 """Seconds the time sources get, all asked at once; none answering skips the check."""
 CONNECT_TIMEOUT = 2.0
-PROBE_REPOSITORY = "appliance--check/probe"
-"""Where the push and pull probe goes. A double hyphen is valid for the registry but
-refused in every username and project path (appliance/auth/names.py), so no user's
-repository can be this one; only administrators (and the appliance's own tokens) reach
-it, and the probe removes it again."""
+PROBE_REPOSITORY = f"{CHECK_NAMESPACE}/probe"
+"""Where the push and pull probe goes: in a namespace no user or project can have
+(appliance/auth/names.py); only administrators (and the appliance's own tokens) reach
+it, the probe removes it again, and the registry's events for it are not recorded."""
 PROBE_TAG = "probe"
 
 
@@ -906,7 +906,7 @@ def check_push_pull(plan: CheckPlan) -> list[Result]:
                 message = _push_pull(api)
             finally:
                 storage = plan.open_storage()
-                storage.delete(repository_prefix(PROBE_REPOSITORY.split("/")[0]))
+                storage.delete(repository_prefix(CHECK_NAMESPACE))
     except StorageError as error:
         if "busy" in str(error):
             return [Result(name, SKIP, f"not run: {error}")]

@@ -298,3 +298,32 @@ def test_the_chain_must_be_in_order() -> None:
         "CN=Other CA"
     )
     assert check._chain_problems([ca, leaf])  # intermediates before the server certificate
+
+
+def test_the_probes_registry_events_are_not_recorded() -> None:
+    """The registry notifies the token service of the probe's push, pull and delete like
+    any other; history and usage leave them out (they are no user's)."""
+    from appliance.auth import events
+    from tests.unit.test_usage_quota import MANIFEST, envelope, event
+
+    body = envelope(
+        event(
+            "push",
+            "application/octet-stream",
+            digest="sha256:aa",
+            size=10,
+            repository=check.PROBE_REPOSITORY,
+        ),
+        event(
+            "push",
+            MANIFEST,
+            digest="sha256:bb",
+            size=20,
+            repository=check.PROBE_REPOSITORY,
+            tag="probe",
+        ),
+        event("push", MANIFEST, digest="sha256:cc", size=30, repository="team/app", tag="v1"),
+    )
+    parsed = events.parse(body)
+    assert [e.repository for e in parsed.manifests] == ["team/app"]
+    assert [b[0] for b in parsed.pushed_blobs] == ["team/app"]

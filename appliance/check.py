@@ -502,11 +502,13 @@ def check_certificate(plan: CheckPlan) -> list[Result]:
 def _chain_problems(chain: list) -> list[str]:
     """Each certificate of the file signed by the next one (server first, then the
     intermediates), the order clients need."""
+    from cryptography.exceptions import InvalidSignature
+
     problems = []
     for child, parent in zip(chain, chain[1:], strict=False):
         try:
             child.verify_directly_issued_by(parent)
-        except (ValueError, TypeError, Exception) as error:  # noqa: BLE001 - InvalidSignature too
+        except (ValueError, TypeError, InvalidSignature) as error:
             problems.append(
                 f"The chain is out of order or incomplete: {child.subject.rfc4514_string()} "
                 f"is not issued by {parent.subject.rfc4514_string()} ({type(error).__name__}); "

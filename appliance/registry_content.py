@@ -325,12 +325,11 @@ def plan_tag_delete(content: Content, references: Iterable[tuple[str, str]]) -> 
     for name, tags in wanted.items():
         repository = content.repositories.get(name)
         if repository is None:
-            problems.append(f"there is no repository {name}")
+            problems.append(f"no repository {name}")
             continue
-        problems += [f"{name} has no tag {tag}" for tag in tags if tag not in repository.tags]
+        problems += [f"no tag {name}:{tag}" for tag in tags if tag not in repository.tags]
     if problems:
-        text = "; ".join(problems)
-        raise UsageError(f"{text[0].upper()}{text[1:]}; nothing was deleted.")
+        raise UsageError(f"There is {' and '.join(problems)} in the registry; nothing was deleted.")
     removals: list[TagRemoval] = []
     deletions: list[ManifestDeletion] = []
     for name, tags in wanted.items():

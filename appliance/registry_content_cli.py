@@ -144,7 +144,10 @@ def repo_delete(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError(f"There is no repository {name} in the registry; nothing was deleted.")
     [row] = [row for row in rows if row.name == name]
     nested = len(rows) - 1
-    note = f"; the {nested} repositories under it stay" if nested else ""
+    note = ""
+    if nested:
+        note = f"; {nested} repositor{'ies' if nested > 1 else 'y'} under it stay"
+        note += "" if nested > 1 else "s"
     confirm(
         f"Delete repository {name} with its {row.tags} tag{'s' if row.tags != 1 else ''} "
         f"({format_bytes(row.size or 0)}){note}?",

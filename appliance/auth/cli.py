@@ -30,6 +30,7 @@ from appliance.auth.names import path_prefixes, validate_username
 from appliance.auth.permissions import ROLES, TOKEN_SCOPES, VISIBILITIES
 from appliance.auth.store import Store
 from appliance.errors import AuthError, UsageError
+from appliance.registry_content import GC_NOTE
 from appliance.registry_storage import StorageError
 
 if TYPE_CHECKING:
@@ -408,16 +409,19 @@ def project_delete(args: argparse.Namespace, store: Store, context: AuthContext)
     elif args.with_images:
         raise UsageProblem("--with-images needs the registry's storage; nothing was deleted.")
     if repositories and not args.with_images:
+        them = "them" if len(repositories) > 1 else "it"
         raise UsageProblem(
-            f"Project {project.path} still holds {_repositories(repositories)}; "
-            f"delete them with it (appliance-ctl project delete {project.path} --with-images) "
-            f"or delete them first (appliance-ctl repo delete). Nothing was deleted."
+            f"Project {project.path} still holds {_repositories(repositories)}; delete "
+            f"{them} with the project (appliance-ctl project delete {project.path} "
+            f"--with-images) or first (appliance-ctl repo delete). Nothing was deleted."
         )
     if repositories and content is not None:
         confirm(f"Delete project {project.path} and its {_repositories(repositories)}?", args.yes)
         content.delete_repositories(repositories, print, holder="project delete --with-images")
     store.delete_project(project.path)
     print(f"Deleted project {project.path}.")
+    if repositories:
+        print(GC_NOTE)
     return 0
 
 

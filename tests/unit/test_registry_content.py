@@ -110,7 +110,8 @@ def test_unknown_repositories_and_tags_are_all_named_before_anything_is_planned(
             content_of(layout), [("team/app", "v1"), ("team/app", "v9"), ("team/nope", "x")]
         )
     assert str(refused.value) == (
-        "Team/app has no tag v9; there is no repository team/nope; nothing was deleted."
+        "There is no tag team/app:v9 and no repository team/nope in the registry; "
+        "nothing was deleted."
     )
 
 
@@ -213,7 +214,7 @@ def test_project_delete_refuses_a_project_with_repositories_and_deletes_nothing(
     # team/app/web's repositories belong to the deeper project team/app/web.
     assert str(refused.value) == (
         "Project team/app still holds 2 repositories (team/app, team/app/api); delete them "
-        "with it (appliance-ctl project delete team/app --with-images) or delete them first "
+        "with the project (appliance-ctl project delete team/app --with-images) or first "
         "(appliance-ctl repo delete). Nothing was deleted."
     )
     assert store.find_project("team/app") is not None

@@ -34,8 +34,16 @@ PASSWORDS = {
 
 @pytest.fixture(scope="module")
 def appliance():
+    # The guide's blob descriptor cache: what a deleted repository leaves in it must not
+    # outlive the repository (test_repo_delete_... below).
     appliance = ApplianceUnderTest.create(
-        {"registry": {"storage_delete_enabled": True}}, prefix="appliance-content-"
+        {
+            "registry": {
+                "storage_delete_enabled": True,
+                "storage": {"cache": {"blobdescriptor": "inmemory"}},
+            }
+        },
+        prefix="appliance-content-",
     )
     try:
         appliance.reconfigure()

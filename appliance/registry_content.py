@@ -408,11 +408,28 @@ class RegistryContent:
     """The commands' one way to the registry's content: its storage, its API (made only
     when a delete needs it: listings need no signing key) and the storage lock."""
 
-    def __init__(self, storage: Storage, api: Callable[[], RegistryAPI], lock_file: Path) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        api: Callable[[], RegistryAPI],
+        lock_file: Path,
+        deletes_enabled: bool = True,
+    ) -> None:
         self.storage = storage
         self._api_factory = api
         self._api: RegistryAPI | None = None
         self.lock_file = lock_file
+        self.deletes_enabled = deletes_enabled
+
+    def _check_deletes(self) -> None:
+        """With deletes off, the registry would refuse the manifests but not the tags we
+        remove in storage: refuse the whole command instead, before anything changes."""
+        if not self.deletes_enabled:
+            raise UsageError(
+                "Deletes are disabled in the registry (registry.storage_delete_enabled: "
+                "false, or storage.delete.enabled); enable them and run appliance-ctl "
+                "reconfigure. Nothing was deleted."
+            )
 
     @property
     def api(self) -> RegistryAPI:
@@ -450,6 +467,7 @@ class RegistryContent:
         """Remove the tags, deleting the manifests no remaining tag reaches (through the
         API first: a registry that refuses deletes refuses before any tag is gone)."""
         references = list(references)
+        self._check_deletes()
         with storage_lock(self.lock_file, "tag delete"):
             plan = plan_tag_delete(self.snapshot({name for name, _ in references}), references)
             for deletion in plan.deletions:
@@ -466,6 +484,7 @@ class RegistryContent:
         what is left of it in storage (tag links, upload sessions), so it leaves the
         catalog and tags/list answers 404. A repository nested under it stays."""
         names = [check_repository(name) for name in names]
+        self._check_deletes()
         with storage_lock(self.lock_file, holder):
             content = self.snapshot(names)
             plans = [plan_repository_delete(content, name) for name in names]

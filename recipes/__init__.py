@@ -150,9 +150,11 @@ def registry_content(settings: Settings) -> RegistryContent:
     its storage, its API (the signing key is read only when a delete needs it) and the
     storage lock the garbage collection holds too."""
     from appliance.registry_content import RegistryContent
+    from recipes import registry
 
     return RegistryContent(
         registry_storage(settings),
         lambda: registry_api(settings, secrets_module.for_settings(settings)),
         settings.paths.registry_storage_lock,
+        deletes_enabled=bool(registry.storage(settings)["delete"].get("enabled")),
     )

@@ -227,3 +227,22 @@ def test_project_delete_refuses_a_project_with_repositories_and_deletes_nothing(
         args.handler(args, context)
     assert store.find_project("team/app") is not None
     assert len(content_of(layout).repositories) == 4
+
+
+def test_with_deletes_off_nothing_is_removed_not_even_a_tag_the_registry_would_not_see(
+    layout, tmp_path
+):
+    """The registry would refuse the manifest deletes (405) but not the tag unlinked in
+    storage: both commands refuse before touching anything."""
+    v1 = layout.image("team/app", [b"app"], tag="v1")
+    layout.tag("team/app", "latest", v1)
+
+    def api():
+        raise AssertionError("the registry was asked")
+
+    content = RegistryContent(FilesystemStorage(layout.root), api, tmp_path / "lock", False)
+    with pytest.raises(UsageError, match="Deletes are disabled in the registry"):
+        content.delete_tags([("team/app", "v1")])
+    with pytest.raises(UsageError, match="Deletes are disabled in the registry"):
+        content.delete_repositories(["team/app"], print)
+    assert content_of(layout).repositories["team/app"].tags == {"v1": v1, "latest": v1}

@@ -246,3 +246,15 @@ def test_with_deletes_off_nothing_is_removed_not_even_a_tag_the_registry_would_n
     with pytest.raises(UsageError, match="Deletes are disabled in the registry"):
         content.delete_repositories(["team/app"], print)
     assert content_of(layout).repositories["team/app"].tags == {"v1": v1, "latest": v1}
+
+
+def test_a_snapshot_of_some_repositories_walks_their_subtrees_nested_ones_included(layout):
+    v1 = layout.image("team/app", [b"app"], tag="v1")
+    web = layout.image("team/app/web", [b"web"], tag="v1")
+    layout.image("team/app2", [b"other"], tag="v1")
+    content = read_content(FilesystemStorage(layout.root), ["team/app", "team/app/web"])
+    assert {name: r.tags for name, r in content.repositories.items()} == {
+        "team/app": {"v1": v1},
+        "team/app/web": {"v1": web},
+    }
+    assert set(read_content(FilesystemStorage(layout.root), ["team/nope"]).repositories) == set()

@@ -22,7 +22,6 @@ from appliance.registry_content import (
     GC_NOTE,
     check_repository,
     format_bytes,
-    format_created,
     parse_tag_reference,
     repository_rows,
     short_digest,
@@ -41,7 +40,12 @@ def register(subparsers: argparse._SubParsersAction, open_content: OpenContent) 
     )
     group = repo.add_subparsers(dest="repo_command", metavar="ACTION", required=True)
     p = group.add_parser("list", help="repositories with their project and tag count (and sizes)")
-    p.add_argument("project", nargs="?", help="only the repositories under this path")
+    p.add_argument(
+        "project",
+        nargs="?",
+        metavar="PROJECT",
+        help="only the repositories at or under this path (a project's, or any namespace)",
+    )
     p.add_argument(
         "--sizes",
         action="store_true",
@@ -117,7 +121,7 @@ def tag_list(args: argparse.Namespace, settings: Settings) -> int:
                 short_digest(row.digest),
                 ",".join(row.platforms) or "-",
                 format_bytes(row.size),
-                (format_created(row.created) or "-").replace("T", " ").replace("Z", " UTC"),
+                row.created.strftime("%Y-%m-%d %H:%M:%S UTC") if row.created else "-",
             )
             for row in rows
         ],

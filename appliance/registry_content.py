@@ -297,11 +297,18 @@ class TagDeletePlan:
     def lines(self) -> list[str]:
         """What was done, one line per tag: '<repo>:<tag> removed; ...'."""
         deleted = {(d.repository, d.digest): d for d in self.deletions}
+        platforms = {(d.repository, c): d.digest for d in self.deletions for c in d.children}
         out = []
         for removal in self.removals:
             head = f"{removal.repository}:{removal.tag} removed; "
-            deletion = deleted.get((removal.repository, removal.digest))
-            if deletion is None:
+            key = (removal.repository, removal.digest)
+            deletion = deleted.get(key)
+            if key in platforms:
+                out.append(
+                    f"{head}manifest {short_digest(removal.digest)} deleted with index "
+                    f"{short_digest(platforms[key])}"
+                )
+            elif deletion is None:
                 out.append(f"{head}{short_digest(removal.digest)} kept: {removal.kept_because}")
             elif deletion.is_index:
                 count = len(deletion.children)

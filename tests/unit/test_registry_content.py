@@ -94,6 +94,18 @@ def test_an_index_goes_with_the_platforms_no_other_tag_reaches(layout):
     assert (deletion.digest, deletion.is_index, deletion.children) == (index, True, (amd64,))
 
 
+def test_an_index_and_its_tagged_platform_deleted_together_each_say_so(layout):
+    amd64 = layout.image("team/multi", [b"amd64"], tag="amd64")
+    arm64 = layout.image("team/multi", [b"arm64"])
+    index = layout.index("team/multi", {"amd64": amd64, "arm64": arm64}, tag="v1")
+    plan = plan_tag_delete(content_of(layout), [("team/multi", "v1"), ("team/multi", "amd64")])
+    assert [(d.digest, set(d.children)) for d in plan.deletions] == [(index, {amd64, arm64})]
+    assert plan.lines() == [
+        f"team/multi:v1 removed; index {index[:19]} deleted with 2 platform manifests",
+        f"team/multi:amd64 removed; manifest {amd64[:19]} deleted with index {index[:19]}",
+    ]
+
+
 def test_a_platform_of_a_still_tagged_index_is_kept_and_says_so(layout):
     amd64 = layout.image("team/multi", [b"amd64"], tag="amd64")
     arm64 = layout.image("team/multi", [b"arm64"])
@@ -258,3 +270,21 @@ def test_a_snapshot_of_some_repositories_walks_their_subtrees_nested_ones_includ
         "team/app/web": {"v1": web},
     }
     assert set(read_content(FilesystemStorage(layout.root), ["team/nope"]).repositories) == set()
+
+
+class Terminal:
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("answer", "confirmed"), [("y", True), ("YES ", True), ("", False)])
+def test_a_delete_asks_on_a_terminal_and_goes_ahead_only_on_yes(monkeypatch, answer, confirmed):
+    monkeypatch.setattr("sys.stdin", Terminal())
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda prompt: asked.append(prompt) or answer)
+    if confirmed:
+        auth_cli.confirm("Delete repository team/app?", assume_yes=False)
+    else:
+        with pytest.raises(UsageError, match="Not confirmed; nothing was deleted."):
+            auth_cli.confirm("Delete repository team/app?", assume_yes=False)
+    assert asked == ["Delete repository team/app? [y/N] "]

@@ -200,7 +200,12 @@ def repository_rows(
     and, with `sizes`, the bytes of the distinct blobs it holds (a layer used by two of
     its tags counts once; one shared with another repository counts in both)."""
     names = sorted(n for n in content.repositories if path is None or under(n, path))
-    figures = usage(content, lambda name: name).groups if sizes else {}
+    figures: dict[str, int] = {}
+    if sizes:
+        listed = Content(
+            {n: content.repositories[n] for n in names}, content.manifests, content.blobs
+        )
+        figures = usage(listed, lambda name: name).groups
     return [
         RepositoryRow(
             name,

@@ -14,6 +14,7 @@ rotation's (`rotate_token_key`, `finish_token_key_rotation`; recipes/rotation.py
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from appliance import registry_storage as registry_storage_module
 from appliance import secrets as secrets_module
@@ -24,6 +25,9 @@ from appliance.registry_api import RegistryAPI
 from appliance.resources import Resource
 from appliance.secrets import Secrets
 from appliance.settings import Settings
+
+if TYPE_CHECKING:
+    from appliance.registry_content import RegistryContent
 
 
 def modules() -> list:
@@ -155,3 +159,18 @@ def registry_api(settings: Settings, secrets: Secrets) -> RegistryAPI:
         pem=(secrets.token_signing_key.encode(), secrets.token_signing_certificate.encode()),
     )
     return RegistryAPI(registry.address(settings), signer)
+
+
+def registry_content(settings: Settings) -> RegistryContent:
+    """The registry's content as `repo`, `tag` and `project delete` see and change it:
+    its storage, its API (the signing key is read only when a delete needs it) and the
+    storage lock the garbage collection holds too."""
+    from appliance.registry_content import RegistryContent
+    from recipes import registry
+
+    return RegistryContent(
+        registry_storage(settings),
+        lambda: registry_api(settings, secrets_module.for_settings(settings)),
+        settings.paths.registry_storage_lock,
+        deletes_enabled=bool(registry.storage(settings)["delete"].get("enabled")),
+    )

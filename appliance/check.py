@@ -943,8 +943,13 @@ def _push_pull(api: RegistryAPI) -> str:
         return "the pushed layer does not pull back identical."
     try:
         api.delete_manifest(repository, _digest(manifest))
+        # Through the API, so the registry's blob descriptor cache forgets the links too
+        # (a stale entry would outlive the directory removed after this).
+        for blob in (layer, config):
+            api.delete_blob(repository, _digest(blob))
     except ApplianceError:
-        pass  # deletes disabled: removing the repository's directory cleans up all the same
+        pass  # deletes disabled: the directory's removal cleans up all the same, and the
+        # next probe uploads every blob again rather than trusting what the cache says
     return ""
 
 

@@ -132,10 +132,20 @@ def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_why)
 
     if with_auth_commands:
+        from appliance import registry_content_cli
         from appliance.auth import cli as auth_cli
 
-        auth_cli.register(sub)
+        auth_cli.register(sub, registry_content=open_registry_content)
+        registry_content_cli.register(sub, open_registry_content)
     return parser
+
+
+def open_registry_content(s: settings_module.Settings):  # noqa: ANN201 - import kept lazy
+    """The registry's content (storage, API, storage lock) as the recipes configure it,
+    for `repo`, `tag` and `project delete`."""
+    import recipes
+
+    return recipes.registry_content(s)
 
 
 def load_settings(args: argparse.Namespace) -> settings_module.Settings:

@@ -29,6 +29,7 @@ from appliance.settings import Settings
 
 if TYPE_CHECKING:
     from appliance.check import CheckPlan
+    from appliance.registry_content import RegistryContent
 
 
 def modules() -> list:
@@ -230,4 +231,19 @@ def check_plan(settings: Settings) -> CheckPlan:
         clock_urls=clock_urls,
         disks=disks,
         ntp_servers=check.host_ntp_servers(),
+    )
+
+
+def registry_content(settings: Settings) -> RegistryContent:
+    """The registry's content as `repo`, `tag` and `project delete` see and change it:
+    its storage, its API (the signing key is read only when a delete needs it) and the
+    storage lock the garbage collection holds too."""
+    from appliance.registry_content import RegistryContent
+    from recipes import registry
+
+    return RegistryContent(
+        registry_storage(settings),
+        lambda: registry_api(settings, secrets_module.for_settings(settings)),
+        settings.paths.registry_storage_lock,
+        deletes_enabled=bool(registry.storage(settings)["delete"].get("enabled")),
     )

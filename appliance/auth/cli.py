@@ -1,8 +1,11 @@
 """`appliance-ctl user|project|member|token|deploy-token ...`: administering the auth data.
 
-`register(subparsers)` adds the commands to appliance-ctl's parser; every handler is
-`fn(args, context) -> int`, where `context` offers `auth_database` (Path) and
-`default_registry_enabled` (bool). Problems are raised as AuthError subclasses with
+`register(subparsers, registry_content)` adds the commands to appliance-ctl's parser;
+every handler is `fn(args, context) -> int`, where `context` offers `auth_database`
+(Path) and `default_registry_enabled` (bool). `registry_content(context)` opens the
+registry's content (appliance.registry_content) for `project delete`, which must not
+leave a project's images behind; the caller passes it because only the recipes know
+where the registry keeps them. Problems are raised as AuthError subclasses with
 one sentence; appliance-ctl prints it and exits non-zero. Passwords are read from stdin
 (`--password-stdin`) or an interactive prompt, never from the command line, where
 they would land in the shell history and the process list.
@@ -21,17 +24,22 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from appliance.auth import credentials
 from appliance.auth.database_files import check_database_files, chown_database_files
 from appliance.auth.migrations import MIGRATIONS
-from appliance.auth.names import validate_username
+from appliance.auth.names import path_prefixes, validate_username
 from appliance.auth.permissions import ROLES, TOKEN_SCOPES, VISIBILITIES
 from appliance.auth.sizes import format_size, parse_size
 from appliance.auth.store import Store, schema_version
 from appliance.auth.usage import project_bytes, read_json
-from appliance.errors import AuthError
+from appliance.errors import AuthError, UsageError
+from appliance.registry_content import GC_NOTE
+from appliance.registry_storage import StorageError
+
+if TYPE_CHECKING:
+    from appliance.registry_content import RegistryContent
 
 
 class AuthContext(Protocol):
@@ -46,9 +54,14 @@ class UsageProblem(AuthError):
 Handler = Callable[[argparse.Namespace, AuthContext], int]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(
+    subparsers: argparse._SubParsersAction,
+    registry_content: Callable[[AuthContext], RegistryContent] | None = None,
+) -> None:
+    """Without `registry_content`, `project delete` cannot see the registry and deletes
+    the project alone (as it did before content management existed)."""
     _register_user(subparsers)
-    _register_project(subparsers)
+    _register_project(subparsers, registry_content)
     _register_member(subparsers)
     _register_token(subparsers)
     _register_deploy_token(subparsers)
@@ -116,7 +129,10 @@ def _register_user(subparsers: argparse._SubParsersAction) -> None:
     _password_option(p)
 
 
-def _register_project(subparsers: argparse._SubParsersAction) -> None:
+def _register_project(
+    subparsers: argparse._SubParsersAction,
+    registry_content: Callable[[AuthContext], RegistryContent] | None,
+) -> None:
     group = _group(subparsers, "project", "manage projects (repository namespaces)")
     p = _command(group, "create", "create a project such as group/app", project_create)
     p.add_argument("path")
@@ -142,9 +158,20 @@ def _register_project(subparsers: argparse._SubParsersAction) -> None:
         "refused with the reason; pulls and deletes go on",
     )
     p = _command(
-        group, "delete", "delete a project (its images stay in the registry)", project_delete
+        group,
+        "delete",
+        "delete a project; one that still has repositories is refused unless --with-images",
+        project_delete,
     )
     p.add_argument("path")
+    p.add_argument(
+        "--with-images",
+        action="store_true",
+        help="delete the project's repositories too (the blobs are freed by the next "
+        "garbage collection)",
+    )
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(registry_content=registry_content)
 
 
 def _registry_switch(parser: argparse.ArgumentParser, default: bool | None) -> None:
@@ -460,9 +487,86 @@ def project_update(args: argparse.Namespace, store: Store, context: AuthContext)
 
 @_using_store
 def project_delete(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
-    store.delete_project(args.path)
-    print(f"Deleted project {args.path}.")
+    """A project is a namespace of repositories: deleting it while its repositories stay
+    would leave images nobody but an admin can reach (or the next project of that path
+    inherits). So a project with repositories is refused unless --with-images, which
+    deletes them first (a repository under a deeper project belongs to that one)."""
+    project = store.project(args.path)
+    repositories: list[str] = []
+    opener = args.registry_content
+    content = None
+    if opener is not None:
+        try:
+            content = opener(context)
+            paths = [p.path for p in store.list_projects()]
+            repositories = content.project_repositories(project.path, paths)
+        except StorageError as error:
+            if args.with_images:
+                raise
+            print(f"Note: its images, if any, stay in the registry ({error})")
+    elif args.with_images:
+        raise UsageProblem("--with-images needs the registry's storage; nothing was deleted.")
+    if repositories and not args.with_images:
+        them = "them" if len(repositories) > 1 else "it"
+        raise UsageProblem(
+            f"Project {project.path} still holds {_repositories(repositories)}; delete "
+            f"{them} with the project (appliance-ctl project delete {project.path} "
+            f"--with-images) or first (appliance-ctl repo delete). Nothing was deleted."
+        )
+    if repositories and content is not None:
+        confirm(f"Delete project {project.path} and its {_repositories(repositories)}?", args.yes)
+        content.delete_repositories(repositories, print, holder="project delete --with-images")
+    store.delete_project(project.path)
+    print(f"Deleted project {project.path}.")
+    if repositories:
+        print(GC_NOTE)
     return 0
+
+
+def _repositories(names: list[str]) -> str:
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"{len(names)} repositor{'ies' if len(names) != 1 else 'y'} ({shown})"
+
+
+def confirm(question: str, assume_yes: bool) -> None:
+    """Ask before an irreversible delete of images; `--yes` answers for a script. With
+    no terminal to ask on and no --yes, refuse (as a password prompt does)."""
+    if assume_yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(
+            "No terminal to ask for confirmation on; add --yes to delete without asking. "
+            "Nothing was deleted."
+        )
+    answer = input(f"{question} [y/N] ")
+    if answer.strip().lower() not in ("y", "yes"):
+        raise UsageError("Not confirmed; nothing was deleted.")
+
+
+def project_lookup(context: AuthContext) -> Callable[[str], str | None]:
+    """The project a repository belongs to, for commands outside auth (`repo list`): the
+    longest project path it is under, else its user's personal namespace
+    ('alice (personal)'), as the token service decides. Nothing without a database."""
+    database = Path(context.auth_database)
+    if not database.exists():
+        return lambda name: None
+    check_database_files(database)
+    store = Store(database)
+    try:
+        projects = {p.path for p in store.list_projects()}
+        users = {u.username for u in store.list_users()}
+    finally:
+        store.close()
+        _keep_owner(database)
+
+    def project_of(repository: str) -> str | None:
+        found = next((p for p in path_prefixes(repository) if p in projects), None)
+        namespace = repository.split("/", 1)[0]
+        if found is None and namespace in users:
+            return f"{namespace} (personal)"
+        return found
+
+    return project_of
 
 
 @_using_store

@@ -34,7 +34,11 @@ PASSWORD = "a long password for bob"
 
 @pytest.fixture(scope="module")
 def appliance() -> Iterator[ApplianceUnderTest]:
-    appliance = ApplianceUnderTest.create(prefix="check-")
+    # The guide's blob descriptor cache: the probe's repository, removed from storage
+    # after each run, must push again at the next one (a stale cache entry would not).
+    appliance = ApplianceUnderTest.create(
+        {"registry": {"storage": {"cache": {"blobdescriptor": "inmemory"}}}}, prefix="check-"
+    )
     try:
         appliance.reconfigure()
         yield appliance

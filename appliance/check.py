@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from appliance.auth.names import CHECK_NAMESPACE
+from appliance.auth.sizes import format_size
 from appliance.contracts import Service
 from appliance.errors import ApplianceError
 
@@ -203,7 +204,7 @@ def _guarded(group: Callable[[CheckPlan], list[Result]], plan: CheckPlan) -> lis
 
 def disk_verdict(label: str, path: Path, free: int, total: int) -> Result:
     share = free / total if total else 0.0
-    message = f"{path}: {_size(free)} free of {_size(total)} ({share:.0%})"
+    message = f"{path}: {format_size(free)} free of {format_size(total)} ({share:.0%})"
     fix = f"free space on the file system of {path} (or grow it)"
     if share < DISK_FAIL_FREE:
         return Result(f"disk {label}", FAIL, message + f", under {DISK_FAIL_FREE:.0%}.", fix + ".")
@@ -263,14 +264,6 @@ def clock_verdict(offset: float, source: str) -> Result:
     if abs(offset) > CLOCK_WARN_SECONDS:
         return Result("clock", WARN, message + ".", fix)
     return Result("clock", OK, message + ".")
-
-
-def _size(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if count < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TiB"
 
 
 # ---------------------------------------------------------------- services and ports

@@ -47,7 +47,7 @@ def test_disk_thresholds(free, total, status) -> None:
 
 def test_disk_message_says_how_much() -> None:
     result = check.disk_verdict("logs", Path("/var/log/appliance"), 5 * GIB, 100 * GIB)
-    assert result.message == ("/var/log/appliance: 5.0 GiB free of 100.0 GiB (5%), under 10%.")
+    assert result.message == ("/var/log/appliance: 5 GiB free of 100 GiB (5%), under 10%.")
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from appliance.secrets import Secrets
 from appliance.settings import Settings
 from recipes import supervisor
 from recipes.base import service_user
+from recipes.registry import address as registry_address
 
 ADMIN_USERNAME = "root"
 
@@ -158,6 +159,7 @@ def auth_config(settings: Settings) -> AuthConfig:
         credential_cache_ttl=a.credential_cache_ttl,
         credential_cache_size=a.credential_cache_size,
         default_registry_enabled=settings.default_projects_features.container_registry,
+        registry_address=registry_address(settings) if settings.registry.enable else "",
     )
 
 

@@ -4,6 +4,9 @@ paid once per registry request).
   GET  /jwt/auth   Basic auth or anonymous; ?service=&scope=...&account=&offline_token=
   POST /jwt/auth   OAuth2 form: grant_type=password | refresh_token
   GET  /-/health   200 when the database answers
+  PUT|DELETE /v2/<name>/manifests/<reference>
+                   the tag rules, asked by nginx before a manifest write reaches the
+                   registry: 460 passes it on, 403 refuses it (appliance/auth/tag_gate.py)
 
 Grants are the intersection of what was asked and what is allowed; a partial or empty
 grant is still 200 (the registry then refuses the action). Bad credentials are 401, too
@@ -27,7 +30,10 @@ from appliance.auth.names import is_repository_name
 from appliance.auth.permissions import Decision, decide, decide_catalog
 from appliance.auth.signin import ANONYMOUS, Authenticator, SignedIn, SignInRefused
 from appliance.auth.store import Store
-from appliance.auth.tokens import TokenSigner, rfc3339
+from appliance.auth.tag_gate import TagGate
+from appliance.auth.tag_rules import PASSED
+from appliance.auth.tokens import TokenSigner, TokenVerifier, rfc3339
+from appliance.registry_api import RegistryAPI
 
 StartResponse = Callable[..., object]
 MAX_FORM_BYTES = 64 * 1024
@@ -66,6 +72,14 @@ class TokenService:
         # On a unix socket the directory lets nginx's account alone connect.
         self._peers_are_proxy = config.listen_socket is not None
         self._proxy_verdicts: dict[str, bool] = {}
+        self.tag_gate = TagGate(
+            self.store,
+            TokenVerifier(config.signing_certificate, config.issuer, config.service),
+            RegistryAPI(config.registry_address, self.signer, timeout=10, subject="appliance-auth")
+            if config.registry_address
+            else None,
+            config.default_registry_enabled,
+        )
 
     # -- WSGI entry point -------------------------------------------------------------
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
@@ -88,6 +102,8 @@ class TokenService:
                 _error_body("Use GET or POST.", "invalid_request"),
                 [("Allow", "GET, POST")],
             )
+        if path.startswith("/v2/"):
+            return self._tag_rules(environ, start_response)
         if path == "/-/health":
             try:
                 self.store.ping()
@@ -98,6 +114,23 @@ class TokenService:
                 return _respond(start_response, 503, {"status": "unhealthy"})
             return _respond(start_response, 200, {"status": "ok"})
         return _respond(start_response, 404, _error_body("Not found.", "invalid_request"))
+
+    # -- manifest writes, before the registry -----------------------------------------
+    def _tag_rules(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        answer = self.tag_gate.decide(environ)
+        if answer.status == PASSED:
+            start_response(f"{PASSED} Tag Rules Passed", [("Content-Length", "0")])
+            return [b""]
+        self.audit.record(
+            client=self.client_address(environ),
+            method=environ.get("REQUEST_METHOD"),
+            path=environ.get("PATH_INFO", ""),
+            result="refused",
+            reason=answer.message,
+            status=answer.status,
+        )
+        body = {"errors": [{"code": answer.code, "message": answer.message, "detail": None}]}
+        return _respond(start_response, answer.status, body)
 
     # -- token requests ---------------------------------------------------------------
     def _token(
@@ -349,6 +382,8 @@ _REASONS = {
     200: "OK",
     400: "Bad Request",
     401: "Unauthorized",
+    403: "Forbidden",
+    413: "Content Too Large",
     404: "Not Found",
     405: "Method Not Allowed",
     429: "Too Many Requests",

@@ -21,11 +21,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from appliance.auth import credentials
+from appliance.auth import credentials, tag_rules
 from appliance.auth.database_files import check_database_files, chown_database_files
 from appliance.auth.names import validate_username
 from appliance.auth.permissions import ROLES, TOKEN_SCOPES, VISIBILITIES
-from appliance.auth.store import Store
+from appliance.auth.store import Project, Store
 from appliance.errors import AuthError
 
 
@@ -124,6 +124,24 @@ def _register_project(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("path")
     p.add_argument("--visibility", choices=VISIBILITIES)
     _registry_switch(p, default=None)
+    p.add_argument(
+        "--immutable-tags",
+        metavar="REGEX",
+        action="append",
+        help="tags matching this pattern (re.search, e.g. '^v[0-9]+\\.') never move once"
+        " pushed; repeat for several; replaces the project's immutable patterns; '' or"
+        " 'none' clears them",
+    )
+    p.add_argument(
+        "--protected-tags",
+        metavar="PATTERN=ROLE",
+        action="append",
+        help="only ROLE (developer, maintainer, owner, admin) or above may push or delete"
+        " tags matching PATTERN, e.g. 'latest=maintainer'; repeat for several; replaces the"
+        " project's protected patterns; '' or 'none' clears them",
+    )
+    p = _command(group, "show", "a project's settings and tag rules", project_show)
+    p.add_argument("path")
     p = _command(
         group, "delete", "delete a project (its images stay in the registry)", project_delete
     )
@@ -352,12 +370,53 @@ def project_list(args: argparse.Namespace, store: Store, context: AuthContext) -
 
 @_using_store
 def project_update(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
-    if args.visibility is None and args.registry_enabled is None:
-        raise UsageProblem("Nothing to change: give --visibility, --registry or --no-registry.")
-    project = store.update_project(args.path, args.visibility, args.registry_enabled)
-    state = "enabled" if project.registry_enabled else "disabled"
-    print(f"Project {project.path} is now {project.visibility} with its registry {state}.")
+    immutable, protected = args.immutable_tags, args.protected_tags
+    if (
+        args.visibility is None
+        and args.registry_enabled is None
+        and immutable is None
+        and protected is None
+    ):
+        raise UsageProblem(
+            "Nothing to change: give --visibility, --registry, --no-registry,"
+            " --immutable-tags or --protected-tags."
+        )
+    # Every value is checked before anything is written.
+    immutable_rules = None if immutable is None else tag_rules.parse_immutable(immutable)
+    protected_rules = None if protected is None else tag_rules.parse_protected(protected)
+    project = store.project(args.path)
+    if args.visibility is not None or args.registry_enabled is not None:
+        project = store.update_project(args.path, args.visibility, args.registry_enabled)
+        state = "enabled" if project.registry_enabled else "disabled"
+        print(f"Project {project.path} is now {project.visibility} with its registry {state}.")
+    if immutable_rules is not None:
+        store.set_tag_rules(project.path, tag_rules.IMMUTABLE, immutable_rules)
+    if protected_rules is not None:
+        store.set_tag_rules(project.path, tag_rules.PROTECTED, protected_rules)
+    if immutable_rules is not None or protected_rules is not None:
+        _print_tag_rules(store, project)
     return 0
+
+
+@_using_store
+def project_show(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
+    project = store.project(args.path)
+    state = "enabled" if project.registry_enabled else "disabled"
+    print(f"Project {project.path}: {project.visibility}, registry {state}.")
+    _print_tag_rules(store, project)
+    return 0
+
+
+def _print_tag_rules(store: Store, project: Project) -> None:
+    rules = store.tag_rules(project.id)
+    immutable = [str(r) for r in rules if r.kind == tag_rules.IMMUTABLE]
+    protected = [str(r) for r in rules if r.kind == tag_rules.PROTECTED]
+    print(f"Immutable tags of {project.path}: {_patterns(immutable)}")
+    print(f"Protected tags of {project.path}: {_patterns(protected)}")
+
+
+def _patterns(patterns: list[str]) -> str:
+    return ", ".join(f"'{p}'" for p in patterns) if patterns else "none"
 
 
 @_using_store

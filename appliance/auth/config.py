@@ -77,6 +77,10 @@ class AuthConfig:
     default_registry_enabled: bool
     """Registry switch of projects created without an explicit choice
     (default_projects_features.container_registry)."""
+    registry_address: str
+    """Where the registry answers (host:port or its socket path), asked by the tag rules
+    what a tag points at; '' when the appliance runs no registry (then no manifest write
+    reaches the service)."""
 
     @property
     def listen_socket(self) -> Path | None:
@@ -153,6 +157,9 @@ def from_mapping(raw: dict, source: str = "auth config") -> AuthConfig:
         elif spec.type in ("bool", bool):
             if not isinstance(value, bool):
                 problems.append(f"{name}: must be true or false")
+        elif name == "registry_address":
+            if not isinstance(value, str):
+                problems.append(f"{name}: must be a string (host:port, a socket path or '')")
         elif spec.type in ("str", str):
             if not isinstance(value, str) or not value:
                 problems.append(f"{name}: must be a non-empty string")

@@ -120,6 +120,7 @@ NON_DEFAULT_SETTINGS = {
         "issuer": "example-issuer",
         "service": "example-registry",
         "key_path": "/etc/keys/signing.key",
+        "http_addr": "127.0.0.1:5999",
     },
     "auth": {
         "listen_network": "tcp",
@@ -162,6 +163,7 @@ ARRIVES_AS = {
     "credential_cache_ttl": 15,
     "credential_cache_size": 500,
     "default_registry_enabled": False,
+    "registry_address": "127.0.0.1:5999",
 }
 
 

@@ -30,7 +30,7 @@ from appliance.auth.names import is_repository_name
 from appliance.auth.permissions import Decision, decide, decide_catalog
 from appliance.auth.signin import ANONYMOUS, Authenticator, SignedIn, SignInRefused
 from appliance.auth.store import Store
-from appliance.auth.tag_gate import TagGate
+from appliance.auth.tag_gate import MANIFEST_PATH, TagGate
 from appliance.auth.tag_rules import PASSED
 from appliance.auth.tokens import TokenSigner, TokenVerifier, rfc3339
 from appliance.registry_api import RegistryAPI
@@ -130,7 +130,21 @@ class TokenService:
             status=answer.status,
         )
         body = {"errors": [{"code": answer.code, "message": answer.message, "detail": None}]}
-        return _respond(start_response, answer.status, body)
+        headers = []
+        if answer.status == 403:
+            # RFC 6750's answer to a token that does not allow the request. oras-py reads a
+            # 403 without a challenge as an authentication failure and drops the message;
+            # with one it asks again, is refused again and prints the message.
+            match = MANIFEST_PATH.fullmatch(environ.get("PATH_INFO", ""))
+            scope = f"repository:{match['name']}:pull,push" if match else ""
+            headers.append(
+                (
+                    "WWW-Authenticate",
+                    f'Bearer realm="{self.config.realm}",service="{self.config.service}",'
+                    f'scope="{scope}",error="insufficient_scope"',
+                )
+            )
+        return _respond(start_response, answer.status, body, headers)
 
     # -- token requests ---------------------------------------------------------------
     def _token(

@@ -82,8 +82,12 @@ class TagGate:
         rules = self.store.tag_rules(project.project_id)
         if not rules:
             return PASS
-        if method == "PUT" and not tag_rules.is_tag(reference):
-            return PASS  # a manifest pushed by digest (an index's child) moves no tag
+        if method == "PUT" and not (
+            tag_rules.is_tag(reference) and any(rule.matches(reference) for rule in rules)
+        ):
+            # No rule on this tag, or a manifest pushed by digest (an index's child, which
+            # moves no tag): nothing to know about who pushes what.
+            return PASS
         now = time.time()
         rank = self._rank(environ, repository, method, now)
         if rank is None:

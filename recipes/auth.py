@@ -19,7 +19,16 @@ from appliance.auth.database_files import chown_database_files
 from appliance.auth.store import schema_version, user_exists
 from appliance.contracts import Service, signal
 from appliance.engine import Report
-from appliance.resources import Change, Directory, File, Resource, atomic_write, reload
+from appliance.resources import (
+    Change,
+    Directory,
+    File,
+    Notify,
+    Resource,
+    atomic_write,
+    reload,
+    restart,
+)
 from appliance.secrets import Secrets
 from appliance.settings import Settings
 from recipes import supervisor
@@ -112,6 +121,54 @@ class AdminUser(Resource):
                 atomic_write(self.password_file, (password + "\n").encode(), 0o600)
         ensure_admin(self.db_path, ADMIN_USERNAME, password)
         _chown_database(self.db_path, self.owner)
+
+
+@dataclass
+class GroupMember(Resource):
+    """An account added to a group (never removed here): what lets the auth service
+    reach the registry's socket, whose directory admits the web server's group only.
+
+    supervisord gives a program its account's groups when it starts it, so a new
+    membership restarts the service (a HUP keeps gunicorn's master, and its groups)."""
+
+    username: str
+    group: str
+    notifies: tuple[Notify, ...] = ()
+    kind: ClassVar[str] = "group member"
+
+    @property
+    def name(self) -> str:
+        return f"{self.username} in {self.group}"
+
+    def current(self) -> bool:
+        import grp
+        import pwd
+
+        try:
+            entry = grp.getgrnam(self.group)
+            primary = pwd.getpwnam(self.username).pw_gid
+        except KeyError:
+            return False  # not created yet (a dry run of a first reconfigure)
+        return self.username in entry.gr_mem or primary == entry.gr_gid
+
+    def plan(self, current: bool) -> list[Change]:
+        return [] if current else [Change(f"add {self.username} to group {self.group}")]
+
+    def apply(self) -> None:
+        import subprocess
+
+        from appliance.errors import ResourceError
+
+        result = subprocess.run(
+            ["usermod", "--append", "--groups", self.group, self.username],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise ResourceError(
+                f"usermod could not add {self.username} to group {self.group}:"
+                f" {result.stderr.strip()}"
+            )
 
 
 def audit_dir(settings: Settings) -> Path:
@@ -231,6 +288,18 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
             owner=user,
             group=user,
             notifies=notify,
+        ),
+        # The tag rules ask the registry what a tag points at (appliance/auth/tag_gate.py);
+        # on its socket, only the web server's group may connect. The account holds the
+        # token-signing key already, so reaching the registry gives it no new power.
+        *(
+            [GroupMember(user, web_group, notifies=(restart("auth"),))]
+            if user is not None
+            and (web_group := service_user(settings, settings.web_server.username))
+            and settings.registry.enable
+            and settings.registry.listen_network == "unix"
+            and settings.manage_accounts
+            else []
         ),
         AuthDatabase(settings.auth_database, owner=user),
         AdminUser(

@@ -29,7 +29,12 @@ IMMUTABLE = r"^v[0-9]+\."
 
 @pytest.fixture(scope="module")
 def appliance():
-    appliance = ApplianceUnderTest.create({"auth": {"max_failed_logins": 1000}}, prefix="tags-")
+    # The registry on its socket: the auth service (its own account, when the tests run
+    # as root) must reach it there to learn what a tag points at.
+    appliance = ApplianceUnderTest.create(
+        {"auth": {"max_failed_logins": 1000}, "registry": {"listen_network": "unix"}},
+        prefix="tags-",
+    )
     try:
         appliance.reconfigure()
         appliance.wait_until_running()

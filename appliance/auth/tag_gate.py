@@ -191,15 +191,32 @@ class TagGate:
             candidates = [reference] if tag_rules.relevant(rules, reference, rank) else []
         tags = {}
         for tag in candidates:
-            digest = registry.digest(repository, tag)
-            if digest is not None:
-                tags[tag] = digest
+            pointed = _pointed_at(registry, repository, tag)
+            if pointed:
+                tags[tag] = pointed
         return tag_rules.decide_delete(rules, repository, reference, rank, tags)
 
     def _registry(self) -> RegistryAPI:
         if self.registry is None:
             raise RegistryAPIError("the auth service has no registry address configured")
         return self.registry
+
+
+def _pointed_at(registry: RegistryAPI, repository: str, tag: str) -> tuple[str, ...]:
+    """The digest `tag` points at, then those of an image index's platform manifests
+    (deleting one of them breaks the index); () when there is no such tag."""
+    response = registry.manifest(repository, tag)
+    if response is None:
+        return ()
+    digest = response.headers.get("docker-content-digest", "")
+    document = response.json()
+    listed = document.get("manifests") if isinstance(document, dict) else None
+    children = [
+        entry["digest"]
+        for entry in (listed if isinstance(listed, list) else ())
+        if isinstance(entry, dict) and isinstance(entry.get("digest"), str)
+    ]
+    return (digest, *children)
 
 
 def _content_length(environ: dict) -> int:

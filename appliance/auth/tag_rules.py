@@ -255,16 +255,18 @@ def decide_delete(
     repository: str,
     reference: str,
     rank: int,
-    tags: Mapping[str, str],
+    tags: Mapping[str, tuple[str, ...]],
 ) -> Verdict:
     """May the manifest `reference` (a digest, or a tag) be deleted?
 
-    `tags` maps the tags that matter (those a rule matches) to the digest each points
-    at now. Deleting a manifest removes every tag on it, so a digest is refused when an
-    immutable tag, or a tag protected above the requester, points at it.
+    `tags` maps the tags that matter (those a rule matches) to the digest each points at
+    now, followed by the digests of its platform manifests when it is an image index.
+    Deleting a manifest removes every tag on it, and deleting a platform manifest breaks
+    the index that lists it, so a digest is refused when an immutable tag, or a tag
+    protected above the requester, points at it either way.
     """
     if is_digest(reference):
-        on_it = sorted(tag for tag, digest in tags.items() if digest == reference)
+        on_it = sorted(tag for tag, digests in tags.items() if reference in digests)
     else:
         on_it = [reference] if reference in tags else []
     for tag in on_it:
@@ -273,11 +275,13 @@ def decide_delete(
             return Verdict(False, _protected_message(rule, tag, repository, "delete"))
         rule = immutability(rules, tag)
         if rule is not None:
-            return Verdict(
-                False,
-                f"tag {tag} is immutable in {repository} (rule '{rule}'): its manifest"
-                f" {tags[tag]} cannot be deleted",
+            digest = tags[tag][0]
+            what = (
+                f"its manifest {digest} cannot be deleted"
+                if reference in (tag, digest)
+                else f"its image index {digest} lists {reference}, which cannot be deleted"
             )
+            return Verdict(False, f"tag {tag} is immutable in {repository} (rule '{rule}'): {what}")
     return ALLOW
 
 

@@ -365,3 +365,52 @@ def test_oras_push_of_a_protected_tag_needs_the_role(appliance, tmp_path, monkey
     assert "Forbidden" in str(refused.value)
     assert "tag latest is protected in team/app" in caplog.text
     assert oras_client(appliance, "maint").push(target=target, files=["artifact.txt"]).ok
+
+
+INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
+
+
+def test_a_multi_arch_image_under_an_immutable_tag_keeps_its_platform_manifests(appliance):
+    """An index is pushed as its platform manifests (by digest: no tag, no rule) and the
+    index under the tag. Deleting one platform manifest would break the image: refused
+    like the index itself; the same index pushed again passes."""
+    manifest = manifest_with_blobs(appliance, "team/app")
+    bearer = token(appliance, "maint", "team/app", "pull,push")
+    children = []
+    for arch in ("amd64", "arm64"):
+        body = variant(manifest, arch)
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        assert put_manifest(appliance, bearer, "team/app", digest, body).status_code == 201
+        children.append(
+            {
+                "mediaType": MANIFEST_TYPE,
+                "digest": digest,
+                "size": len(body),
+                "platform": {"architecture": arch, "os": "linux"},
+            }
+        )
+    index = json.dumps(
+        {"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": children}
+    ).encode()
+
+    def put_index() -> requests.Response:
+        return requests.put(
+            manifest_url(appliance, "team/app", "v8.0.0"),
+            data=index,
+            headers={"Authorization": f"Bearer {bearer}", "Content-Type": INDEX_TYPE},
+            verify=str(appliance.certificate),
+            timeout=60,
+        )
+
+    assert put_index().status_code == 201
+    assert put_index().status_code == 201  # the same index again
+    deleter = token(appliance, "maint", "team/app", "*")
+    for reference in (children[1]["digest"], "sha256:" + hashlib.sha256(index).hexdigest()):
+        reply = requests.delete(
+            manifest_url(appliance, "team/app", reference),
+            headers={"Authorization": f"Bearer {deleter}"},
+            verify=str(appliance.certificate),
+            timeout=30,
+        )
+        assert reply.status_code == 403, reply.text
+        assert "tag v8.0.0 is immutable in team/app" in reply.json()["errors"][0]["message"]

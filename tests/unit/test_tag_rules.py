@@ -133,24 +133,30 @@ def test_push_decision(tag, digest, rank, current, reservation, allowed, reserve
 
 
 # -- deleting a manifest ------------------------------------------------------------------
+C = "sha256:" + "c" * 64
+
+
 @pytest.mark.parametrize(
     ("reference", "rank", "tags", "allowed", "says"),
     [
         (A, MAINT, {}, True, ""),
-        (A, MAINT, {"v1.0.0": B}, True, ""),  # the immutable tag is on another manifest
+        (A, MAINT, {"v1.0.0": (B,)}, True, ""),  # the immutable tag is on another manifest
         (
             A,
             MAINT,
-            {"v1.0.0": A},
+            {"v1.0.0": (A,)},
             False,
             f"tag v1.0.0 is immutable in team/app (rule '^v[0-9]+\\.'): its manifest {A}"
             " cannot be deleted",
         ),
-        (A, ADMIN, {"v1.0.0": A}, False, "is immutable"),
-        (A, MAINT, {"latest": A}, True, ""),
-        (A, DEV, {"latest": A}, False, "only the maintainer role or above may delete it"),
-        (A, OWNER, {"release": A}, False, "tag release is protected"),
-        ("v1.0.0", MAINT, {"v1.0.0": A}, False, "is immutable"),  # by tag
+        (A, ADMIN, {"v1.0.0": (A,)}, False, "is immutable"),
+        # a platform manifest of an immutable index: deleting it would break the index
+        (B, MAINT, {"v1.0.0": (C, A, B)}, False, f"its image index {C} lists {B}"),
+        (A, MAINT, {"latest": (A,)}, True, ""),
+        (A, DEV, {"latest": (A,)}, False, "only the maintainer role or above may delete it"),
+        (A, DEV, {"latest": (C, A)}, False, "tag latest is protected"),
+        (A, OWNER, {"release": (A,)}, False, "tag release is protected"),
+        ("v1.0.0", MAINT, {"v1.0.0": (A,)}, False, "its manifest"),  # by tag
         ("v1.0.0", MAINT, {}, True, ""),  # no such tag
     ],
 )

@@ -125,6 +125,7 @@ class TokenService:
             client=self.client_address(environ),
             method=environ.get("REQUEST_METHOD"),
             path=environ.get("PATH_INFO", ""),
+            user=answer.user,
             result="refused",
             reason=answer.message,
             status=answer.status,

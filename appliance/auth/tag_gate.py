@@ -45,6 +45,8 @@ class Answer:
     status: int
     message: str = ""
     code: str = ""
+    user: str = ""
+    """The token's subject, when one was read (for the audit log)."""
 
 
 PASS = Answer(PASSED)
@@ -89,9 +91,10 @@ class TagGate:
             # moves no tag): nothing to know about who pushes what.
             return PASS
         now = time.time()
-        rank = self._rank(environ, repository, method, now)
-        if rank is None:
+        found = self._rank(environ, repository, method, now)
+        if found is None:
             return PASS  # no token the registry would take: it answers 401 itself
+        rank, user = found
         try:
             if method == "PUT":
                 verdict = self._push(environ, rules, repository, reference, rank, now)
@@ -106,14 +109,17 @@ class TagGate:
                 f"the tag rules of {repository} cannot be checked now (the registry does not"
                 " answer the auth service); try again",
                 "UNAVAILABLE",
+                user,
             )
         if verdict.allowed:
             return PASS
-        return Answer(403, verdict.message, "DENIED")
+        return Answer(403, verdict.message, "DENIED", user)
 
-    def _rank(self, environ: dict, repository: str, method: str, now: float) -> int | None:
-        """The requester's rank on `repository` from its verified token (None when the
-        token would not let the registry accept this write anyway)."""
+    def _rank(
+        self, environ: dict, repository: str, method: str, now: float
+    ) -> tuple[int, str] | None:
+        """The requester's rank on `repository` and name, from its verified token (None
+        when the token would not let the registry accept this write anyway)."""
         scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
         if scheme.lower() != "bearer":
             return None
@@ -133,16 +139,16 @@ class TagGate:
         subject = str(claims.get("sub", ""))
         deploy = self.store.find_deploy_token(subject) if subject.startswith("appliance+") else None
         if deploy is not None:
-            return tag_rules.DEPLOY_TOKEN_RANK
+            return tag_rules.DEPLOY_TOKEN_RANK, subject
         user = self.store.find_user(subject) if subject else None
         if user is None:
-            return NO_RANK
+            return NO_RANK, subject
         if user.admin:
-            return RANKS[tag_rules.ADMIN]
+            return RANKS[tag_rules.ADMIN], subject
         access = self.store.project_access(
             repository, user.id, user.username, self.default_registry_enabled
         )
-        return RANKS.get(access.role or "", NO_RANK) if access else NO_RANK
+        return (RANKS.get(access.role or "", NO_RANK) if access else NO_RANK), subject
 
     def _push(
         self,

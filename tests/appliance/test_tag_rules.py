@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -160,9 +161,30 @@ def test_latest_is_pushed_by_maintainers_not_developers(appliance, tmp_path):
     assert "maintainer role or above" in refused.value.stderr
     maint.push(image, "team/app", "latest")
     assert dev.digest("team/app", "latest") == image.manifest_digest
+    refusal = [
+        json.loads(line)
+        for line in (appliance.root / "var/log/appliance/audit/audit.log").read_text().splitlines()
+        if '"result":"refused"' in line
+    ][-1]
+    assert refusal["user"] == "dev" and refusal["status"] == 403
+    assert refusal["path"] == "/v2/team/app/manifests/latest"
+    assert refusal["reason"].startswith("tag latest is protected in team/app")
     # re.search: an unanchored 'latest' guards every tag that contains it.
     with pytest.raises(SkopeoError, match="tag latest-rc is protected"):
         dev.push(image, "team/app", "latest-rc")
+
+
+def test_a_deploy_token_pushes_as_a_developer(appliance, tmp_path):
+    out = appliance.ctl(
+        "deploy-token", "create", "team/app", "--name", "ci", "--scope", "write_registry"
+    ).stdout
+    username = re.search(r"^username: (\S+)$", out, re.M).group(1)
+    password = re.search(r"^password: (\S+)$", out, re.M).group(1)
+    robot = appliance.skopeo(tmp_path / "robot", username=username, password=password)
+    image = build_image(tmp_path / "image", tag="x")
+    robot.push(image, "team/app", "build-1")
+    with pytest.raises(SkopeoError, match="tag latest is protected in team/app"):
+        robot.push(image, "team/app", "latest")
 
 
 def test_a_maintainer_may_not_delete_what_an_owner_protects(appliance, tmp_path):

@@ -16,10 +16,13 @@ import json
 import socket
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
-from appliance.auth.tokens import TokenSigner
 from appliance.errors import ApplianceError
+
+if TYPE_CHECKING:  # the auth service asks the registry too: no import cycle with it
+    from appliance.auth.tokens import TokenSigner
 
 MANIFEST_TYPES = ", ".join(
     (
@@ -62,8 +65,11 @@ class Response:
 
 
 class RegistryAPI:
-    def __init__(self, address: str, signer: TokenSigner, timeout: float = 30) -> None:
+    def __init__(
+        self, address: str, signer: TokenSigner, timeout: float = 30, subject: str = SUBJECT
+    ) -> None:
         self.address = address
+        self.subject = subject
         self.signer = signer
         self.timeout = timeout
 
@@ -83,7 +89,7 @@ class RegistryAPI:
         headers: dict[str, str] | None = None,
         body: bytes | None = None,
     ) -> Response:
-        token = self.signer.issue(SUBJECT, access, time.time()).token
+        token = self.signer.issue(self.subject, access, time.time()).token
         connection = self._connection()
         try:
             connection.request(
@@ -152,6 +158,25 @@ class RegistryAPI:
         if response.status != 200:
             raise self._fail(f"read {repository}:{reference}", response)
         return response
+
+    def digest(self, repository: str, reference: str) -> str | None:
+        """The digest `reference` (a tag) points at now, from a HEAD; None when there is
+        no such tag."""
+        response = self.request(
+            "HEAD",
+            f"/v2/{repository}/manifests/{quote(reference, safe=':')}",
+            self._repository(repository, "pull"),
+            {"Accept": MANIFEST_TYPES},
+        )
+        if response.status == 404:
+            return None
+        digest = response.headers.get("docker-content-digest")
+        if response.status != 200 or not digest:
+            raise RegistryAPIError(
+                f"the registry did not give the digest of {repository}:{reference}"
+                f" ({response.status})"
+            )
+        return digest
 
     def delete_manifest(self, repository: str, digest: str) -> bool:
         """Delete a manifest by digest (every tag on it goes too); False if it was gone."""

@@ -555,6 +555,8 @@ class Paths:
     token_signing_certificate: Path
     auth_socket: Path
     registry_storage_lock: Path
+    registry_maintenance: Path
+    registry_gc_stats: Path
 
     @classmethod
     def under(cls, root: Path, config_file: Path) -> Paths:
@@ -588,6 +590,11 @@ class Paths:
             auth_socket=data / "auth-socket/auth.sock",
             # Held by every run that changes the registry's storage (appliance.registry_storage).
             registry_storage_lock=data / "registry-storage.lock",
+            # The maintenance window's marker (appliance.registry_maintenance), read by
+            # the registry's wrapper and the token service: 0644 in a 0755 directory.
+            registry_maintenance=data / "registry-maintenance.json",
+            # What each garbage collection freed (appliance-ctl registry-garbage-collect).
+            registry_gc_stats=data / "registry-gc.json",
         )
 
 

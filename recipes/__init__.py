@@ -7,7 +7,8 @@ drops its program file there), then certificates, then the services that read th
 `late_resources` are those that need running services (a Let's Encrypt order needs
 nginx to answer the challenge). Each service module also declares its service's runtime
 contract (`service(settings)`), and this package builds the runs the pipeline executes:
-`reconfigure` (everything) and `renewal` (the certificates alone).
+`reconfigure` (everything), `renewal` (the certificates alone) and
+`garbage_collection` (the registry's storage).
 """
 
 from __future__ import annotations
@@ -88,6 +89,16 @@ def renewal(settings: Settings, force: bool = False) -> Run:
         say_failure=True,
         not_running_note="it loads the new certificate when it starts",
     )
+
+
+def garbage_collection(
+    settings: Settings, dry_run: bool = False, delete_untagged: bool = False, verbose: bool = False
+) -> Run:
+    """`appliance-ctl registry-garbage-collect`: untagged manifests (when asked), then
+    Distribution's collector inside a read-only maintenance window (recipes/registry_gc)."""
+    from recipes import registry_gc
+
+    return registry_gc.run(settings, dry_run, delete_untagged, verbose)
 
 
 def preflight(settings: Settings) -> None:

@@ -158,6 +158,7 @@ def auth_config(settings: Settings) -> AuthConfig:
         credential_cache_ttl=a.credential_cache_ttl,
         credential_cache_size=a.credential_cache_size,
         default_registry_enabled=settings.default_projects_features.container_registry,
+        maintenance_file=settings.paths.registry_maintenance,
     )
 
 

@@ -24,10 +24,11 @@ from urllib.parse import parse_qs
 from appliance.auth.audit import AuditLog
 from appliance.auth.config import AuthConfig
 from appliance.auth.names import is_repository_name
-from appliance.auth.permissions import Decision, decide, decide_catalog
+from appliance.auth.permissions import Decision, decide, decide_catalog, maintenance_refusal
 from appliance.auth.signin import ANONYMOUS, Authenticator, SignedIn, SignInRefused
 from appliance.auth.store import Store
 from appliance.auth.tokens import TokenSigner, rfc3339
+from appliance.registry_maintenance import STALE, Watch, state
 
 StartResponse = Callable[..., object]
 MAX_FORM_BYTES = 64 * 1024
@@ -66,6 +67,7 @@ class TokenService:
         # On a unix socket the directory lets nginx's account alone connect.
         self._peers_are_proxy = config.listen_socket is not None
         self._proxy_verdicts: dict[str, bool] = {}
+        self.maintenance = Watch(config.maintenance_file)
 
     # -- WSGI entry point -------------------------------------------------------------
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
@@ -140,6 +142,21 @@ class TokenService:
         except BadRequest as error:
             return self._bad_request(environ, start_response, record, error, address, now)
 
+        refusal = self.maintenance_refusal(scopes, now)
+        if refusal:
+            # 401, not 403: containers/image (skopeo, podman, buildah) prints a token
+            # endpoint's message for a 401 only ("invalid status code from registry 403"
+            # is all it says otherwise); docker prints either.
+            self.audit.record(
+                **record,
+                user=signed_in.principal.name,
+                via=signed_in.via,
+                granted=[],
+                result="refused",
+                reason=refusal,
+                status=401,
+            )
+            return _respond(start_response, 401, _error_body(refusal, "access_denied"))
         access, reasons = self.grant(signed_in, scopes)
         issued = self.signer.issue(signed_in.principal.name, access, now)
         body = {
@@ -227,6 +244,21 @@ class TokenService:
             return ANONYMOUS, False
         signed_in = self.authenticator.sign_in(*credentials, address, now)
         return signed_in, _single(params, "offline_token") == "true"
+
+    def maintenance_refusal(self, scopes: list[str], now: float) -> str:
+        """While the registry serves read-only (a garbage collection's window), a token
+        request asking to push or delete anywhere is refused with the sentence the
+        client prints; pulls go on. One stat of the marker file per request."""
+        window = self.maintenance.window()
+        if window is None or state(window) == STALE:
+            return ""
+        actions = [
+            action
+            for scope in scopes
+            if scope.startswith("repository:")
+            for action in scope.rsplit(":", 1)[-1].split(",")
+        ]
+        return maintenance_refusal(actions, window.reason, window.expected_end, now)
 
     def grant(self, signed_in: SignedIn, scopes: list[str]) -> tuple[list[dict], list[str]]:
         """The token's `access` claim for the requested scopes, and why anything was refused."""

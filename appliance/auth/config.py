@@ -77,6 +77,9 @@ class AuthConfig:
     default_registry_enabled: bool
     """Registry switch of projects created without an explicit choice
     (default_projects_features.container_registry)."""
+    maintenance_file: Path
+    """The registry's maintenance marker (appliance/registry_maintenance.py): while a
+    window is in force, push and delete are refused with a sentence the client prints."""
 
     @property
     def listen_socket(self) -> Path | None:
@@ -105,7 +108,7 @@ class AuthConfig:
         return out
 
 
-_PATH_FIELDS = {"database", "signing_key", "signing_certificate", "audit_log"}
+_PATH_FIELDS = {"database", "signing_key", "signing_certificate", "audit_log", "maintenance_file"}
 
 
 def load(path: Path) -> AuthConfig:

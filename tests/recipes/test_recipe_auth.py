@@ -162,6 +162,7 @@ ARRIVES_AS = {
     "credential_cache_ttl": 15,
     "credential_cache_size": 500,
     "default_registry_enabled": False,
+    "maintenance_file": OTHER_ROOT / "var/opt/appliance/registry-maintenance.json",
 }
 
 
@@ -176,4 +177,4 @@ def test_every_field_of_the_service_config_comes_from_the_settings():
         for spec in dataclasses.fields(AuthConfig)
         if getattr(custom, spec.name) == getattr(default, spec.name)
     ]
-    assert unchanged == ["trusted_proxies"]
+    assert unchanged == ["trusted_proxies"]  # maintenance_file moved with the root

@@ -91,6 +91,7 @@ def make_config(directory: Path, port: int = 0, key_kind: str = "ec", **override
         credential_cache_ttl=60,
         credential_cache_size=10_000,
         default_registry_enabled=True,
+        maintenance_file=directory / "registry-maintenance.json",
     )
     values.update(overrides)
     config = AuthConfig(**values)

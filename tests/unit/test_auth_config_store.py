@@ -47,6 +47,7 @@ COMPLETE = {
     "credential_cache_ttl": 30,
     "credential_cache_size": 10000,
     "default_registry_enabled": True,
+    "maintenance_file": "/var/opt/appliance/registry-maintenance.json",
 }
 
 

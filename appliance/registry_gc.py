@@ -28,7 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.errors import ApplianceError
-from appliance.registry_storage import V2, Content, Storage
+from appliance.registry_storage import (
+    V2,
+    Content,
+    Manifest,
+    Storage,
+    StorageError,
+    blob_path,
+    parse_manifest,
+)
 from appliance.resources import atomic_write
 
 PR_SET_PDEATHSIG = 1
@@ -58,21 +66,47 @@ def unreferenced(content: Content, removed: Mapping[str, Iterable[str]] | None =
     return {digest: size for digest, size in content.blobs.items() if digest not in marked}
 
 
-def by_repository(content: Content, blobs: Mapping[str, int]) -> dict[str, dict[str, int]]:
-    """The blobs of `blobs` each repository linked (as a layer, a config or a manifest
-    revision); a blob no repository linked (an upload never referenced) under ''."""
-    out: dict[str, dict[str, int]] = {}
-    claimed: set[str] = set()
+def by_repository(
+    content: Content,
+    blobs: Mapping[str, int],
+    manifests: Mapping[str, Manifest] | None = None,
+) -> dict[str, dict[str, int]]:
+    """The blobs of `blobs` per repository that linked them (as a layer, a config or a
+    manifest revision). A deleted manifest's own blob is linked nowhere any more: given
+    in `manifests` (parsed from storage), it goes to the repository whose blobs it
+    references. Whatever no repository claims (an upload never referenced) is under ''."""
+    manifests = manifests or {}
+    owner: dict[str, str] = {}
     for name, repository in sorted(content.repositories.items()):
-        linked = repository.layers | repository.revisions
-        mine = {digest: size for digest, size in blobs.items() if digest in linked}
-        if mine:
-            out[name] = mine
-            claimed |= mine.keys()
-    orphans = {digest: size for digest, size in blobs.items() if digest not in claimed}
-    if orphans:
-        out[""] = orphans
-    return out
+        for digest in repository.layers | repository.revisions:
+            owner.setdefault(digest, name)
+    out: dict[str, dict[str, int]] = {}
+    for digest, size in sorted(blobs.items()):
+        name = owner.get(digest)
+        if name is None and digest in manifests:
+            referenced = [b.digest for b in manifests[digest].blobs]
+            name = next((owner[d] for d in referenced if d in owner), None)
+        out.setdefault(name or "", {})[digest] = size
+    return dict(sorted(out.items()))
+
+
+def unlinked_manifests(storage: Storage, content: Content, blobs: Mapping[str, int]) -> dict:
+    """The blobs of `blobs` that no repository links and that read as a manifest (small
+    JSON with a config or layers): a deleted manifest's own blob, for `by_repository`."""
+    linked = set()
+    for repository in content.repositories.values():
+        linked |= repository.layers | repository.revisions
+    found = {}
+    for digest, size in blobs.items():
+        if digest in linked or size > 4 * 1024 * 1024:
+            continue
+        try:
+            manifest = parse_manifest(digest, storage.read(blob_path(digest)))
+        except StorageError:
+            continue
+        if manifest.blobs or manifest.children:
+            found[digest] = manifest
+    return found
 
 
 def read_blobs(storage: Storage) -> dict[str, int]:

@@ -31,7 +31,7 @@ from typing import ClassVar
 from appliance import registry_gc, registry_maintenance, registry_storage
 from appliance.engine import Report
 from appliance.errors import ApplianceError, ServiceError
-from appliance.pipeline import Run, reload_service
+from appliance.pipeline import Run, crash_point, reload_service
 from appliance.resources import Change, Resource
 from appliance.secrets import Secrets
 from appliance.settings import Settings
@@ -61,12 +61,27 @@ class Collection:
     registry_was_running: bool = True
     collector: registry_gc.CollectorResult | None = None
     redact: Callable[[str], str] = field(default=lambda line: line, repr=False)
+    garbage_manifests: dict | None = None
 
     @property
     def storage(self) -> registry_storage.Storage:
         if self._storage is None:
             self._storage = registry_storage.open_storage(registry.storage(self.settings))
         return self._storage
+
+    def per_repository(self, blobs: dict[str, int]) -> list[str]:
+        """'team/app: 3 blobs, 1.2 MiB' per repository (what --verbose prints)."""
+        content = self.snapshot()
+        if self.garbage_manifests is None:  # read before the collector deletes them
+            self.garbage_manifests = registry_gc.unlinked_manifests(
+                self.storage, content, self.garbage
+            )
+        manifests = self.garbage_manifests
+        return [
+            f"{name or '(no repository)'}: {len(mine)} blobs, "
+            f"{registry_gc.human(sum(mine.values()))}"
+            for name, mine in registry_gc.by_repository(content, blobs, manifests).items()
+        ]
 
     def snapshot(self) -> registry_storage.Content:
         """Read once per run: the plan of every resource comes from the same snapshot."""
@@ -136,14 +151,8 @@ class GarbageCollection(Resource):
             return []
         until = time.strftime("%H:%M", time.gmtime(-(-self.collection.expected_end // 60) * 60))
         detail = ""
-        if self.collection.verbose and self.collection.content is not None:
-            detail = "\n".join(
-                f"{name or '(no repository)'}: {len(blobs)} blobs, "
-                f"{registry_gc.human(sum(blobs.values()))}"
-                for name, blobs in registry_gc.by_repository(
-                    self.collection.content, current
-                ).items()
-            )
+        if self.collection.verbose:
+            detail = "\n".join(self.collection.per_repository(current))
         return [
             Change(
                 f"{len(current)} unreferenced blobs, {registry_gc.human(sum(current.values()))}; "
@@ -171,6 +180,8 @@ class GarbageCollection(Resource):
             why = watch()
             if why:
                 raise ServiceError(f"{why}; nothing was collected")
+            crash_point("gc-window")
+            hold_point("gc-window")
             before = registry_gc.read_blobs(c.storage)
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
             c.collector = registry_gc.run_collector(
@@ -248,6 +259,19 @@ class GarbageCollection(Resource):
                 self.hand_over()
         finally:
             registry_maintenance.remove(path)
+
+
+def hold_point(name: str) -> None:
+    """Where the tests hold a run inside its window (APPLIANCE_TEST_HOLD_AT=NAME:FILE:
+    wait while FILE exists, two minutes at most), so a client can meet the window
+    however fast the collection is. Nothing happens otherwise."""
+    wanted = os.environ.get("APPLIANCE_TEST_HOLD_AT", "")
+    point, _, path = wanted.partition(":")
+    if point != name or not path:
+        return
+    deadline = time.monotonic() + 120
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _alive(pid: object) -> bool:
@@ -338,11 +362,8 @@ def run(
             yield f"  {c.deleted} untagged manifests deleted before the collection"
         if not verbose:
             return
-        for name, blobs in registry_gc.by_repository(c.content, c.freed).items():
-            yield (
-                f"  {name or '(no repository)'}: {len(blobs)} blobs, "
-                f"{registry_gc.human(sum(blobs.values()))}"
-            )
+        for line in c.per_repository(c.freed):
+            yield f"  {line}"
         if c.collector is not None:
             import resource
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from appliance.registry_storage import storage_lock
+from tests.appliance.test_registry_settings import s3_client, s3_server  # noqa: F401
 from tests.support.appliance import BIN, ApplianceUnderTest
 from tests.support.oci_index import build_index, build_layered
 from tests.support.pull_loop import PullLoop
@@ -263,3 +264,49 @@ def test_a_run_killed_inside_its_window_leaves_no_read_only_registry_after_recon
     image = build_layered(tmp_path / "after", "after", [{"after": b"kill"}])
     client.push(image, "root/app", "after")
     assert client.inspect("root/app", "after")["layers"]
+
+
+def test_s3_storage_is_collected_in_the_bucket(appliance, client, s3_server, tmp_path):  # noqa: F811
+    bucket = s3_client(s3_server)
+    bucket.create_bucket(Bucket="registry")
+    appliance.write_config(
+        {
+            "registry": {
+                "storage": {
+                    "s3": {
+                        "accesskey": "testing",
+                        "secretkey": "moto-accepts-any-secret-key",
+                        "bucket": "registry",
+                        "region": "us-east-1",
+                        "regionendpoint": s3_server,
+                        "secure": False,
+                        "v4auth": True,
+                        "rootdirectory": "/images",
+                    },
+                    "redirect": {"disable": True},
+                }
+            }
+        }
+    )
+    appliance.reconfigure()
+    keep = build_layered(tmp_path / "keep", "keep", [BASE, {"keep": b"keep"}])
+    gone = build_layered(tmp_path / "gone", "gone", [BASE, {"gone": os.urandom(6000)}])
+    client.push(keep, "root/on-s3", "keep")
+    client.push(gone, "root/on-s3", "gone")
+    client.delete("root/on-s3", "gone")
+
+    def keys() -> set[str]:
+        listing = bucket.list_objects_v2(
+            Bucket="registry", Prefix="images/docker/registry/v2/blobs/"
+        )
+        return {item["Key"].split("/")[-2] for item in listing.get("Contents", [])}
+
+    unique = {gone.manifest_digest, gone.config_digest, gone.layer_digests[1]}
+    assert {d.split(":")[1] for d in unique} <= keys()
+    result = gc(appliance, "--verbose")
+    assert "freed 3 blobs" in result.stdout and "root/on-s3: 3 blobs" in result.stdout
+    assert not {d.split(":")[1] for d in unique} & keys()
+    assert {d.split(":")[1] for d in (keep.manifest_digest, *keep.layer_digests)} <= keys()
+    assert (
+        client.pull("root/on-s3", "keep", tmp_path / "pulled").layer_digests == keep.layer_digests
+    )

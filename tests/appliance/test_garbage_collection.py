@@ -116,6 +116,16 @@ def gc(appliance: ApplianceUnderTest, *args: str, env: dict | None = None, check
     return result
 
 
+def registry_api(appliance: ApplianceUnderTest):  # noqa: ANN201
+    """The registry on its own address, with tokens the appliance signs itself."""
+    import recipes
+    from appliance import secrets as secrets_module
+    from appliance import settings as settings_module
+
+    settings = settings_module.load(appliance.config_file, must_exist=True)
+    return recipes.registry_api(settings, secrets_module.for_settings(settings))
+
+
 def marker(appliance: ApplianceUnderTest) -> Path:
     return appliance.root / "var/opt/appliance/registry-maintenance.json"
 
@@ -182,6 +192,14 @@ def test_gc_frees_the_deleted_images_unique_blobs_while_pulls_go_on_and_pushes_w
         with pytest.raises(SkopeoError) as refused:
             client.push(late, "root/app", "late")
         assert SENTENCE in refused.value.stderr and "UTC; retry later" in refused.value.stderr
+        # The registry itself is read-only: a write that got past the token service
+        # (a token issued before the window) gets the registry's own refusal.
+        upload = registry_api(appliance).request(
+            "POST",
+            "/v2/root/app/blobs/uploads/",
+            [{"type": "repository", "name": "root/app", "actions": ["pull", "push"]}],
+        )
+        assert upload.status == 405
         # Pulls go on inside the window (the loop keeps counting meanwhile).
         pulls_in_window = loop.pulls
         time.sleep(1.5)

@@ -25,9 +25,18 @@ configured secret (notification headers, storage keys, http.secret, secret-looki
 registry.env values) before it reaches supervisord's log: Distribution logs each
 notification endpoint with its headers at start.
 
+A maintenance window (appliance.registry_maintenance: a garbage collection) is read
+from its marker whenever a child starts: while it is open, children run the read-only
+variant of the config (`storage.maintenance.readonly`), so opening and closing a window
+is a handover like any other (the collection writes the marker, then sends the HUP).
+Every second the wrapper also looks whether a read-only child still has a window to
+serve: when the window's owner is gone (a collection killed with kill -9), or its marker
+was removed, it hands itself back to read-write without waiting for anyone.
+
 Progress is written to a state file that `recipes.registry.wait_handed_over` reads:
 `requested` counts the HUPs taken, `completed` the last one handed over (or failed,
-with `error`). TERM stops every child gracefully; a child gets TERM too should the
+with `error`), `readonly` whether every live child serves read-only (written as soon as
+a child starts, so a collection watching it stops before a read-write child serves). TERM stops every child gracefully; a child gets TERM too should the
 wrapper die (PR_SET_PDEATHSIG), so none outlives it.
 """
 

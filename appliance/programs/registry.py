@@ -36,8 +36,9 @@ was removed, it hands itself back to read-write without waiting for anyone.
 Progress is written to a state file that `recipes.registry.wait_handed_over` reads:
 `requested` counts the HUPs taken, `completed` the last one handed over (or failed,
 with `error`), `readonly` whether every live child serves read-only (written as soon as
-a child starts, so a collection watching it stops before a read-write child serves). TERM stops every child gracefully; a child gets TERM too should the
-wrapper die (PR_SET_PDEATHSIG), so none outlives it.
+a child starts, so a collection watching it stops before a read-write child serves).
+TERM stops every child gracefully; a child gets TERM too should the wrapper die
+(PR_SET_PDEATHSIG), so none outlives it.
 """
 
 from __future__ import annotations

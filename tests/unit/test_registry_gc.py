@@ -230,3 +230,42 @@ def test_the_token_service_refuses_writes_during_a_window_and_grants_pulls(servi
     assert call(service, query=token_query("repository:root/app:push"), basic=root).status == 200
     maintenance.remove(marker)
     assert call(service, query=token_query("repository:root/app:delete"), basic=root).status == 200
+
+
+# ---------------------------------------------------------------- the run, refused
+
+
+def test_unreachable_storage_is_one_sentence_before_any_window(tmp_path):
+    import io
+
+    import recipes
+    from appliance import pipeline
+    from appliance.errors import ApplianceError
+    from tests.support.recipes import settings_for
+
+    s3 = {"bucket": "b", "region": "r", "regionendpoint": "http://127.0.0.1:1", "secure": False}
+    settings = settings_for(tmp_path, registry={"storage": {"s3": s3}})
+    out = io.StringIO()
+    run = recipes.garbage_collection(settings, dry_run=True)
+    with pytest.raises(ApplianceError) as failed:
+        pipeline.execute(settings, run, dry_run=True, stream=out)
+    message = str(failed.value)
+    assert "cannot list docker/registry/v2/blobs/ in s3 bucket b" in message
+    assert message.endswith("check registry.storage.s3 (endpoint, credentials, bucket policy).")
+    assert "\n" not in message
+    assert not settings.paths.registry_maintenance.exists()
+
+
+def test_a_disabled_registry_has_nothing_to_collect(tmp_path):
+    import io
+
+    import recipes
+    from appliance import pipeline
+    from appliance.errors import ApplianceError
+    from tests.support.recipes import settings_for
+
+    settings = settings_for(tmp_path, registry={"enable": False})
+    with pytest.raises(ApplianceError, match="registry is disabled"):
+        pipeline.execute(
+            settings, recipes.garbage_collection(settings), dry_run=True, stream=io.StringIO()
+        )

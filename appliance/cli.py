@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from appliance import settings as settings_module
 from appliance.errors import ApplianceError, ConfigError, UsageError
 
-AUTH_COMMANDS = ("user", "project", "member", "token", "deploy-token")
+AUTH_COMMANDS = ("user", "project", "member", "token", "deploy-token", "history")
 
 
 def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
@@ -71,6 +71,43 @@ def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_renew_certs)
 
     p = sub.add_parser(
+        "rotate-token-key",
+        help="sign registry tokens with a new key, without refusing any token of the old one",
+    )
+    step = p.add_mutually_exclusive_group()
+    step.add_argument(
+        "--continue",
+        dest="resume_external",
+        action="store_true",
+        help="with an external registry: switch the token service to the new key once "
+        "that registry trusts the new bundle",
+    )
+    step.add_argument(
+        "--finish",
+        action="store_true",
+        help="stop trusting the previous key (once its tokens have expired)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --finish: even before the previous key's tokens have expired",
+    )
+    p.set_defaults(handler=cmd_rotate_token_key)
+
+    p = sub.add_parser(
+        "usage",
+        help="storage used per project or repository, deduplicated, from storage itself",
+    )
+    p.add_argument(
+        "--by",
+        choices=("project", "repo"),
+        default="project",
+        help="group by project (default) or repository",
+    )
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(handler=cmd_usage)
+
+    p = sub.add_parser(
         "registry-garbage-collect",
         aliases=["gc"],
         help="free the storage no manifest references (pulls go on; pushes wait)",
@@ -90,10 +127,20 @@ def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_registry_garbage_collect)
 
     if with_auth_commands:
+        from appliance import registry_content_cli
         from appliance.auth import cli as auth_cli
 
-        auth_cli.register(sub)
+        auth_cli.register(sub, registry_content=open_registry_content)
+        registry_content_cli.register(sub, open_registry_content)
     return parser
+
+
+def open_registry_content(s: settings_module.Settings):  # noqa: ANN201 - import kept lazy
+    """The registry's content (storage, API, storage lock) as the recipes configure it,
+    for `repo`, `tag` and `project delete`."""
+    import recipes
+
+    return recipes.registry_content(s)
 
 
 def load_settings(args: argparse.Namespace) -> settings_module.Settings:
@@ -251,6 +298,39 @@ def cmd_renew_certs(args: argparse.Namespace, s: settings_module.Settings) -> in
     return 0
 
 
+def cmd_rotate_token_key(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    import recipes
+    from appliance import pipeline
+
+    if args.force and not args.finish:
+        raise UsageError("--force goes with --finish (it drops the previous key before its time).")
+    if args.finish:
+        pipeline.execute(s, recipes.finish_token_key_rotation(s, force=args.force))
+    else:
+        pipeline.execute(s, recipes.rotate_token_key(s, resume_external=args.resume_external))
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    """Compute the figures from storage (root reads any driver's), write them for the
+    auth service (quotas, metrics) and print them."""
+    import json
+
+    import recipes
+    from appliance import usage
+    from appliance.auth.store import project_quotas
+
+    figures = usage.refresh(s, recipes.registry_storage(s))
+    quotas = {p: q for p, q in project_quotas(s.auth_database).items() if q is not None}
+    if args.json:
+        for path, entry in figures["projects"].items():
+            entry["quota_bytes"] = quotas.get(path)
+        print(json.dumps(figures, indent=2, sort_keys=True))
+    else:
+        print("\n".join(usage.report(figures, args.by, quotas)))
+    return 0
+
+
 def cmd_registry_garbage_collect(args: argparse.Namespace, s: settings_module.Settings) -> int:
     """One collection at a time, and none while a tag or repository is being deleted:
     the storage lock is taken first, and a holder makes this exit at once, saying who."""
@@ -295,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "hup",
         "tail",
         "renew-certs",
+        "rotate-token-key",
         "shutdown",
         "registry-garbage-collect",
         "gc",

@@ -152,11 +152,17 @@ class RegistryAPI:
 
     def delete_manifest(self, repository: str, digest: str) -> bool:
         """Delete a manifest by digest (every tag on it goes too); False if it was gone."""
-        response = self.request(
-            "DELETE",
-            f"/v2/{repository}/manifests/{digest}",
-            self._repository(repository, "delete"),
-        )
+        return self._delete(repository, f"/v2/{repository}/manifests/{digest}", digest)
+
+    def delete_blob(self, repository: str, digest: str) -> bool:
+        """Unlink a blob from `repository` (its data stays for the garbage collection to
+        free); the registry forgets it in its blob descriptor cache too, so a later push
+        to a repository of that name uploads it again instead of trusting a stale entry.
+        False if the repository did not hold it."""
+        return self._delete(repository, f"/v2/{repository}/blobs/{digest}", digest)
+
+    def _delete(self, repository: str, path: str, digest: str) -> bool:
+        response = self.request("DELETE", path, self._repository(repository, "delete"))
         if response.status in (202, 200):
             return True
         if response.status == 404:

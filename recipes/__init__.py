@@ -7,13 +7,15 @@ drops its program file there), then certificates, then the services that read th
 `late_resources` are those that need running services (a Let's Encrypt order needs
 nginx to answer the challenge). Each service module also declares its service's runtime
 contract (`service(settings)`), and this package builds the runs the pipeline executes:
-`reconfigure` (everything), `renewal` (the certificates alone) and
-`garbage_collection` (the registry's storage).
+`reconfigure` (everything), `renewal` (the certificates alone), the signing-key
+rotation's (`rotate_token_key`, `finish_token_key_rotation`; recipes/rotation.py) and
+`garbage_collection` (the registry's storage; recipes/registry_gc.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from appliance import registry_storage as registry_storage_module
 from appliance import secrets as secrets_module
@@ -24,6 +26,9 @@ from appliance.registry_api import RegistryAPI
 from appliance.resources import Resource
 from appliance.secrets import Secrets
 from appliance.settings import Settings
+
+if TYPE_CHECKING:
+    from appliance.registry_content import RegistryContent
 
 
 def modules() -> list:
@@ -91,6 +96,21 @@ def renewal(settings: Settings, force: bool = False) -> Run:
     )
 
 
+def rotate_token_key(settings: Settings, resume_external: bool = False) -> Run:
+    """`appliance-ctl rotate-token-key [--continue]`: the registry trusts a new key, then
+    the auth service signs with it (recipes/rotation.py)."""
+    from recipes import rotation
+
+    return rotation.rotation(settings, resume_external)
+
+
+def finish_token_key_rotation(settings: Settings, force: bool = False) -> Run:
+    """`appliance-ctl rotate-token-key --finish`: the previous key trusted no more."""
+    from recipes import rotation
+
+    return rotation.finish(settings, force)
+
+
 def garbage_collection(
     settings: Settings, dry_run: bool = False, delete_untagged: bool = False, verbose: bool = False
 ) -> Run:
@@ -150,3 +170,18 @@ def registry_api(settings: Settings, secrets: Secrets) -> RegistryAPI:
         pem=(secrets.token_signing_key.encode(), secrets.token_signing_certificate.encode()),
     )
     return RegistryAPI(registry.address(settings), signer)
+
+
+def registry_content(settings: Settings) -> RegistryContent:
+    """The registry's content as `repo`, `tag` and `project delete` see and change it:
+    its storage, its API (the signing key is read only when a delete needs it) and the
+    storage lock the garbage collection holds too."""
+    from appliance.registry_content import RegistryContent
+    from recipes import registry
+
+    return RegistryContent(
+        registry_storage(settings),
+        lambda: registry_api(settings, secrets_module.for_settings(settings)),
+        settings.paths.registry_storage_lock,
+        deletes_enabled=bool(registry.storage(settings)["delete"].get("enabled")),
+    )

@@ -3,11 +3,13 @@ the initial admin, and its supervised program.
 
 The signing key is readable by the auth account alone. The key, its certificate and
 the registry's rootcertbundle all come from the same secrets entry in one run, so the
-registry can never be left trusting a key the service no longer signs with.
+service never signs with a key the registry does not trust; a key rotation
+(recipes/rotation.py) writes the same files in two steps, the registry's bundle first.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets as random
 from dataclasses import dataclass
@@ -127,9 +129,15 @@ def address(settings: Settings) -> str:
     return settings.auth.listen_addr
 
 
-def auth_config(settings: Settings) -> AuthConfig:
+def events_url(settings: Settings) -> str:
+    """Where the registry posts its events: the service's internal listener."""
+    return f"http://{settings.auth.internal_addr}/-/registry-events"
+
+
+def auth_config(settings: Settings, secrets: Secrets) -> AuthConfig:
     """The token service's whole config, every field from the settings (AuthConfig has
-    no defaults of its own that could disagree with them)."""
+    no defaults of its own that could disagree with them), and the digest of the
+    registry's events secret from the secrets file."""
     a = settings.auth
     return AuthConfig(
         database=settings.auth_database,
@@ -158,6 +166,10 @@ def auth_config(settings: Settings) -> AuthConfig:
         credential_cache_ttl=a.credential_cache_ttl,
         credential_cache_size=a.credential_cache_size,
         default_registry_enabled=settings.default_projects_features.container_registry,
+        internal_addr=a.internal_addr,
+        events_secret_digest=hashlib.sha256(secrets.registry_events_secret.encode()).hexdigest(),
+        usage_file=settings.paths.registry_usage_file,
+        gc_stats_file=settings.paths.registry_gc_file,
         maintenance_file=settings.paths.registry_maintenance,
     )
 
@@ -172,10 +184,40 @@ def service(settings: Settings) -> Service:
         reload=signal("HUP"),
         graceful_restart="HUP",
         ready=address(settings),
-        binds={address(settings): bound},
+        binds={address(settings): bound, a.internal_addr: "auth.internal_addr"},
         user=service_user(settings, a.username),
         reaches=(p.auth_config, Path(settings.registry.key_path)),
         log=supervisor.service_log(settings, "auth"),
+    )
+
+
+def signing_key_file(settings: Settings, secrets: Secrets) -> File:
+    """The key the service signs with, readable by its account alone."""
+    user = service_user(settings, settings.auth.username)
+    return File(
+        Path(settings.registry.key_path),
+        secrets.token_signing_key,
+        0o600,
+        owner=user,
+        group=user,
+        sensitive=True,
+        notifies=(reload("auth"),),
+    )
+
+
+def signing_certificate_file(settings: Settings, secrets: Secrets) -> File:
+    """The signing key's certificate (the service sends it as x5c). For an external
+    registry it is also that registry's rootcertbundle, so it holds every certificate a
+    registry must trust during a key rotation (the service picks its own key's); with
+    the appliance's registry that is the registry's own bundle, and this file changes
+    only when the signing key does."""
+    content = (
+        secrets.trusted_certificates()
+        if not settings.registry.enable
+        else secrets.token_signing_certificate
+    )
+    return File(
+        settings.paths.token_signing_certificate, content, 0o644, notifies=(reload("auth"),)
     )
 
 
@@ -211,21 +253,11 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
         # registry.key_path may name a directory of the admin's choosing: it must exist
         # and let the auth account through to its key.
         *([Directory(key_path.parent, 0o755)] if key_path.parent != p.auth_dir else []),
-        File(
-            key_path,
-            secrets.token_signing_key,
-            0o600,
-            owner=user,
-            group=user,
-            sensitive=True,
-            notifies=notify,
-        ),
-        File(
-            p.token_signing_certificate, secrets.token_signing_certificate, 0o644, notifies=notify
-        ),
+        signing_key_file(settings, secrets),
+        signing_certificate_file(settings, secrets),
         File(
             p.auth_config,
-            json.dumps(auth_config(settings).to_mapping(), indent=2) + "\n",
+            json.dumps(auth_config(settings, secrets).to_mapping(), indent=2) + "\n",
             0o640,
             owner=user,
             group=user,

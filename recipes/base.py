@@ -77,6 +77,11 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
         Directory(p.ssl_dir, 0o755),
         Directory(p.data_dir, 0o755),
         Directory(p.log_dir, 0o755),
-        File(p.secrets_file, secrets.to_json(), 0o600, sensitive=True),
+        secrets_file(settings, secrets),
     ]
     return out
+
+
+def secrets_file(settings: Settings, secrets: Secrets) -> File:
+    """The secrets file, as reconfigure and a key rotation's steps write it."""
+    return File(settings.paths.secrets_file, secrets.to_json(), 0o600, sensitive=True)

@@ -26,6 +26,7 @@ from appliance.resources import Change, Directory, File, Resource, Template, rel
 from appliance.secrets import Secrets
 from appliance.settings import STORAGE_EXTRAS, UNIX_PATH_MAX, Settings, is_sensitive
 from recipes import supervisor
+from recipes.auth import events_url
 from recipes.base import service_user
 
 # What the reference guide's Omnibus defaults are for an endpoint that leaves them out.
@@ -106,11 +107,47 @@ def notifications(settings: Settings) -> list[dict]:
     return endpoints
 
 
+APPLIANCE_ENDPOINTS = ("appliance-events", "appliance-pulls")
+BLOB_TYPE = "application/octet-stream"  # every blob event's media type in 2.8
+
+
+def appliance_endpoints(settings: Settings, secrets: Secrets) -> list[dict]:
+    """The auth service's own endpoints, beside the admin's (registry.notifications):
+    `appliance-events` gets every push, delete and mount (manifests for the history,
+    blobs for the usage figures), `appliance-pulls` the pulls of manifests only: a blob
+    pull is sent to neither, so a pull storm costs one event per image, not per layer.
+    The secret rides in the Authorization header; the wrapper masks it in the log."""
+    if not settings.auth.enable:
+        return []
+    common = {
+        "url": events_url(settings),
+        "headers": {"Authorization": [f"Bearer {secrets.registry_events_secret}"]},
+        "timeout": "2s",
+        "threshold": 5,
+        "backoff": "1s",
+    }
+    return [
+        {
+            "name": "appliance-events",
+            **common,
+            "ignoredmediatypes": [NO_MEDIA_TYPE],  # makes 2.8 apply `ignore` (above)
+            "ignore": {"actions": ["pull"]},
+        },
+        {
+            "name": "appliance-pulls",
+            **common,
+            "ignore": {"mediatypes": [BLOB_TYPE], "actions": ["push", "delete", "mount"]},
+        },
+    ]
+
+
 def secret_values(settings: Settings, secrets: Secrets) -> list[str]:
     """Every secret the registry config and environment carry: http.secret, storage
     credentials, notification headers (they carry Authorization tokens) and registry.env
     values under secret-looking names (the rule show-config masks by)."""
     found = [secrets.registry_http_secret]
+    if secrets.registry_events_secret:
+        found.append(secrets.registry_events_secret)
 
     def walk(value: object, key: str = "") -> None:
         if isinstance(value, dict):
@@ -339,10 +376,22 @@ def config_context(settings: Settings, secrets: Secrets) -> dict:
         "token_service": r.service,
         "token_issuer": r.issuer,
         "token_bundle": str(settings.paths.token_bundle),
-        "notifications": notifications(settings),
+        "notifications": notifications(settings) + appliance_endpoints(settings, secrets),
         "health_storagedriver_enabled": r.health_storagedriver_enabled,
         "compatibility_schema1_enabled": r.compatibility_schema1_enabled,
     }
+
+
+def token_bundle_file(settings: Settings, secrets: Secrets) -> File:
+    """The certificates of the token-signing key, from the same secrets entry the auth
+    service signs with (the registry cannot trust a key other than the one in use), plus
+    the next or previous key's while a rotation is under way or not yet finished."""
+    return File(
+        settings.paths.token_bundle,
+        secrets.trusted_certificates(),
+        0o644,
+        notifies=(reload("registry"),),
+    )
 
 
 def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
@@ -367,9 +416,7 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
     out.append(Directory(p.registry_socket.parent, 0o2750, owner=user, group=web_user))
     umask = "007" if settings.registry.listen_network == "unix" else None
     out += [
-        # The certificate of the token-signing key, from the same secrets entry the auth
-        # service signs with: the registry cannot trust a key other than the one in use.
-        File(p.token_bundle, secrets.token_signing_certificate, 0o644, notifies=notify),
+        token_bundle_file(settings, secrets),
         # It holds http.secret and storage credentials; the engine masks them in its diff.
         Template(
             p.registry_config,

@@ -12,7 +12,7 @@ Three resources, through the one run pipeline (its lock, its log under
    on, the token service refuses pushes with a sentence), runs the plain collector as
    the registry's account and closes the window in a `finally` (a handover back);
 3. the stats file `<data_dir>/registry-gc.json` (what every run freed), which the token
-   service's /metrics reads.
+   service's /metrics reads, and the usage figures computed again (quotas, metrics).
 
 `--dry-run` is the pipeline's: every plan is printed, nothing is applied, so no window
 is opened and the storage stays byte-identical. A plan with nothing to free opens no
@@ -137,7 +137,7 @@ class GarbageCollection(Resource):
         c = self.collection
         content = c.snapshot()
         c.garbage = registry_gc.unreferenced(content, c.untagged)
-        previous = registry_gc.read_stats(c.settings.paths.registry_gc_stats).get("last") or {}
+        previous = registry_gc.read_stats(c.settings.paths.registry_gc_file).get("last") or {}
         objects = len(content.blobs) + sum(len(r.revisions) for r in content.repositories.values())
         c.expected_end = time.time() + registry_gc.expected_seconds(
             objects,
@@ -291,10 +291,10 @@ class GcStats(Resource):
 
     @property
     def name(self) -> str:
-        return str(self.collection.settings.paths.registry_gc_stats)
+        return str(self.collection.settings.paths.registry_gc_file)
 
     def current(self) -> dict:
-        return registry_gc.read_stats(self.collection.settings.paths.registry_gc_stats)
+        return registry_gc.read_stats(self.collection.settings.paths.registry_gc_file)
 
     def plan(self, current: dict) -> list[Change]:
         self.stats = registry_gc.next_stats(current, self.last())
@@ -313,7 +313,32 @@ class GcStats(Resource):
         }
 
     def apply(self) -> None:
-        registry_gc.write_stats(self.collection.settings.paths.registry_gc_stats, self.stats)
+        registry_gc.write_stats(self.collection.settings.paths.registry_gc_file, self.stats)
+
+
+@dataclass
+class UsageFigures(Resource):
+    """The usage figures (`appliance-ctl usage`, quotas, /metrics) computed again from
+    storage once a collection freed something: what a quota holds a project to must not
+    count blobs that are gone."""
+
+    collection: Collection
+    kind: ClassVar[str] = "usage figures"
+
+    @property
+    def name(self) -> str:
+        return str(self.collection.settings.paths.registry_usage_file)
+
+    def current(self) -> bool:
+        return self.collection.freed is not None or self.collection.deleted > 0
+
+    def plan(self, current: bool) -> list[Change]:
+        return [Change("computed again after the collection")] if current else []
+
+    def apply(self) -> None:
+        from appliance import usage
+
+        usage.refresh(self.collection.settings, self.collection.storage)
 
 
 def run(
@@ -335,6 +360,7 @@ def run(
         yield GarbageCollection(collection)
         if not dry_run:
             yield GcStats(collection)
+            yield UsageFigures(collection)
 
     def summary(report: Report, elapsed: float) -> str:
         c = state.get("collection")

@@ -69,4 +69,32 @@ MIGRATIONS: tuple[str, ...] = (
         failures INTEGER NOT NULL
     );
     """,
+    # 2: quotas, the registry's events (push and pull history), and the bytes pushes
+    # brought since the usage figures were last computed from storage.
+    """
+    ALTER TABLE projects ADD COLUMN quota_bytes INTEGER;
+    CREATE TABLE registry_events (
+        id INTEGER PRIMARY KEY,
+        event_id TEXT NOT NULL UNIQUE,
+        action TEXT NOT NULL CHECK (action IN ('push', 'pull', 'delete')),
+        repository TEXT NOT NULL,
+        tag TEXT,
+        digest TEXT,
+        media_type TEXT,
+        size INTEGER,
+        actor TEXT,
+        address TEXT,
+        user_agent TEXT,
+        at REAL NOT NULL
+    );
+    CREATE INDEX registry_events_history ON registry_events (repository, action, id);
+    CREATE INDEX registry_events_digest ON registry_events (repository, digest, action, id);
+    CREATE TABLE usage_pending (
+        project TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY (project, digest)
+    );
+    """,
 )

@@ -10,6 +10,7 @@ not contain one. Rejecting a path at creation beats a push that fails for every 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from appliance.errors import AuthError
 
@@ -97,3 +98,14 @@ def path_prefixes(name: str) -> list[str]:
     """Component-wise prefixes, longest first: 'a/b/c' -> ['a/b/c', 'a/b', 'a']."""
     components = name.split("/")
     return ["/".join(components[:n]) for n in range(len(components), 0, -1)]
+
+
+def owning_project(repository: str, projects: Iterable[str]) -> str:
+    """The project a repository's bytes count against: the longest project path that
+    prefixes it component by component (as the token service decides access), else its
+    first component (a user's personal namespace, or a namespace no project owns)."""
+    paths = set(projects)
+    for prefix in path_prefixes(repository):
+        if prefix in paths:
+            return prefix
+    return repository.split("/", 1)[0]

@@ -99,14 +99,17 @@ class TokenSigner:
             raise ConfigError(
                 f"The token-signing certificate {certificate_path} holds no PEM certificate."
             ) from error
+        # The file may hold several certificates (the bundle of a key rotation): the one
+        # of this key is what tokens carry as x5c.
         spki = serialization.PublicFormat.SubjectPublicKeyInfo
         der = serialization.Encoding.DER
-        first = certificates[0]
-        if first.public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
+        public = key.public_key().public_bytes(der, spki)
+        matching = [c for c in certificates if c.public_key().public_bytes(der, spki) == public]
+        if not matching:
             raise ConfigError(
-                f"The first certificate in {certificate_path} does not match the token-signing"
-                f" key {key_path}."
+                f"No certificate in {certificate_path} matches the token-signing key {key_path}."
             )
+        first = matching[0]
         self._key = key
         self.key_id = libtrust_key_id(key.public_key())
         header = {

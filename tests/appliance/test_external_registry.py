@@ -5,6 +5,7 @@ registry it does not manage trusts its tokens."""
 from __future__ import annotations
 
 import ssl
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -81,3 +82,63 @@ def test_external_registry_trusts_the_tokens(appliance, external_registry, tmp_p
     )
     with pytest.raises(SkopeoError):
         stranger.push(image, "root/outside", "v2")
+
+
+def test_key_rotation_waits_for_the_external_registry_to_trust_the_new_key(
+    appliance, tmp_path: Path
+):
+    """rotate-token-key stops after step 1 (the bundle to copy), --continue switches the
+    token service, a token of the old key keeps working until --finish."""
+    import jwt
+
+    auth = load_auth_config(appliance.root / "var/opt/appliance/auth/config.json")
+    registry = Registry(tmp_path / "rotating-registry", auth).start()
+    scope = "repository:root/rotated:pull,push"
+
+    def v2_status(token: str) -> int:
+        request = urllib.request.Request(
+            f"http://{registry.address}/v2/", headers={"Authorization": f"Bearer {token}"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    def kid() -> str:
+        return jwt.get_unverified_header(appliance.token(scope))["kid"]
+
+    try:
+        old_token, old_kid = appliance.token(scope), kid()
+        step_one = appliance.ctl("rotate-token-key").stdout
+        assert "Step 1 of 2 done" in step_one
+        assert "then run appliance-ctl rotate-token-key --continue" in step_one
+        assert kid() == old_kid  # not before the external registry trusts the new key
+        bundle = auth.signing_certificate.read_text()
+        assert bundle.count("BEGIN CERTIFICATE") == 2
+
+        again = appliance.ctl("rotate-token-key", check=False)
+        assert again.returncode == 2
+        assert "A rotation waits for the external registry" in again.stderr
+
+        registry.stop()
+        registry.start()  # the admin's copy of the bundle and restart
+        switched = appliance.ctl("rotate-token-key", "--continue").stdout
+        assert "The token service signs with the new key" in switched
+        deadline = time.monotonic() + 15
+        while kid() == old_kid and time.monotonic() < deadline:
+            time.sleep(0.2)
+        new_token = appliance.token(scope)
+        assert jwt.get_unverified_header(new_token)["kid"] != old_kid
+        assert v2_status(new_token) == 200
+        assert v2_status(old_token) == 200  # the old key is still trusted
+
+        finished = appliance.ctl("rotate-token-key", "--finish", "--force").stdout
+        assert "to drop the old certificate there too" in finished
+        assert auth.signing_certificate.read_text().count("BEGIN CERTIFICATE") == 1
+        registry.stop()
+        registry.start()
+        assert v2_status(old_token) == 401
+        assert v2_status(appliance.token(scope)) == 200
+    finally:
+        registry.stop()

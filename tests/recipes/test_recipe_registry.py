@@ -27,6 +27,7 @@ SECRETS = Secrets(
     registry_http_secret="http-secret-0123456789",
     auth_secret="auth-secret",
     letsencrypt_account_key="ACCOUNT",
+    registry_events_secret="events-secret-0123456789",
 )
 
 
@@ -73,7 +74,11 @@ def test_default_config_is_token_auth_on_filesystem_storage(tmp_path):
             "rootcertbundle": str(tmp_path / "var/opt/appliance/registry/token-bundle.crt"),
         }
     }
-    assert "notifications" not in config
+    # Only the appliance's own endpoints (the auth service's history and usage).
+    assert [e["name"] for e in config["notifications"]["endpoints"]] == [
+        "appliance-events",
+        "appliance-pulls",
+    ]
     assert config["health"]["storagedriver"]["enabled"] is True
     assert config["compatibility"] == {"schema1": {"enabled": False}}
     assert config["log"]["level"] == "info"
@@ -178,7 +183,7 @@ def test_notifications_are_rendered_with_the_guides_defaults(tmp_path):
         {"name": "minimal", "url": "http://127.0.0.1:9999/"},
     ]
     config = rendered_config(tmp_path, registry={"notifications": endpoints})
-    assert config["notifications"]["endpoints"] == [
+    assert config["notifications"]["endpoints"][:2] == [
         endpoints[0],
         {
             "name": "minimal",
@@ -189,6 +194,49 @@ def test_notifications_are_rendered_with_the_guides_defaults(tmp_path):
             "backoff": "1s",
         },
     ]
+
+
+def test_the_auth_service_gets_pushes_deletes_mounts_and_manifest_pulls(tmp_path):
+    """Two endpoints to the auth service's internal listener, after the admin's: every
+    push, delete and mount (blobs too: the usage figures), and manifest pulls only (a
+    blob pull reaches neither: 2.8 gives every blob event application/octet-stream).
+    2.8 applies `ignore` only to an endpoint that ignores some media type."""
+    admin = {"name": "listener", "url": "https://hooks.example.com/event"}
+    config = rendered_config(
+        tmp_path, registry={"notifications": [admin]}, auth={"internal_addr": "127.0.0.1:6101"}
+    )
+    endpoints = config["notifications"]["endpoints"]
+    assert [e["name"] for e in endpoints] == ["listener", "appliance-events", "appliance-pulls"]
+    events, pulls = endpoints[1:]
+    for endpoint in (events, pulls):
+        assert endpoint["url"] == "http://127.0.0.1:6101/-/registry-events"
+        assert endpoint["headers"] == {"Authorization": ["Bearer events-secret-0123456789"]}
+    assert events["ignore"] == {"actions": ["pull"]}
+    assert events["ignoredmediatypes"] == [registry.NO_MEDIA_TYPE]
+    assert pulls["ignore"] == {
+        "mediatypes": ["application/octet-stream"],
+        "actions": ["push", "delete", "mount"],
+    }
+    assert "events-secret-0123456789" in program_json(tmp_path)["secrets"]
+    settings = settings_for(tmp_path)
+    resource = by_path(registry.resources(settings, SECRETS), settings.paths.registry_config)
+    assert "events-secret-0123456789" not in printed_diff(settings, resource)
+
+
+def test_an_admin_endpoint_may_not_take_the_appliances_name(tmp_path):
+    with pytest.raises(ConfigError) as refused:
+        rendered_config(
+            tmp_path, registry={"notifications": [{"name": "appliance-pulls", "url": "http://x/"}]}
+        )
+    assert refused.value.problems == [
+        'registry.notifications[0].name: "appliance-pulls" is the appliance\'s own; '
+        "choose another name"
+    ]
+
+
+def test_without_the_auth_service_no_endpoint_is_added(tmp_path):
+    config = rendered_config(tmp_path, auth={"enable": False})
+    assert "notifications" not in config
 
 
 def test_schema1_compatibility(tmp_path):

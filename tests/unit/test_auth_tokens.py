@@ -92,15 +92,18 @@ def test_every_token_has_its_own_jti(tmp_path: Path) -> None:
 def test_a_certificate_of_another_key_is_refused(tmp_path: Path) -> None:
     key, _ = write_signing_material(tmp_path / "one", "ec")
     _, other_cert = write_signing_material(tmp_path / "two", "ec")
-    with pytest.raises(ConfigError, match="does not match the token-signing key"):
+    with pytest.raises(ConfigError, match="No certificate in .* matches the token-signing key"):
         TokenSigner(key, other_cert, "i", "s", 300)
 
 
-def test_bundle_whose_first_certificate_matches_is_accepted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("position", ["first", "second"])
+def test_the_keys_certificate_in_a_bundle_is_the_x5c(tmp_path: Path, position: str) -> None:
+    # A key rotation's bundle holds the previous key's certificate first.
     key, cert = write_signing_material(tmp_path / "new", "ec")
     _, old_cert = write_signing_material(tmp_path / "old", "rsa")
     bundle = tmp_path / "bundle.crt"
-    bundle.write_bytes(cert.read_bytes() + old_cert.read_bytes())
+    pems = [cert.read_bytes(), old_cert.read_bytes()]
+    bundle.write_bytes(b"".join(pems if position == "first" else pems[::-1]))
     signer = TokenSigner(key, bundle, "i", "s", 300)
     header = jwt.get_unverified_header(signer.issue("a", [], 0).token)
     assert len(header["x5c"]) == 1

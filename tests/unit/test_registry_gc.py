@@ -218,7 +218,6 @@ def test_the_token_service_refuses_writes_during_a_window_and_grants_pulls(servi
     assert error["message"].startswith(
         "registry is in maintenance (garbage collection) until about "
     )
-    assert "WWW-Authenticate" not in refused.headers  # not a credentials problem
     pulled = call(service, query=token_query("repository:root/app:pull"), basic=root)
     assert pulled.status == 200
     audit = [json.loads(line) for line in service.config.audit_log.read_text().splitlines()]

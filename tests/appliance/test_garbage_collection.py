@@ -13,6 +13,7 @@ import os
 import stat
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,13 @@ def test_gc_frees_the_deleted_images_unique_blobs_while_pulls_go_on_and_pushes_w
     assert stats["last"]["freed_blobs"] == 3 and stats["last"]["dry_run"] is False
     assert stats["freed_bytes_total"] == stats["last"]["freed_bytes"] > 5000
     assert stats["last"]["finished"] >= stats["last"]["started"]
+    # ... and the token service exports it.
+    url = f"http://{appliance.config['auth']['internal_addr']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        samples = dict(
+            line.rsplit(" ", 1) for line in reply.read().decode().splitlines() if line[:1] != "#"
+        )
+    assert float(samples["appliance_gc_freed_blobs_total"]) == 3
 
 
 def test_delete_untagged_keeps_the_index_and_its_platforms_pullable(

@@ -46,7 +46,7 @@ def client(appliance: ApplianceUnderTest, tmp_path_factory) -> Skopeo:
 
 @pytest.fixture(scope="module")
 def pushed(appliance, client, tmp_path_factory) -> dict:
-    """Several tags, images sharing a base layer, a two-platform index."""
+    """Several tags, images sharing a base layer, a two-platform index; v2 deleted."""
     work = tmp_path_factory.mktemp("gc-images")
     images = {
         "v1": build_layered(work / "app", "v1", [BASE, {"app": b"one"}]),
@@ -63,6 +63,7 @@ def pushed(appliance, client, tmp_path_factory) -> dict:
         {"linux/amd64": [BASE, {"amd64": b"amd64"}], "linux/arm64": [{"arm64": b"arm64"}]},
     )
     copy_all(client, index.reference, client.url("root/multi", "latest"))
+    client.delete("root/app", "v2")  # its manifest goes; its blobs wait for a collection
     return {**images, "index": index}
 
 
@@ -145,7 +146,6 @@ def wait_for(condition, timeout: float = 60, what: str = "") -> None:  # noqa: A
 
 
 def test_dry_run_says_what_would_be_freed_and_changes_nothing(appliance, client, pushed):
-    client.delete("root/app", "v2")
     before = tree_hash(storage(appliance))
     result = gc(appliance, "--dry-run", "--verbose")
     assert tree_hash(storage(appliance)) == before
@@ -203,8 +203,8 @@ def test_gc_frees_the_deleted_images_unique_blobs_while_pulls_go_on_and_pushes_w
         assert upload.status == 405
         # Pulls go on inside the window (the loop keeps counting meanwhile).
         pulls_in_window = loop.pulls
-        time.sleep(1.5)
-        assert loop.pulls > pulls_in_window
+        wait_for(lambda: loop.pulls >= pulls_in_window + 4, what="pulls inside the window")
+        assert marker(appliance).exists()  # still inside it: held until the hold file goes
         hold.unlink()
         stdout, stderr = run.communicate(timeout=240)
         assert run.returncode == 0, stdout + stderr

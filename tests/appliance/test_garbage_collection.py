@@ -283,6 +283,9 @@ def test_a_run_killed_inside_its_window_leaves_no_read_only_registry_after_recon
     result = gc(appliance, env={"APPLIANCE_TEST_CRASH_AT": "gc-window"}, check=False)
     assert result.returncode == -9
     assert marker(appliance).exists()  # stale: its owner is gone
+    # The wrapper sees the owner gone and hands itself back on its own ...
+    wait_for(lambda: handover_state(appliance)["readonly"] is False, what="read-write again")
+    # ... and reconfigure removes the marker (handing the registry over once more).
     run = appliance.reconfigure()
     assert "maintenance window" in run.stdout and "left by pid" in run.stdout, run.stdout
     assert not marker(appliance).exists()

@@ -268,3 +268,43 @@ def test_a_disabled_registry_has_nothing_to_collect(tmp_path):
         pipeline.execute(
             settings, recipes.garbage_collection(settings), dry_run=True, stream=io.StringIO()
         )
+
+
+# ---------------------------------------------------------------- the collector, watched
+
+
+def test_the_collector_is_killed_the_moment_the_registry_is_not_read_only(tmp_path):
+    from appliance.registry_gc import CollectionError, run_collector
+
+    asked = []
+
+    def still_safe() -> str | None:
+        asked.append(time.monotonic())
+        return "a registry process that is not read-only is serving" if len(asked) > 3 else None
+
+    started = time.monotonic()
+    with pytest.raises(CollectionError, match="stopped: a registry process that is not read-only"):
+        run_collector(
+            ["sleep", "30"], {"PATH": "/usr/bin:/bin"}, None, tmp_path / "out", str, still_safe
+        )
+    assert time.monotonic() - started < 5
+
+
+def test_a_failing_collector_is_named_with_its_error_line_and_its_output(tmp_path):
+    from appliance.registry_gc import CollectionError, run_collector
+
+    script = "echo 'time=1 level=error msg=\"s3aws: AccessDenied secret-value\"'; exit 1"
+    with pytest.raises(CollectionError) as failed:
+        run_collector(
+            ["sh", "-c", script],
+            {"PATH": "/usr/bin:/bin"},
+            None,
+            tmp_path / "gc.out",
+            lambda line: line.replace("secret-value", "********"),
+            lambda: None,
+        )
+    message = str(failed.value)
+    assert "exited with status 1" in message and "AccessDenied ********" in message
+    assert str(tmp_path / "gc.out") in message and "secret-value" not in message
+    assert "secret-value" not in (tmp_path / "gc.out").read_text()
+    assert stat.S_IMODE((tmp_path / "gc.out").stat().st_mode) == 0o600

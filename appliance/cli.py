@@ -108,6 +108,30 @@ def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_usage)
 
     p = sub.add_parser(
+        "check",
+        help="diagnose the running appliance: one line per check (ok, warn, FAIL, skip); "
+        "exit 1 on a failure",
+    )
+    p.add_argument("--json", action="store_true", help="print the results as JSON (monitoring)")
+    p.set_defaults(handler=cmd_check)
+
+    p = sub.add_parser(
+        "why",
+        help="why USER may or may not pull, push or delete REPO (the token service's "
+        "decision replayed, with the last audit line); exit 3 when refused",
+    )
+    p.add_argument("user", help="a username, a deploy token's username, or - for anonymous")
+    p.add_argument("action", choices=["pull", "push", "delete"])
+    p.add_argument("repository", help="the repository, like team/app")
+    p.add_argument(
+        "--token",
+        type=int,
+        metavar="ID",
+        help="as signed in with this personal access token of USER (appliance-ctl token list)",
+    )
+    p.set_defaults(handler=cmd_why)
+
+    p = sub.add_parser(
         "registry-garbage-collect",
         aliases=["gc"],
         help="free the storage no manifest references (pulls go on; pushes wait)",
@@ -331,6 +355,47 @@ def cmd_usage(args: argparse.Namespace, s: settings_module.Settings) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    """Every diagnosis at once; exit 1 when one failed (warnings alone exit 0)."""
+    import recipes
+    from appliance import check
+
+    report = check.run(recipes.check_plan(s))
+    sys.stdout.write(report.to_json() if args.json else report.text())
+    return 1 if report.failed else 0
+
+
+def cmd_why(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    """The token service's decision for one user, action and repository, in sentences;
+    read from the service's own config file, so it is the running service's view."""
+    import time
+
+    from appliance.auth import config as auth_config
+    from appliance.auth import why
+    from appliance.auth.app import TokenService
+    from appliance.auth.store import Store
+
+    config = auth_config.load(s.paths.auth_config)
+    store = Store(config.database)
+    try:
+        service = TokenService(config, store)
+        explanation = why.explain(
+            store,
+            service.decide_repository,
+            config.default_registry_enabled,
+            args.user,
+            args.action,
+            args.repository,
+            args.token,
+            config.audit_log,
+            time.time(),
+        )
+    finally:
+        store.close()
+    print("\n".join(explanation.lines()))
+    return 0 if explanation.granted else 3
+
+
 def cmd_registry_garbage_collect(args: argparse.Namespace, s: settings_module.Settings) -> int:
     """One collection at a time, and none while a tag or repository is being deleted:
     the storage lock is taken first, and a holder makes this exit at once, saying who."""
@@ -377,6 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "renew-certs",
         "rotate-token-key",
         "shutdown",
+        "check",
+        "why",
         "registry-garbage-collect",
         "gc",
     }

@@ -122,16 +122,6 @@ def short_digest(digest: str) -> str:
     return f"{algorithm}:{hex_digest[:12]}"
 
 
-def format_bytes(size: int) -> str:
-    """1536 -> '1.5 KiB': binary units, as `du -h` and the quota figures use."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
 # ---------------------------------------------------------------- listings
 
 

@@ -17,11 +17,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from appliance.auth.cli import confirm, project_lookup
+from appliance.auth.sizes import format_size
 from appliance.errors import UsageError
 from appliance.registry_content import (
     GC_NOTE,
     check_repository,
-    format_bytes,
     parse_tag_reference,
     repository_rows,
     short_digest,
@@ -101,7 +101,7 @@ def repo_list(args: argparse.Namespace, settings: Settings) -> int:
         headers,
         [
             (row.name, row.project or "-", row.tags)
-            + ((format_bytes(row.size or 0),) if args.sizes else ())
+            + ((format_size(row.size or 0),) if args.sizes else ())
             for row in rows
         ],
     )
@@ -120,7 +120,7 @@ def tag_list(args: argparse.Namespace, settings: Settings) -> int:
                 row.tag,
                 short_digest(row.digest),
                 ",".join(row.platforms) or "-",
-                format_bytes(row.size),
+                format_size(row.size),
                 row.created.strftime("%Y-%m-%d %H:%M:%S UTC") if row.created else "-",
             )
             for row in rows
@@ -154,7 +154,7 @@ def repo_delete(args: argparse.Namespace, settings: Settings) -> int:
         note += "" if nested > 1 else "s"
     confirm(
         f"Delete repository {name} with its {row.tags} tag{'s' if row.tags != 1 else ''} "
-        f"({format_bytes(row.size or 0)}){note}?",
+        f"({format_size(row.size or 0)}){note}?",
         args.yes,
     )
     content.delete_repositories([name], print)

@@ -1537,6 +1537,16 @@ def _masked(key: str, value: Any) -> Any:
     return value
 
 
+def registry_address(s: Settings) -> str:
+    """Where the registry answers: http_addr, or its socket path with listen_network:
+    unix (also what reconfigure waits on and nginx's upstream names, `unix:` + path).
+    Here rather than in a recipe: the registry's recipe and the token service's (whose
+    tag rules ask the registry) both need it."""
+    if s.registry.listen_network == "unix":
+        return str(s.paths.registry_socket)
+    return s.registry.http_addr
+
+
 def sensitive_values(s: Settings) -> list[str]:
     """Every value show-config masks, as text: what the engine and the run log mask too,
     in whatever file or diff it turns up."""

@@ -15,6 +15,7 @@ rotation's (`rotate_token_key`, `finish_token_key_rotation`; recipes/rotation.py
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance import registry_storage as registry_storage_module
@@ -28,6 +29,7 @@ from appliance.secrets import Secrets
 from appliance.settings import Settings
 
 if TYPE_CHECKING:
+    from appliance.check import CheckPlan
     from appliance.registry_content import RegistryContent
 
 
@@ -170,6 +172,77 @@ def registry_api(settings: Settings, secrets: Secrets) -> RegistryAPI:
         pem=(secrets.token_signing_key.encode(), secrets.token_signing_certificate.encode()),
     )
     return RegistryAPI(registry.address(settings), signer)
+
+
+def check_plan(settings: Settings) -> CheckPlan:
+    """Where `appliance-ctl check` looks, as the recipes declare it: the services'
+    contracts, nginx's listen ports, the certificate files, the signing key and the
+    bundle the registry trusts, the registry's storage, its API, the time sources the
+    appliance already talks to (ACME, S3, notification endpoints) and the disks."""
+    from appliance import check
+    from appliance.auth.tokens import TokenSigner
+    from appliance.certificates import certificate_paths
+    from appliance.pipeline import stopped_by_admin, supervisord_pid
+    from recipes import base, registry, tls
+
+    p, n, rn = settings.paths, settings.nginx, settings.registry_nginx
+    local = [{"*": "127.0.0.1", "[::]": "[::1]"}.get(a, a) for a in n.listen_addresses]
+    local = [f"[{a}]" if ":" in a and not a.startswith("[") else a for a in local]
+    ports = [check.Port(f"{local[0]}:{n.http_port}", "nginx.http_port")]
+    if rn.enable:
+        ports.append(check.Port(f"{local[0]}:{rn.listen_port}", "registry_nginx.listen_port"))
+    certificate, key = certificate_paths(settings)
+    storage = registry.storage(settings)
+    clock_urls = []
+    if settings.tls_mode == "letsencrypt":
+        clock_urls.append(settings.letsencrypt.directory_url)
+    endpoint = (storage.get("s3") or {}).get("regionendpoint")
+    if endpoint:
+        clock_urls.append(endpoint if "://" in str(endpoint) else f"https://{endpoint}")
+    clock_urls += [e["url"] for e in settings.registry.notifications if not e.get("disabled")]
+    disks = [("logs", p.log_dir)]
+    root = registry.filesystem_root(settings)
+    if settings.registry.enable and root is not None:
+        disks.insert(0, ("storage", root))
+
+    def registry_api() -> RegistryAPI:
+        signer = TokenSigner(
+            settings.registry.key_path,
+            p.token_signing_certificate,
+            settings.registry.issuer,
+            settings.registry.service,
+            60,
+        )
+        return RegistryAPI(registry.address(settings), signer)
+
+    return check.CheckPlan(
+        services=services(settings),
+        stopped_by_admin=stopped_by_admin(p),
+        supervisor_config=p.supervisor_config,
+        supervisor_socket=p.supervisor_socket,
+        supervisord_pid=supervisord_pid(p),
+        registry_host=settings.registry_host,
+        ports=ports,
+        tls_address=tls.served_address(settings) if rn.enable else None,
+        tls_mode=str(settings.tls_mode),
+        certificate=certificate,
+        certificate_key=key,
+        registry_enabled=settings.registry.enable,
+        auth_enabled=settings.auth.enable,
+        signing_key=Path(settings.registry.key_path),
+        # What the registry trusts; with an external registry, the file to copy to it.
+        trusted_bundle=p.token_bundle if settings.registry.enable else p.token_signing_certificate,
+        issuer=settings.registry.issuer,
+        service=settings.registry.service,
+        storage=storage,
+        storage_user=base.service_user(settings, settings.registry.username),
+        storage_lock=p.registry_storage_lock,
+        registry_api=registry_api,
+        open_storage=lambda: registry_storage(settings),
+        clock_urls=clock_urls,
+        disks=disks,
+        ntp_servers=check.host_ntp_servers(),
+    )
 
 
 def registry_content(settings: Settings) -> RegistryContent:

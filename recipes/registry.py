@@ -24,7 +24,13 @@ from appliance.engine import Report
 from appliance.errors import ServiceError
 from appliance.resources import Change, Directory, File, Resource, Template, reload
 from appliance.secrets import Secrets
-from appliance.settings import STORAGE_EXTRAS, UNIX_PATH_MAX, Settings, is_sensitive
+from appliance.settings import (
+    STORAGE_EXTRAS,
+    UNIX_PATH_MAX,
+    Settings,
+    is_sensitive,
+    registry_address,
+)
 from recipes import supervisor
 from recipes.auth import events_url
 from recipes.base import service_user
@@ -267,11 +273,8 @@ def wait_handed_over(settings: Settings, before: dict, timeout: float = DRAIN_SE
 
 
 def address(settings: Settings) -> str:
-    """Where the registry answers: http_addr, or the socket path, which is also what
-    reconfigure waits on and what nginx's upstream names (`unix:` + path)."""
-    if settings.registry.listen_network == "unix":
-        return str(settings.paths.registry_socket)
-    return settings.registry.http_addr
+    """Where the registry answers (appliance.settings.registry_address)."""
+    return registry_address(settings)
 
 
 def is_loopback(address: str) -> bool:

@@ -4,6 +4,9 @@ paid once per registry request).
   GET  /jwt/auth   Basic auth or anonymous; ?service=&scope=...&account=&offline_token=
   POST /jwt/auth   OAuth2 form: grant_type=password | refresh_token
   GET  /-/health   200 when the database answers
+  PUT|DELETE /v2/<name>/manifests/<reference>
+                   the tag rules, asked by nginx before a manifest write reaches the
+                   registry: 460 passes it on, 403 refuses it (appliance/auth/tag_gate.py)
 
 and on the internal listener (auth.internal_addr, loopback TCP; nothing else there):
 
@@ -41,6 +44,7 @@ from appliance.auth.permissions import (
     ALL,
     PUSH,
     Decision,
+    Principal,
     ProjectAccess,
     decide,
     decide_catalog,
@@ -48,8 +52,11 @@ from appliance.auth.permissions import (
 )
 from appliance.auth.signin import ANONYMOUS, Authenticator, SignedIn, SignInRefused
 from appliance.auth.store import Store
-from appliance.auth.tokens import TokenSigner, rfc3339
+from appliance.auth.tag_gate import MANIFEST_PATH, TagGate
+from appliance.auth.tag_rules import PASSED
+from appliance.auth.tokens import TokenSigner, TokenVerifier, rfc3339
 from appliance.auth.usage import FiguresFile, current, project_bytes
+from appliance.registry_api import RegistryAPI
 from appliance.registry_maintenance import STALE, Watch, state
 
 StartResponse = Callable[..., object]
@@ -99,6 +106,14 @@ class TokenService:
         self.usage_figures = FiguresFile(config.usage_file)
         self.gc_figures = FiguresFile(config.gc_stats_file)
         self._internal = (ipaddress.ip_address(config.internal_host), config.internal_port)
+        self.tag_gate = TagGate(
+            self.store,
+            TokenVerifier(config.signing_certificate, config.issuer, config.service),
+            RegistryAPI(config.registry_address, self.signer, timeout=10, subject="appliance-auth")
+            if config.registry_address
+            else None,
+            config.default_registry_enabled,
+        )
         self.maintenance = Watch(config.maintenance_file)
 
     # -- WSGI entry point -------------------------------------------------------------
@@ -124,6 +139,8 @@ class TokenService:
                 _error_body("Use GET or POST.", "invalid_request"),
                 [("Allow", "GET, POST")],
             )
+        if path.startswith("/v2/"):
+            return self._tag_rules(environ, start_response)
         if path == "/-/health":
             return self._health(start_response)
         return self._not_found(start_response)
@@ -231,6 +248,38 @@ class TokenService:
         since = float((figures or {}).get("computed_at", 0.0))
         used = project_bytes(figures, self.store.pending_usage(since), project.path)
         return dataclasses.replace(project, used_bytes=used)
+
+    # -- manifest writes, before the registry -----------------------------------------
+    def _tag_rules(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        answer = self.tag_gate.decide(environ)
+        if answer.status == PASSED:
+            start_response(f"{PASSED} Tag Rules Passed", [("Content-Length", "0")])
+            return [b""]
+        self.audit.record(
+            client=self.client_address(environ),
+            method=environ.get("REQUEST_METHOD"),
+            path=environ.get("PATH_INFO", ""),
+            user=answer.user,
+            result="refused",
+            reason=answer.message,
+            status=answer.status,
+        )
+        body = {"errors": [{"code": answer.code, "message": answer.message, "detail": None}]}
+        headers = []
+        if answer.status == 403:
+            # RFC 6750's answer to a token that does not allow the request. oras-py reads a
+            # 403 without a challenge as an authentication failure and drops the message;
+            # with one it asks again, is refused again and prints the message.
+            match = MANIFEST_PATH.fullmatch(environ.get("PATH_INFO", ""))
+            scope = f"repository:{match['name']}:pull,push" if match else ""
+            headers.append(
+                (
+                    "WWW-Authenticate",
+                    f'Bearer realm="{self.config.realm}",service="{self.config.service}",'
+                    f'scope="{scope}",error="insufficient_scope"',
+                )
+            )
+        return _respond(start_response, answer.status, body, headers)
 
     # -- token requests ---------------------------------------------------------------
     def _token(
@@ -415,16 +464,7 @@ class TokenService:
         refusals: list[str] = []
         for (kind, name), actions in merged.items():
             if kind == "repository":
-                if not is_repository_name(name):
-                    decision = Decision((), "not a valid repository name")
-                else:
-                    project = self.store.project_access(
-                        name,
-                        principal.user_id,
-                        principal.name if principal.user_id else None,
-                        self.config.default_registry_enabled,
-                    )
-                    decision = decide(principal, self._with_use(project, actions), actions)
+                decision = self.decide_repository(principal, name, actions)
             elif kind == "registry" and name == "catalog":
                 decision = decide_catalog(principal, actions)
             else:
@@ -436,6 +476,21 @@ class TokenService:
             if decision.granted:
                 access.append({"type": kind, "name": name, "actions": list(decision.granted)})
         return access, reasons, refusals
+
+    def decide_repository(self, principal: Principal, name: str, actions: list[str]) -> Decision:
+        """The decision on one repository scope: what `grant` puts in a token, and what
+        `appliance-ctl why` replays (appliance/auth/why.py) to explain it. Every rule that
+        grants or refuses a repository action belongs here or in `permissions.decide`, so
+        the token and the explanation cannot disagree."""
+        if not is_repository_name(name):
+            return Decision((), "not a valid repository name")
+        project = self.store.project_access(
+            name,
+            principal.user_id,
+            principal.name if principal.user_id else None,
+            self.config.default_registry_enabled,
+        )
+        return decide(principal, self._with_use(project, actions), actions)
 
     def client_address(self, environ: dict) -> str:
         peer = environ.get("REMOTE_ADDR", "")
@@ -525,6 +580,7 @@ _REASONS = {
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
+    413: "Content Too Large",
     404: "Not Found",
     405: "Method Not Allowed",
     429: "Too Many Requests",

@@ -26,13 +26,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from appliance.auth import credentials
+from appliance.auth import credentials, tag_rules
 from appliance.auth.database_files import check_database_files, chown_database_files
 from appliance.auth.migrations import MIGRATIONS
 from appliance.auth.names import path_prefixes, validate_username
 from appliance.auth.permissions import ROLES, TOKEN_SCOPES, VISIBILITIES
 from appliance.auth.sizes import format_size, parse_size
-from appliance.auth.store import Store, schema_version
+from appliance.auth.store import Project, Store, schema_version
 from appliance.auth.usage import project_bytes, read_json
 from appliance.errors import AuthError, UsageError
 from appliance.registry_content import GC_NOTE
@@ -140,7 +140,9 @@ def _register_project(
     _registry_switch(p, default=None)
     p.add_argument("--owner", metavar="USERNAME", help="make this user the project's owner")
     _command(group, "list", "list projects", project_list)
-    p = _command(group, "show", "a project's settings, quota and storage use", project_show)
+    p = _command(
+        group, "show", "a project's settings, quota, storage use and tag rules", project_show
+    )
     p.add_argument("path")
     p = _command(
         group,
@@ -156,6 +158,22 @@ def _register_project(
         metavar="SIZE",
         help="soft quota, like 20GiB or 500MB ('none' removes it): above it, pushes are "
         "refused with the reason; pulls and deletes go on",
+    )
+    p.add_argument(
+        "--immutable-tags",
+        metavar="REGEX",
+        action="append",
+        help="tags matching this pattern (re.search, e.g. '^v[0-9]+\\.') never move once"
+        " pushed; repeat for several; replaces the project's immutable patterns; '' or"
+        " 'none' clears them",
+    )
+    p.add_argument(
+        "--protected-tags",
+        metavar="PATTERN=ROLE",
+        action="append",
+        help="only ROLE (developer, maintainer, owner, admin) or above may push or delete"
+        " tags matching PATTERN, e.g. 'latest=maintainer'; repeat for several; replaces the"
+        " project's protected patterns; '' or 'none' clears them",
     )
     p = _command(
         group,
@@ -452,18 +470,30 @@ def project_show(args: argparse.Namespace, store: Store, context: AuthContext) -
         lines.append(("pushes", "refused: over quota"))
     for name, value in lines:
         print(f"{name + ':':<12}{value}")
+    _print_tag_rules(store, project)
     return 0
 
 
 @_using_store
 def project_update(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
-    if args.visibility is None and args.registry_enabled is None and args.quota is None:
+    immutable, protected = args.immutable_tags, args.protected_tags
+    if (
+        args.visibility is None
+        and args.registry_enabled is None
+        and args.quota is None
+        and immutable is None
+        and protected is None
+    ):
         raise UsageProblem(
-            "Nothing to change: give --visibility, --registry, --no-registry or --quota."
+            "Nothing to change: give --visibility, --registry, --no-registry, --quota,"
+            " --immutable-tags or --protected-tags."
         )
+    # Every value is checked before anything is written.
     quota = None
     if args.quota is not None and args.quota.strip().lower() not in ("none", "off"):
         quota = parse_size(args.quota)
+    immutable_rules = None if immutable is None else tag_rules.parse_immutable(immutable)
+    protected_rules = None if protected is None else tag_rules.parse_protected(protected)
     project = store.project(args.path)  # unknown project: say so before changing anything
     if args.visibility is not None or args.registry_enabled is not None:
         project = store.update_project(args.path, args.visibility, args.registry_enabled)
@@ -482,7 +512,25 @@ def project_update(args: argparse.Namespace, store: Store, context: AuthContext)
                 f"Project {project.path} has a quota of {format_size(quota)}; it uses "
                 f"{format_size(used)}{over}{known}."
             )
+    if immutable_rules is not None:
+        store.set_tag_rules(project.path, tag_rules.IMMUTABLE, immutable_rules)
+    if protected_rules is not None:
+        store.set_tag_rules(project.path, tag_rules.PROTECTED, protected_rules)
+    if immutable_rules is not None or protected_rules is not None:
+        _print_tag_rules(store, project)
     return 0
+
+
+def _print_tag_rules(store: Store, project: Project) -> None:
+    rules = store.tag_rules(project.id)
+    immutable = [str(r) for r in rules if r.kind == tag_rules.IMMUTABLE]
+    protected = [str(r) for r in rules if r.kind == tag_rules.PROTECTED]
+    print(f"Immutable tags of {project.path}: {_patterns(immutable)}")
+    print(f"Protected tags of {project.path}: {_patterns(protected)}")
+
+
+def _patterns(patterns: list[str]) -> str:
+    return ", ".join(f"'{p}'" for p in patterns) if patterns else "none"
 
 
 @_using_store

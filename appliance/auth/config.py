@@ -88,6 +88,10 @@ class AuthConfig:
     """The usage figures appliance-ctl computes from storage (registry-usage.json)."""
     gc_stats_file: Path
     """The garbage collection's figures (registry-gc.json), exported as metrics."""
+    registry_address: str
+    """Where the registry answers (host:port or its socket path), asked by the tag rules
+    what a tag points at; '' when the appliance runs no registry (then no manifest write
+    reaches the service)."""
     maintenance_file: Path
     """The registry's maintenance marker (appliance/registry_maintenance.py): while a
     window is in force, push and delete are refused with a sentence the client prints."""
@@ -183,6 +187,9 @@ def from_mapping(raw: dict, source: str = "auth config") -> AuthConfig:
         elif spec.type in ("bool", bool):
             if not isinstance(value, bool):
                 problems.append(f"{name}: must be true or false")
+        elif name == "registry_address":
+            if not isinstance(value, str):
+                problems.append(f"{name}: must be a string (host:port, a socket path or '')")
         elif spec.type in ("str", str):
             if not isinstance(value, str) or not value:
                 problems.append(f"{name}: must be a non-empty string")

@@ -23,7 +23,7 @@ import datetime as dt
 import json
 from dataclasses import dataclass
 
-from appliance.auth.names import is_repository_name
+from appliance.auth.names import is_check_probe, is_repository_name
 from appliance.auth.store import RegistryEvent
 
 BLOB_TYPE = "application/octet-stream"
@@ -59,8 +59,8 @@ def parse(body: bytes) -> Envelope:
         target = _mapping(event.get("target"))
         repository = _text(target.get("repository"))
         action = _text(event.get("action"))
-        if not repository or not is_repository_name(repository):
-            continue
+        if not repository or not is_repository_name(repository) or is_check_probe(repository):
+            continue  # the check's probe is pushed and removed again: not a user's history
         at = _timestamp(event.get("timestamp"))
         media_type = _text(target.get("mediaType"))
         digest = _text(target.get("digest"))

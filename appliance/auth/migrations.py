@@ -97,4 +97,24 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (project, digest)
     );
     """,
+    # 3: immutable and protected tags (appliance/auth/tag_rules.py): each project's rules,
+    # and the reservation of an immutable tag's first push, whose unique key lets exactly
+    # one of two concurrent first pushes (with different digests) through.
+    """
+    CREATE TABLE tag_rules (
+        project_id INTEGER NOT NULL REFERENCES projects (id) ON DELETE CASCADE,
+        kind TEXT NOT NULL CHECK (kind IN ('immutable', 'protected')),
+        pattern TEXT NOT NULL,
+        role TEXT CHECK (role IS NULL OR role IN ('developer', 'maintainer', 'owner', 'admin')),
+        position INTEGER NOT NULL,
+        PRIMARY KEY (project_id, kind, pattern)
+    );
+    CREATE TABLE tag_reservations (
+        repository TEXT NOT NULL,
+        tag TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        reserved_at REAL NOT NULL,
+        PRIMARY KEY (repository, tag)
+    );
+    """,
 )

@@ -15,6 +15,10 @@ from collections.abc import Iterable
 from appliance.errors import AuthError
 
 MAX_NAME_LENGTH = 255
+CHECK_NAMESPACE = "appliance--check"
+"""The namespace of `appliance-ctl check`'s push and pull probe. The registry accepts it,
+but no username or project path can hold a double hyphen (below), so no user's
+repository is ever in it; the appliance's own views (history, usage) leave it out."""
 _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*")
 _SEPARATOR_NAMES = {"_": "an underscore", ".": "a period", "-": "a hyphen"}
 
@@ -109,3 +113,8 @@ def owning_project(repository: str, projects: Iterable[str]) -> str:
         if prefix in paths:
             return prefix
     return repository.split("/", 1)[0]
+
+
+def is_check_probe(repository: str) -> bool:
+    """A repository of `appliance-ctl check`'s probe (pushed, pulled and removed by it)."""
+    return repository.split("/", 1)[0] == CHECK_NAMESPACE

@@ -29,6 +29,7 @@ from appliance.auth.database_files import check_database_files
 from appliance.auth.migrations import MIGRATIONS
 from appliance.auth.names import path_prefixes, validate_project_path, validate_username
 from appliance.auth.permissions import ROLES, TOKEN_SCOPES, VISIBILITIES, ProjectAccess
+from appliance.auth.tag_rules import Reservation, TagRule
 from appliance.errors import AuthError
 
 
@@ -488,6 +489,89 @@ class Store:
             role=role,
             project_id=project_id,
             quota_bytes=quota_bytes,
+        )
+
+    # -- tag rules -------------------------------------------------------------------
+    def set_tag_rules(self, path: str, kind: str, rules: Iterable[TagRule]) -> None:
+        """Replace the project's rules of one kind (immutable or protected) at once."""
+        project = self.project(path)
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(
+                "DELETE FROM tag_rules WHERE project_id = ? AND kind = ?", (project.id, kind)
+            )
+            for position, rule in enumerate(rules):
+                db.execute(
+                    "INSERT INTO tag_rules (project_id, kind, pattern, role, position)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (project.id, kind, rule.pattern, rule.role, position),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def tag_rules(self, project_id: int) -> list[TagRule]:
+        """A project's rules, immutable first, each kind in the order it was given."""
+        rows = self._all(
+            "SELECT kind, pattern, role FROM tag_rules WHERE project_id = ?"
+            " ORDER BY kind, position",
+            (project_id,),
+        )
+        return [TagRule(kind, pattern, role) for kind, pattern, role in rows]
+
+    def reservation(self, repository: str, tag: str) -> Reservation | None:
+        row = self._one(
+            "SELECT digest, reserved_at FROM tag_reservations WHERE repository = ? AND tag = ?",
+            (repository, tag),
+        )
+        return Reservation(*row) if row else None
+
+    def reserve_tag(
+        self,
+        repository: str,
+        tag: str,
+        digest: str,
+        now: float,
+        previous: Reservation | None,
+    ) -> bool:
+        """Reserve an immutable tag for the push of `digest`: True if this push holds it.
+
+        With no `previous` reservation it is an INSERT, which the unique key lets only one
+        of two concurrent pushes make; over a stale one (a push that never stored its
+        manifest) an UPDATE of exactly the row that was read, for the same reason. The
+        same digest again only refreshes the time."""
+        if previous is None:
+            try:
+                self._write(
+                    "INSERT INTO tag_reservations (repository, tag, digest, reserved_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (repository, tag, digest, now),
+                )
+                return True
+            except _IntegrityProblem:
+                held = self.reservation(repository, tag)
+                return held is not None and held.digest == digest
+        cursor = self._write(
+            "UPDATE tag_reservations SET digest = ?, reserved_at = ?"
+            " WHERE repository = ? AND tag = ? AND digest = ? AND reserved_at = ?",
+            (digest, now, repository, tag, previous.digest, previous.reserved_at),
+        )
+        if cursor.rowcount == 1:
+            return True
+        held = self.reservation(repository, tag)
+        return held is not None and held.digest == digest
+
+    def record_tag(self, repository: str, tag: str, digest: str, now: float) -> None:
+        """What the registry holds under an immutable tag, seen there: the reservation
+        follows it (a tag pushed before its rule existed, or moved behind our back)."""
+        self._write(
+            "INSERT INTO tag_reservations (repository, tag, digest, reserved_at)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (repository, tag) DO UPDATE SET"
+            " digest = excluded.digest, reserved_at = excluded.reserved_at"
+            " WHERE digest != excluded.digest",
+            (repository, tag, digest, now),
         )
 
     # -- memberships -----------------------------------------------------------------

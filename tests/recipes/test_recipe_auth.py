@@ -13,6 +13,7 @@ import pytest
 from appliance.auth.config import AuthConfig, from_mapping
 from appliance.auth.server import gunicorn_options
 from appliance.errors import ConfigError
+from appliance.resources import restart
 from recipes import auth, supervisor
 from tests.support.recipes import SECRETS, settings_for
 
@@ -125,6 +126,7 @@ NON_DEFAULT_SETTINGS = {
         "issuer": "example-issuer",
         "service": "example-registry",
         "key_path": "/etc/keys/signing.key",
+        "http_addr": "127.0.0.1:5999",
     },
     "auth": {
         "listen_network": "tcp",
@@ -173,6 +175,7 @@ ARRIVES_AS = {
     "events_secret_digest": hashlib.sha256(b"events-secret").hexdigest(),
     "usage_file": OTHER_ROOT / "var/opt/appliance/registry-usage.json",
     "gc_stats_file": OTHER_ROOT / "var/opt/appliance/registry-gc.json",
+    "registry_address": "127.0.0.1:5999",
     "maintenance_file": OTHER_ROOT / "var/opt/appliance/registry-maintenance.json",
 }
 
@@ -189,3 +192,22 @@ def test_every_field_of_the_service_config_comes_from_the_settings():
         if getattr(custom, spec.name) == getattr(default, spec.name)
     ]
     assert unchanged == ["trusted_proxies", "events_secret_digest"]
+
+
+def test_on_the_registry_socket_the_auth_account_joins_the_web_group():
+    """The tag rules ask the registry on its socket, whose directory admits the web
+    server's group only; over TCP (or run as an ordinary user) no membership is needed."""
+
+    def memberships(**overrides):
+        settings = settings_for(ROOT, run_as_root=True, **overrides)
+        return [
+            (r.username, r.group, r.notifies)
+            for r in auth.resources(settings, SECRETS)
+            if isinstance(r, auth.GroupMember)
+        ]
+
+    assert memberships(registry={"listen_network": "unix"}) == [
+        ("appliance-auth", "appliance-www", (restart("auth"),))
+    ]
+    assert memberships() == []
+    assert memberships(registry={"listen_network": "unix"}, manage_accounts=False) == []

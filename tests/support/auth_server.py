@@ -99,6 +99,7 @@ def make_config(directory: Path, port: int = 0, key_kind: str = "ec", **override
         events_secret_digest=hashlib.sha256(EVENTS_SECRET.encode()).hexdigest(),
         usage_file=directory / "registry-usage.json",
         gc_stats_file=directory / "registry-gc.json",
+        registry_address="",
         maintenance_file=directory / "registry-maintenance.json",
     )
     values.update(overrides)

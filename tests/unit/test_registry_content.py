@@ -14,7 +14,6 @@ from appliance.auth.store import Store
 from appliance.errors import UsageError
 from appliance.registry_content import (
     RegistryContent,
-    format_bytes,
     owning_project,
     parse_created,
     parse_tag_reference,
@@ -182,20 +181,6 @@ def test_owning_project_is_the_longest_project_path():
 )
 def test_created_dates_as_build_tools_write_them(value, expected):
     assert parse_created(value) == expected
-
-
-@pytest.mark.parametrize(
-    ("size", "text"),
-    [
-        (0, "0 B"),
-        (1023, "1023 B"),
-        (1536, "1.5 KiB"),
-        (5 * 2**20, "5.0 MiB"),
-        (2**50, "1024.0 TiB"),
-    ],
-)
-def test_sizes_in_binary_units(size, text):
-    assert format_bytes(size) == text
 
 
 def test_project_delete_refuses_a_project_with_repositories_and_deletes_nothing(

@@ -131,6 +131,25 @@ def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_why)
 
+    p = sub.add_parser(
+        "registry-garbage-collect",
+        aliases=["gc"],
+        help="free the storage no manifest references (pulls go on; pushes wait)",
+        description="Run Distribution's garbage collector inside a read-only maintenance "
+        "window: pulls keep working, pushes and deletes are refused with a sentence "
+        "until it ends.",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print what would be freed, change nothing"
+    )
+    p.add_argument(
+        "--delete-untagged",
+        action="store_true",
+        help="first delete the manifests no tag reaches (an index's platforms are kept)",
+    )
+    p.add_argument("--verbose", "-v", action="store_true", help="per repository, and timings")
+    p.set_defaults(handler=cmd_registry_garbage_collect)
+
     if with_auth_commands:
         from appliance import registry_content_cli
         from appliance.auth import cli as auth_cli
@@ -377,6 +396,24 @@ def cmd_why(args: argparse.Namespace, s: settings_module.Settings) -> int:
     return 0 if explanation.granted else 3
 
 
+def cmd_registry_garbage_collect(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    """One collection at a time, and none while a tag or repository is being deleted:
+    the storage lock is taken first, and a holder makes this exit at once, saying who."""
+    import recipes
+    from appliance import pipeline
+    from appliance.registry_storage import storage_lock
+
+    run = recipes.garbage_collection(
+        s, dry_run=args.dry_run, delete_untagged=args.delete_untagged, verbose=args.verbose
+    )
+    if args.dry_run:
+        pipeline.execute(s, run, dry_run=True)
+        return 0
+    with storage_lock(s.paths.registry_storage_lock, "a garbage collection"):
+        pipeline.execute(s, run)
+    return 0
+
+
 def command_word(argv: list[str]) -> str | None:
     """The subcommand named on the command line, skipping global options."""
     words = iter(argv)
@@ -407,6 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "shutdown",
         "check",
         "why",
+        "registry-garbage-collect",
+        "gc",
     }
     parser = build_parser(with_auth_commands=command_word(argv) not in core)
     args = parser.parse_args(argv)

@@ -578,6 +578,7 @@ class Paths:
     registry_storage_lock: Path
     registry_usage_file: Path
     registry_gc_file: Path
+    registry_maintenance: Path
 
     @classmethod
     def under(cls, root: Path, config_file: Path) -> Paths:
@@ -615,6 +616,9 @@ class Paths:
             # reads them for quotas and metrics), and the garbage collection's figures.
             registry_usage_file=data / "registry-usage.json",
             registry_gc_file=data / "registry-gc.json",
+            # The maintenance window's marker (appliance.registry_maintenance), read by
+            # the registry's wrapper and the token service: 0644 in a 0755 directory.
+            registry_maintenance=data / "registry-maintenance.json",
         )
 
 

@@ -7,8 +7,9 @@ drops its program file there), then certificates, then the services that read th
 `late_resources` are those that need running services (a Let's Encrypt order needs
 nginx to answer the challenge). Each service module also declares its service's runtime
 contract (`service(settings)`), and this package builds the runs the pipeline executes:
-`reconfigure` (everything), `renewal` (the certificates alone) and the signing-key
-rotation's (`rotate_token_key`, `finish_token_key_rotation`; recipes/rotation.py).
+`reconfigure` (everything), `renewal` (the certificates alone), the signing-key
+rotation's (`rotate_token_key`, `finish_token_key_rotation`; recipes/rotation.py) and
+`garbage_collection` (the registry's storage; recipes/registry_gc.py).
 """
 
 from __future__ import annotations
@@ -110,6 +111,16 @@ def finish_token_key_rotation(settings: Settings, force: bool = False) -> Run:
     from recipes import rotation
 
     return rotation.finish(settings, force)
+
+
+def garbage_collection(
+    settings: Settings, dry_run: bool = False, delete_untagged: bool = False, verbose: bool = False
+) -> Run:
+    """`appliance-ctl registry-garbage-collect`: untagged manifests (when asked), then
+    Distribution's collector inside a read-only maintenance window (recipes/registry_gc)."""
+    from recipes import registry_gc
+
+    return registry_gc.run(settings, dry_run, delete_untagged, verbose)
 
 
 def preflight(settings: Settings) -> None:

@@ -228,6 +228,7 @@ def auth_config(settings: Settings, secrets: Secrets) -> AuthConfig:
         usage_file=settings.paths.registry_usage_file,
         gc_stats_file=settings.paths.registry_gc_file,
         registry_address=registry_address(settings) if settings.registry.enable else "",
+        maintenance_file=settings.paths.registry_maintenance,
     )
 
 

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
+from appliance import registry_maintenance
 from appliance.contracts import Service, signal
 from appliance.engine import Report
 from appliance.errors import ServiceError
-from appliance.resources import Directory, File, Resource, Template, reload
+from appliance.resources import Change, Directory, File, Resource, Template, reload
 from appliance.secrets import Secrets
 from appliance.settings import (
     STORAGE_EXTRAS,
@@ -53,6 +56,20 @@ def storage(settings: Settings) -> dict:
         if extra in configured:
             out[extra] = configured[extra]
     return out
+
+
+def readonly_storage(settings: Settings) -> dict:
+    """The same storage, served read-only (a maintenance window): pulls work, pushes and
+    deletes answer 405. Whatever `maintenance` the admin configured is kept."""
+    out = storage(settings)
+    out["maintenance"] = {**dict(out.get("maintenance") or {}), "readonly": {"enabled": True}}
+    return out
+
+
+def readonly_config(settings: Settings) -> Path:
+    """The registry's config with read-only storage, beside its own: what the wrapper
+    starts its children on while a maintenance window is open."""
+    return settings.paths.registry_dir / "config-readonly.yml"
 
 
 def filesystem_root(settings: Settings) -> Path | None:
@@ -214,6 +231,12 @@ def program_description(settings: Settings, secrets: Secrets) -> dict:
         "drain_seconds": DRAIN_SECONDS,
         "settle_seconds": SETTLE_SECONDS,
         "state_file": str(state_file(settings)),
+        "readonly_command": [
+            settings.facts.registry_binary,
+            "serve",
+            str(readonly_config(settings)),
+        ],
+        "maintenance_file": str(settings.paths.registry_maintenance),
     }
 
 
@@ -308,6 +331,41 @@ def service(settings: Settings) -> Service:
     )
 
 
+@dataclass
+class StaleMaintenanceWindow(Resource):
+    """A maintenance marker whose owner is gone (a garbage collection killed inside its
+    window) is removed, and the registry handed over again: it serves read-write after
+    the next reconfigure whatever happened (its wrapper also hands itself back as soon as
+    it sees the owner gone; the handover here is for a wrapper that did not)."""
+
+    path: Path
+    notifies: tuple = (reload("registry"),)
+    kind: ClassVar[str] = "maintenance window"
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    def current(self) -> registry_maintenance.Window | None:
+        window = registry_maintenance.read(self.path)
+        if registry_maintenance.state(window) == registry_maintenance.STALE:
+            return window
+        return None
+
+    def plan(self, current: registry_maintenance.Window | None) -> list[Change]:
+        if current is None:
+            return []
+        return [
+            Change(
+                f"remove: left by pid {current.pid} ({current.reason}), which is gone; "
+                f"the registry serves read-write again"
+            )
+        ]
+
+    def apply(self) -> None:
+        registry_maintenance.remove(self.path)
+
+
 def config_context(settings: Settings, secrets: Secrets) -> dict:
     r = settings.registry
     return {
@@ -371,6 +429,16 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
             group=user,
             notifies=notify,
         ),
+        # The same, read-only: the config of a maintenance window (garbage collection).
+        Template(
+            readonly_config(settings),
+            "registry/config.yml.j2",
+            {**config_context(settings, secrets), "storage": readonly_storage(settings)},
+            mode=0o640,
+            group=user,
+            notifies=notify,
+        ),
+        StaleMaintenanceWindow(p.registry_maintenance),
         # Environment and the secrets the wrapper masks in the registry's log: a change
         # is a handover, not a restart of the program.
         File(

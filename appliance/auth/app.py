@@ -48,6 +48,7 @@ from appliance.auth.permissions import (
     ProjectAccess,
     decide,
     decide_catalog,
+    maintenance_refusal,
 )
 from appliance.auth.signin import ANONYMOUS, Authenticator, SignedIn, SignInRefused
 from appliance.auth.store import Store
@@ -56,6 +57,7 @@ from appliance.auth.tag_rules import PASSED
 from appliance.auth.tokens import TokenSigner, TokenVerifier, rfc3339
 from appliance.auth.usage import FiguresFile, current, project_bytes
 from appliance.registry_api import RegistryAPI
+from appliance.registry_maintenance import STALE, Watch, state
 
 StartResponse = Callable[..., object]
 MAX_FORM_BYTES = 64 * 1024
@@ -112,6 +114,7 @@ class TokenService:
             else None,
             config.default_registry_enabled,
         )
+        self.maintenance = Watch(config.maintenance_file)
 
     # -- WSGI entry point -------------------------------------------------------------
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
@@ -319,7 +322,13 @@ class TokenService:
         except BadRequest as error:
             return self._bad_request(environ, start_response, record, error, address, now)
 
-        access, reasons, refusals = self.grant(signed_in, scopes)
+        # A maintenance window (a garbage collection) refuses pushes and deletes before
+        # anything is looked up; the refusal is answered as a quota's is (REFUSAL_STATUS).
+        refusal = self.maintenance_refusal(scopes, now)
+        if refusal:
+            access, reasons, refusals = [], [], [refusal]
+        else:
+            access, reasons, refusals = self.grant(signed_in, scopes)
         if refusals:
             message = "; ".join(refusals)
             self.audit.record(
@@ -420,6 +429,21 @@ class TokenService:
             return ANONYMOUS, False
         signed_in = self.authenticator.sign_in(*credentials, address, now)
         return signed_in, _single(params, "offline_token") == "true"
+
+    def maintenance_refusal(self, scopes: list[str], now: float) -> str:
+        """While the registry serves read-only (a garbage collection's window), a token
+        request asking to push or delete anywhere is refused with the sentence the
+        client prints; pulls go on. One stat of the marker file per request."""
+        window = self.maintenance.window()
+        if window is None or state(window) == STALE:
+            return ""
+        actions = [
+            action
+            for scope in scopes
+            if scope.startswith("repository:")
+            for action in scope.rsplit(":", 1)[-1].split(",")
+        ]
+        return maintenance_refusal(actions, window.reason, window.expected_end, now)
 
     def grant(
         self, signed_in: SignedIn, scopes: list[str]

@@ -92,6 +92,9 @@ class AuthConfig:
     """Where the registry answers (host:port or its socket path), asked by the tag rules
     what a tag points at; '' when the appliance runs no registry (then no manifest write
     reaches the service)."""
+    maintenance_file: Path
+    """The registry's maintenance marker (appliance/registry_maintenance.py): while a
+    window is in force, push and delete are refused with a sentence the client prints."""
 
     @property
     def listen_socket(self) -> Path | None:
@@ -135,6 +138,7 @@ _PATH_FIELDS = {
     "audit_log",
     "usage_file",
     "gc_stats_file",
+    "maintenance_file",
 }
 
 

@@ -213,3 +213,27 @@ def _dedupe(actions: Iterable[str]) -> list[str]:
         if action and action not in seen:
             seen.append(action)
     return seen
+
+
+WRITE_ACTIONS = frozenset({PUSH, DELETE, ALL})
+
+
+def maintenance_refusal(
+    requested: Iterable[str], reason: str | None, until: float, now: float
+) -> str:
+    """The sentence a push or delete gets while the registry is in maintenance (`reason`
+    set: the registry serves read-only); '' for everything else, pulls included.
+
+    The client prints it ("registry is in maintenance (garbage collection) until about
+    14:05 UTC; retry later") instead of the read-only registry's bare 405. A window that
+    overruns its estimate says a minute from now rather than a time gone by.
+    """
+    if reason is None or not WRITE_ACTIONS & set(requested):
+        return ""
+    import time
+
+    end = -(-max(until, now + 60) // 60) * 60  # rounded up to the minute
+    return (
+        f"registry is in maintenance ({reason}) until about "
+        f"{time.strftime('%H:%M', time.gmtime(end))} UTC; retry later"
+    )

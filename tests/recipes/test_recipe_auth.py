@@ -176,6 +176,7 @@ ARRIVES_AS = {
     "usage_file": OTHER_ROOT / "var/opt/appliance/registry-usage.json",
     "gc_stats_file": OTHER_ROOT / "var/opt/appliance/registry-gc.json",
     "registry_address": "127.0.0.1:5999",
+    "maintenance_file": OTHER_ROOT / "var/opt/appliance/registry-maintenance.json",
 }
 
 

@@ -7,6 +7,7 @@ it. Processes are the whole-appliance tests' business.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -464,3 +465,51 @@ def test_a_debug_server_off_loopback_is_warned_about(tmp_path, debug_addr, warne
         [line] = lines
         assert line.startswith(f"Warning: registry.debug_addr {debug_addr} is not a loopback")
         assert "/debug/pprof/" in line
+
+
+def test_the_read_only_config_is_the_same_config_with_read_only_storage(tmp_path):
+    maintenance = {"uploadpurging": {"enabled": False}}
+    settings = settings_for(tmp_path, registry={"storage": {"maintenance": maintenance}})
+    resources = registry.resources(settings, SECRETS)
+    config = yaml.safe_load(by_path(resources, settings.paths.registry_config).content)
+    readonly = by_path(resources, registry.readonly_config(settings))
+    assert readonly.notifies == (reload("registry"),) and readonly.mode == 0o640
+    expected = dict(config)
+    expected["storage"] = {
+        **config["storage"],
+        "maintenance": {"uploadpurging": {"enabled": False}, "readonly": {"enabled": True}},
+    }
+    assert yaml.safe_load(readonly.content) == expected
+    program = program_json(tmp_path)
+    assert program["readonly_command"] == [
+        *program["command"][:-1],
+        str(registry.readonly_config(settings_for(tmp_path))),
+    ]
+    assert program["maintenance_file"] == str(settings.paths.registry_maintenance)
+
+
+def test_a_maintenance_window_whose_owner_is_gone_is_removed_and_hands_the_registry_over(
+    tmp_path,
+):
+    import subprocess
+
+    from appliance import registry_maintenance as maintenance
+
+    settings = settings_for(tmp_path)
+    [stale] = [
+        r
+        for r in registry.resources(settings, SECRETS)
+        if isinstance(r, registry.StaleMaintenanceWindow)
+    ]
+    assert stale.notifies == (reload("registry"),)
+    assert stale.plan(stale.current()) == []  # no marker
+    path = settings.paths.registry_maintenance
+    path.parent.mkdir(parents=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for pid, changes in ((os.getpid(), 0), (gone.pid, 1)):  # a live owner's window stays
+        maintenance.write(path, maintenance.Window("garbage collection", 1, 2, pid, None))
+        assert len(stale.plan(stale.current())) == changes
+    assert "left by pid" in stale.plan(stale.current())[0].summary
+    stale.apply()
+    assert not path.exists()

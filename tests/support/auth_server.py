@@ -100,6 +100,7 @@ def make_config(directory: Path, port: int = 0, key_kind: str = "ec", **override
         usage_file=directory / "registry-usage.json",
         gc_stats_file=directory / "registry-gc.json",
         registry_address="",
+        maintenance_file=directory / "registry-maintenance.json",
     )
     values.update(overrides)
     config = AuthConfig(**values)

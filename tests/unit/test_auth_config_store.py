@@ -52,6 +52,7 @@ COMPLETE = {
     "usage_file": "/var/opt/appliance/registry-usage.json",
     "gc_stats_file": "/var/opt/appliance/registry-gc.json",
     "registry_address": "127.0.0.1:5000",
+    "maintenance_file": "/var/opt/appliance/registry-maintenance.json",
 }
 
 

@@ -322,13 +322,7 @@ class TokenService:
         except BadRequest as error:
             return self._bad_request(environ, start_response, record, error, address, now)
 
-        # A maintenance window (a garbage collection) refuses pushes and deletes before
-        # anything is looked up; the refusal is answered as a quota's is (REFUSAL_STATUS).
-        refusal = self.maintenance_refusal(scopes, now)
-        if refusal:
-            access, reasons, refusals = [], [], [refusal]
-        else:
-            access, reasons, refusals = self.grant(signed_in, scopes)
+        access, reasons, refusals = self.grant(signed_in, scopes)
         if refusals:
             message = "; ".join(refusals)
             self.audit.record(
@@ -430,19 +424,13 @@ class TokenService:
         signed_in = self.authenticator.sign_in(*credentials, address, now)
         return signed_in, _single(params, "offline_token") == "true"
 
-    def maintenance_refusal(self, scopes: list[str], now: float) -> str:
-        """While the registry serves read-only (a garbage collection's window), a token
-        request asking to push or delete anywhere is refused with the sentence the
-        client prints; pulls go on. One stat of the marker file per request."""
+    def maintenance_refusal(self, actions: list[str], now: float) -> str:
+        """While the registry serves read-only (a garbage collection's window), a push or
+        delete is refused with the sentence the client prints; pulls go on. One stat of
+        the marker file per request."""
         window = self.maintenance.window()
         if window is None or state(window) == STALE:
             return ""
-        actions = [
-            action
-            for scope in scopes
-            if scope.startswith("repository:")
-            for action in scope.rsplit(":", 1)[-1].split(",")
-        ]
         return maintenance_refusal(actions, window.reason, window.expected_end, now)
 
     def grant(
@@ -484,6 +472,12 @@ class TokenService:
         the token and the explanation cannot disagree."""
         if not is_repository_name(name):
             return Decision((), "not a valid repository name")
+        # A maintenance window (a garbage collection) refuses pushes and deletes before
+        # anything is looked up, whoever asks; the whole request is refused with it, as a
+        # quota's refusal is (REFUSAL_STATUS).
+        refusal = self.maintenance_refusal(actions, time.time())
+        if refusal:
+            return Decision((), refusal, refusal=refusal)
         project = self.store.project_access(
             name,
             principal.user_id,

@@ -249,3 +249,27 @@ def test_a_rule_of_the_decision_shows_up_by_itself_the_quota(service) -> None:
     )
     assert explanation.fix == ""  # the reason says what to do
     assert explain(service, "alice", "pull", "team/app").granted
+
+
+def test_a_maintenance_window_shows_up_by_itself(service) -> None:
+    """A garbage collection's window refuses pushes and deletes in the service's decision,
+    so `why` explains it without knowing of it; pulls stay granted."""
+    import os
+
+    from appliance import registry_maintenance
+
+    now = time.time()
+    window = registry_maintenance.Window(
+        reason="garbage collection",
+        started=now,
+        expected_end=now + 600,
+        pid=os.getpid(),
+        pid_start=registry_maintenance.process_start(os.getpid()),
+    )
+    registry_maintenance.write(service.config.maintenance_file, window)
+    explanation = explain(service, "alice", "push", "team/app")
+    assert not explanation.granted
+    assert "registry is in maintenance (garbage collection) until about" in (explanation.headline())
+    assert explain(service, "alice", "pull", "team/app").granted
+    registry_maintenance.remove(service.config.maintenance_file)
+    assert explain(service, "alice", "push", "team/app").granted

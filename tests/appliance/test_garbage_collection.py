@@ -21,7 +21,7 @@ import pytest
 from appliance.registry_storage import storage_lock
 from tests.appliance.test_registry_settings import s3_client, s3_server  # noqa: F401
 from tests.support.appliance import BIN, ApplianceUnderTest
-from tests.support.oci_index import build_index, build_layered
+from tests.support.oci import build_index, build_layered
 from tests.support.pull_loop import PullLoop
 from tests.support.skopeo import Skopeo, SkopeoError
 
@@ -166,8 +166,8 @@ def test_gc_frees_the_deleted_images_unique_blobs_while_pulls_go_on_and_pushes_w
         *v1.layer_digests,
         other.manifest_digest,
         *other.layer_digests,
-        index.digest,
-        *(d for image in index.platforms.values() for d in image.layer_digests),
+        index.index_digest,
+        *(d for image in index.children.values() for d in image.layer_digests),
         v2.layer_digests[0],  # the shared base
     }
     assert all(blob_file(appliance, d).exists() for d in unique_to_v2 | kept)
@@ -253,7 +253,7 @@ def test_delete_untagged_keeps_the_index_and_its_platforms_pullable(
     assert blob_file(appliance, second.manifest_digest).exists()
     index = pushed["index"]
     copy_all(client, client.url("root/multi", "latest"), f"oci:{tmp_path / 'pulled'}:latest")
-    for image in index.platforms.values():  # each platform manifest still answers
+    for image in index.children.values():  # each platform manifest still answers
         raw = client.run(
             "inspect",
             "--raw",

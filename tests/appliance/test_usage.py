@@ -226,6 +226,24 @@ def test_a_raised_quota_lets_pushes_in_again(appliance, client, images):
     assert "quota:      none" in appliance.ctl("project", "show", "alpha/app").stdout
 
 
+def test_after_a_delete_and_a_garbage_collection_pushes_are_accepted_again(
+    appliance, client, tmp_path
+):
+    big = build_image(tmp_path / "big", "v1", {"big.bin": os.urandom(256 * 1024)})
+    client.push(big, "alpha/app/big", "v1")
+    used = usage(appliance)["projects"]["alpha/app"]["bytes"]
+    appliance.ctl("project", "update", "alpha/app", "--quota", str(used - 1024))
+    small = build_image(tmp_path / "small", "v1", {"small.txt": b"small"})
+    with pytest.raises(SkopeoError, match="of its .* quota"):
+        client.push(small, "alpha/app/small", "v1")
+    appliance.ctl("tag", "delete", "alpha/app/big:v1")
+    collected = appliance.ctl("registry-garbage-collect")
+    assert "freed" in collected.stdout, collected.stdout
+    client.push(small, "alpha/app/small", "v1")  # the collection refreshed the figures
+    assert usage(appliance)["projects"]["alpha/app"]["bytes"] < used - 200 * 1024
+    appliance.ctl("project", "update", "alpha/app", "--quota", "none")
+
+
 def test_a_bad_quota_is_one_sentence_and_changes_nothing(appliance):
     result = appliance.ctl("project", "update", "alpha/app", "--quota", "20 parsecs", check=False)
     assert result.returncode == 1

@@ -127,10 +127,29 @@ def build_image(
     """
     if files is None and not random_bytes:
         files = {"hello.txt": os.urandom(16).hex().encode()}
+    layers = ([(base, 0)] if base is not None else []) + [(files or {}, random_bytes)]
+    return _build(layout, tag, layers, created, platform)
+
+
+def build_layered(
+    layout: Path, tag: str, layers: list[dict[str, bytes]], architecture: str = "amd64"
+) -> OciImage:
+    """An image of several layers (each a dict of files) under `tag`. Layers are
+    deterministic gzip tars: the same files make the same digest, so two images with a
+    layer in common share it in the registry, as images built FROM one base do."""
+    return _build(layout, tag, [(files, 0) for files in layers], None, ("linux", architecture))
+
+
+def _build(
+    layout: Path,
+    tag: str,
+    layer_contents: list[tuple[dict[str, bytes], int]],
+    created: str | None,
+    platform: tuple[str, str],
+) -> OciImage:
     layout.mkdir(parents=True, exist_ok=True)
     (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
-    layers = [_write_layer(layout, base, 0)] if base is not None else []
-    layers.append(_write_layer(layout, files or {}, random_bytes))
+    layers = [_write_layer(layout, files, random_bytes) for files, random_bytes in layer_contents]
     config = {
         "architecture": platform[1],
         "os": platform[0],
@@ -176,23 +195,29 @@ class OciIndex:
 def build_index(
     layout: Path,
     tag: str = "multi",
-    platforms: tuple[str, ...] = ("linux/amd64", "linux/arm64"),
+    platforms: tuple[str, ...] | dict[str, list[dict[str, bytes]]] = ("linux/amd64", "linux/arm64"),
     created: tuple[str | None, ...] | None = None,
 ) -> OciIndex:
-    """A multi-platform image: an OCI index under `tag` naming one single-layer image per
-    platform (each with its own layer, so their digests differ). Push it with
+    """A multi-platform image: an OCI index under `tag` naming one image per platform.
+    `platforms` as names: one single-layer image each (its own layer, so their digests
+    differ); as a mapping "os/architecture" -> layers: images of those layers (a layer
+    given to two platforms, or to another image, is shared). Push it with
     `skopeo copy --all` (`Skopeo.push_all`); `created[i]` is the i-th child's date."""
     children: dict[str, OciImage] = {}
     descriptors = []
     for number, platform in enumerate(platforms):
         os_name, architecture = platform.split("/", 1)
-        child = build_image(
-            layout,
-            tag=f"{tag}-{os_name}-{architecture}".replace("/", "-"),
-            files={"platform.txt": f"{platform} {os.urandom(8).hex()}".encode()},
-            created=created[number] if created else None,
-            platform=(os_name, architecture),
-        )
+        child_tag = f"{tag}-{os_name}-{architecture}".replace("/", "-")
+        if isinstance(platforms, dict):
+            child = build_layered(layout, child_tag, platforms[platform], architecture)
+        else:
+            child = build_image(
+                layout,
+                tag=child_tag,
+                files={"platform.txt": f"{platform} {os.urandom(8).hex()}".encode()},
+                created=created[number] if created else None,
+                platform=(os_name, architecture),
+            )
         children[platform] = child
         descriptors.append(
             {

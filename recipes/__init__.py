@@ -14,6 +14,7 @@ rotation's (`rotate_token_key`, `finish_token_key_rotation`; recipes/rotation.py
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 from appliance import registry_storage as registry_storage_module
 from appliance import secrets as secrets_module
@@ -104,6 +105,34 @@ def finish_token_key_rotation(settings: Settings, force: bool = False) -> Run:
     from recipes import rotation
 
     return rotation.finish(settings, force)
+
+
+def backup(settings: Settings, directory: Path | None = None, skip_images: bool = False) -> Path:
+    """`appliance-ctl backup`: one archive of everything a lost host needs (recipes/backup.py)."""
+    from recipes import backup as backup_module
+
+    return backup_module.backup(settings, directory, skip_images)
+
+
+def restore(settings: Settings, archive: Path, force: bool = False) -> Report:
+    """`appliance-ctl restore`: the archive checked whole, the services stopped, its files
+    in place, then the one pipeline's reconfigure (which starts everything again)."""
+    from appliance import pipeline
+    from recipes import backup as backup_module
+
+    def stop_services() -> None:
+        from appliance.services import Supervisor
+
+        supervisor = Supervisor(settings.paths.supervisor_config, settings.paths.supervisor_socket)
+        if supervisor.is_running():
+            supervisor.shutdown()
+            print("restore: stopped every service (supervisord shut down)", flush=True)
+        pipeline.sweep_leftovers(settings.paths, services(settings), print)
+
+    restored = backup_module.restore(settings, archive, force, stop_services=stop_services)
+    report = pipeline.execute(restored, reconfigure(restored))
+    backup_module.hand_over(restored)
+    return report
 
 
 def preflight(settings: Settings) -> None:

@@ -109,7 +109,7 @@ def finish_token_key_rotation(settings: Settings, force: bool = False) -> Run:
 
 def backup(settings: Settings, directory: Path | None = None, skip_images: bool = False) -> Path:
     """`appliance-ctl backup`: one archive of everything a lost host needs (recipes/backup.py)."""
-    from recipes import backup as backup_module
+    from recipes import backup_restore as backup_module
 
     return backup_module.backup(settings, directory, skip_images)
 
@@ -118,7 +118,7 @@ def restore(settings: Settings, archive: Path, force: bool = False) -> Report:
     """`appliance-ctl restore`: the archive checked whole, the services stopped, its files
     in place, then the one pipeline's reconfigure (which starts everything again)."""
     from appliance import pipeline
-    from recipes import backup as backup_module
+    from recipes import backup_restore as backup_module
 
     def stop_services() -> None:
         from appliance.services import Supervisor

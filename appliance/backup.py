@@ -68,6 +68,16 @@ def archive_name(host: str, now: datetime | None = None) -> str:
     return f"appliance-backup-{safe_host}-{stamp}.tar.gz"
 
 
+def unused_name(directory: Path, name: str) -> str:
+    """`name`, or name-2, name-3, ... when an archive of that second exists already."""
+    stem = name.removesuffix(".tar.gz")
+    candidate, n = name, 1
+    while (directory / candidate).exists():
+        n += 1
+        candidate = f"{stem}-{n}.tar.gz"
+    return candidate
+
+
 def root_member(root: Path, path: Path) -> str | None:
     """The member name of a host file (None when it lies outside the appliance's root)."""
     try:

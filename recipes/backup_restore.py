@@ -96,7 +96,9 @@ def backup(
     out.redact = _redactor(settings)
     started = time.monotonic()
     target_dir = directory or p.data_dir / "backups"
-    name = archive_format.archive_name(archive_format.host_name())
+    name = archive_format.unused_name(
+        target_dir, archive_format.archive_name(archive_format.host_name())
+    )
     storage = registry.storage(settings) if settings.registry.enable else {}
     driver = next((k for k in storage if k not in ("delete", "cache", "redirect")), "none")
     filesystem = registry.filesystem_root(settings) if settings.registry.enable else None

@@ -158,6 +158,32 @@ def test_skip_images_archive_holds_no_registry_data(state):
     assert "root/var/opt/appliance/auth/auth.db" in names
 
 
+def test_s3_backup_holds_everything_but_the_bucket_and_says_so(state):
+    """The backup never reads the bucket, so the config alone decides (no reconfigure)."""
+    appliance = state["appliance"]
+    secret = "s3-secret-never-printed"
+    original = dict(appliance.config)
+    s3 = {"accesskey": "k", "secretkey": secret, "bucket": "images", "region": "us-east-1"}
+    try:
+        appliance.write_config({"registry": {"storage": {"s3": s3}}})
+        result = appliance.ctl("backup", "--to", str(state["work"] / "s3-archives"))
+    finally:
+        appliance.config = original
+        appliance.write_config()
+    assert (
+        "the images are not in this archive: they stay in s3 bucket images; protect them "
+        "with the bucket's own versioning or replication." in result.stdout
+    )
+    assert secret not in result.stdout + result.stderr
+    with tarfile.open(archive_path(result.stdout)) as tar:
+        names = tar.getnames()
+        manifest = json.load(tar.extractfile("MANIFEST.json"))
+        assert secret.encode() in tar.extractfile("config/appliance.yml").read()
+    assert not [n for n in names if n.startswith("registry/")]
+    assert manifest["storage"]["driver"] == "s3"
+    assert manifest["storage"]["images"] == "not included"
+
+
 def test_restore_refuses_a_host_with_data(state, tmp_path):
     appliance = state["appliance"]
     config_before = appliance.config_file.read_bytes()

@@ -244,3 +244,10 @@ def test_archive_names_differ_by_the_second_and_say_the_host():
 
     name = backup.archive_name("reg/01", datetime(2026, 11, 28, 14, 1, 2, tzinfo=UTC))
     assert name == "appliance-backup-reg_01-20261128T140102Z.tar.gz"
+
+
+def test_a_second_archive_in_the_same_second_gets_a_new_name(tmp_path):
+    (tmp_path / "b-20261128T140102Z.tar.gz").write_bytes(b"")
+    (tmp_path / "b-20261128T140102Z-2.tar.gz").write_bytes(b"")
+    name = backup.unused_name(tmp_path, "b-20261128T140102Z.tar.gz")
+    assert name == "b-20261128T140102Z-3.tar.gz"

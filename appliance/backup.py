@@ -192,6 +192,11 @@ def new_archive(directory: Path, name: str) -> Iterator[ArchiveWriter]:
                 f"run the backup again."
             ) from None
     except OSError as error:
+        if error.filename and Path(error.filename) != partial:
+            raise BackupError(
+                f"cannot read {error.filename}: {error.strerror or error}; run the backup "
+                f"as root; no archive was written."
+            ) from error
         raise BackupError(
             f"cannot write the archive in {directory}: {error.strerror or error}; "
             f"free some space there or choose another directory with --to DIR."

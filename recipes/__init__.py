@@ -13,7 +13,7 @@ rotation's (`rotate_token_key`, `finish_token_key_rotation`; recipes/rotation.py
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from appliance import registry_storage as registry_storage_module
@@ -120,14 +120,14 @@ def restore(settings: Settings, archive: Path, force: bool = False) -> Report:
     from appliance import pipeline
     from recipes import backup_restore as backup_module
 
-    def stop_services() -> None:
+    def stop_services(out: Callable[[str], None]) -> None:
         from appliance.services import Supervisor
 
         supervisor = Supervisor(settings.paths.supervisor_config, settings.paths.supervisor_socket)
         if supervisor.is_running():
             supervisor.shutdown()
-            print("restore: stopped every service (supervisord shut down)", flush=True)
-        pipeline.sweep_leftovers(settings.paths, services(settings), print)
+            out("restore: stopped every service (supervisord shut down)")
+        pipeline.sweep_leftovers(settings.paths, services(settings), out)
 
     restored = backup_module.restore(settings, archive, force, stop_services=stop_services)
     report = pipeline.execute(restored, reconfigure(restored))

@@ -92,6 +92,8 @@ def backup(
             f"{p.secrets_file} does not exist: this host was never reconfigured, so there "
             f"is nothing to back up."
         )
+    if not os.access(p.secrets_file, os.R_OK):
+        raise BackupError(f"cannot read {p.secrets_file}: run the backup as root.")
     out = RunLog(stream, p.log_dir / "backup")
     out.redact = _redactor(settings)
     started = time.monotonic()
@@ -262,7 +264,7 @@ def restore(
     archive: Path,
     force: bool = False,
     stream: TextIO = sys.stdout,
-    stop_services: Callable[[], None] | None = None,
+    stop_services: Callable[[Callable[[str], None]], None] | None = None,
 ) -> Settings:
     """Put the archive's files in place of this host's and return the restored settings
     (the caller runs the reconfigure). Refused, with nothing changed, when the host has
@@ -308,7 +310,7 @@ def restore(
             f"this host signed stop verifying) and the certificates under {p.ssl_dir}"
         )
         if stop_services is not None:
-            stop_services()
+            stop_services(out)
         new_root = registry.filesystem_root(restored) if restored.registry.enable else None
         with reconfigure_lock(p.lock_file, out):
             for member in sorted(unpacked.members):

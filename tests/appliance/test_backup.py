@@ -238,6 +238,7 @@ def test_restore_onto_a_purged_root(state):
     archive = work / "kept" / state["archive"].name
     archive.parent.mkdir()
     shutil.copy(state["archive"], archive)
+    state["kept_archive"] = archive
     old.shutdown()
     for part in ("etc", "var"):
         shutil.rmtree(root / part)
@@ -299,3 +300,19 @@ def test_restore_onto_a_purged_root(state):
         f"figures: backup {state['backup_seconds']:.1f} s, archive "
         f"{archive.stat().st_size / 2**20:.1f} MiB, restore {state['restore_seconds']:.1f} s"
     )
+
+
+def test_force_replaces_the_data_it_lists(state):
+    """On a host with data, --force replaces what the refusal listed: an image pushed
+    after the backup is gone, the archive's images are back."""
+    restored, work = state["restored"], state["work"]
+    result = restored.ctl("restore", "--force", str(state["kept_archive"]), timeout=300)
+    assert re.search(r"^restore: replacing the auth database .*\(--force\)$", result.stdout, re.M)
+    assert re.search(
+        r"^restore: replacing the registry's data in .*\(--force\)$", result.stdout, re.M
+    )
+    restored.wait_until_running()
+    client = restored.skopeo(work / "after-force")
+    tags = client.list_tags("team/app")
+    assert "after" not in tags and {"v1", "v2"} <= set(tags)
+    assert client.digest("team/app", "v1") == state["pushed"][("team/app", "v1")]

@@ -201,21 +201,21 @@ def _version() -> str:
 # ---------------------------------------------------------------- restore
 
 
-def host_data(settings: Settings) -> list[str]:
-    """What a restore would replace that a fresh install does not have: users besides
-    root, projects or tokens in the auth database, repositories in the registry's
-    filesystem storage. (A fresh install's own config, secrets and certificates are
-    replaced too, and said so, but do not count as data.)"""
-    found = []
+def host_data(settings: Settings) -> dict[str, str]:
+    """What a restore would replace that a fresh install does not have ("auth",
+    "registry" -> what it holds): users besides root, projects or tokens in the auth
+    database, repositories in the registry's filesystem storage. (A fresh install's own
+    config, secrets and certificates are replaced too, and said so, but are no data.)"""
+    found = {}
     if settings.auth.enable:
         contents = archive_format.database_contents(settings.auth_database)
         if contents:
-            found.append(f"the auth database {settings.auth_database} ({', '.join(contents)})")
+            found["auth"] = f"the auth database {settings.auth_database} ({', '.join(contents)})"
     root = registry.filesystem_root(settings) if settings.registry.enable else None
     if root is not None:
         repositories, size = archive_format.registry_contents(root)
         if repositories or size:
-            found.append(
+            found["registry"] = (
                 f"the registry's data in {root} ({repositories} repositories, "
                 f"{archive_format.human_size(size)})"
             )
@@ -273,8 +273,8 @@ def restore(
     found = host_data(settings)
     if found and not force:
         raise BackupError(
-            f"this host has data a restore would replace: {'; '.join(found)}. Restore onto "
-            f"a fresh install, or add --force to replace it; nothing was changed."
+            f"this host has data a restore would replace: {'; '.join(found.values())}. "
+            f"Restore onto a fresh install, or add --force to replace it; nothing was changed."
         )
     if not archive.is_file():
         raise BackupError(f"{archive}: no such file.")
@@ -298,13 +298,25 @@ def restore(
                 f"{p.config_file} first); nothing was changed."
             )
         manifest = unpacked.manifest
+        allowed = _restorable(restored)
+        for member in sorted(unpacked.members):
+            if member.startswith(archive_format.ROOT_PREFIX) and not allowed(member):
+                raise BackupError(
+                    f"{archive} cannot be restored: its member {member} is not a file a backup "
+                    f"writes (config, secrets, certificates, auth database); nothing was changed."
+                )
         out(
             f"restore: {len(unpacked.members)} files checked (SHA-256), made "
             f"{manifest.get('created')} on {manifest.get('host')} by appliance "
             f"{manifest.get('appliance_version')}"
         )
-        for line in found:
-            out(f"restore: replacing {line} (--force)")
+        images = manifest.get("storage", {})
+        with_images = images.get("images") == "included"
+        for kind, line in found.items():
+            if kind == "registry" and not with_images:
+                out(f"restore: keeping {line}: the archive holds no images")
+            else:
+                out(f"restore: replacing {line} (--force)")
         out(
             f"restore: replacing {p.config_file}, {p.secrets_file} (the signing key: tokens "
             f"this host signed stop verifying) and the certificates under {p.ssl_dir}"
@@ -312,6 +324,7 @@ def restore(
         if stop_services is not None:
             stop_services(out)
         new_root = registry.filesystem_root(restored) if restored.registry.enable else None
+        database_member = archive_format.root_member(p.root, restored.auth_database)
         with reconfigure_lock(p.lock_file, out):
             for member in sorted(unpacked.members):
                 source = unpacked.path(member)
@@ -319,7 +332,7 @@ def restore(
                     _move(source, p.config_file)
                 elif member.startswith(archive_format.ROOT_PREFIX):
                     target = p.root / member[len(archive_format.ROOT_PREFIX) :]
-                    if member == manifest.get("auth_database"):
+                    if member == database_member:
                         for suffix in SUFFIXES:  # the old database's journal is not ours
                             Path(f"{target}{suffix}").unlink(missing_ok=True)
                     _move(source, target)
@@ -333,7 +346,7 @@ def restore(
                     f"database's root has the password it had"
                 )
             tree = unpacked.registry_tree()
-            if new_root is not None:
+            if new_root is not None and with_images:
                 new_root.mkdir(parents=True, exist_ok=True)
                 old = new_root / "docker"
                 if old.exists():
@@ -345,8 +358,7 @@ def restore(
                     _move_tree(tree / "docker", old)
             elif tree is not None:
                 out("restore: the archive's registry data is not restored (no filesystem storage)")
-        images = manifest.get("storage", {})
-        if images.get("images") != "included":
+        if not with_images:
             out(f"restore: {images.get('note', 'the archive holds no images')}.")
         hand_over(restored)
         out("restore: files in place; reconfiguring")
@@ -357,6 +369,23 @@ def restore(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         out.save()
+
+
+def _restorable(restored: Settings) -> Callable[[str], bool]:
+    """Whether a root/ member is one of the files a backup of these settings holds: an
+    archive's checksums say it is whole, not who made it, so a member named
+    root/etc/passwd is refused whatever its checksum."""
+    p = restored.paths
+    rn = restored.registry_nginx
+    files = {p.secrets_file, p.initial_root_password_file, restored.auth_database}
+    files |= {Path(name) for name in (rn.ssl_certificate, rn.ssl_certificate_key) if name}
+    names = {archive_format.root_member(p.root, path) for path in files} - {None}
+    ssl_prefix = archive_format.root_member(p.root, p.ssl_dir)
+
+    def allowed(member: str) -> bool:
+        return member in names or bool(ssl_prefix and member.startswith(ssl_prefix + "/"))
+
+    return allowed
 
 
 def _move_tree(source: Path, target: Path) -> None:

@@ -325,7 +325,10 @@ def restore(
             stop_services(out)
         new_root = registry.filesystem_root(restored) if restored.registry.enable else None
         database_member = archive_format.root_member(p.root, restored.auth_database)
-        with reconfigure_lock(p.lock_file, out):
+        with (
+            reconfigure_lock(p.lock_file, out),
+            storage_lock(p.registry_storage_lock, "restore"),
+        ):
             for member in sorted(unpacked.members):
                 source = unpacked.path(member)
                 if member == archive_format.CONFIG_MEMBER:

@@ -11,6 +11,7 @@ each is one step of the admin's story).
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import re
@@ -23,6 +24,7 @@ from pathlib import Path
 import jwt
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from tests.support.appliance import ApplianceUnderTest
 from tests.support.oci import build_image
@@ -289,6 +291,11 @@ def test_restore_onto_a_purged_root(state):
         audience="container_registry",
     )
     assert claims["access"][0]["name"] == "team/app"
+    # The registry checks x5c against its bundle first: the same certificate, byte for byte.
+    header = jwt.get_unverified_header(token)
+    assert base64.b64decode(header["x5c"][0]) == certificate.public_bytes(
+        serialization.Encoding.DER
+    )
 
     again = fresh.reconfigure().stdout
     assert re.search(r"^reconfigure: 0/\d+ resources updated", again, re.M), again

@@ -124,8 +124,9 @@ class ArchiveWriter:
         self.tar.addfile(info, io.BytesIO(data))
         self._record(name, hashlib.sha256(data).hexdigest(), len(data), info.mode)
 
-    def add_file(self, name: str, path: Path) -> bool:
-        """Add a regular file (False when it vanished or is not a regular file)."""
+    def add_file(self, name: str, path: Path, mode: int | None = None) -> bool:
+        """Add a regular file (False when it vanished or is not a regular file), with its
+        own mode or `mode` (a snapshot stands for a file whose mode it should carry)."""
         try:
             handle = open(path, "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError:
@@ -134,7 +135,7 @@ class ArchiveWriter:
             st = os.fstat(handle.fileno())
             if not stat.S_ISREG(st.st_mode):
                 return False
-            info = self._info(name, st.st_size, st.st_mode, st.st_mtime)
+            info = self._info(name, st.st_size, st.st_mode if mode is None else mode, st.st_mtime)
             hashing = _Hashing(handle)
             self.tar.addfile(info, hashing)
         self._record(name, hashing.sha256.hexdigest(), st.st_size, info.mode)

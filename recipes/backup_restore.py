@@ -141,7 +141,11 @@ def backup(
                 with tempfile.TemporaryDirectory(dir=p.data_dir, prefix=".backup-") as tmp:
                     copy = Path(tmp) / "auth.db"
                     archive_format.snapshot_database(settings.auth_database, copy)
-                    writer.add_file(database_member or "root/auth.db", copy)
+                    writer.add_file(
+                        database_member or "root/auth.db",
+                        copy,
+                        mode=settings.auth_database.stat().st_mode,  # 0600: password hashes
+                    )
                 out(f"backup: the auth database {settings.auth_database} (SQLite online backup)")
             registry_copy = None
             if images == "included" and filesystem is not None:

@@ -299,10 +299,11 @@ def test_restore_onto_a_purged_root(state):
 
     again = fresh.reconfigure().stdout
     assert re.search(r"^reconfigure: 0/\d+ resources updated", again, re.M), again
-    assert (
-        "root/var/opt/appliance/auth/auth.db"
-        in json.load(tarfile.open(archive).extractfile("MANIFEST.json"))["members"]
-    )
+    database = root / "var/opt/appliance/auth/auth.db"
+    assert database.stat().st_mode & 0o777 == 0o600  # as the auth service made it
+    with tarfile.open(archive) as tar:
+        members = json.load(tar.extractfile("MANIFEST.json"))["members"]
+    assert members["root/var/opt/appliance/auth/auth.db"]["mode"] == "0600"
     print(
         f"figures: backup {state['backup_seconds']:.1f} s, archive "
         f"{archive.stat().st_size / 2**20:.1f} MiB, restore {state['restore_seconds']:.1f} s"

@@ -288,7 +288,9 @@ def restore(
     shutil.rmtree(staging, ignore_errors=True)  # what a killed restore left
     try:
         out(f"restore: checking {archive}")
+        started = time.monotonic()
         unpacked = archive_format.unpack(archive, staging)
+        checked = time.monotonic() - started
         config = unpacked.path(archive_format.CONFIG_MEMBER)
         if not config.is_file():
             raise BackupError(
@@ -310,7 +312,7 @@ def restore(
                     f"writes (config, secrets, certificates, auth database); nothing was changed."
                 )
         out(
-            f"restore: {len(unpacked.members)} files checked (SHA-256), made "
+            f"restore: {len(unpacked.members)} files checked (SHA-256) in {checked:.2f} s, made "
             f"{manifest.get('created')} on {manifest.get('host')} by appliance "
             f"{manifest.get('appliance_version')}"
         )

@@ -251,3 +251,27 @@ def test_a_second_archive_in_the_same_second_gets_a_new_name(tmp_path):
     (tmp_path / "b-20261128T140102Z-2.tar.gz").write_bytes(b"")
     name = backup.unused_name(tmp_path, "b-20261128T140102Z.tar.gz")
     assert name == "b-20261128T140102Z-3.tar.gz"
+
+
+def test_compressed_layers_are_stored_and_the_rest_compressed_readable_by_gnu_tar(tmp_path):
+    import shutil
+    import subprocess
+
+    layer = gzip.compress(os.urandom(1 << 20))  # a layer as registries hold them
+    text = b"a very compressible line of a database or a link file\n" * 20000
+    archive = write_archive(
+        tmp_path,
+        {
+            "registry/docker/registry/v2/blobs/sha256/aa/aaaa/data": layer,
+            "root/var/opt/appliance/auth/auth.db": text,
+        },
+    )
+    size = archive.stat().st_size
+    assert len(layer) < size < len(layer) + len(text) // 20
+    members = gzip.open(archive).read()  # several gzip members, read as one stream
+    assert layer in members and text in members
+    if shutil.which("tar"):
+        listing = subprocess.run(
+            ["tar", "-tzf", str(archive)], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert listing[-1] == backup.MANIFEST and len(listing) == 3

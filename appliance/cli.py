@@ -111,7 +111,7 @@ def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
         "restore",
         help="put a backup archive in place on a fresh install, then reconfigure",
     )
-    p.add_argument("archive", metavar="FILE")
+    p.add_argument("archive", metavar="FILE", help="an archive appliance-ctl backup wrote")
     p.add_argument(
         "--force",
         action="store_true",

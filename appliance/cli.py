@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from appliance import settings as settings_module
 from appliance.errors import ApplianceError, ConfigError, UsageError
 
-AUTH_COMMANDS = ("user", "project", "member", "token", "deploy-token")
+AUTH_COMMANDS = ("user", "project", "member", "token", "deploy-token", "history")
 
 
 def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
@@ -119,11 +119,77 @@ def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_restore)
 
+    p = sub.add_parser(
+        "usage",
+        help="storage used per project or repository, deduplicated, from storage itself",
+    )
+    p.add_argument(
+        "--by",
+        choices=("project", "repo"),
+        default="project",
+        help="group by project (default) or repository",
+    )
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(handler=cmd_usage)
+
+    p = sub.add_parser(
+        "check",
+        help="diagnose the running appliance: one line per check (ok, warn, FAIL, skip); "
+        "exit 1 on a failure",
+    )
+    p.add_argument("--json", action="store_true", help="print the results as JSON (monitoring)")
+    p.set_defaults(handler=cmd_check)
+
+    p = sub.add_parser(
+        "why",
+        help="why USER may or may not pull, push or delete REPO (the token service's "
+        "decision replayed, with the last audit line); exit 3 when refused",
+    )
+    p.add_argument("user", help="a username, a deploy token's username, or - for anonymous")
+    p.add_argument("action", choices=["pull", "push", "delete"])
+    p.add_argument("repository", help="the repository, like team/app")
+    p.add_argument(
+        "--token",
+        type=int,
+        metavar="ID",
+        help="as signed in with this personal access token of USER (appliance-ctl token list)",
+    )
+    p.set_defaults(handler=cmd_why)
+
+    p = sub.add_parser(
+        "registry-garbage-collect",
+        aliases=["gc"],
+        help="free the storage no manifest references (pulls go on; pushes wait)",
+        description="Run Distribution's garbage collector inside a read-only maintenance "
+        "window: pulls keep working, pushes and deletes are refused with a sentence "
+        "until it ends.",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print what would be freed, change nothing"
+    )
+    p.add_argument(
+        "--delete-untagged",
+        action="store_true",
+        help="first delete the manifests no tag reaches (an index's platforms are kept)",
+    )
+    p.add_argument("--verbose", "-v", action="store_true", help="per repository, and timings")
+    p.set_defaults(handler=cmd_registry_garbage_collect)
+
     if with_auth_commands:
+        from appliance import registry_content_cli
         from appliance.auth import cli as auth_cli
 
-        auth_cli.register(sub)
+        auth_cli.register(sub, registry_content=open_registry_content)
+        registry_content_cli.register(sub, open_registry_content)
     return parser
+
+
+def open_registry_content(s: settings_module.Settings):  # noqa: ANN201 - import kept lazy
+    """The registry's content (storage, API, storage lock) as the recipes configure it,
+    for `repo`, `tag` and `project delete`."""
+    import recipes
+
+    return recipes.registry_content(s)
 
 
 def load_settings(args: argparse.Namespace) -> settings_module.Settings:
@@ -294,6 +360,85 @@ def cmd_rotate_token_key(args: argparse.Namespace, s: settings_module.Settings) 
     return 0
 
 
+def cmd_usage(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    """Compute the figures from storage (root reads any driver's), write them for the
+    auth service (quotas, metrics) and print them."""
+    import json
+
+    import recipes
+    from appliance import usage
+    from appliance.auth.store import project_quotas
+
+    figures = usage.refresh(s, recipes.registry_storage(s))
+    quotas = {p: q for p, q in project_quotas(s.auth_database).items() if q is not None}
+    if args.json:
+        for path, entry in figures["projects"].items():
+            entry["quota_bytes"] = quotas.get(path)
+        print(json.dumps(figures, indent=2, sort_keys=True))
+    else:
+        print("\n".join(usage.report(figures, args.by, quotas)))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    """Every diagnosis at once; exit 1 when one failed (warnings alone exit 0)."""
+    import recipes
+    from appliance import check
+
+    report = check.run(recipes.check_plan(s))
+    sys.stdout.write(report.to_json() if args.json else report.text())
+    return 1 if report.failed else 0
+
+
+def cmd_why(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    """The token service's decision for one user, action and repository, in sentences;
+    read from the service's own config file, so it is the running service's view."""
+    import time
+
+    from appliance.auth import config as auth_config
+    from appliance.auth import why
+    from appliance.auth.app import TokenService
+    from appliance.auth.store import Store
+
+    config = auth_config.load(s.paths.auth_config)
+    store = Store(config.database)
+    try:
+        service = TokenService(config, store)
+        explanation = why.explain(
+            store,
+            service.decide_repository,
+            config.default_registry_enabled,
+            args.user,
+            args.action,
+            args.repository,
+            args.token,
+            config.audit_log,
+            time.time(),
+        )
+    finally:
+        store.close()
+    print("\n".join(explanation.lines()))
+    return 0 if explanation.granted else 3
+
+
+def cmd_registry_garbage_collect(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    """One collection at a time, and none while a tag or repository is being deleted:
+    the storage lock is taken first, and a holder makes this exit at once, saying who."""
+    import recipes
+    from appliance import pipeline
+    from appliance.registry_storage import storage_lock
+
+    run = recipes.garbage_collection(
+        s, dry_run=args.dry_run, delete_untagged=args.delete_untagged, verbose=args.verbose
+    )
+    if args.dry_run:
+        pipeline.execute(s, run, dry_run=True)
+        return 0
+    with storage_lock(s.paths.registry_storage_lock, "a garbage collection"):
+        pipeline.execute(s, run)
+    return 0
+
+
 def cmd_backup(args: argparse.Namespace, s: settings_module.Settings) -> int:
     from pathlib import Path
 
@@ -342,6 +487,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "shutdown",
         "backup",
         "restore",
+        "check",
+        "why",
+        "registry-garbage-collect",
+        "gc",
     }
     parser = build_parser(with_auth_commands=command_word(argv) not in core)
     args = parser.parse_args(argv)

@@ -278,6 +278,19 @@ def _link_digest(storage: Storage, path: str) -> str | None:
     return text if text.startswith("sha256:") else None
 
 
+def _walk_repositories(storage: Storage, wanted: set[str] | None) -> Iterator[tuple[str, int]]:
+    """The files of the repositories directory, or only of the wanted repositories'
+    subtrees (a tag list of one repository need not walk a thousand others). A wanted
+    name nested under another wanted one is inside that one's walk already."""
+    if wanted is None:
+        yield from storage.walk(f"{V2}/repositories")
+        return
+    for name in sorted(wanted):
+        parts = name.split("/")
+        if not any("/".join(parts[:n]) in wanted for n in range(1, len(parts))):
+            yield from storage.walk(repository_prefix(name))
+
+
 def read_content(storage: Storage, repositories: Iterable[str] | None = None) -> Content:
     """A snapshot of the storage: repositories with tags and links, every manifest they
     link, every blob with its size. `repositories` limits the walk to those names."""
@@ -289,7 +302,7 @@ def read_content(storage: Storage, repositories: Iterable[str] | None = None) ->
     wanted = set(repositories) if repositories is not None else None
     found: dict[str, Repository] = {}
     tag_links: list[tuple[Repository, str, str]] = []
-    for path, _ in storage.walk(f"{V2}/repositories"):
+    for path, _ in _walk_repositories(storage, wanted):
         relative = path[len(V2) + len("/repositories/") :]
         markers = ("/_manifests/", "/_layers/", "/_uploads/")
         marker = next((m for m in markers if m in relative), None)

@@ -60,6 +60,9 @@ class Secrets:
     # after which no token it signed can still be accepted.
     previous_token_signing_certificate: str = ""
     previous_token_signing_trusted_until: str = ""
+    # What the registry sends with its events to the auth service (Authorization: Bearer);
+    # the auth service's config holds only its SHA-256.
+    registry_events_secret: str = ""
 
     def private_values(self) -> list[str]:
         """The values that must never be printed (the certificate and digest are public)."""
@@ -68,8 +71,10 @@ class Secrets:
             self.registry_http_secret,
             self.auth_secret,
             self.letsencrypt_account_key,
+            self.registry_events_secret,
+            self.next_token_signing_key,
         ]
-        return values + ([self.next_token_signing_key] if self.next_token_signing_key else [])
+        return [v for v in values if v]
 
     def to_json(self) -> str:
         # The rotation fields are written only while they hold something: a file that
@@ -204,6 +209,7 @@ def load_or_generate(
         auth_secret=stored.get("auth_secret") or random.token_hex(32),
         letsencrypt_account_key=account_key,
         token_signing_pair_digest=pair_digest(key, cert),
+        registry_events_secret=stored.get("registry_events_secret") or random.token_hex(32),
         **{field: stored.get(field, "") for field in ROTATION_FIELDS},
     )
     until = loaded.previous_trusted_until

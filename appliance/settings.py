@@ -231,6 +231,20 @@ def check_username(value: str) -> str | None:
 UNIX_PATH_MAX = 107
 
 
+def check_loopback_host_port(value: str) -> str | None:
+    """A loopback IP address and a port (127.0.0.1:5101, [::1]:5101): the registry's events
+    and the metrics are for this host only."""
+    problem = check_host_port(value)
+    if problem:
+        return problem
+    host = str(value).rpartition(":")[0].strip("[]")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return None if loopback else "a loopback address and port, like 127.0.0.1:5101"
+
+
 def check_listen_network(value: str) -> str | None:
     return None if value in ("tcp", "unix") else "tcp or unix"
 
@@ -448,6 +462,13 @@ class AuthSettings:
         "Address the token service listens on with listen_network: tcp.",
         check_host_port,
     )
+    internal_addr: str = setting(
+        "127.0.0.1:5101",
+        "Loopback address of the token service's internal listener, whatever "
+        "listen_network is: the registry's events (push and pull history, usage) "
+        "and Prometheus metrics at /metrics. Never served through nginx.",
+        check_loopback_host_port,
+    )
     workers: int = setting(2, "Token service worker processes (one per core).", check_positive)
     threads: int = setting(
         4, "Threads per worker (keep-alive connections from nginx).", check_positive
@@ -555,6 +576,9 @@ class Paths:
     token_signing_certificate: Path
     auth_socket: Path
     registry_storage_lock: Path
+    registry_usage_file: Path
+    registry_gc_file: Path
+    registry_maintenance: Path
 
     @classmethod
     def under(cls, root: Path, config_file: Path) -> Paths:
@@ -588,6 +612,13 @@ class Paths:
             auth_socket=data / "auth-socket/auth.sock",
             # Held by every run that changes the registry's storage (appliance.registry_storage).
             registry_storage_lock=data / "registry-storage.lock",
+            # Usage figures appliance-ctl computes from storage (0644: the auth service
+            # reads them for quotas and metrics), and the garbage collection's figures.
+            registry_usage_file=data / "registry-usage.json",
+            registry_gc_file=data / "registry-gc.json",
+            # The maintenance window's marker (appliance.registry_maintenance), read by
+            # the registry's wrapper and the token service: 0644 in a 0755 directory.
+            registry_maintenance=data / "registry-maintenance.json",
         )
 
 
@@ -1192,6 +1223,8 @@ def check_notifications(endpoints: list) -> list[str]:
             continue
         problems += check_endpoint(where, endpoint)
         name = endpoint.get("name")
+        if name in ("appliance-events", "appliance-pulls"):
+            problems.append(f'{where}.name: "{name}" is the appliance\'s own; choose another name')
         if isinstance(name, str) and name:
             if name in names:
                 problems.append(f'{where}.name: "{name}" is used twice')
@@ -1361,6 +1394,7 @@ def check_ports(s: RawSettings) -> list[str]:
             )
     if s.registry.debug_addr:
         addrs["registry.debug_addr"] = s.registry.debug_addr
+    addrs["auth.internal_addr"] = s.auth.internal_addr
     seen: dict[str, str] = {}
     for name, value in addrs.items():
         if value in seen:
@@ -1501,6 +1535,16 @@ def _masked(key: str, value: Any) -> Any:
     if is_sensitive(key) and value not in (None, "", [], {}):
         return "********"
     return value
+
+
+def registry_address(s: Settings) -> str:
+    """Where the registry answers: http_addr, or its socket path with listen_network:
+    unix (also what reconfigure waits on and nginx's upstream names, `unix:` + path).
+    Here rather than in a recipe: the registry's recipe and the token service's (whose
+    tag rules ask the registry) both need it."""
+    if s.registry.listen_network == "unix":
+        return str(s.paths.registry_socket)
+    return s.registry.http_addr
 
 
 def sensitive_values(s: Settings) -> list[str]:

@@ -7,14 +7,16 @@ drops its program file there), then certificates, then the services that read th
 `late_resources` are those that need running services (a Let's Encrypt order needs
 nginx to answer the challenge). Each service module also declares its service's runtime
 contract (`service(settings)`), and this package builds the runs the pipeline executes:
-`reconfigure` (everything), `renewal` (the certificates alone) and the signing-key
-rotation's (`rotate_token_key`, `finish_token_key_rotation`; recipes/rotation.py).
+`reconfigure` (everything), `renewal` (the certificates alone), the signing-key
+rotation's (`rotate_token_key`, `finish_token_key_rotation`; recipes/rotation.py) and
+`garbage_collection` (the registry's storage; recipes/registry_gc.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance import registry_storage as registry_storage_module
 from appliance import secrets as secrets_module
@@ -25,6 +27,10 @@ from appliance.registry_api import RegistryAPI
 from appliance.resources import Resource
 from appliance.secrets import Secrets
 from appliance.settings import Settings
+
+if TYPE_CHECKING:
+    from appliance.check import CheckPlan
+    from appliance.registry_content import RegistryContent
 
 
 def modules() -> list:
@@ -135,6 +141,16 @@ def restore(settings: Settings, archive: Path, force: bool = False) -> Report:
     return report
 
 
+def garbage_collection(
+    settings: Settings, dry_run: bool = False, delete_untagged: bool = False, verbose: bool = False
+) -> Run:
+    """`appliance-ctl registry-garbage-collect`: untagged manifests (when asked), then
+    Distribution's collector inside a read-only maintenance window (recipes/registry_gc)."""
+    from recipes import registry_gc
+
+    return registry_gc.run(settings, dry_run, delete_untagged, verbose)
+
+
 def preflight(settings: Settings) -> None:
     """Checks of things outside appliance.yml (certificate files) before anything changes."""
     from recipes import tls
@@ -184,3 +200,89 @@ def registry_api(settings: Settings, secrets: Secrets) -> RegistryAPI:
         pem=(secrets.token_signing_key.encode(), secrets.token_signing_certificate.encode()),
     )
     return RegistryAPI(registry.address(settings), signer)
+
+
+def check_plan(settings: Settings) -> CheckPlan:
+    """Where `appliance-ctl check` looks, as the recipes declare it: the services'
+    contracts, nginx's listen ports, the certificate files, the signing key and the
+    bundle the registry trusts, the registry's storage, its API, the time sources the
+    appliance already talks to (ACME, S3, notification endpoints) and the disks."""
+    from appliance import check
+    from appliance.auth.tokens import TokenSigner
+    from appliance.certificates import certificate_paths
+    from appliance.pipeline import stopped_by_admin, supervisord_pid
+    from recipes import base, registry, tls
+
+    p, n, rn = settings.paths, settings.nginx, settings.registry_nginx
+    local = [{"*": "127.0.0.1", "[::]": "[::1]"}.get(a, a) for a in n.listen_addresses]
+    local = [f"[{a}]" if ":" in a and not a.startswith("[") else a for a in local]
+    ports = [check.Port(f"{local[0]}:{n.http_port}", "nginx.http_port")]
+    if rn.enable:
+        ports.append(check.Port(f"{local[0]}:{rn.listen_port}", "registry_nginx.listen_port"))
+    certificate, key = certificate_paths(settings)
+    storage = registry.storage(settings)
+    clock_urls = []
+    if settings.tls_mode == "letsencrypt":
+        clock_urls.append(settings.letsencrypt.directory_url)
+    endpoint = (storage.get("s3") or {}).get("regionendpoint")
+    if endpoint:
+        clock_urls.append(endpoint if "://" in str(endpoint) else f"https://{endpoint}")
+    clock_urls += [e["url"] for e in settings.registry.notifications if not e.get("disabled")]
+    disks = [("logs", p.log_dir)]
+    root = registry.filesystem_root(settings)
+    if settings.registry.enable and root is not None:
+        disks.insert(0, ("storage", root))
+
+    def registry_api() -> RegistryAPI:
+        signer = TokenSigner(
+            settings.registry.key_path,
+            p.token_signing_certificate,
+            settings.registry.issuer,
+            settings.registry.service,
+            60,
+        )
+        return RegistryAPI(registry.address(settings), signer)
+
+    return check.CheckPlan(
+        services=services(settings),
+        stopped_by_admin=stopped_by_admin(p),
+        supervisor_config=p.supervisor_config,
+        supervisor_socket=p.supervisor_socket,
+        supervisord_pid=supervisord_pid(p),
+        registry_host=settings.registry_host,
+        ports=ports,
+        tls_address=tls.served_address(settings) if rn.enable else None,
+        tls_mode=str(settings.tls_mode),
+        certificate=certificate,
+        certificate_key=key,
+        registry_enabled=settings.registry.enable,
+        auth_enabled=settings.auth.enable,
+        signing_key=Path(settings.registry.key_path),
+        # What the registry trusts; with an external registry, the file to copy to it.
+        trusted_bundle=p.token_bundle if settings.registry.enable else p.token_signing_certificate,
+        issuer=settings.registry.issuer,
+        service=settings.registry.service,
+        storage=storage,
+        storage_user=base.service_user(settings, settings.registry.username),
+        storage_lock=p.registry_storage_lock,
+        registry_api=registry_api,
+        open_storage=lambda: registry_storage(settings),
+        clock_urls=clock_urls,
+        disks=disks,
+        ntp_servers=check.host_ntp_servers(),
+    )
+
+
+def registry_content(settings: Settings) -> RegistryContent:
+    """The registry's content as `repo`, `tag` and `project delete` see and change it:
+    its storage, its API (the signing key is read only when a delete needs it) and the
+    storage lock the garbage collection holds too."""
+    from appliance.registry_content import RegistryContent
+    from recipes import registry
+
+    return RegistryContent(
+        registry_storage(settings),
+        lambda: registry_api(settings, secrets_module.for_settings(settings)),
+        settings.paths.registry_storage_lock,
+        deletes_enabled=bool(registry.storage(settings)["delete"].get("enabled")),
+    )

@@ -9,6 +9,7 @@ service never signs with a key the registry does not trust; a key rotation
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets as random
 from dataclasses import dataclass
@@ -20,9 +21,18 @@ from appliance.auth.database_files import chown_database_files
 from appliance.auth.store import schema_version, user_exists
 from appliance.contracts import Service, signal
 from appliance.engine import Report
-from appliance.resources import Change, Directory, File, Resource, atomic_write, reload
+from appliance.resources import (
+    Change,
+    Directory,
+    File,
+    Notify,
+    Resource,
+    atomic_write,
+    reload,
+    restart,
+)
 from appliance.secrets import Secrets
-from appliance.settings import Settings
+from appliance.settings import Settings, registry_address
 from recipes import supervisor
 from recipes.base import service_user
 
@@ -114,6 +124,54 @@ class AdminUser(Resource):
         _chown_database(self.db_path, self.owner)
 
 
+@dataclass
+class GroupMember(Resource):
+    """An account added to a group (never removed here): what lets the auth service
+    reach the registry's socket, whose directory admits the web server's group only.
+
+    supervisord gives a program its account's groups when it starts it, so a new
+    membership restarts the service (a HUP keeps gunicorn's master, and its groups)."""
+
+    username: str
+    group: str
+    notifies: tuple[Notify, ...] = ()
+    kind: ClassVar[str] = "group member"
+
+    @property
+    def name(self) -> str:
+        return f"{self.username} in {self.group}"
+
+    def current(self) -> bool:
+        import grp
+        import pwd
+
+        try:
+            entry = grp.getgrnam(self.group)
+            primary = pwd.getpwnam(self.username).pw_gid
+        except KeyError:
+            return False  # not created yet (a dry run of a first reconfigure)
+        return self.username in entry.gr_mem or primary == entry.gr_gid
+
+    def plan(self, current: bool) -> list[Change]:
+        return [] if current else [Change(f"add {self.username} to group {self.group}")]
+
+    def apply(self) -> None:
+        import subprocess
+
+        from appliance.errors import ResourceError
+
+        result = subprocess.run(
+            ["usermod", "--append", "--groups", self.group, self.username],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise ResourceError(
+                f"usermod could not add {self.username} to group {self.group}:"
+                f" {result.stderr.strip()}"
+            )
+
+
 def audit_dir(settings: Settings) -> Path:
     """The audit log's directory: the auth account's own, apart from `log/auth/`, which
     supervisord (root) writes into and the account therefore must not control."""
@@ -128,9 +186,15 @@ def address(settings: Settings) -> str:
     return settings.auth.listen_addr
 
 
-def auth_config(settings: Settings) -> AuthConfig:
+def events_url(settings: Settings) -> str:
+    """Where the registry posts its events: the service's internal listener."""
+    return f"http://{settings.auth.internal_addr}/-/registry-events"
+
+
+def auth_config(settings: Settings, secrets: Secrets) -> AuthConfig:
     """The token service's whole config, every field from the settings (AuthConfig has
-    no defaults of its own that could disagree with them)."""
+    no defaults of its own that could disagree with them), and the digest of the
+    registry's events secret from the secrets file."""
     a = settings.auth
     return AuthConfig(
         database=settings.auth_database,
@@ -159,6 +223,12 @@ def auth_config(settings: Settings) -> AuthConfig:
         credential_cache_ttl=a.credential_cache_ttl,
         credential_cache_size=a.credential_cache_size,
         default_registry_enabled=settings.default_projects_features.container_registry,
+        internal_addr=a.internal_addr,
+        events_secret_digest=hashlib.sha256(secrets.registry_events_secret.encode()).hexdigest(),
+        usage_file=settings.paths.registry_usage_file,
+        gc_stats_file=settings.paths.registry_gc_file,
+        registry_address=registry_address(settings) if settings.registry.enable else "",
+        maintenance_file=settings.paths.registry_maintenance,
     )
 
 
@@ -172,7 +242,7 @@ def service(settings: Settings) -> Service:
         reload=signal("HUP"),
         graceful_restart="HUP",
         ready=address(settings),
-        binds={address(settings): bound},
+        binds={address(settings): bound, a.internal_addr: "auth.internal_addr"},
         user=service_user(settings, a.username),
         reaches=(p.auth_config, Path(settings.registry.key_path)),
         log=supervisor.service_log(settings, "auth"),
@@ -194,16 +264,12 @@ def signing_key_file(settings: Settings, secrets: Secrets) -> File:
 
 
 def signing_certificate_file(settings: Settings, secrets: Secrets) -> File:
-    """The signing key's certificate (the service sends it as x5c). For an external
-    registry it is also that registry's rootcertbundle, so it holds every certificate a
-    registry must trust during a key rotation (the service picks its own key's); with
-    the appliance's registry that is the registry's own bundle, and this file changes
-    only when the signing key does."""
-    content = (
-        secrets.trusted_certificates()
-        if not settings.registry.enable
-        else secrets.token_signing_certificate
-    )
+    """Every certificate a registry must trust, the signing key's among them (the
+    service picks its own key's to send as x5c). It is an external registry's
+    rootcertbundle, and the tag rules verify tokens with it: during a key rotation a
+    token of the previous (or next) key is one the registry accepts, so the rules must
+    know its subject too, or its holder would pass a protected tag unchecked."""
+    content = secrets.trusted_certificates()
     return File(
         settings.paths.token_signing_certificate, content, 0o644, notifies=(reload("auth"),)
     )
@@ -245,11 +311,23 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
         signing_certificate_file(settings, secrets),
         File(
             p.auth_config,
-            json.dumps(auth_config(settings).to_mapping(), indent=2) + "\n",
+            json.dumps(auth_config(settings, secrets).to_mapping(), indent=2) + "\n",
             0o640,
             owner=user,
             group=user,
             notifies=notify,
+        ),
+        # The tag rules ask the registry what a tag points at (appliance/auth/tag_gate.py);
+        # on its socket, only the web server's group may connect. The account holds the
+        # token-signing key already, so reaching the registry gives it no new power.
+        *(
+            [GroupMember(user, web_group, notifies=(restart("auth"),))]
+            if user is not None
+            and (web_group := service_user(settings, settings.web_server.username))
+            and settings.registry.enable
+            and settings.registry.listen_network == "unix"
+            and settings.manage_accounts
+            else []
         ),
         AuthDatabase(settings.auth_database, owner=user),
         AdminUser(

@@ -16,6 +16,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+from appliance.auth.tag_rules import PASSED
 from appliance.contracts import Service
 from appliance.contracts import signal as reload_signal
 from appliance.errors import ResourceError, ServiceError
@@ -40,6 +41,12 @@ BUFFER_SIZE = "64k"
 # open while nginx reads it; blob transfers under /v2/ keep registry_nginx.proxy_timeout.
 SMALL_BODY_MAX = "64k"
 CLIENT_TIMEOUT = 10
+
+# The tag rules' answer that sends a manifest write on to the registry (tag_gate.PASSED),
+# and the memory a manifest body is read into (the registry's limit: 4 MiB), so that the
+# same body can go to the token service and then to the registry.
+TAG_RULES_PASSED = PASSED
+MANIFEST_BUFFER = "4m"
 
 
 def prefix(settings: Settings) -> Path:
@@ -111,6 +118,10 @@ def config_context(settings: Settings) -> dict:
             else None,
             "proxy_timeout": rn.proxy_timeout,
             "hsts_max_age": rn.hsts_max_age,
+            # Manifest writes pass the tag rules of the token service first, when both run.
+            "tag_rules": settings.registry.enable and settings.auth.enable,
+            "tag_rules_passed": TAG_RULES_PASSED,
+            "manifest_buffer": MANIFEST_BUFFER,
         }
     return {
         "user": service_user(settings, settings.web_server.username),

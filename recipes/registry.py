@@ -13,16 +13,26 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
+from appliance import registry_maintenance
 from appliance.contracts import Service, signal
 from appliance.engine import Report
 from appliance.errors import ServiceError
-from appliance.resources import Directory, File, Resource, Template, reload
+from appliance.resources import Change, Directory, File, Resource, Template, reload
 from appliance.secrets import Secrets
-from appliance.settings import STORAGE_EXTRAS, UNIX_PATH_MAX, Settings, is_sensitive
+from appliance.settings import (
+    STORAGE_EXTRAS,
+    UNIX_PATH_MAX,
+    Settings,
+    is_sensitive,
+    registry_address,
+)
 from recipes import supervisor
+from recipes.auth import events_url
 from recipes.base import service_user
 
 # What the reference guide's Omnibus defaults are for an endpoint that leaves them out.
@@ -46,6 +56,20 @@ def storage(settings: Settings) -> dict:
         if extra in configured:
             out[extra] = configured[extra]
     return out
+
+
+def readonly_storage(settings: Settings) -> dict:
+    """The same storage, served read-only (a maintenance window): pulls work, pushes and
+    deletes answer 405. Whatever `maintenance` the admin configured is kept."""
+    out = storage(settings)
+    out["maintenance"] = {**dict(out.get("maintenance") or {}), "readonly": {"enabled": True}}
+    return out
+
+
+def readonly_config(settings: Settings) -> Path:
+    """The registry's config with read-only storage, beside its own: what the wrapper
+    starts its children on while a maintenance window is open."""
+    return settings.paths.registry_dir / "config-readonly.yml"
 
 
 def filesystem_root(settings: Settings) -> Path | None:
@@ -89,11 +113,47 @@ def notifications(settings: Settings) -> list[dict]:
     return endpoints
 
 
+APPLIANCE_ENDPOINTS = ("appliance-events", "appliance-pulls")
+BLOB_TYPE = "application/octet-stream"  # every blob event's media type in 2.8
+
+
+def appliance_endpoints(settings: Settings, secrets: Secrets) -> list[dict]:
+    """The auth service's own endpoints, beside the admin's (registry.notifications):
+    `appliance-events` gets every push, delete and mount (manifests for the history,
+    blobs for the usage figures), `appliance-pulls` the pulls of manifests only: a blob
+    pull is sent to neither, so a pull storm costs one event per image, not per layer.
+    The secret rides in the Authorization header; the wrapper masks it in the log."""
+    if not settings.auth.enable:
+        return []
+    common = {
+        "url": events_url(settings),
+        "headers": {"Authorization": [f"Bearer {secrets.registry_events_secret}"]},
+        "timeout": "2s",
+        "threshold": 5,
+        "backoff": "1s",
+    }
+    return [
+        {
+            "name": "appliance-events",
+            **common,
+            "ignoredmediatypes": [NO_MEDIA_TYPE],  # makes 2.8 apply `ignore` (above)
+            "ignore": {"actions": ["pull"]},
+        },
+        {
+            "name": "appliance-pulls",
+            **common,
+            "ignore": {"mediatypes": [BLOB_TYPE], "actions": ["push", "delete", "mount"]},
+        },
+    ]
+
+
 def secret_values(settings: Settings, secrets: Secrets) -> list[str]:
     """Every secret the registry config and environment carry: http.secret, storage
     credentials, notification headers (they carry Authorization tokens) and registry.env
     values under secret-looking names (the rule show-config masks by)."""
     found = [secrets.registry_http_secret]
+    if secrets.registry_events_secret:
+        found.append(secrets.registry_events_secret)
 
     def walk(value: object, key: str = "") -> None:
         if isinstance(value, dict):
@@ -171,6 +231,12 @@ def program_description(settings: Settings, secrets: Secrets) -> dict:
         "drain_seconds": DRAIN_SECONDS,
         "settle_seconds": SETTLE_SECONDS,
         "state_file": str(state_file(settings)),
+        "readonly_command": [
+            settings.facts.registry_binary,
+            "serve",
+            str(readonly_config(settings)),
+        ],
+        "maintenance_file": str(settings.paths.registry_maintenance),
     }
 
 
@@ -207,11 +273,8 @@ def wait_handed_over(settings: Settings, before: dict, timeout: float = DRAIN_SE
 
 
 def address(settings: Settings) -> str:
-    """Where the registry answers: http_addr, or the socket path, which is also what
-    reconfigure waits on and what nginx's upstream names (`unix:` + path)."""
-    if settings.registry.listen_network == "unix":
-        return str(settings.paths.registry_socket)
-    return settings.registry.http_addr
+    """Where the registry answers (appliance.settings.registry_address)."""
+    return registry_address(settings)
 
 
 def is_loopback(address: str) -> bool:
@@ -268,6 +331,41 @@ def service(settings: Settings) -> Service:
     )
 
 
+@dataclass
+class StaleMaintenanceWindow(Resource):
+    """A maintenance marker whose owner is gone (a garbage collection killed inside its
+    window) is removed, and the registry handed over again: it serves read-write after
+    the next reconfigure whatever happened (its wrapper also hands itself back as soon as
+    it sees the owner gone; the handover here is for a wrapper that did not)."""
+
+    path: Path
+    notifies: tuple = (reload("registry"),)
+    kind: ClassVar[str] = "maintenance window"
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    def current(self) -> registry_maintenance.Window | None:
+        window = registry_maintenance.read(self.path)
+        if registry_maintenance.state(window) == registry_maintenance.STALE:
+            return window
+        return None
+
+    def plan(self, current: registry_maintenance.Window | None) -> list[Change]:
+        if current is None:
+            return []
+        return [
+            Change(
+                f"remove: left by pid {current.pid} ({current.reason}), which is gone; "
+                f"the registry serves read-write again"
+            )
+        ]
+
+    def apply(self) -> None:
+        registry_maintenance.remove(self.path)
+
+
 def config_context(settings: Settings, secrets: Secrets) -> dict:
     r = settings.registry
     return {
@@ -281,7 +379,7 @@ def config_context(settings: Settings, secrets: Secrets) -> dict:
         "token_service": r.service,
         "token_issuer": r.issuer,
         "token_bundle": str(settings.paths.token_bundle),
-        "notifications": notifications(settings),
+        "notifications": notifications(settings) + appliance_endpoints(settings, secrets),
         "health_storagedriver_enabled": r.health_storagedriver_enabled,
         "compatibility_schema1_enabled": r.compatibility_schema1_enabled,
     }
@@ -331,6 +429,16 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
             group=user,
             notifies=notify,
         ),
+        # The same, read-only: the config of a maintenance window (garbage collection).
+        Template(
+            readonly_config(settings),
+            "registry/config.yml.j2",
+            {**config_context(settings, secrets), "storage": readonly_storage(settings)},
+            mode=0o640,
+            group=user,
+            notifies=notify,
+        ),
+        StaleMaintenanceWindow(p.registry_maintenance),
         # Environment and the secrets the wrapper masks in the registry's log: a change
         # is a handover, not a restart of the program.
         File(

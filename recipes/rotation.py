@@ -111,12 +111,12 @@ def rotation(settings: Settings, resume_external: bool = False) -> Run:
 
     def step_one(secrets: Secrets) -> Iterable[Resource]:
         out: list[Resource] = [base.secrets_file(settings, secrets)]
-        if outside:
-            # What the admin copies to the external registry (the service signs on
-            # with the old key: the certificate of its key is in the file still).
-            out.append(auth.signing_certificate_file(settings, secrets))
-        else:
+        if not outside:
             out.append(registry.token_bundle_file(settings, secrets))
+        # Every trusted certificate: for an external registry what the admin copies to
+        # it; for the tag rules the certificates whose tokens they must verify. The
+        # service signs on with the old key (its certificate is in the file still).
+        out.append(auth.signing_certificate_file(settings, secrets))
         return out
 
     def step_two(secrets: Secrets) -> Iterable[Resource]:

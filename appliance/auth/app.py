@@ -4,16 +4,30 @@ paid once per registry request).
   GET  /jwt/auth   Basic auth or anonymous; ?service=&scope=...&account=&offline_token=
   POST /jwt/auth   OAuth2 form: grant_type=password | refresh_token
   GET  /-/health   200 when the database answers
+  PUT|DELETE /v2/<name>/manifests/<reference>
+                   the tag rules, asked by nginx before a manifest write reaches the
+                   registry: 460 passes it on, 403 refuses it (appliance/auth/tag_gate.py)
+
+and on the internal listener (auth.internal_addr, loopback TCP; nothing else there):
+
+  POST /-/registry-events   the registry's notifications (Authorization: Bearer SECRET)
+  GET  /metrics             Prometheus metrics (storage usage, quotas, GC, history)
+  GET  /-/health
 
 Grants are the intersection of what was asked and what is allowed; a partial or empty
 grant is still 200 (the registry then refuses the action). Bad credentials are 401, too
-many failures 429.
+many failures 429. A request to push into a project over its quota is refused whole
+with the sentence (permissions.push_blocked), which the client prints: 401, see
+REFUSAL_STATUS.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
+import hashlib
+import hmac
 import ipaddress
 import json
 import sys
@@ -21,16 +35,39 @@ import time
 from collections.abc import Callable, Iterable
 from urllib.parse import parse_qs
 
+from appliance.auth import events as registry_events
+from appliance.auth import metrics
 from appliance.auth.audit import AuditLog
 from appliance.auth.config import AuthConfig
 from appliance.auth.names import is_repository_name
-from appliance.auth.permissions import Decision, decide, decide_catalog
+from appliance.auth.permissions import (
+    ALL,
+    PUSH,
+    Decision,
+    Principal,
+    ProjectAccess,
+    decide,
+    decide_catalog,
+    maintenance_refusal,
+)
 from appliance.auth.signin import ANONYMOUS, Authenticator, SignedIn, SignInRefused
 from appliance.auth.store import Store
-from appliance.auth.tokens import TokenSigner, rfc3339
+from appliance.auth.tag_gate import MANIFEST_PATH, TagGate
+from appliance.auth.tag_rules import PASSED
+from appliance.auth.tokens import TokenSigner, TokenVerifier, rfc3339
+from appliance.auth.usage import FiguresFile, current, project_bytes
+from appliance.registry_api import RegistryAPI
+from appliance.registry_maintenance import STALE, Watch, state
 
 StartResponse = Callable[..., object]
 MAX_FORM_BYTES = 64 * 1024
+MAX_EVENTS_BYTES = 1024 * 1024
+REFUSAL_STATUS = 401
+"""The status of a token request refused whole (Decision.refusal: over quota). Measured
+with the clients here: skopeo 1.9 (containers/image) prints the body's message only for
+a 401 from the token realm ("unable to retrieve auth token: invalid username/password:
+denied: <sentence>"); for a 403 it prints "invalid status code from registry 403
+(Forbidden)" and nothing of the reason. docker prints `denied: <sentence>` for either."""
 MAX_CLIENT_ID = 200
 """Characters of an offline login's client_id (docker sends "docker"): it is stored with
 the refresh token, so its length is bounded like everything a client can make us keep."""
@@ -66,11 +103,25 @@ class TokenService:
         # On a unix socket the directory lets nginx's account alone connect.
         self._peers_are_proxy = config.listen_socket is not None
         self._proxy_verdicts: dict[str, bool] = {}
+        self.usage_figures = FiguresFile(config.usage_file)
+        self.gc_figures = FiguresFile(config.gc_stats_file)
+        self._internal = (ipaddress.ip_address(config.internal_host), config.internal_port)
+        self.tag_gate = TagGate(
+            self.store,
+            TokenVerifier(config.signing_certificate, config.issuer, config.service),
+            RegistryAPI(config.registry_address, self.signer, timeout=10, subject="appliance-auth")
+            if config.registry_address
+            else None,
+            config.default_registry_enabled,
+        )
+        self.maintenance = Watch(config.maintenance_file)
 
     # -- WSGI entry point -------------------------------------------------------------
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         method = environ.get("REQUEST_METHOD", "GET")
+        if self.on_internal_listener(environ):
+            return self._internal_request(environ, start_response, path, method)
         if path == "/jwt/auth":
             if method in ("GET", "HEAD"):
                 return self._token(environ, start_response, _query(environ), post=False)
@@ -88,16 +139,147 @@ class TokenService:
                 _error_body("Use GET or POST.", "invalid_request"),
                 [("Allow", "GET, POST")],
             )
+        if path.startswith("/v2/"):
+            return self._tag_rules(environ, start_response)
         if path == "/-/health":
-            try:
-                self.store.ping()
-            except Exception as error:  # noqa: BLE001 - any failure means unhealthy
-                # nginx serves this to anyone: the reason (a path, a database error) goes
-                # to the service's log, the answer is the bare status.
-                print(f"appliance-auth: unhealthy: {error}", file=sys.stderr, flush=True)
-                return _respond(start_response, 503, {"status": "unhealthy"})
-            return _respond(start_response, 200, {"status": "ok"})
+            return self._health(start_response)
+        return self._not_found(start_response)
+
+    def _not_found(self, start_response: StartResponse) -> Iterable[bytes]:
         return _respond(start_response, 404, _error_body("Not found.", "invalid_request"))
+
+    def _health(self, start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            self.store.ping()
+        except Exception as error:  # noqa: BLE001 - any failure means unhealthy
+            # nginx serves this to anyone: the reason (a path, a database error) goes
+            # to the service's log, the answer is the bare status.
+            print(f"appliance-auth: unhealthy: {error}", file=sys.stderr, flush=True)
+            return _respond(start_response, 503, {"status": "unhealthy"})
+        return _respond(start_response, 200, {"status": "ok"})
+
+    # -- the internal listener: the registry's events, metrics --------------------------
+    def on_internal_listener(self, environ: dict) -> bool:
+        """Did the request come in on auth.internal_addr? Decided by the listening socket
+        gunicorn accepted it on, never by a header."""
+        connection = environ.get("gunicorn.socket")
+        if connection is None:
+            return bool(environ.get("appliance.internal"))  # tests calling the app directly
+        try:
+            local = connection.getsockname()
+        except OSError:
+            return False
+        if not isinstance(local, tuple) or local[1] != self._internal[1]:
+            return False  # the unix socket (nginx's), or listen_addr's port
+        try:
+            return (ipaddress.ip_address(local[0]), local[1]) == self._internal
+        except ValueError:
+            return False
+
+    def _internal_request(
+        self, environ: dict, start_response: StartResponse, path: str, method: str
+    ) -> Iterable[bytes]:
+        if path == "/-/registry-events" and method == "POST":
+            return self._registry_events(environ, start_response)
+        if path == "/metrics" and method in ("GET", "HEAD"):
+            body = self.metrics()
+            start_response(
+                "200 OK",
+                [("Content-Type", metrics.CONTENT_TYPE), ("Content-Length", str(len(body)))],
+            )
+            return [body]
+        if path == "/-/health":
+            return self._health(start_response)
+        return self._not_found(start_response)
+
+    def _registry_events(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        """Record the registry's manifest events (history) and the blobs pushes bring
+        (usage until the next computation). 401 without the secret; the registry sends
+        an envelope again until it gets a 2xx, so a failure here is retried."""
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        scheme, _, secret = header.partition(" ")
+        digest = hashlib.sha256(secret.strip().encode()).hexdigest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            digest, self.config.events_secret_digest
+        ):
+            return _respond(start_response, 401, _error_body("Unknown sender.", "invalid_client"))
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = -1
+        if not 0 < length <= MAX_EVENTS_BYTES:
+            return _respond(
+                start_response, 400, _error_body("Send one envelope of events.", "invalid_request")
+            )
+        try:
+            envelope = registry_events.parse(environ["wsgi.input"].read(length))
+        except registry_events.BadEnvelope as error:
+            return _respond(start_response, 400, _error_body(str(error), "invalid_request"))
+        self.store.record_events(envelope.manifests)
+        if envelope.pushed_blobs:
+            self.store.add_pending_usage(
+                (
+                    (self.store.project_path_of(repository), digest, size)
+                    for repository, digest, size, _ in envelope.pushed_blobs
+                ),
+                time.time(),
+            )
+            figures = self.usage_figures.read()
+            if figures:
+                self.store.forget_pending_usage(float(figures.get("computed_at", 0)))
+        start_response("204 No Content", [])
+        return []
+
+    def metrics(self) -> bytes:
+        figures = self.usage_figures.read()
+        since = float((figures or {}).get("computed_at", 0.0))
+        usage = current(figures, self.store.pending_usage(since))
+        return metrics.render(
+            usage, self.store.quotas(), self.gc_figures.read(), self.store.event_counts()
+        )
+
+    def _with_use(self, project: ProjectAccess | None, actions: list[str]) -> ProjectAccess | None:
+        """The project with its use filled in, when a quota may block what is asked."""
+        if project is None or project.quota_bytes is None:
+            return project
+        if PUSH not in actions and ALL not in actions:
+            return project
+        figures = self.usage_figures.read()
+        since = float((figures or {}).get("computed_at", 0.0))
+        used = project_bytes(figures, self.store.pending_usage(since), project.path)
+        return dataclasses.replace(project, used_bytes=used)
+
+    # -- manifest writes, before the registry -----------------------------------------
+    def _tag_rules(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        answer = self.tag_gate.decide(environ)
+        if answer.status == PASSED:
+            start_response(f"{PASSED} Tag Rules Passed", [("Content-Length", "0")])
+            return [b""]
+        self.audit.record(
+            client=self.client_address(environ),
+            method=environ.get("REQUEST_METHOD"),
+            path=environ.get("PATH_INFO", ""),
+            user=answer.user,
+            result="refused",
+            reason=answer.message,
+            status=answer.status,
+        )
+        body = {"errors": [{"code": answer.code, "message": answer.message, "detail": None}]}
+        headers = []
+        if answer.status == 403:
+            # RFC 6750's answer to a token that does not allow the request. oras-py reads a
+            # 403 without a challenge as an authentication failure and drops the message;
+            # with one it asks again, is refused again and prints the message.
+            match = MANIFEST_PATH.fullmatch(environ.get("PATH_INFO", ""))
+            scope = f"repository:{match['name']}:pull,push" if match else ""
+            headers.append(
+                (
+                    "WWW-Authenticate",
+                    f'Bearer realm="{self.config.realm}",service="{self.config.service}",'
+                    f'scope="{scope}",error="insufficient_scope"',
+                )
+            )
+        return _respond(start_response, answer.status, body, headers)
 
     # -- token requests ---------------------------------------------------------------
     def _token(
@@ -140,7 +322,21 @@ class TokenService:
         except BadRequest as error:
             return self._bad_request(environ, start_response, record, error, address, now)
 
-        access, reasons = self.grant(signed_in, scopes)
+        access, reasons, refusals = self.grant(signed_in, scopes)
+        if refusals:
+            message = "; ".join(refusals)
+            self.audit.record(
+                **record,
+                user=signed_in.principal.name,
+                via=signed_in.via,
+                granted=[],
+                result="refused",
+                reason=message,
+                status=REFUSAL_STATUS,
+            )
+            headers = [("WWW-Authenticate", f'Basic realm="{self.config.realm}"')]
+            body = _error_body(message, "access_denied")
+            return _respond(start_response, REFUSAL_STATUS, body, headers)
         issued = self.signer.issue(signed_in.principal.name, access, now)
         body = {
             "token": issued.token,
@@ -228,8 +424,20 @@ class TokenService:
         signed_in = self.authenticator.sign_in(*credentials, address, now)
         return signed_in, _single(params, "offline_token") == "true"
 
-    def grant(self, signed_in: SignedIn, scopes: list[str]) -> tuple[list[dict], list[str]]:
-        """The token's `access` claim for the requested scopes, and why anything was refused."""
+    def maintenance_refusal(self, actions: list[str], now: float) -> str:
+        """While the registry serves read-only (a garbage collection's window), a push or
+        delete is refused with the sentence the client prints; pulls go on. One stat of
+        the marker file per request."""
+        window = self.maintenance.window()
+        if window is None or state(window) == STALE:
+            return ""
+        return maintenance_refusal(actions, window.reason, window.expected_end, now)
+
+    def grant(
+        self, signed_in: SignedIn, scopes: list[str]
+    ) -> tuple[list[dict], list[str], list[str]]:
+        """The token's `access` claim for the requested scopes, why anything was refused,
+        and the refusals that answer the whole request (Decision.refusal, REFUSAL_STATUS)."""
         merged: dict[tuple[str, str], list[str]] = {}
         reasons: list[str] = []
         for scope in scopes:
@@ -241,27 +449,42 @@ class TokenService:
             merged.setdefault(key, []).extend(a for a in parts[-1].split(",") if a)
         principal = signed_in.principal
         access = []
+        refusals: list[str] = []
         for (kind, name), actions in merged.items():
             if kind == "repository":
-                if not is_repository_name(name):
-                    decision = Decision((), "not a valid repository name")
-                else:
-                    project = self.store.project_access(
-                        name,
-                        principal.user_id,
-                        principal.name if principal.user_id else None,
-                        self.config.default_registry_enabled,
-                    )
-                    decision = decide(principal, project, actions)
+                decision = self.decide_repository(principal, name, actions)
             elif kind == "registry" and name == "catalog":
                 decision = decide_catalog(principal, actions)
             else:
                 decision = Decision((), f"resource type '{kind}' is not supported")
+            if decision.refusal:
+                refusals.append(decision.refusal)
             if decision.reason:
                 reasons.append(f"{kind}:{name}:{','.join(actions)}: {decision.reason}")
             if decision.granted:
                 access.append({"type": kind, "name": name, "actions": list(decision.granted)})
-        return access, reasons
+        return access, reasons, refusals
+
+    def decide_repository(self, principal: Principal, name: str, actions: list[str]) -> Decision:
+        """The decision on one repository scope: what `grant` puts in a token, and what
+        `appliance-ctl why` replays (appliance/auth/why.py) to explain it. Every rule that
+        grants or refuses a repository action belongs here or in `permissions.decide`, so
+        the token and the explanation cannot disagree."""
+        if not is_repository_name(name):
+            return Decision((), "not a valid repository name")
+        # A maintenance window (a garbage collection) refuses pushes and deletes before
+        # anything is looked up, whoever asks; the whole request is refused with it, as a
+        # quota's refusal is (REFUSAL_STATUS).
+        refusal = self.maintenance_refusal(actions, time.time())
+        if refusal:
+            return Decision((), refusal, refusal=refusal)
+        project = self.store.project_access(
+            name,
+            principal.user_id,
+            principal.name if principal.user_id else None,
+            self.config.default_registry_enabled,
+        )
+        return decide(principal, self._with_use(project, actions), actions)
 
     def client_address(self, environ: dict) -> str:
         peer = environ.get("REMOTE_ADDR", "")
@@ -347,8 +570,11 @@ def _error_body(message: str, oauth_error: str, code: str = "DENIED") -> dict:
 
 _REASONS = {
     200: "OK",
+    204: "No Content",
     400: "Bad Request",
     401: "Unauthorized",
+    403: "Forbidden",
+    413: "Content Too Large",
     404: "Not Found",
     405: "Method Not Allowed",
     429: "Too Many Requests",

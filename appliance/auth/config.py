@@ -77,6 +77,24 @@ class AuthConfig:
     default_registry_enabled: bool
     """Registry switch of projects created without an explicit choice
     (default_projects_features.container_registry)."""
+    internal_addr: str
+    """Loopback host:port of the service's internal listener: the registry's events
+    (POST /-/registry-events) and Prometheus metrics (GET /metrics). Tokens are not
+    served there, nor are these paths on listen_addr (nginx's)."""
+    events_secret_digest: str
+    """SHA-256 (hex) of the secret the registry sends with its events
+    (`Authorization: Bearer SECRET`); the secret itself stays in the secrets file."""
+    usage_file: Path
+    """The usage figures appliance-ctl computes from storage (registry-usage.json)."""
+    gc_stats_file: Path
+    """The garbage collection's figures (registry-gc.json), exported as metrics."""
+    registry_address: str
+    """Where the registry answers (host:port or its socket path), asked by the tag rules
+    what a tag points at; '' when the appliance runs no registry (then no manifest write
+    reaches the service)."""
+    maintenance_file: Path
+    """The registry's maintenance marker (appliance/registry_maintenance.py): while a
+    window is in force, push and delete are refused with a sentence the client prints."""
 
     @property
     def listen_socket(self) -> Path | None:
@@ -90,6 +108,14 @@ class AuthConfig:
     @property
     def listen_port(self) -> int:
         return int(self.listen_addr.rsplit(":", 1)[1])
+
+    @property
+    def internal_host(self) -> str:
+        return self.internal_addr.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def internal_port(self) -> int:
+        return int(self.internal_addr.rsplit(":", 1)[1])
 
     def to_mapping(self) -> dict:
         """The JSON-ready form, every field present (what the recipe writes); the inverse
@@ -105,7 +131,15 @@ class AuthConfig:
         return out
 
 
-_PATH_FIELDS = {"database", "signing_key", "signing_certificate", "audit_log"}
+_PATH_FIELDS = {
+    "database",
+    "signing_key",
+    "signing_certificate",
+    "audit_log",
+    "usage_file",
+    "gc_stats_file",
+    "maintenance_file",
+}
 
 
 def load(path: Path) -> AuthConfig:
@@ -153,6 +187,9 @@ def from_mapping(raw: dict, source: str = "auth config") -> AuthConfig:
         elif spec.type in ("bool", bool):
             if not isinstance(value, bool):
                 problems.append(f"{name}: must be true or false")
+        elif name == "registry_address":
+            if not isinstance(value, str):
+                problems.append(f"{name}: must be a string (host:port, a socket path or '')")
         elif spec.type in ("str", str):
             if not isinstance(value, str) or not value:
                 problems.append(f"{name}: must be a non-empty string")
@@ -161,6 +198,15 @@ def from_mapping(raw: dict, source: str = "auth config") -> AuthConfig:
         host, _, port = listen.rpartition(":")
         if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             problems.append("listen_addr: must be host:port or a socket path")
+    internal = values.get("internal_addr")
+    if isinstance(internal, str) and internal:
+        host, _, port = internal.rpartition(":")
+        try:
+            loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback or not port.isdigit() or not 0 < int(port) <= 65535:
+            problems.append("internal_addr: must be a loopback address:port")
     for name in ("workers", "threads"):
         if values.get(name) == 0:
             problems.append(f"{name}: must be at least 1")

@@ -69,4 +69,52 @@ MIGRATIONS: tuple[str, ...] = (
         failures INTEGER NOT NULL
     );
     """,
+    # 2: quotas, the registry's events (push and pull history), and the bytes pushes
+    # brought since the usage figures were last computed from storage.
+    """
+    ALTER TABLE projects ADD COLUMN quota_bytes INTEGER;
+    CREATE TABLE registry_events (
+        id INTEGER PRIMARY KEY,
+        event_id TEXT NOT NULL UNIQUE,
+        action TEXT NOT NULL CHECK (action IN ('push', 'pull', 'delete')),
+        repository TEXT NOT NULL,
+        tag TEXT,
+        digest TEXT,
+        media_type TEXT,
+        size INTEGER,
+        actor TEXT,
+        address TEXT,
+        user_agent TEXT,
+        at REAL NOT NULL
+    );
+    CREATE INDEX registry_events_history ON registry_events (repository, action, id);
+    CREATE INDEX registry_events_digest ON registry_events (repository, digest, action, id);
+    CREATE TABLE usage_pending (
+        project TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY (project, digest)
+    );
+    """,
+    # 3: immutable and protected tags (appliance/auth/tag_rules.py): each project's rules,
+    # and the reservation of an immutable tag's first push, whose unique key lets exactly
+    # one of two concurrent first pushes (with different digests) through.
+    """
+    CREATE TABLE tag_rules (
+        project_id INTEGER NOT NULL REFERENCES projects (id) ON DELETE CASCADE,
+        kind TEXT NOT NULL CHECK (kind IN ('immutable', 'protected')),
+        pattern TEXT NOT NULL,
+        role TEXT CHECK (role IS NULL OR role IN ('developer', 'maintainer', 'owner', 'admin')),
+        position INTEGER NOT NULL,
+        PRIMARY KEY (project_id, kind, pattern)
+    );
+    CREATE TABLE tag_reservations (
+        repository TEXT NOT NULL,
+        tag TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        reserved_at REAL NOT NULL,
+        PRIMARY KEY (repository, tag)
+    );
+    """,
 )

@@ -10,10 +10,15 @@ not contain one. Rejecting a path at creation beats a push that fails for every 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from appliance.errors import AuthError
 
 MAX_NAME_LENGTH = 255
+CHECK_NAMESPACE = "appliance--check"
+"""The namespace of `appliance-ctl check`'s push and pull probe. The registry accepts it,
+but no username or project path can hold a double hyphen (below), so no user's
+repository is ever in it; the appliance's own views (history, usage) leave it out."""
 _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*")
 _SEPARATOR_NAMES = {"_": "an underscore", ".": "a period", "-": "a hyphen"}
 
@@ -97,3 +102,19 @@ def path_prefixes(name: str) -> list[str]:
     """Component-wise prefixes, longest first: 'a/b/c' -> ['a/b/c', 'a/b', 'a']."""
     components = name.split("/")
     return ["/".join(components[:n]) for n in range(len(components), 0, -1)]
+
+
+def owning_project(repository: str, projects: Iterable[str]) -> str:
+    """The project a repository's bytes count against: the longest project path that
+    prefixes it component by component (as the token service decides access), else its
+    first component (a user's personal namespace, or a namespace no project owns)."""
+    paths = set(projects)
+    for prefix in path_prefixes(repository):
+        if prefix in paths:
+            return prefix
+    return repository.split("/", 1)[0]
+
+
+def is_check_probe(repository: str) -> bool:
+    """A repository of `appliance-ctl check`'s probe (pushed, pulled and removed by it)."""
+    return repository.split("/", 1)[0] == CHECK_NAMESPACE

@@ -1,15 +1,25 @@
 """Who may do what on a repository: one pure decision, tested as a table.
 
 The caller resolves the facts (who is asking, which project owns the repository, the
-asker's role there); this module turns facts into granted actions and a reason. Nothing
-here touches the database or the clock, so every row of the permission matrix is a
-plain function call.
+asker's role there, the project's quota and use); this module turns facts into granted
+actions and a reason. Nothing here touches the database or the clock, so every row of
+the permission matrix is a plain function call.
+
+Two kinds of "no": a role or token that does not cover an action is a partial grant
+(the client then fails with the registry's generic `denied`, the audit log says why); a
+condition of the moment that blocks what the role allows (the project is over its
+quota) is a `refusal`: the token request itself is refused with the sentence,
+which docker and skopeo print. A request that asks to push while pushing is blocked is
+refused whole (pull,push: the client came to push); `*` (what `skopeo delete` asks for)
+still gets pull and delete.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from appliance.auth.sizes import format_size
 
 PULL, PUSH, DELETE, ALL = "pull", "push", "delete", "*"
 REPOSITORY_ACTIONS = frozenset({PULL, PUSH, DELETE})
@@ -68,6 +78,11 @@ class ProjectAccess:
     """The principal's role: its membership, or 'owner' inside its personal namespace."""
     project_id: int | None = None
     """None for a personal namespace without a project row."""
+    quota_bytes: int | None = None
+    """The project's soft quota; None: no quota."""
+    used_bytes: int = 0
+    """What the project's repositories hold (appliance.usage's figure plus the blobs
+    pushed since); the caller fills it in only for a project with a quota."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +90,9 @@ class Decision:
     granted: tuple[str, ...]
     reason: str
     """Why something asked for was refused ('' when everything asked was granted)."""
+    refusal: str = ""
+    """When set, the whole token request is refused with this sentence (the status is
+    app.REFUSAL_STATUS): what the role allows is blocked at the moment (over quota)."""
 
 
 def allowed_actions(principal: Principal, project: ProjectAccess | None) -> tuple[frozenset, str]:
@@ -118,11 +136,36 @@ def allowed_actions(principal: Principal, project: ProjectAccess | None) -> tupl
 def decide(
     principal: Principal, project: ProjectAccess | None, requested: Iterable[str]
 ) -> Decision:
-    """Grant the intersection of what was asked and what is allowed ('*' = all three)."""
+    """Grant the intersection of what was asked and what is allowed ('*' = all three);
+    refuse the request when it asks to push and pushing is blocked (`push_blocked`)."""
     allowed, why = allowed_actions(principal, project)
-    granted = grant(requested, allowed)
     asked = _dedupe(requested)
+    blocked = push_blocked(project) if PUSH in allowed else ""
+    if blocked:
+        if PUSH in asked:
+            return Decision((), blocked, refusal=blocked)
+        allowed = allowed - {PUSH}
+        if ALL in asked:  # skopeo delete: pull and delete go on, each granted by name
+            asked = [a for a in asked if a != ALL] + [a for a in (PULL, DELETE) if a not in asked]
+        granted = grant(asked, allowed)
+        return Decision(granted, "" if len(granted) == len(asked) else why or blocked)
+    granted = grant(asked, allowed)
     return Decision(granted, "" if len(granted) == len(asked) else why)
+
+
+def push_blocked(project: ProjectAccess | None) -> str:
+    """Why pushing into `project` is blocked at the moment although roles allow it ('' when
+    it is not): the project is over its soft quota. Pulls and deletes go on, so an owner
+    can make room."""
+    if project is None or project.quota_bytes is None:
+        return ""
+    if project.used_bytes <= project.quota_bytes:
+        return ""
+    return (
+        f"{project.path} uses {format_size(project.used_bytes)} of its "
+        f"{format_size(project.quota_bytes)} quota; delete images (then run a garbage "
+        f"collection) or ask an administrator to raise the quota"
+    )
 
 
 def grant(requested: Iterable[str], allowed: frozenset[str]) -> tuple[str, ...]:
@@ -170,3 +213,27 @@ def _dedupe(actions: Iterable[str]) -> list[str]:
         if action and action not in seen:
             seen.append(action)
     return seen
+
+
+WRITE_ACTIONS = frozenset({PUSH, DELETE, ALL})
+
+
+def maintenance_refusal(
+    requested: Iterable[str], reason: str | None, until: float, now: float
+) -> str:
+    """The sentence a push or delete gets while the registry is in maintenance (`reason`
+    set: the registry serves read-only); '' for everything else, pulls included.
+
+    The client prints it ("registry is in maintenance (garbage collection) until about
+    14:05 UTC; retry later") instead of the read-only registry's bare 405. A window that
+    overruns its estimate says a minute from now rather than a time gone by.
+    """
+    if reason is None or not WRITE_ACTIONS & set(requested):
+        return ""
+    import time
+
+    end = -(-max(until, now + 60) // 60) * 60  # rounded up to the minute
+    return (
+        f"registry is in maintenance ({reason}) until about "
+        f"{time.strftime('%H:%M', time.gmtime(end))} UTC; retry later"
+    )

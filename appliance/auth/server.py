@@ -81,8 +81,13 @@ def gunicorn_options(
     else:
         host = config.listen_host
         bind = f"[{host}]:{config.listen_port}" if ":" in host else f"{host}:{config.listen_port}"
+    # The internal listener (the registry's events, metrics): loopback TCP, whichever
+    # network nginx's listener is on; the application tells the two apart by the socket
+    # a request came in on.
+    host, port = config.internal_host, config.internal_port
+    internal = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return {
-        "bind": [bind],
+        "bind": [bind, internal],
         # gunicorn creates a unix socket under this umask, then hands it to the service's
         # own group: nginx's account is "other" to it, so the socket is 0777 and its
         # directory (0750, nginx's group) is what keeps every other account out.

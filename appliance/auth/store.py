@@ -29,6 +29,7 @@ from appliance.auth.database_files import check_database_files
 from appliance.auth.migrations import MIGRATIONS
 from appliance.auth.names import path_prefixes, validate_project_path, validate_username
 from appliance.auth.permissions import ROLES, TOKEN_SCOPES, VISIBILITIES, ProjectAccess
+from appliance.auth.tag_rules import Reservation, TagRule
 from appliance.errors import AuthError
 
 
@@ -65,6 +66,7 @@ class Project:
     visibility: str
     registry_enabled: bool
     created_at: int
+    quota_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,28 @@ class DeployToken:
 
     def usable(self, now: float) -> bool:
         return not self.revoked and (self.expires_at is None or now < self.expires_at)
+
+
+@dataclass(frozen=True)
+class RegistryEvent:
+    """One push, pull or delete of a manifest, as the registry reported it."""
+
+    event_id: str
+    action: str
+    repository: str
+    tag: str | None
+    digest: str | None
+    media_type: str | None
+    size: int | None
+    actor: str | None
+    address: str | None
+    user_agent: str | None
+    at: float
+
+
+HISTORY_KEPT = 1000
+"""Events kept per repository and kind (pulls on one side, pushes and deletes on the
+other), so a pull-heavy repository never pushes its push history out."""
 
 
 @dataclass(frozen=True)
@@ -207,6 +231,21 @@ def user_exists(db_path: Path, username: str) -> bool:
         return row is not None
     except sqlite3.OperationalError:  # no users table: schema 0
         return False
+    finally:
+        connection.close()
+
+
+def project_quotas(db_path: Path) -> dict[str, int | None]:
+    """Every project path with its quota (None: none), read-only, so that root reading it
+    leaves no file behind; empty while there is no database yet."""
+    db_path = Path(db_path)
+    if schema_version(db_path) is None:
+        return {}
+    connection = _read_only(db_path)
+    try:
+        return dict(connection.execute("SELECT path, quota_bytes FROM projects").fetchall())
+    except sqlite3.OperationalError:  # an older schema: run reconfigure
+        return {}
     finally:
         connection.close()
 
@@ -341,7 +380,7 @@ class Store:
             raise NotFoundError(f"There is no user named '{username}'.")
 
     # -- projects --------------------------------------------------------------------
-    _PROJECT_COLUMNS = "id, path, visibility, registry_enabled, created_at"
+    _PROJECT_COLUMNS = "id, path, visibility, registry_enabled, created_at, quota_bytes"
 
     def create_project(self, path: str, visibility: str, registry_enabled: bool) -> Project:
         validate_project_path(path)
@@ -386,6 +425,25 @@ class Store:
         )
         return self.project(path)
 
+    def set_quota(self, path: str, quota_bytes: int | None) -> Project:
+        project = self.project(path)
+        self._write("UPDATE projects SET quota_bytes = ? WHERE id = ?", (quota_bytes, project.id))
+        return self.project(path)
+
+    def quotas(self) -> dict[str, int]:
+        rows = self._all("SELECT path, quota_bytes FROM projects WHERE quota_bytes IS NOT NULL")
+        return {path: quota for path, quota in rows}
+
+    def project_path_of(self, repository: str) -> str:
+        """The project a repository's bytes count against (names.owning_project)."""
+        prefixes = path_prefixes(repository)
+        marks = ", ".join("?" * len(prefixes))
+        row = self._one(
+            f"SELECT path FROM projects WHERE path IN ({marks}) ORDER BY length(path) DESC LIMIT 1",
+            prefixes,
+        )
+        return row[0] if row else repository.split("/", 1)[0]
+
     def delete_project(self, path: str) -> None:
         if self._write("DELETE FROM projects WHERE path = ?", (path,)).rowcount == 0:
             raise NotFoundError(f"There is no project '{path}'.")
@@ -405,7 +463,7 @@ class Store:
         prefixes = path_prefixes(repository)
         marks = ", ".join("?" * len(prefixes))
         row = self._one(
-            "SELECT p.id, p.path, p.visibility, p.registry_enabled, m.role"
+            "SELECT p.id, p.path, p.visibility, p.registry_enabled, m.role, p.quota_bytes"
             " FROM projects p LEFT JOIN memberships m ON m.project_id = p.id AND m.user_id = ?"
             f" WHERE p.path IN ({marks}) ORDER BY length(p.path) DESC LIMIT 1",
             (user_id, *prefixes),
@@ -421,7 +479,7 @@ class Store:
                     role="owner" if owns_namespace else None,
                 )
             return None
-        project_id, path, visibility, registry_enabled, role = row
+        project_id, path, visibility, registry_enabled, role, quota_bytes = row
         if owns_namespace:
             role = "owner"
         return ProjectAccess(
@@ -430,6 +488,90 @@ class Store:
             registry_enabled=bool(registry_enabled),
             role=role,
             project_id=project_id,
+            quota_bytes=quota_bytes,
+        )
+
+    # -- tag rules -------------------------------------------------------------------
+    def set_tag_rules(self, path: str, kind: str, rules: Iterable[TagRule]) -> None:
+        """Replace the project's rules of one kind (immutable or protected) at once."""
+        project = self.project(path)
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(
+                "DELETE FROM tag_rules WHERE project_id = ? AND kind = ?", (project.id, kind)
+            )
+            for position, rule in enumerate(rules):
+                db.execute(
+                    "INSERT INTO tag_rules (project_id, kind, pattern, role, position)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (project.id, kind, rule.pattern, rule.role, position),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def tag_rules(self, project_id: int) -> list[TagRule]:
+        """A project's rules, immutable first, each kind in the order it was given."""
+        rows = self._all(
+            "SELECT kind, pattern, role FROM tag_rules WHERE project_id = ?"
+            " ORDER BY kind, position",
+            (project_id,),
+        )
+        return [TagRule(kind, pattern, role) for kind, pattern, role in rows]
+
+    def reservation(self, repository: str, tag: str) -> Reservation | None:
+        row = self._one(
+            "SELECT digest, reserved_at FROM tag_reservations WHERE repository = ? AND tag = ?",
+            (repository, tag),
+        )
+        return Reservation(*row) if row else None
+
+    def reserve_tag(
+        self,
+        repository: str,
+        tag: str,
+        digest: str,
+        now: float,
+        previous: Reservation | None,
+    ) -> bool:
+        """Reserve an immutable tag for the push of `digest`: True if this push holds it.
+
+        With no `previous` reservation it is an INSERT, which the unique key lets only one
+        of two concurrent pushes make; over a stale one (a push that never stored its
+        manifest) an UPDATE of exactly the row that was read, for the same reason. The
+        same digest again only refreshes the time."""
+        if previous is None:
+            try:
+                self._write(
+                    "INSERT INTO tag_reservations (repository, tag, digest, reserved_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (repository, tag, digest, now),
+                )
+                return True
+            except _IntegrityProblem:
+                held = self.reservation(repository, tag)
+                return held is not None and held.digest == digest
+        cursor = self._write(
+            "UPDATE tag_reservations SET digest = ?, reserved_at = ?"
+            " WHERE repository = ? AND tag = ? AND digest = ? AND reserved_at = ?",
+            (digest, now, repository, tag, previous.digest, previous.reserved_at),
+        )
+        if cursor.rowcount == 1:
+            return True
+        held = self.reservation(repository, tag)
+        return held is not None and held.digest == digest
+
+    def record_tag(self, repository: str, tag: str, digest: str, now: float) -> None:
+        """What the registry holds under an immutable tag, seen there: the reservation
+        follows it (a tag pushed before its rule existed, or moved behind our back)."""
+        self._write(
+            "INSERT INTO tag_reservations (repository, tag, digest, reserved_at)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (repository, tag) DO UPDATE SET"
+            " digest = excluded.digest, reserved_at = excluded.reserved_at"
+            " WHERE digest != excluded.digest",
+            (repository, tag, digest, now),
         )
 
     # -- memberships -----------------------------------------------------------------
@@ -684,6 +826,97 @@ class Store:
     def forget_failed_signins(self, before: int) -> None:
         self._write("DELETE FROM failed_signins WHERE window_start < ?", (before,))
 
+    # -- the registry's events ----------------------------------------------------------
+    def record_events(self, events: Iterable[RegistryEvent]) -> int:
+        """Record manifest events (a redelivered event, same id, once); keep the last
+        HISTORY_KEPT per repository and kind. Returns how many were new."""
+        events = list(events)
+        if not events:
+            return 0
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            new = 0
+            for e in events:
+                cursor = db.execute(
+                    "INSERT OR IGNORE INTO registry_events (event_id, action, repository, tag,"
+                    " digest, media_type, size, actor, address, user_agent, at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        e.event_id,
+                        e.action,
+                        e.repository,
+                        e.tag,
+                        e.digest,
+                        e.media_type,
+                        e.size,
+                        e.actor,
+                        e.address,
+                        e.user_agent,
+                        e.at,
+                    ),
+                )
+                new += cursor.rowcount
+            for repository, pulls in {(e.repository, e.action == "pull") for e in events}:
+                kinds = "('pull')" if pulls else "('push', 'delete')"
+                db.execute(
+                    f"DELETE FROM registry_events WHERE repository = ? AND action IN {kinds}"
+                    " AND id <= (SELECT id FROM registry_events WHERE repository = ?"
+                    f" AND action IN {kinds} ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                    (repository, repository, HISTORY_KEPT),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return new
+
+    def event_counts(self) -> dict[str, int]:
+        rows = self._all("SELECT action, COUNT(*) FROM registry_events GROUP BY action")
+        return {action: count for action, count in rows}
+
+    def history(
+        self, repository: str | None = None, action: str | None = None, limit: int = 100
+    ) -> list[RegistryEvent]:
+        """The newest events first, of one repository (or a project: every repository
+        under the path) and one action, or all."""
+        conditions, params = [], []
+        if repository is not None:
+            conditions.append("(repository = ? OR substr(repository, 1, ?) = ?)")
+            params += [repository, len(repository) + 1, repository + "/"]
+        if action is not None:
+            conditions.append("action = ?")
+            params.append(action)
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        rows = self._all(
+            "SELECT event_id, action, repository, tag, digest, media_type, size, actor,"
+            f" address, user_agent, at FROM registry_events{where} ORDER BY id DESC LIMIT ?",
+            (*params, limit),
+        )
+        return [RegistryEvent(*row) for row in rows]
+
+    # -- usage brought by pushes since the figures were computed ----------------------------
+    def add_pending_usage(self, blobs: Iterable[tuple[str, str, int]], now: float) -> None:
+        """Blobs (project, digest, size) a push or mount brought: each digest counts once
+        per project until the next computation from storage (`appliance-ctl usage`)."""
+        for project, digest, size in blobs:
+            self._write(
+                "INSERT INTO usage_pending (project, digest, size, at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (project, digest) DO UPDATE SET at = excluded.at",
+                (project, digest, size, now),
+            )
+
+    def pending_usage(self, since: float) -> dict[str, int]:
+        """Bytes per project pushed since `since` (the figures' computation time)."""
+        rows = self._all(
+            "SELECT project, SUM(size) FROM usage_pending WHERE at >= ? GROUP BY project",
+            (since,),
+        )
+        return {project: int(total) for project, total in rows}
+
+    def forget_pending_usage(self, before: float) -> None:
+        self._write("DELETE FROM usage_pending WHERE at < ?", (before,))
+
 
 class _IntegrityProblem(Exception):
     pass
@@ -712,8 +945,8 @@ def _user(row: tuple) -> User:
 
 
 def _project(row: tuple) -> Project:
-    id_, path, visibility, enabled, created = row
-    return Project(id_, path, visibility, bool(enabled), created)
+    id_, path, visibility, enabled, created, quota = row
+    return Project(id_, path, visibility, bool(enabled), created, quota)
 
 
 def _pat(row: tuple) -> PersonalAccessToken:

@@ -25,10 +25,20 @@ configured secret (notification headers, storage keys, http.secret, secret-looki
 registry.env values) before it reaches supervisord's log: Distribution logs each
 notification endpoint with its headers at start.
 
+A maintenance window (appliance.registry_maintenance: a garbage collection) is read
+from its marker whenever a child starts: while it is open, children run the read-only
+variant of the config (`storage.maintenance.readonly`), so opening and closing a window
+is a handover like any other (the collection writes the marker, then sends the HUP).
+Every second the wrapper also looks whether a read-only child still has a window to
+serve: when the window's owner is gone (a collection killed with kill -9), or its marker
+was removed, it hands itself back to read-write without waiting for anyone.
+
 Progress is written to a state file that `recipes.registry.wait_handed_over` reads:
 `requested` counts the HUPs taken, `completed` the last one handed over (or failed,
-with `error`). TERM stops every child gracefully; a child gets TERM too should the
-wrapper die (PR_SET_PDEATHSIG), so none outlives it.
+with `error`), `readonly` whether every live child serves read-only (written as soon as
+a child starts, so a collection watching it stops before a read-write child serves).
+TERM stops every child gracefully; a child gets TERM too should the wrapper die
+(PR_SET_PDEATHSIG), so none outlives it.
 """
 
 from __future__ import annotations
@@ -46,12 +56,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance import registry_maintenance
 from appliance.services import ERROR_WORDS
 
 MASK = "********"
 MASK_ANYWHERE_LENGTH = 8
 READY_TIMEOUT = 30.0
 PR_SET_PDEATHSIG = 1
+WINDOW_CHECK_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,12 @@ class Program:
     # stopping the child after that cannot race a request nginx sends on one.
     settle_seconds: float
     state_file: Path
+    # The read-only variant of the command (the same config plus
+    # storage.maintenance.readonly), run while a maintenance window is open, and the
+    # window's marker (appliance.registry_maintenance). None in a program.json written
+    # before garbage collection existed: such a wrapper never serves read-only.
+    readonly_command: list[str] | None = None
+    maintenance_file: Path | None = None
 
     @classmethod
     def load(cls, path: Path) -> Program:
@@ -82,6 +100,8 @@ class Program:
             drain_seconds=int(raw["drain_seconds"]),
             settle_seconds=float(raw["settle_seconds"]),
             state_file=Path(raw["state_file"]),
+            readonly_command=list(raw["readonly_command"]) if raw.get("readonly_command") else None,
+            maintenance_file=Path(raw["maintenance_file"]) if raw.get("maintenance_file") else None,
         )
 
 
@@ -141,6 +161,7 @@ class Child:
     # The first line it printed that reads as an error: why it would not start, said by
     # the run that asked for the handover (its usage text follows it in the log).
     first_error: str | None = None
+    readonly: bool = False  # started on the read-only config (a maintenance window)
 
 
 @dataclass
@@ -151,6 +172,8 @@ class Wrapper:
     requested: int = 0
     completed: int = 0
     stop_requested: bool = False
+    window_checked: float = 0.0
+    phase: str = "starting"
     output_lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ------------------------------------------------------------ output and state
@@ -160,15 +183,18 @@ class Wrapper:
             sys.stdout.flush()
 
     def write_state(self, phase: str, error: str | None = None) -> None:
+        self.phase = phase
+        live = [c for c in self.children if c.process.poll() is None]
         state = {
             "requested": self.requested,
             "completed": self.completed,
             "phase": phase,
             "error": error,
             "pid": os.getpid(),
-            "children": {
-                c.address: c.process.pid for c in self.children if c.process.poll() is None
-            },
+            "children": {c.address: c.process.pid for c in live},
+            # Every live child serves read-only: what a garbage collection waits for
+            # before it starts, and watches while it runs.
+            "readonly": bool(live) and all(c.readonly for c in live),
         }
         path = self.program.state_file
         temporary = path.with_name(path.name + ".tmp")
@@ -189,8 +215,43 @@ class Wrapper:
         stream.close()
 
     # ------------------------------------------------------------ children
+    def window_open(self) -> bool:
+        """A maintenance window is open and its owner lives: children start read-only."""
+        path = self.program.maintenance_file
+        return (
+            path is not None
+            and self.program.readonly_command is not None
+            and registry_maintenance.state_of(path) == registry_maintenance.OPEN
+        )
+
+    def check_window(self) -> None:
+        """Serving read-only with no window in force any more (its owner was killed, or
+        the marker removed): hand over to read-write without waiting for anyone. The
+        owner closing its window sends the HUP itself (the marker says `closing`)."""
+        now = time.monotonic()
+        if (
+            now - self.window_checked < WINDOW_CHECK_SECONDS
+            or self.program.maintenance_file is None
+        ):
+            return
+        self.window_checked = now
+        serving = [c for c in self.children if c.retire_at is None]
+        if not any(c.readonly for c in serving):
+            return
+        window = registry_maintenance.read(self.program.maintenance_file)
+        status = registry_maintenance.state(window)
+        if status in (registry_maintenance.ABSENT, registry_maintenance.STALE):
+            why = (
+                f"its owner (pid {window.pid}) is gone"
+                if window is not None
+                else "its marker was removed"
+            )
+            self.say(f"the maintenance window is over ({why}): handing over to read-write")
+            self.requested += 1
+
     def start_child(self, address: str) -> Child:
         p = self.program
+        readonly = self.window_open()
         env = dict(os.environ)
         env.update(p.environment)
         env["REGISTRY_HTTP_DRAINTIMEOUT"] = f"{p.drain_seconds}s"
@@ -201,18 +262,23 @@ class Wrapper:
             # it): the standby serves registry requests only.
             env["REGISTRY_HTTP_DEBUG_ADDR"] = ""
         process = subprocess.Popen(
-            p.command,
+            p.readonly_command if readonly and p.readonly_command else p.command,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             preexec_fn=_parent_death_signal,
         )  # noqa: PLW1509
-        child = Child(process, address)
+        child = Child(process, address, readonly=readonly)
+        if readonly:
+            self.say(f"pid {process.pid} on {address} serves read-only (maintenance window)")
         threading.Thread(
             target=self._pump, args=(process.stdout, SecretFilter(p.secrets), child), daemon=True
         ).start()
         self.children.append(child)
+        # At once, not when the handover ends: a garbage collection watching for a child
+        # that is not read-only must see it before it serves a request.
+        self.write_state(self.phase)
         return child
 
     def wait_ready(self, child: Child) -> str | None:
@@ -389,6 +455,7 @@ class Wrapper:
             if self.requested > self.completed:
                 self.hand_over()
                 continue
+            self.check_window()
             time.sleep(0.05)
         return self.stop()
 

@@ -389,14 +389,14 @@ def test_reconfigure_gives_the_service_the_log_caps_and_the_limits(tmp_path: Pat
     rate-limit counters derive from auth.max_failed_logins."""
     from appliance.auth.config import from_mapping
     from recipes.auth import auth_config
-    from tests.support.recipes import settings_for
+    from tests.support.recipes import SECRETS, settings_for
 
     settings = settings_for(
         tmp_path,
         logging={"max_bytes": 123456, "backups": 4},
         auth={"max_failed_logins": 7},
     )
-    config = from_mapping(auth_config(settings).to_mapping())
+    config = from_mapping(auth_config(settings, SECRETS).to_mapping())
     assert (config.audit_log_max_bytes, config.audit_log_backups) == (123456, 4)
     assert (
         config.rate_limit_user_failures,

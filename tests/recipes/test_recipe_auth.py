@@ -4,6 +4,7 @@ the directories of its socket and audit log."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from appliance.auth.config import AuthConfig, from_mapping
 from appliance.auth.server import gunicorn_options
 from appliance.errors import ConfigError
+from appliance.resources import restart
 from recipes import auth, supervisor
 from tests.support.recipes import SECRETS, settings_for
 
@@ -43,8 +45,12 @@ def test_by_default_the_service_listens_on_a_socket_only_nginx_may_reach():
     program = by_path(resources, supervisor.programs_dir(settings) / "auth.conf")
     assert "\numask = 007\n" in program.content.decode()
     service = auth.service(settings)
-    assert (service.ready, service.binds) == (str(socket), {str(socket): "auth.listen_network"})
-    assert gunicorn_options(from_mapping(config))["bind"] == [f"unix:{socket}"]
+    # Beside it, the loopback internal listener: the registry's events and /metrics.
+    assert (service.ready, service.binds) == (
+        str(socket),
+        {str(socket): "auth.listen_network", "127.0.0.1:5101": "auth.internal_addr"},
+    )
+    assert gunicorn_options(from_mapping(config))["bind"] == [f"unix:{socket}", "127.0.0.1:5101"]
 
 
 def test_over_tcp_the_service_believes_no_forwarded_address():
@@ -60,9 +66,9 @@ def test_over_tcp_the_service_believes_no_forwarded_address():
     service = auth.service(settings)
     assert (service.ready, service.binds) == (
         "127.0.0.1:6100",
-        {"127.0.0.1:6100": "auth.listen_addr"},
+        {"127.0.0.1:6100": "auth.listen_addr", "127.0.0.1:5101": "auth.internal_addr"},
     )
-    assert gunicorn_options(from_mapping(config))["bind"] == ["127.0.0.1:6100"]
+    assert gunicorn_options(from_mapping(config))["bind"] == ["127.0.0.1:6100", "127.0.0.1:5101"]
 
 
 def test_the_audit_log_has_a_directory_of_the_auth_account():
@@ -105,7 +111,7 @@ def test_the_written_config_is_exactly_the_config_the_recipe_built():
     recipe built, and the file carries every field (the service fills none in)."""
     for network in ("unix", "tcp"):
         settings = settings_for(ROOT, run_as_root=True, auth={"listen_network": network})
-        built = auth.auth_config(settings)
+        built = auth.auth_config(settings, SECRETS)
         written = written_config(settings)
         assert list(written) == [spec.name for spec in dataclasses.fields(AuthConfig)]
         assert from_mapping(written) == built
@@ -120,10 +126,12 @@ NON_DEFAULT_SETTINGS = {
         "issuer": "example-issuer",
         "service": "example-registry",
         "key_path": "/etc/keys/signing.key",
+        "http_addr": "127.0.0.1:5999",
     },
     "auth": {
         "listen_network": "tcp",
         "listen_addr": "127.0.0.1:6200",
+        "internal_addr": "127.0.0.1:6201",
         "workers": 3,
         "threads": 5,
         "token_lifetime": 600,
@@ -162,12 +170,19 @@ ARRIVES_AS = {
     "credential_cache_ttl": 15,
     "credential_cache_size": 500,
     "default_registry_enabled": False,
+    "internal_addr": "127.0.0.1:6201",
+    # from the secrets file, not a setting: the same for both roots
+    "events_secret_digest": hashlib.sha256(b"events-secret").hexdigest(),
+    "usage_file": OTHER_ROOT / "var/opt/appliance/registry-usage.json",
+    "gc_stats_file": OTHER_ROOT / "var/opt/appliance/registry-gc.json",
+    "registry_address": "127.0.0.1:5999",
+    "maintenance_file": OTHER_ROOT / "var/opt/appliance/registry-maintenance.json",
 }
 
 
 def test_every_field_of_the_service_config_comes_from_the_settings():
-    default = auth.auth_config(settings_for(ROOT))
-    custom = auth.auth_config(settings_for(OTHER_ROOT, **NON_DEFAULT_SETTINGS))
+    default = auth.auth_config(settings_for(ROOT), SECRETS)
+    custom = auth.auth_config(settings_for(OTHER_ROOT, **NON_DEFAULT_SETTINGS), SECRETS)
     assert custom == AuthConfig(**ARRIVES_AS)
     # Each field followed its setting away from the default (none is set by the recipe
     # alone), except the proxies the service never believes over TCP.
@@ -176,4 +191,23 @@ def test_every_field_of_the_service_config_comes_from_the_settings():
         for spec in dataclasses.fields(AuthConfig)
         if getattr(custom, spec.name) == getattr(default, spec.name)
     ]
-    assert unchanged == ["trusted_proxies"]
+    assert unchanged == ["trusted_proxies", "events_secret_digest"]
+
+
+def test_on_the_registry_socket_the_auth_account_joins_the_web_group():
+    """The tag rules ask the registry on its socket, whose directory admits the web
+    server's group only; over TCP (or run as an ordinary user) no membership is needed."""
+
+    def memberships(**overrides):
+        settings = settings_for(ROOT, run_as_root=True, **overrides)
+        return [
+            (r.username, r.group, r.notifies)
+            for r in auth.resources(settings, SECRETS)
+            if isinstance(r, auth.GroupMember)
+        ]
+
+    assert memberships(registry={"listen_network": "unix"}) == [
+        ("appliance-auth", "appliance-www", (restart("auth"),))
+    ]
+    assert memberships() == []
+    assert memberships(registry={"listen_network": "unix"}, manage_accounts=False) == []

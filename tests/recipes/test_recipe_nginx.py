@@ -437,3 +437,29 @@ def test_small_registry_requests_may_be_retried_large_bodies_stream(tmp_path):
     streamed = location(tls, "location @registry_streamed {")
     assert streamed[:2] == ["location @registry_streamed {", "proxy_pass http://registry;"]
     assert "proxy_request_buffering off;" in streamed
+
+
+def test_manifest_writes_pass_the_tag_rules_first_and_nothing_else_does(tmp_path):
+    settings = settings_for(tmp_path)
+    with_certificate(settings)
+    config = nginx_config(settings)
+    assert nginx_accepts(settings, config).returncode == 0
+    assert '"~^(PUT|DELETE):/v2/.+/manifests/[^/]+$" 1;' in config
+    gate = config[config.index("location @tag_rules {") :]
+    gate = gate[: gate.index("}")]
+    assert "proxy_pass http://auth;" in gate
+    assert "error_page 460 = @registry_manifest;" in gate
+    assert "client_body_buffer_size 4m;" in gate  # the body stays in memory: sent twice
+    assert "proxy_pass_request_body off" not in config  # the gate needs the manifest
+    v2 = config[config.index("location /v2/ {") :]
+    v2 = v2[: v2.index("location @registry_streamed")]
+    # The gate's test comes before the streamed one: a chunked manifest PUT is gated too.
+    assert v2.index("if ($manifest_write)") < v2.index("if ($registry_body = streamed)")
+
+
+def test_no_gate_without_the_token_service(tmp_path):
+    settings = settings_for(tmp_path, auth={"enable": False})
+    with_certificate(settings)
+    config = nginx_config(settings)
+    assert "manifest_write" not in config and "@tag_rules" not in config
+    assert nginx_accepts(settings, config).returncode == 0

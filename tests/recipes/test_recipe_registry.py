@@ -7,6 +7,7 @@ it. Processes are the whole-appliance tests' business.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ SECRETS = Secrets(
     registry_http_secret="http-secret-0123456789",
     auth_secret="auth-secret",
     letsencrypt_account_key="ACCOUNT",
+    registry_events_secret="events-secret-0123456789",
 )
 
 
@@ -72,7 +74,11 @@ def test_default_config_is_token_auth_on_filesystem_storage(tmp_path):
             "rootcertbundle": str(tmp_path / "var/opt/appliance/registry/token-bundle.crt"),
         }
     }
-    assert "notifications" not in config
+    # Only the appliance's own endpoints (the auth service's history and usage).
+    assert [e["name"] for e in config["notifications"]["endpoints"]] == [
+        "appliance-events",
+        "appliance-pulls",
+    ]
     assert config["health"]["storagedriver"]["enabled"] is True
     assert config["compatibility"] == {"schema1": {"enabled": False}}
     assert config["log"]["level"] == "info"
@@ -177,7 +183,7 @@ def test_notifications_are_rendered_with_the_guides_defaults(tmp_path):
         {"name": "minimal", "url": "http://127.0.0.1:9999/"},
     ]
     config = rendered_config(tmp_path, registry={"notifications": endpoints})
-    assert config["notifications"]["endpoints"] == [
+    assert config["notifications"]["endpoints"][:2] == [
         endpoints[0],
         {
             "name": "minimal",
@@ -188,6 +194,49 @@ def test_notifications_are_rendered_with_the_guides_defaults(tmp_path):
             "backoff": "1s",
         },
     ]
+
+
+def test_the_auth_service_gets_pushes_deletes_mounts_and_manifest_pulls(tmp_path):
+    """Two endpoints to the auth service's internal listener, after the admin's: every
+    push, delete and mount (blobs too: the usage figures), and manifest pulls only (a
+    blob pull reaches neither: 2.8 gives every blob event application/octet-stream).
+    2.8 applies `ignore` only to an endpoint that ignores some media type."""
+    admin = {"name": "listener", "url": "https://hooks.example.com/event"}
+    config = rendered_config(
+        tmp_path, registry={"notifications": [admin]}, auth={"internal_addr": "127.0.0.1:6101"}
+    )
+    endpoints = config["notifications"]["endpoints"]
+    assert [e["name"] for e in endpoints] == ["listener", "appliance-events", "appliance-pulls"]
+    events, pulls = endpoints[1:]
+    for endpoint in (events, pulls):
+        assert endpoint["url"] == "http://127.0.0.1:6101/-/registry-events"
+        assert endpoint["headers"] == {"Authorization": ["Bearer events-secret-0123456789"]}
+    assert events["ignore"] == {"actions": ["pull"]}
+    assert events["ignoredmediatypes"] == [registry.NO_MEDIA_TYPE]
+    assert pulls["ignore"] == {
+        "mediatypes": ["application/octet-stream"],
+        "actions": ["push", "delete", "mount"],
+    }
+    assert "events-secret-0123456789" in program_json(tmp_path)["secrets"]
+    settings = settings_for(tmp_path)
+    resource = by_path(registry.resources(settings, SECRETS), settings.paths.registry_config)
+    assert "events-secret-0123456789" not in printed_diff(settings, resource)
+
+
+def test_an_admin_endpoint_may_not_take_the_appliances_name(tmp_path):
+    with pytest.raises(ConfigError) as refused:
+        rendered_config(
+            tmp_path, registry={"notifications": [{"name": "appliance-pulls", "url": "http://x/"}]}
+        )
+    assert refused.value.problems == [
+        'registry.notifications[0].name: "appliance-pulls" is the appliance\'s own; '
+        "choose another name"
+    ]
+
+
+def test_without_the_auth_service_no_endpoint_is_added(tmp_path):
+    config = rendered_config(tmp_path, auth={"enable": False})
+    assert "notifications" not in config
 
 
 def test_schema1_compatibility(tmp_path):
@@ -416,3 +465,51 @@ def test_a_debug_server_off_loopback_is_warned_about(tmp_path, debug_addr, warne
         [line] = lines
         assert line.startswith(f"Warning: registry.debug_addr {debug_addr} is not a loopback")
         assert "/debug/pprof/" in line
+
+
+def test_the_read_only_config_is_the_same_config_with_read_only_storage(tmp_path):
+    maintenance = {"uploadpurging": {"enabled": False}}
+    settings = settings_for(tmp_path, registry={"storage": {"maintenance": maintenance}})
+    resources = registry.resources(settings, SECRETS)
+    config = yaml.safe_load(by_path(resources, settings.paths.registry_config).content)
+    readonly = by_path(resources, registry.readonly_config(settings))
+    assert readonly.notifies == (reload("registry"),) and readonly.mode == 0o640
+    expected = dict(config)
+    expected["storage"] = {
+        **config["storage"],
+        "maintenance": {"uploadpurging": {"enabled": False}, "readonly": {"enabled": True}},
+    }
+    assert yaml.safe_load(readonly.content) == expected
+    program = program_json(tmp_path)
+    assert program["readonly_command"] == [
+        *program["command"][:-1],
+        str(registry.readonly_config(settings_for(tmp_path))),
+    ]
+    assert program["maintenance_file"] == str(settings.paths.registry_maintenance)
+
+
+def test_a_maintenance_window_whose_owner_is_gone_is_removed_and_hands_the_registry_over(
+    tmp_path,
+):
+    import subprocess
+
+    from appliance import registry_maintenance as maintenance
+
+    settings = settings_for(tmp_path)
+    [stale] = [
+        r
+        for r in registry.resources(settings, SECRETS)
+        if isinstance(r, registry.StaleMaintenanceWindow)
+    ]
+    assert stale.notifies == (reload("registry"),)
+    assert stale.plan(stale.current()) == []  # no marker
+    path = settings.paths.registry_maintenance
+    path.parent.mkdir(parents=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for pid, changes in ((os.getpid(), 0), (gone.pid, 1)):  # a live owner's window stays
+        maintenance.write(path, maintenance.Window("garbage collection", 1, 2, pid, None))
+        assert len(stale.plan(stale.current())) == changes
+    assert "left by pid" in stale.plan(stale.current())[0].summary
+    stale.apply()
+    assert not path.exists()

@@ -65,7 +65,10 @@ class ApplianceUnderTest:
                 "worker_processes": "2",
             },
             "registry": {"http_addr": f"127.0.0.1:{free_port()}"},
-            "auth": {"listen_addr": f"127.0.0.1:{free_port()}"},
+            "auth": {
+                "listen_addr": f"127.0.0.1:{free_port()}",
+                "internal_addr": f"127.0.0.1:{free_port()}",
+            },
         }
         appliance = cls(root=root, config=deep_merge(config, extra or {}))
         appliance.config.setdefault("initial_root_password", appliance.password)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import socket
@@ -62,6 +63,9 @@ def write_signing_material(directory: Path, kind: str = "ec") -> tuple[Path, Pat
     return key_path, cert_path
 
 
+EVENTS_SECRET = "test-events-secret"
+
+
 def make_config(directory: Path, port: int = 0, key_kind: str = "ec", **overrides) -> AuthConfig:
     key_path, cert_path = write_signing_material(directory / "pki", key_kind)
     port = port or free_port()
@@ -91,6 +95,12 @@ def make_config(directory: Path, port: int = 0, key_kind: str = "ec", **override
         credential_cache_ttl=60,
         credential_cache_size=10_000,
         default_registry_enabled=True,
+        internal_addr=f"127.0.0.1:{free_port()}",
+        events_secret_digest=hashlib.sha256(EVENTS_SECRET.encode()).hexdigest(),
+        usage_file=directory / "registry-usage.json",
+        gc_stats_file=directory / "registry-gc.json",
+        registry_address="",
+        maintenance_file=directory / "registry-maintenance.json",
     )
     values.update(overrides)
     config = AuthConfig(**values)

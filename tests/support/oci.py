@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -112,29 +113,40 @@ def build_image(
     tag: str = "latest",
     files: dict[str, bytes] | None = None,
     random_bytes: int = 0,
+    base: dict[str, bytes] | None = None,
+    created: str | None = None,
+    platform: tuple[str, str] = ("linux", "amd64"),
 ) -> OciImage:
-    """Build a one-layer image at `layout` (created or extended) under `tag`.
+    """Build a one-layer image at `layout` (created or extended) under `tag`; with
+    `base`, a first layer of those files under it (the same bytes give the same layer,
+    so images built on one base share it, as images on one base image do).
 
     Two images built with different `files` or any `random_bytes` have different
-    digests, so a test pushing both sees two distinct manifests.
+    digests, so a test pushing both sees two distinct manifests. `created` (RFC 3339)
+    goes into the config as a build tool writes it; `platform` is (os, architecture).
     """
     if files is None and not random_bytes:
         files = {"hello.txt": os.urandom(16).hex().encode()}
     layout.mkdir(parents=True, exist_ok=True)
     (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
-    layer_digest, layer_size, diff_id = _write_layer(layout, files or {}, random_bytes)
+    layers = [_write_layer(layout, base, 0)] if base is not None else []
+    layers.append(_write_layer(layout, files or {}, random_bytes))
     config = {
-        "architecture": "amd64",
-        "os": "linux",
+        "architecture": platform[1],
+        "os": platform[0],
         "config": {},
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id for _, _, diff_id in layers]},
     }
+    if created is not None:
+        config["created"] = created
     config_digest, config_size = _write_blob(layout, json.dumps(config).encode())
     manifest = {
         "schemaVersion": 2,
         "mediaType": MANIFEST_TYPE,
         "config": {"mediaType": CONFIG_TYPE, "digest": config_digest, "size": config_size},
-        "layers": [{"mediaType": LAYER_TYPE, "digest": layer_digest, "size": layer_size}],
+        "layers": [
+            {"mediaType": LAYER_TYPE, "digest": digest, "size": size} for digest, size, _ in layers
+        ],
     }
     manifest_digest, manifest_size = _write_blob(layout, json.dumps(manifest).encode())
     _add_to_index(layout, tag, manifest_digest, manifest_size)
@@ -143,12 +155,68 @@ def build_image(
         tag=tag,
         manifest_digest=manifest_digest,
         config_digest=config_digest,
-        layer_digests=(layer_digest,),
-        size=layer_size + config_size + manifest_size,
+        layer_digests=tuple(digest for digest, _, _ in layers),
+        size=sum(size for _, size, _ in layers) + config_size + manifest_size,
     )
 
 
-def _add_to_index(layout: Path, tag: str, digest: str, size: int) -> None:
+@dataclass(frozen=True)
+class OciIndex:
+    layout: Path
+    tag: str
+    index_digest: str
+    children: dict[str, OciImage]  # "linux/amd64" -> that platform's image
+    size: int  # bytes of the index, its children's manifests and their blobs
+
+    @property
+    def reference(self) -> str:
+        return f"oci:{self.layout}:{self.tag}"
+
+
+def build_index(
+    layout: Path,
+    tag: str = "multi",
+    platforms: tuple[str, ...] = ("linux/amd64", "linux/arm64"),
+    created: tuple[str | None, ...] | None = None,
+) -> OciIndex:
+    """A multi-platform image: an OCI index under `tag` naming one single-layer image per
+    platform (each with its own layer, so their digests differ). Push it with
+    `skopeo copy --all` (`Skopeo.push_all`); `created[i]` is the i-th child's date."""
+    children: dict[str, OciImage] = {}
+    descriptors = []
+    for number, platform in enumerate(platforms):
+        os_name, architecture = platform.split("/", 1)
+        child = build_image(
+            layout,
+            tag=f"{tag}-{os_name}-{architecture}".replace("/", "-"),
+            files={"platform.txt": f"{platform} {os.urandom(8).hex()}".encode()},
+            created=created[number] if created else None,
+            platform=(os_name, architecture),
+        )
+        children[platform] = child
+        descriptors.append(
+            {
+                "mediaType": MANIFEST_TYPE,
+                "digest": child.manifest_digest,
+                "size": (_blob_dir(layout) / child.manifest_digest[7:]).stat().st_size,
+                "platform": {"os": os_name, "architecture": architecture},
+            }
+        )
+    index = {"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": descriptors}
+    index_digest, index_size = _write_blob(layout, json.dumps(index).encode())
+    _add_to_index(layout, tag, index_digest, index_size, INDEX_TYPE)
+    return OciIndex(
+        layout=layout,
+        tag=tag,
+        index_digest=index_digest,
+        children=children,
+        size=index_size + sum(child.size for child in children.values()),
+    )
+
+
+def _add_to_index(
+    layout: Path, tag: str, digest: str, size: int, media_type: str = MANIFEST_TYPE
+) -> None:
     index_path = layout / "index.json"
     index = {"schemaVersion": 2, "manifests": []}
     if index_path.exists():
@@ -158,7 +226,7 @@ def _add_to_index(layout: Path, tag: str, digest: str, size: int) -> None:
     ]
     index["manifests"].append(
         {
-            "mediaType": MANIFEST_TYPE,
+            "mediaType": media_type,
             "digest": digest,
             "size": size,
             "annotations": {REF_NAME: tag},

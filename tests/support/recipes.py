@@ -9,7 +9,9 @@ from pathlib import Path
 from appliance.secrets import Secrets
 from appliance.settings import Settings, load
 
-SECRETS = Secrets("KEY", "CERT", "http-secret", "auth-secret", "ACCOUNT")
+SECRETS = Secrets(
+    "KEY", "CERT", "http-secret", "auth-secret", "ACCOUNT", registry_events_secret="events-secret"
+)
 
 
 def settings_for(root: Path, run_as_root: bool = False, **overrides: object) -> Settings:

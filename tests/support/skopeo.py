@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.oci import OciImage, read_image
+from tests.support.oci import OciImage, OciIndex, read_image
 
 
 class SkopeoError(Exception):
@@ -92,6 +92,30 @@ class Skopeo:
             *self._creds("dest-"),
             image.reference,
             self.url(repository, tag or image.tag),
+        )
+
+    def push_all(self, index: OciIndex, repository: str, tag: str | None = None) -> None:
+        """Push a multi-platform index with every platform's image (`copy --all`)."""
+        self.run(
+            "copy",
+            "--quiet",
+            "--all",
+            *self._tls("dest-"),
+            *self._creds("dest-"),
+            index.reference,
+            self.url(repository, tag or index.tag),
+        )
+
+    def pull_all(self, repository: str, tag: str, layout: Path) -> None:
+        """Copy an index with every platform's image; fails if one of them is gone."""
+        self.run(
+            "copy",
+            "--quiet",
+            "--all",
+            *self._tls("src-"),
+            *self._creds("src-"),
+            self.url(repository, tag),
+            f"oci:{layout}:{tag}",
         )
 
     def pull(self, repository: str, tag: str, layout: Path) -> OciImage:

@@ -20,6 +20,7 @@ FIELDS = {
     "auth_secret",
     "letsencrypt_account_key",
     "token_signing_pair_digest",
+    "registry_events_secret",
 }
 
 

@@ -309,8 +309,8 @@ def copy_registry_data(
         return count
 
     copy.blobs_before = copy_blobs()
+    started = time.monotonic()
     with window():
-        started = time.monotonic()
         links: list[tuple[str, bytes, int, float]] = []
         for directory, dirs, files in os.walk(storage_root / V2 / "repositories"):
             if "_uploads" in dirs:  # pushes in progress: nothing a manifest names yet
@@ -332,7 +332,7 @@ def copy_registry_data(
         for relative, data, mode, mtime in links:
             writer.add_bytes(REGISTRY_PREFIX + relative, data, mode, mtime)
         copy.links = len(links)
-        copy.window_seconds = time.monotonic() - started
+    copy.window_seconds = time.monotonic() - started  # opening and closing it included
     return copy
 
 

@@ -23,7 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,16 +46,31 @@ S3_NOTE = (
 )
 
 
-def registry_window(settings: Settings) -> Callable[[], AbstractContextManager[object]]:
-    """The window the repositories are copied in (blobs are copied before it).
+WINDOW_REASON = "backup"
+WINDOW_EXPECTED_SECONDS = 30  # the clients' "until about HH:MM UTC" (rounded up)
 
-    Where the garbage collection's read-only window plugs in: return a context manager
-    that hands the registry over to its read-only child (pushes refused with a sentence,
-    pulls go on) and back. Until then the copy relies on its order alone (a link is
-    read only after the blobs it names were written), which keeps the archive
-    self-consistent but lets a push finish between two repositories' copies.
-    """
-    return contextlib.nullcontext
+
+def registry_window(
+    settings: Settings, out: Callable[[str], None]
+) -> Callable[[], AbstractContextManager[object]]:
+    """The window the repositories are copied in (blobs are copied before it): the
+    garbage collection's read-only window (recipes/registry_gc.read_only_window), held
+    with the reconfigure lock so no run hands the registry over meanwhile. Pulls go on;
+    pushes and deletes are refused with "registry is in maintenance (backup) until about
+    ..." for its length, so the images are one instant's snapshot. (Without it the copy
+    would still be self-consistent: a link is read only after the blobs it names were
+    written.)"""
+    from recipes import registry_gc
+
+    @contextlib.contextmanager
+    def window() -> Iterator[None]:
+        with (
+            reconfigure_lock(settings.paths.lock_file, out),
+            registry_gc.read_only_window(settings, WINDOW_REASON, WINDOW_EXPECTED_SECONDS),
+        ):
+            yield
+
+    return window
 
 
 def _redactor(settings: Settings) -> Redactor:
@@ -151,12 +166,13 @@ def backup(
             if images == "included" and filesystem is not None:
                 with storage_lock(p.registry_storage_lock, "backup"):
                     registry_copy = archive_format.copy_registry_data(
-                        filesystem, writer, registry_window(settings)
+                        filesystem, writer, registry_window(settings, out)
                     )
                 out(
-                    f"backup: registry data: {registry_copy.blobs_before} blobs, then "
-                    f"{registry_copy.blobs_inside} added since and {registry_copy.links} "
-                    f"repository links in {registry_copy.window_seconds:.2f} s"
+                    f"backup: registry data: {registry_copy.blobs_before} blobs, then inside "
+                    f"a read-only window of {registry_copy.window_seconds:.2f} s (pulls went "
+                    f"on, pushes were refused) {registry_copy.blobs_inside} blobs added since "
+                    f"and {registry_copy.links} repository links"
                 )
             else:
                 out(f"backup: {note}")

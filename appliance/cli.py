@@ -95,6 +95,31 @@ def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_rotate_token_key)
 
     p = sub.add_parser(
+        "backup",
+        help="write one archive of the config, secrets, certificates, auth database and "
+        "(filesystem storage) images",
+    )
+    p.add_argument(
+        "--to",
+        metavar="DIR",
+        help="directory of the archive (default: <data dir>/backups, mode 0700)",
+    )
+    p.add_argument("--skip-images", action="store_true", help="leave the registry's data out")
+    p.set_defaults(handler=cmd_backup)
+
+    p = sub.add_parser(
+        "restore",
+        help="put a backup archive in place on a fresh install, then reconfigure",
+    )
+    p.add_argument("archive", metavar="FILE", help="an archive appliance-ctl backup wrote")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace this host's users, projects, tokens and images",
+    )
+    p.set_defaults(handler=cmd_restore)
+
+    p = sub.add_parser(
         "usage",
         help="storage used per project or repository, deduplicated, from storage itself",
     )
@@ -414,6 +439,24 @@ def cmd_registry_garbage_collect(args: argparse.Namespace, s: settings_module.Se
     return 0
 
 
+def cmd_backup(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    from pathlib import Path
+
+    import recipes
+
+    recipes.backup(s, Path(args.to).absolute() if args.to else None, args.skip_images)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    from pathlib import Path
+
+    import recipes
+
+    recipes.restore(s, Path(args.archive).absolute(), force=args.force)
+    return 0
+
+
 def command_word(argv: list[str]) -> str | None:
     """The subcommand named on the command line, skipping global options."""
     words = iter(argv)
@@ -442,6 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "renew-certs",
         "rotate-token-key",
         "shutdown",
+        "backup",
+        "restore",
         "check",
         "why",
         "registry-garbage-collect",

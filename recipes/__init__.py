@@ -14,7 +14,7 @@ rotation's (`rotate_token_key`, `finish_token_key_rotation`; recipes/rotation.py
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -111,6 +111,34 @@ def finish_token_key_rotation(settings: Settings, force: bool = False) -> Run:
     from recipes import rotation
 
     return rotation.finish(settings, force)
+
+
+def backup(settings: Settings, directory: Path | None = None, skip_images: bool = False) -> Path:
+    """`appliance-ctl backup`: one archive of everything a lost host needs (recipes/backup.py)."""
+    from recipes import backup_restore as backup_module
+
+    return backup_module.backup(settings, directory, skip_images)
+
+
+def restore(settings: Settings, archive: Path, force: bool = False) -> Report:
+    """`appliance-ctl restore`: the archive checked whole, the services stopped, its files
+    in place, then the one pipeline's reconfigure (which starts everything again)."""
+    from appliance import pipeline
+    from recipes import backup_restore as backup_module
+
+    def stop_services(out: Callable[[str], None]) -> None:
+        from appliance.services import Supervisor
+
+        supervisor = Supervisor(settings.paths.supervisor_config, settings.paths.supervisor_socket)
+        if supervisor.is_running():
+            supervisor.shutdown()
+            out("restore: stopped every service (supervisord shut down)")
+        pipeline.sweep_leftovers(settings.paths, services(settings), out)
+
+    restored = backup_module.restore(settings, archive, force, stop_services=stop_services)
+    report = pipeline.execute(restored, reconfigure(restored))
+    backup_module.hand_over(restored)
+    return report
 
 
 def garbage_collection(

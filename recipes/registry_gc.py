@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import ClassVar
@@ -214,51 +215,100 @@ class GarbageCollection(Resource):
                 c.window_seconds = time.monotonic() - opened
 
     def hand_over(self) -> bool:
-        """HUP the registry's wrapper and wait until it serves on the files as the marker
-        says (read-only while it is open); False when the registry is not running (a
-        start meanwhile reads the marker and comes up read-only)."""
-        from appliance.services import Supervisor
-
-        paths = self.collection.settings.paths
-        supervisor = Supervisor(paths.supervisor_config, paths.supervisor_socket)
-        if not supervisor.is_running():
-            return False
-        return reload_service(supervisor, registry.service(self.collection.settings))
+        return hand_over(self.collection.settings)
 
     def watch(self) -> Callable[[], str | None]:
-        """Why the collector must not run (or go on): a registry process that is not
-        read-only (a wrapper of an older version, or one that lost the window)."""
-        settings = self.collection.settings
-
-        def why() -> str | None:
-            state = registry.handover_state(settings)
-            live = [pid for pid in (state.get("children") or {}).values() if _alive(pid)]
-            if not live or state.get("readonly") is True:
-                return None
-            if "readonly" not in state:
-                return (
-                    "the registry's wrapper runs an older version of the appliance, which "
-                    "cannot serve read-only; run appliance-ctl restart --cold registry "
-                    "(a short interruption), then this again"
-                )
-            return (
-                "a registry process that is not read-only is serving "
-                "(see appliance-ctl tail registry)"
-            )
-
-        return why
+        return watch(self.collection.settings)
 
     def close(self, window: registry_maintenance.Window) -> None:
-        """Back to read-write: the token service keeps refusing pushes (`closing`) until
-        the read-write registry serves, then the marker goes."""
-        path = self.collection.settings.paths.registry_maintenance
-        registry_maintenance.write(path, replace(window, phase=registry_maintenance.CLOSING))
+        close(self.collection.settings, window, self.collection.registry_was_running)
+
+
+def hand_over(settings: Settings) -> bool:
+    """HUP the registry's wrapper and wait until it serves on the files as the marker
+    says (read-only while it is open); False when the registry is not running (a
+    start meanwhile reads the marker and comes up read-only)."""
+    from appliance.services import Supervisor
+
+    paths = settings.paths
+    supervisor = Supervisor(paths.supervisor_config, paths.supervisor_socket)
+    if not supervisor.is_running():
+        return False
+    return reload_service(supervisor, registry.service(settings))
+
+
+def watch(settings: Settings) -> Callable[[], str | None]:
+    """Why nothing may run inside the window (or go on): a registry process that is not
+    read-only (a wrapper of an older version, or one that lost the window)."""
+
+    def why() -> str | None:
+        state = registry.handover_state(settings)
+        live = [pid for pid in (state.get("children") or {}).values() if _alive(pid)]
+        if not live or state.get("readonly") is True:
+            return None
+        if "readonly" not in state:
+            return (
+                "the registry's wrapper runs an older version of the appliance, which "
+                "cannot serve read-only; run appliance-ctl restart --cold registry "
+                "(a short interruption), then this again"
+            )
+        return (
+            "a registry process that is not read-only is serving (see appliance-ctl tail registry)"
+        )
+
+    return why
+
+
+def close(settings: Settings, window: registry_maintenance.Window, was_running: bool) -> None:
+    """Back to read-write: the token service keeps refusing pushes (`closing`) until
+    the read-write registry serves, then the marker goes."""
+    path = settings.paths.registry_maintenance
+    registry_maintenance.write(path, replace(window, phase=registry_maintenance.CLOSING))
+    try:
+        state = registry.handover_state(settings)
+        if was_running or state.get("readonly"):
+            hand_over(settings)
+    finally:
+        registry_maintenance.remove(path)
+
+
+@contextmanager
+def read_only_window(settings: Settings, reason: str, expected_seconds: float) -> Iterator[None]:
+    """The garbage collection's window for another run (a backup's copy of the
+    repositories): the marker, the registry handed over to read-only processes (pulls go
+    on; the token service refuses pushes and deletes with a sentence naming `reason`),
+    the block, then back to read-write, whatever the block raised. A registry process
+    that is not read-only stops it before the block runs (ServiceError)."""
+    now = time.time()
+    window = registry_maintenance.Window(
+        reason=reason,
+        started=now,
+        expected_end=now + expected_seconds,
+        pid=os.getpid(),
+        pid_start=registry_maintenance.process_start(os.getpid()),
+    )
+    registry_maintenance.write(settings.paths.registry_maintenance, window)
+    was_running = False
+    failed: BaseException | None = None
+    try:
+        was_running = hand_over(settings)
+        why = watch(settings)()
+        if why:
+            raise ServiceError(f"{why}; nothing was done in the window")
+        yield
+    except BaseException as error:
+        failed = error
+        raise
+    finally:
         try:
-            state = registry.handover_state(self.collection.settings)
-            if self.collection.registry_was_running or state.get("readonly"):
-                self.hand_over()
-        finally:
-            registry_maintenance.remove(path)
+            close(settings, window, was_running)
+        except ApplianceError as error:
+            if failed is None:
+                raise
+            raise ServiceError(
+                f"{failed} The maintenance window could not be closed either: {error}; "
+                f"appliance-ctl reconfigure closes it."
+            ) from failed
 
 
 def hold_point(name: str) -> None:

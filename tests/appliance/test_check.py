@@ -26,8 +26,8 @@ import pytest
 from appliance import pki
 from appliance.check import FAIL, OK, SKIP, probe_s3
 from appliance.registry_storage import S3Storage
-from tests.appliance.test_registry_settings import s3_client, s3_server  # noqa: F401 - fixture
 from tests.support.appliance import ApplianceUnderTest
+from tests.support.s3 import s3_client
 
 PASSWORD = "a long password for bob"
 
@@ -191,7 +191,7 @@ def test_a_stopped_service_fails_with_the_command_that_starts_it(appliance) -> N
 
 
 def test_the_s3_probe_heads_puts_and_deletes_with_the_registrys_credentials(
-    s3_server,  # noqa: F811 - the fixture imported above
+    s3_server,
 ) -> None:
     parameters = {
         "accesskey": "testing",

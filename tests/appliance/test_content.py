@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
 import ssl
-import subprocess
-import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from tests.support.appliance import BIN, ApplianceUnderTest, free_port
+from tests.support.appliance import ApplianceUnderTest
 from tests.support.oci import build_image, build_index
+from tests.support.s3 import s3_client
 from tests.support.skopeo import Skopeo, SkopeoError
 
 PASSWORDS = {
@@ -366,39 +364,8 @@ def test_only_maintainers_and_above_may_delete_through_the_registry(appliance, r
 # ---------------------------------------------------------------- s3
 
 
-@pytest.fixture
-def s3_endpoint():
-    port = free_port()
-    process = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert process.poll() is None and time.monotonic() < deadline, "moto_server"
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-def test_tag_and_repo_delete_on_s3_storage(appliance, root, s3_endpoint, tmp_path):
-    import boto3
-
-    bucket = boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+def test_tag_and_repo_delete_on_s3_storage(appliance, root, s3_server, tmp_path):
+    bucket = s3_client(s3_server)
     bucket.create_bucket(Bucket="content")
     storage = {
         "s3": {
@@ -406,7 +373,7 @@ def test_tag_and_repo_delete_on_s3_storage(appliance, root, s3_endpoint, tmp_pat
             "secretkey": "moto-accepts-any-secret-key",
             "bucket": "content",
             "region": "us-east-1",
-            "regionendpoint": s3_endpoint,
+            "regionendpoint": s3_server,
             "secure": False,
             "v4auth": True,
             "rootdirectory": "/images",

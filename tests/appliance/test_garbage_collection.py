@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from appliance.registry_storage import storage_lock
-from tests.appliance.test_registry_settings import s3_client, s3_server  # noqa: F401
 from tests.support.appliance import BIN, ApplianceUnderTest
 from tests.support.oci import build_index, build_layered
 from tests.support.pull_loop import PullLoop
+from tests.support.s3 import s3_client
 from tests.support.skopeo import Skopeo, SkopeoError
 
 BASE = {"etc/os-release": b"ID=gc-test-base\n" + b"x" * 4096}
@@ -295,7 +295,7 @@ def test_a_run_killed_inside_its_window_leaves_no_read_only_registry_after_recon
     assert client.inspect("root/app", "after")["layers"]
 
 
-def test_s3_storage_is_collected_in_the_bucket(appliance, client, s3_server, tmp_path):  # noqa: F811
+def test_s3_storage_is_collected_in_the_bucket(appliance, client, s3_server, tmp_path):
     bucket = s3_client(s3_server)
     bucket.create_bucket(Bucket="registry")
     appliance.write_config(

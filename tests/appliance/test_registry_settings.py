@@ -56,6 +56,7 @@ from recipes.nginx import worker_pids
 from tests.support.appliance import ApplianceUnderTest, free_port
 from tests.support.oci import CONFIG_TYPE, OciImage, build_image
 from tests.support.pebble import NamedSkopeo
+from tests.support.s3 import s3_client
 from tests.support.skopeo import Skopeo, SkopeoError
 
 BIN = Path(sys.prefix) / "bin"
@@ -467,38 +468,6 @@ def test_moved_storage_path_receives_the_blobs(appliance, client, tmp_path):
     # Back on the default directory, the image pushed to the other one is not there.
     with pytest.raises(SkopeoError, match="manifest unknown|name unknown"):
         client.digest("root/moved-storage", "moved")
-
-
-@pytest.fixture
-def s3_server():
-    port = free_port()
-    process = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while not is_listening(f"127.0.0.1:{port}"):
-            assert process.poll() is None, "moto_server exited"
-            assert time.monotonic() < deadline, "moto_server did not listen"
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-def s3_client(endpoint: str):  # noqa: ANN201 - boto3's client class is generated
-    import boto3
-
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
 
 
 def test_s3_storage_puts_the_blobs_in_the_bucket_and_redirects_as_told(

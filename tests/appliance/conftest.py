@@ -1,0 +1,3 @@
+"""Fixtures every module of the appliance level may ask for by name."""
+
+from tests.support.s3 import s3_server  # noqa: F401 - the moto server, as a fixture

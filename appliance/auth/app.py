@@ -33,7 +33,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterable
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from appliance.auth import events as registry_events
 from appliance.auth import metrics
@@ -56,6 +56,7 @@ from appliance.auth.tag_gate import MANIFEST_PATH, TagGate
 from appliance.auth.tag_rules import PASSED
 from appliance.auth.tokens import TokenSigner, TokenVerifier, rfc3339
 from appliance.auth.usage import FiguresFile, current, project_bytes
+from appliance.auth.web.pages import WebPages
 from appliance.registry_api import RegistryAPI
 from appliance.registry_maintenance import STALE, Watch, state
 
@@ -115,6 +116,7 @@ class TokenService:
             config.default_registry_enabled,
         )
         self.maintenance = Watch(config.maintenance_file)
+        self._pages: WebPages | None = None
 
     # -- WSGI entry point -------------------------------------------------------------
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
@@ -143,7 +145,23 @@ class TokenService:
             return self._tag_rules(environ, start_response)
         if path == "/-/health":
             return self._health(start_response)
-        return self._not_found(start_response)
+        if path.startswith("/api/"):
+            return self._not_found(start_response)
+        return self.pages(environ, start_response)
+
+    @property
+    def pages(self) -> WebPages:
+        """The web interface (appliance/auth/web), made on its first request: a token
+        request never pays for loading the templates."""
+        if self._pages is None:
+            self._pages = WebPages(
+                self.store,
+                self.authenticator,
+                self.audit,
+                self.client_address,
+                urlsplit(self.config.realm).netloc,
+            )
+        return self._pages
 
     def _not_found(self, start_response: StartResponse) -> Iterable[bytes]:
         return _respond(start_response, 404, _error_body("Not found.", "invalid_request"))

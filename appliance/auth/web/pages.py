@@ -1,0 +1,765 @@
+"""The web interface: server-rendered pages of the auth service (plain WSGI, Jinja2).
+
+Served on the registry's vhost behind nginx next to /v2/ and /jwt/auth, so it needs no
+process or port of its own. Every page reads without JavaScript; the one small script
+(static/app.js) only adds a copy button beside each `docker pull` field. Every change is
+a POST form carrying a CSRF token (sessions.py), answered with a redirect to the page
+that shows the result (post/redirect/get), except the token forms, whose answer shows
+the new secret once.
+
+Who may see and do what is decided by the permission rules the token service uses
+(appliance/auth/permissions.py), through the operations the JSON API shares; this module
+only turns requests into calls and results into HTML. Text from the database (a
+description, a display name) reaches HTML through Jinja2's autoescaping only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import mimetypes
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs, quote, urlsplit
+
+from appliance.auth.audit import AuditLog
+from appliance.auth.permissions import (
+    DELETE,
+    ROLES,
+    TOKEN_SCOPES,
+    USER,
+    VISIBILITIES,
+    Principal,
+    allowed_actions,
+)
+from appliance.auth.signin import Authenticator, SignInRefused
+from appliance.auth.sizes import format_size
+from appliance.auth.store import Store, WebSession
+from appliance.auth.web import sessions
+from appliance.errors import AuthError
+
+HERE = Path(__file__).parent
+TEMPLATES = HERE / "templates"
+STATIC = HERE / "static"
+MAX_FORM_BYTES = 64 * 1024
+StartResponse = Callable[..., object]
+PROJECT = r"(?P<project>(?:(?!/-/)[^?#])+)"
+REPOSITORY = r"(?P<repository>(?:(?!/-/)[^?#])+)"
+
+SECURITY_HEADERS = [
+    # Nothing but our own files: an injected <script> or <img onerror> would not run
+    # even if escaping failed somewhere.
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';"
+        " form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    ),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "same-origin"),
+    ("X-Frame-Options", "DENY"),
+]
+
+_STATUS = {
+    200: "OK",
+    303: "See Other",
+    304: "Not Modified",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Content Too Large",
+    429: "Too Many Requests",
+}
+
+
+class PageError(Exception):
+    """A request the pages answer with an error page: status and one sentence."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Request:
+    environ: dict
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    cookies: dict[str, str]
+    session: WebSession | None = None
+    _form: dict[str, list[str]] | None = None
+
+    @property
+    def principal(self) -> Principal | None:
+        if self.session is None:
+            return None
+        user = self.session.user
+        return Principal(kind=USER, name=user.username, user_id=user.id, admin=user.admin)
+
+    def form(self) -> dict[str, list[str]]:
+        if self._form is None:
+            try:
+                length = int(self.environ.get("CONTENT_LENGTH") or 0)
+            except ValueError as error:
+                raise PageError(400, "The request's Content-Length is not a number.") from error
+            if length > MAX_FORM_BYTES:
+                raise PageError(413, "The form is too large.")
+            body = self.environ["wsgi.input"].read(length) if length > 0 else b""
+            self._form = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+        return self._form
+
+    def field(self, name: str) -> str:
+        values = self.form().get(name)
+        return values[0] if values else ""
+
+    def fields(self, name: str) -> list[str]:
+        return self.form().get(name, [])
+
+
+def url_of(kind: str, name: str, *rest: str) -> str:
+    """The page of a project or repository (names hold '/': sub-pages follow '/-/', a
+    component no project or repository name can have)."""
+    base = f"/{kind}/{quote(name, safe='/')}"
+    return base + ("/-/" + "/".join(quote(r, safe="") for r in rest) if rest else "")
+
+
+def when(timestamp: float | None) -> str:
+    if not timestamp:
+        return ""
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def day_end(text: str) -> int | None:
+    """An expiry date from a form ('' = never): the end of that day, UTC."""
+    if not text:
+        return None
+    try:
+        day = dt.date.fromisoformat(text)
+    except ValueError as error:
+        raise PageError(400, f"'{text}' is not a date like 2030-12-31.") from error
+    end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+    if end.timestamp() <= time.time():
+        raise PageError(400, f"The expiry date {text} is in the past; choose a later day.")
+    return int(end.timestamp())
+
+
+class WebPages:
+    """The pages as one WSGI application, mounted by the token service (app.py)."""
+
+    def __init__(
+        self,
+        store: Store,
+        authenticator: Authenticator,
+        audit: AuditLog,
+        client_address: Callable[[dict], str],
+        registry_host: str,
+    ) -> None:
+        self.store, self.authenticator, self.audit = store, authenticator, audit
+        self.client_address = client_address
+        self.registry_host = registry_host
+        self._environment = None
+        self._routes: list[tuple[str, re.Pattern, Callable[..., Response]]] = [
+            ("GET", re.compile(r"/"), self.projects_page),
+            ("GET", re.compile(r"/sign-in"), self.sign_in_page),
+            ("POST", re.compile(r"/sign-in"), self.sign_in),
+            ("POST", re.compile(r"/sign-out"), self.sign_out),
+            ("GET", re.compile(r"/tokens"), self.tokens_page),
+            ("POST", re.compile(r"/tokens"), self.token_create),
+            ("POST", re.compile(r"/tokens/(?P<token_id>\d+)/revoke"), self.token_revoke),
+            ("GET", re.compile(rf"/projects/{PROJECT}"), self.project_page),
+            ("GET", re.compile(rf"/projects/{PROJECT}/-/members"), self.members_page),
+            ("POST", re.compile(rf"/projects/{PROJECT}/-/members"), self.member_set),
+            (
+                "POST",
+                re.compile(rf"/projects/{PROJECT}/-/members/(?P<username>[^/]+)/remove"),
+                self.member_remove,
+            ),
+            (
+                "GET",
+                re.compile(rf"/projects/{PROJECT}/-/deploy-tokens"),
+                self.deploy_tokens_page,
+            ),
+            (
+                "POST",
+                re.compile(rf"/projects/{PROJECT}/-/deploy-tokens"),
+                self.deploy_token_create,
+            ),
+            (
+                "POST",
+                re.compile(rf"/projects/{PROJECT}/-/deploy-tokens/(?P<token_id>\d+)/revoke"),
+                self.deploy_token_revoke,
+            ),
+            ("GET", re.compile(r"/admin/users"), self.admin_users_page),
+            ("POST", re.compile(r"/admin/users"), self.admin_user_create),
+            (
+                "POST",
+                re.compile(r"/admin/users/(?P<username>[^/]+)/(?P<action>block|unblock|password)"),
+                self.admin_user_change,
+            ),
+            ("GET", re.compile(r"/admin/projects"), self.admin_projects_page),
+            ("POST", re.compile(r"/admin/projects"), self.admin_project_create),
+            (
+                "POST",
+                re.compile(rf"/admin/projects/{PROJECT}/-/(?P<action>description|delete)"),
+                self.admin_project_change,
+            ),
+        ]
+
+    # -- WSGI ---------------------------------------------------------------------------
+    def __call__(self, environ: dict, start_response: StartResponse) -> list[bytes]:
+        response = self.respond(environ)
+        headers = [*response.headers]
+        if not any(name == "Cache-Control" for name, _ in headers):
+            headers.append(("Cache-Control", "no-store"))
+        headers += SECURITY_HEADERS
+        headers.append(("Content-Length", str(len(response.body))))
+        start_response(f"{response.status} {_STATUS.get(response.status, '')}", headers)
+        return [response.body]
+
+    def respond(self, environ: dict) -> Response:
+        path = environ.get("PATH_INFO", "") or "/"
+        method = environ.get("REQUEST_METHOD", "GET")
+        if path.startswith("/static/"):
+            return self.static(path.removeprefix("/static/"), environ)
+        request = Request(
+            environ=environ,
+            method="GET" if method == "HEAD" else method,
+            path=path,
+            query=parse_qs(environ.get("QUERY_STRING", "")),
+            cookies=sessions.read_cookies(environ.get("HTTP_COOKIE", "")),
+        )
+        try:
+            handler, params = self._route(request)
+            request.session = self._session(request)
+            if request.method == "POST":
+                self._check_form(request)
+            if request.session is None and handler not in (self.sign_in_page, self.sign_in):
+                return self._to_sign_in(request)
+            return handler(request, **params)
+        except PageError as error:
+            return self.error_page(request, error.status, error.message)
+
+    def _route(self, request: Request) -> tuple[Callable[..., Response], dict[str, str]]:
+        path_known = False
+        for method, pattern, handler in self._routes:
+            match = pattern.fullmatch(request.path)
+            if match is None:
+                continue
+            path_known = True
+            if method == request.method:
+                return handler, match.groupdict()
+        if path_known:
+            raise PageError(405, f"{request.method} is not used on this page.")
+        raise PageError(404, "There is no such page.")
+
+    # -- sessions, CSRF ---------------------------------------------------------------
+    def _session(self, request: Request) -> WebSession | None:
+        secret = request.cookies.get(sessions.SESSION_COOKIE)
+        if not secret:
+            return None
+        digest = sessions.digest(secret)
+        session = self.store.find_web_session(digest)
+        now = int(time.time())
+        if session is None or not session.live(now):
+            if session is not None:
+                self.store.delete_web_session(digest)
+            return None
+        if now - session.seen_at >= sessions.TOUCH_EVERY:
+            expires_at = sessions.expiry(session.created_at, now)
+            self.store.touch_web_session(digest, now, expires_at)
+        return session
+
+    def _check_form(self, request: Request) -> None:
+        """A POST counts only from this site and with the form's CSRF token: the
+        session's, or before sign-in the sign-in cookie's. Anything else is 403."""
+        why = sessions.cross_site(request.environ)
+        expected = (
+            request.session.csrf_token
+            if request.session is not None
+            else request.cookies.get(sessions.SIGN_IN_COOKIE)
+        )
+        if not why and not sessions.token_matches(request.field("csrf_token"), expected):
+            why = "the form's CSRF token is missing or does not match"
+        if why:
+            self.audit.record(
+                client=self.client_address(request.environ),
+                method="POST",
+                path=request.path,
+                user=request.session.user.username if request.session else "",
+                result="refused",
+                reason=f"web form refused: {why}",
+                status=403,
+            )
+            raise PageError(
+                403,
+                "This form was refused: it did not come from this site's own page (CSRF"
+                " check). Reload the page and send the form again.",
+            )
+
+    def _to_sign_in(self, request: Request) -> Response:
+        target = request.path if request.method == "GET" else "/"
+        query = request.environ.get("QUERY_STRING", "")
+        if query and request.method == "GET":
+            target += "?" + query
+        location = "/sign-in" if target == "/" else f"/sign-in?next={quote(target, safe='/')}"
+        return Response(303, headers=[("Location", location)])
+
+    def _notice(self, request: Request, text: str, location: str) -> Response:
+        """Post/redirect/get: the next page shows `text` once."""
+        if request.session is not None:
+            self.store.set_web_session_notice(request.session.digest, text)
+        return Response(303, headers=[("Location", location)])
+
+    # -- rendering ---------------------------------------------------------------------
+    @property
+    def environment(self):  # jinja2.Environment, made on the first page
+        if self._environment is None:
+            import jinja2
+
+            self._environment = jinja2.Environment(
+                loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+                autoescape=True,
+                undefined=jinja2.StrictUndefined,
+                trim_blocks=True,
+                lstrip_blocks=True,
+            )
+            self._environment.filters.update(size=format_size, when=when)
+            self._environment.globals.update(url_of=url_of)
+        return self._environment
+
+    def render(self, request: Request, template: str, status: int = 200, **context) -> Response:
+        session = request.session
+        notice = None
+        if session is not None and session.notice and request.method == "GET":
+            notice = session.notice
+            self.store.set_web_session_notice(session.digest, None)
+        body = self.environment.get_template(template).render(
+            session=session,
+            user=session.user if session else None,
+            display_name=session.display_name if session else "",
+            csrf_token=session.csrf_token if session else context.pop("csrf_token", ""),
+            notice=notice,
+            path=request.path,
+            **context,
+        )
+        return Response(status, body.encode(), [("Content-Type", "text/html; charset=utf-8")])
+
+    def error_page(self, request: Request, status: int, message: str) -> Response:
+        return self.render(request, "error.html", status, code=status, message=message)
+
+    def static(self, name: str, environ: dict) -> Response:
+        """The CSS and the script: files of this package, nothing from elsewhere."""
+        if not re.fullmatch(r"[a-z0-9-]+\.(css|js|svg)", name) or not (STATIC / name).is_file():
+            return Response(404, b"Not found.\n", [("Content-Type", "text/plain")])
+        body = (STATIC / name).read_bytes()
+        etag = f'"{sessions.digest(body.decode())[:16]}"'
+        headers = [("ETag", etag), ("Cache-Control", "public, max-age=300")]
+        if environ.get("HTTP_IF_NONE_MATCH") == etag:
+            return Response(304, b"", headers)
+        kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        return Response(200, body, [("Content-Type", f"{kind}; charset=utf-8"), *headers])
+
+    # -- sign-in, sign-out -------------------------------------------------------------
+    def sign_in_page(self, request: Request, error: str = "", status: int = 200) -> Response:
+        if request.session is not None and not error:
+            return Response(303, headers=[("Location", _safe_next(request))])
+        token = request.cookies.get(sessions.SIGN_IN_COOKIE) or sessions.new_secret()
+        response = self.render(
+            request,
+            "sign_in.html",
+            status,
+            csrf_token=token,
+            error=error,
+            next=_safe_next(request),
+            username=request.field("username") if request.method == "POST" else "",
+        )
+        response.headers.append(
+            (
+                "Set-Cookie",
+                sessions.cookie(sessions.SIGN_IN_COOKIE, token, sessions.SIGN_IN_COOKIE_SECONDS),
+            )
+        )
+        return response
+
+    def sign_in(self, request: Request) -> Response:
+        """The docker login credentials, through the same authenticator (rate limit,
+        blocked accounts) and audit log as the token endpoint. A personal access or
+        deploy token is refused here: tokens are for clients and the API."""
+        username, password = request.field("username").strip(), request.field("password")
+        address = self.client_address(request.environ)
+        now = time.time()
+        record = {"client": address, "method": "POST", "path": "/sign-in", "user": username}
+        try:
+            signed_in = self.authenticator.sign_in(username, password, address, now)
+            if signed_in.via != "password":
+                raise SignInRefused(
+                    401,
+                    "Sign in with your password; tokens are for docker and the API.",
+                    f"web sign-in with a {signed_in.via.replace('_', ' ')}",
+                )
+        except SignInRefused as refused:
+            self.audit.record(
+                **record, result="denied", reason=refused.reason, status=refused.status
+            )
+            status = 429 if refused.status == 429 else 400
+            return self.sign_in_page(request, error=refused.message, status=status)
+        user = self.store.user(signed_in.principal.name)
+        secret = sessions.new_secret()
+        now_int = int(now)
+        self.store.create_web_session(
+            sessions.digest(secret),
+            user,
+            sessions.new_secret(),
+            now_int,
+            sessions.expiry(now_int, now_int),
+            keep=sessions.SESSIONS_PER_USER,
+        )
+        self.audit.record(**record, via="password", result="signed in", status=303)
+        return Response(
+            303,
+            headers=[
+                ("Location", _safe_next(request)),
+                (
+                    "Set-Cookie",
+                    sessions.cookie(sessions.SESSION_COOKIE, secret, sessions.MAX_SECONDS),
+                ),
+                ("Set-Cookie", sessions.cookie(sessions.SIGN_IN_COOKIE, "", 0)),
+            ],
+        )
+
+    def sign_out(self, request: Request) -> Response:
+        assert request.session is not None
+        self.store.delete_web_session(request.session.digest)
+        self.audit.record(
+            client=self.client_address(request.environ),
+            method="POST",
+            path="/sign-out",
+            user=request.session.user.username,
+            result="signed out",
+            status=303,
+        )
+        return Response(
+            303,
+            headers=[
+                ("Location", "/sign-in"),
+                ("Set-Cookie", sessions.cookie(sessions.SESSION_COOKIE, "", 0)),
+            ],
+        )
+
+    # -- projects ----------------------------------------------------------------------
+    def _visible_projects(self, principal: Principal) -> list[dict]:
+        descriptions = self.store.project_descriptions()
+        rows = []
+        for project in self.store.list_projects():
+            access = self.store.project_access(
+                project.path, principal.user_id, principal.name, True
+            )
+            if access is None or access.path != project.path:
+                continue
+            if not (principal.admin or access.role or project.visibility != "private"):
+                continue
+            rows.append(
+                {
+                    "project": project,
+                    "role": "admin" if principal.admin and not access.role else access.role,
+                    "description": descriptions.get(project.path, ""),
+                }
+            )
+        return rows
+
+    def _project(self, request: Request, path: str) -> tuple[dict, frozenset[str]]:
+        principal = request.principal
+        assert principal is not None
+        project = self.store.find_project(path)
+        access = (
+            self.store.project_access(path, principal.user_id, principal.name, True)
+            if project
+            else None
+        )
+        if project is None or access is None or access.path != path:
+            raise PageError(404, f"There is no project '{path}' you can see.")
+        if not (principal.admin or access.role or project.visibility != "private"):
+            raise PageError(404, f"There is no project '{path}' you can see.")
+        actions, _ = allowed_actions(principal, access)
+        role = access.role or ("admin" if principal.admin else None)
+        return {
+            "project": project,
+            "role": role,
+            "description": self.store.project_descriptions().get(path, ""),
+        }, actions
+
+    def _require_role(self, request: Request, role: str | None, needed: str, what: str) -> None:
+        principal = request.principal
+        assert principal is not None
+        if principal.admin:
+            return
+        if role is None or ROLES.index(role) < ROLES.index(needed):
+            raise PageError(403, f"Only a project's {needed}s may {what}.")
+
+    def projects_page(self, request: Request) -> Response:
+        principal = request.principal
+        assert principal is not None
+        return self.render(request, "projects.html", projects=self._visible_projects(principal))
+
+    def project_page(self, request: Request, project: str) -> Response:
+        info, actions = self._project(request, project)
+        return self.render(
+            request,
+            "project.html",
+            repositories=[],
+            may_delete=DELETE in actions,
+            **info,
+        )
+
+    # -- members (owners) ----------------------------------------------------------------
+    def members_page(self, request: Request, project: str, error: str = "") -> Response:
+        info, _ = self._project(request, project)
+        self._require_role(request, info["role"], "owner", "manage members")
+        names = self.store.display_names()
+        members = [
+            {"username": m.username, "role": m.role, "display_name": names.get(m.username, "")}
+            for m in self.store.list_members(project)
+        ]
+        return self.render(
+            request,
+            "members.html",
+            400 if error else 200,
+            members=members,
+            roles=ROLES,
+            error=error,
+            **info,
+        )
+
+    def member_set(self, request: Request, project: str) -> Response:
+        info, _ = self._project(request, project)
+        self._require_role(request, info["role"], "owner", "manage members")
+        username, role = request.field("username").strip(), request.field("role")
+        try:
+            self.store.add_member(project, username, role)
+        except AuthError as error:
+            return self.members_page(request, project, error=str(error))
+        return self._notice(
+            request,
+            f"{username} is now {role} of {project}.",
+            url_of("projects", project, "members"),
+        )
+
+    def member_remove(self, request: Request, project: str, username: str) -> Response:
+        info, _ = self._project(request, project)
+        self._require_role(request, info["role"], "owner", "manage members")
+        try:
+            self.store.remove_member(project, username)
+        except AuthError as error:
+            return self.members_page(request, project, error=str(error))
+        return self._notice(
+            request,
+            f"{username} is no longer a member of {project}.",
+            url_of("projects", project, "members"),
+        )
+
+    # -- deploy tokens (maintainers) -----------------------------------------------------
+    def deploy_tokens_page(
+        self, request: Request, project: str, error: str = "", created: tuple | None = None
+    ) -> Response:
+        info, _ = self._project(request, project)
+        self._require_role(request, info["role"], "maintainer", "manage deploy tokens")
+        return self.render(
+            request,
+            "deploy_tokens.html",
+            400 if error else 200,
+            tokens=self.store.list_deploy_tokens(project),
+            scopes=TOKEN_SCOPES,
+            error=error,
+            created=created,
+            now=time.time(),
+            **info,
+        )
+
+    def deploy_token_create(self, request: Request, project: str) -> Response:
+        info, _ = self._project(request, project)
+        self._require_role(request, info["role"], "maintainer", "manage deploy tokens")
+        try:
+            token, secret = self.store.create_deploy_token(
+                project,
+                _name(request.field("name")),
+                request.fields("scopes"),
+                day_end(request.field("expires")),
+            )
+        except (AuthError, PageError) as error:
+            return self.deploy_tokens_page(request, project, error=_message(error))
+        return self.deploy_tokens_page(request, project, created=(token, secret))
+
+    def deploy_token_revoke(self, request: Request, project: str, token_id: str) -> Response:
+        info, _ = self._project(request, project)
+        self._require_role(request, info["role"], "maintainer", "manage deploy tokens")
+        try:
+            self.store.revoke_deploy_token(project, int(token_id))
+        except AuthError as error:
+            return self.deploy_tokens_page(request, project, error=str(error))
+        return self._notice(
+            request, "The deploy token was revoked.", url_of("projects", project, "deploy-tokens")
+        )
+
+    # -- personal access tokens ---------------------------------------------------------
+    def tokens_page(
+        self, request: Request, error: str = "", created: tuple | None = None
+    ) -> Response:
+        assert request.session is not None
+        return self.render(
+            request,
+            "tokens.html",
+            400 if error else 200,
+            tokens=self.store.list_personal_access_tokens(request.session.user.username),
+            scopes=TOKEN_SCOPES,
+            error=error,
+            created=created,
+            now=time.time(),
+        )
+
+    def token_create(self, request: Request) -> Response:
+        assert request.session is not None
+        try:
+            token, secret = self.store.create_personal_access_token(
+                request.session.user.username,
+                _name(request.field("name")),
+                request.fields("scopes"),
+                day_end(request.field("expires")),
+            )
+        except (AuthError, PageError) as error:
+            return self.tokens_page(request, error=_message(error))
+        return self.tokens_page(request, created=(token, secret))
+
+    def token_revoke(self, request: Request, token_id: str) -> Response:
+        assert request.session is not None
+        try:
+            self.store.revoke_personal_access_token(request.session.user.username, int(token_id))
+        except AuthError as error:
+            return self.tokens_page(request, error=str(error))
+        return self._notice(request, "The personal access token was revoked.", "/tokens")
+
+    # -- administration ---------------------------------------------------------------
+    def _require_admin(self, request: Request) -> None:
+        principal = request.principal
+        if principal is None or not principal.admin:
+            raise PageError(403, "Only administrators may open the administration pages.")
+
+    def admin_users_page(self, request: Request, error: str = "") -> Response:
+        self._require_admin(request)
+        names = self.store.display_names()
+        return self.render(
+            request,
+            "admin_users.html",
+            400 if error else 200,
+            users=[dataclasses.replace(u, password_hash="") for u in self.store.list_users()],
+            display_names=names,
+            error=error,
+        )
+
+    def admin_user_create(self, request: Request) -> Response:
+        self._require_admin(request)
+        from appliance.auth import credentials
+
+        username, password = request.field("username").strip(), request.field("password")
+        try:
+            if not password:
+                raise PageError(400, "The password is empty; type one.")
+            self.store.create_user(
+                username, credentials.hash_password(password), admin=bool(request.field("admin"))
+            )
+            if request.field("display_name").strip():
+                self.store.set_display_name(username, request.field("display_name"))
+        except (AuthError, PageError) as error:
+            return self.admin_users_page(request, error=_message(error))
+        return self._notice(request, f"User {username} was created.", "/admin/users")
+
+    def admin_user_change(self, request: Request, username: str, action: str) -> Response:
+        self._require_admin(request)
+        from appliance.auth import credentials
+
+        try:
+            if action == "password":
+                password = request.field("password")
+                if not password:
+                    raise PageError(400, "The new password is empty; type one.")
+                self.store.set_password_hash(username, credentials.hash_password(password))
+                done = f"The password of {username} was changed; their sessions have ended."
+            else:
+                self.store.set_blocked(username, action == "block")
+                done = f"{username} was {action}ed."
+        except (AuthError, PageError) as error:
+            return self.admin_users_page(request, error=_message(error))
+        return self._notice(request, done, "/admin/users")
+
+    def admin_projects_page(self, request: Request, error: str = "") -> Response:
+        self._require_admin(request)
+        return self.render(
+            request,
+            "admin_projects.html",
+            400 if error else 200,
+            projects=self.store.list_projects(),
+            descriptions=self.store.project_descriptions(),
+            visibilities=VISIBILITIES,
+            error=error,
+        )
+
+    def admin_project_create(self, request: Request) -> Response:
+        self._require_admin(request)
+        path = request.field("path").strip()
+        try:
+            self.store.create_project(path, request.field("visibility"), True)
+            if request.field("description").strip():
+                self.store.set_project_description(path, request.field("description"))
+        except AuthError as error:
+            return self.admin_projects_page(request, error=str(error))
+        return self._notice(request, f"Project {path} was created.", "/admin/projects")
+
+    def admin_project_change(self, request: Request, project: str, action: str) -> Response:
+        self._require_admin(request)
+        try:
+            if action == "description":
+                self.store.set_project_description(project, request.field("description"))
+                done = f"The description of {project} was saved."
+            else:
+                self.store.delete_project(project)
+                done = f"Project {project} was deleted."
+        except AuthError as error:
+            return self.admin_projects_page(request, error=str(error))
+        return self._notice(request, done, "/admin/projects")
+
+
+def _safe_next(request: Request) -> str:
+    """Where to go after sign-in: a path of this site only (no //host, no scheme)."""
+    target = (request.query.get("next") or [""])[0]
+    if not target and request.method == "POST":
+        target = request.field("next")
+    parts = urlsplit(target)
+    if not target.startswith("/") or target.startswith("//") or parts.scheme or parts.netloc:
+        return "/"
+    if "\\" in target or any(ord(c) < 32 for c in target):
+        return "/"
+    return target
+
+
+def _name(text: str) -> str:
+    name = text.strip()
+    if not name:
+        raise PageError(400, "Give the token a name, such as the machine or job that uses it.")
+    if len(name) > 100:
+        raise PageError(400, f"The name is {len(name)} characters long; use at most 100.")
+    return name
+
+
+def _message(error: Exception) -> str:
+    return error.message if isinstance(error, PageError) else str(error)

@@ -160,6 +160,8 @@ class TokenService:
                 self.audit,
                 self.client_address,
                 urlsplit(self.config.realm).netloc,
+                self.usage_figures,
+                self.gc_figures,
             )
         return self._pages
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
+from markupsafe import Markup
+
 from appliance.auth.audit import AuditLog
 from appliance.auth.permissions import (
     DELETE,
@@ -38,7 +40,15 @@ from appliance.auth.permissions import (
 from appliance.auth.signin import Authenticator, SignInRefused
 from appliance.auth.sizes import format_size
 from appliance.auth.store import Store, WebSession
+from appliance.auth.usage import (
+    FiguresFile,
+    history_file,
+    project_bytes,
+    project_history,
+    read_history,
+)
 from appliance.auth.web import sessions
+from appliance.auth.web.chart import usage_chart
 from appliance.errors import AuthError
 
 HERE = Path(__file__).parent
@@ -165,10 +175,13 @@ class WebPages:
         audit: AuditLog,
         client_address: Callable[[dict], str],
         registry_host: str,
+        usage_figures: FiguresFile,
+        gc_figures: FiguresFile,
     ) -> None:
         self.store, self.authenticator, self.audit = store, authenticator, audit
         self.client_address = client_address
         self.registry_host = registry_host
+        self.usage_figures, self.gc_figures = usage_figures, gc_figures
         self._environment = None
         self._routes: list[tuple[str, re.Pattern, Callable[..., Response]]] = [
             ("GET", re.compile(r"/"), self.projects_page),
@@ -208,6 +221,7 @@ class WebPages:
                 re.compile(r"/admin/users/(?P<username>[^/]+)/(?P<action>block|unblock|password)"),
                 self.admin_user_change,
             ),
+            ("GET", re.compile(r"/admin/gc"), self.admin_gc_page),
             ("GET", re.compile(r"/admin/projects"), self.admin_projects_page),
             ("POST", re.compile(r"/admin/projects"), self.admin_project_create),
             (
@@ -515,13 +529,31 @@ class WebPages:
 
     def project_page(self, request: Request, project: str) -> Response:
         info, actions = self._project(request, project)
+        points = self.usage_points(project)
+        quota = info["project"].quota_bytes
         return self.render(
             request,
             "project.html",
             repositories=[],
             may_delete=DELETE in actions,
+            usage=points,
+            chart=Markup(usage_chart(points, quota, f"Storage used by {project} over time")),
             **info,
         )
+
+    def usage_points(self, project: str) -> list[tuple[float, int]]:
+        """The project's use at each recorded computation (appliance-ctl usage, and
+        after every garbage collection), then now: the last one plus what pushes brought
+        since (the quota's figure)."""
+        figures = self.usage_figures.read()
+        points = project_history(read_history(history_file(self.usage_figures.path)), project)
+        since = float((figures or {}).get("computed_at", 0.0))
+        pending = self.store.pending_usage(since)
+        if figures is not None or pending:
+            now = project_bytes(figures, pending, project)
+            if not points or points[-1][1] != now or pending:
+                points.append((time.time(), now))
+        return points
 
     # -- members (owners) ----------------------------------------------------------------
     def members_page(self, request: Request, project: str, error: str = "") -> Response:
@@ -701,6 +733,10 @@ class WebPages:
         except (AuthError, PageError) as error:
             return self.admin_users_page(request, error=_message(error))
         return self._notice(request, done, "/admin/users")
+
+    def admin_gc_page(self, request: Request) -> Response:
+        self._require_admin(request)
+        return self.render(request, "admin_gc.html", stats=self.gc_figures.read())
 
     def admin_projects_page(self, request: Request, error: str = "") -> Response:
         self._require_admin(request)

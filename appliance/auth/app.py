@@ -39,6 +39,7 @@ from appliance.auth import events as registry_events
 from appliance.auth import metrics
 from appliance.auth.audit import AuditLog
 from appliance.auth.config import AuthConfig
+from appliance.auth.listing import RegistryListing
 from appliance.auth.names import is_repository_name
 from appliance.auth.permissions import (
     ALL,
@@ -162,6 +163,11 @@ class TokenService:
                 urlsplit(self.config.realm).netloc,
                 self.usage_figures,
                 self.gc_figures,
+                RegistryListing(self.store, lambda gate=self.tag_gate: gate.registry)
+                if self.tag_gate.registry is not None
+                else None,
+                self.tag_gate,
+                self.maintenance_refusal,
             )
         return self._pages
 

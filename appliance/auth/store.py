@@ -969,6 +969,30 @@ class Store:
             raise
         return new
 
+    def tag_pushes(self, repository: str) -> dict[str, tuple[str, float, str | None]]:
+        """tag -> (digest, pushed at, pushed by) of each tag's newest push event in the
+        kept history of `repository`."""
+        rows = self._all(
+            "SELECT tag, digest, at, actor FROM registry_events WHERE repository = ?"
+            " AND action = 'push' AND tag IS NOT NULL AND digest IS NOT NULL ORDER BY id",
+            (repository,),
+        )
+        return {tag: (digest, at, actor) for tag, digest, at, actor in rows}
+
+    def last_pulls(
+        self, repository: str, ignore: tuple[str, ...] = ("appliance-auth", "appliance-ctl")
+    ) -> dict[str, float]:
+        """digest -> when a client last pulled it from `repository` (by tag or digest);
+        the appliance's own reads (the pages reading a manifest, a check) do not count."""
+        marks = ", ".join("?" * len(ignore))
+        rows = self._all(
+            "SELECT digest, MAX(at) FROM registry_events WHERE repository = ?"
+            " AND action = 'pull' AND digest IS NOT NULL"
+            f" AND (actor IS NULL OR actor NOT IN ({marks})) GROUP BY digest",
+            (repository, *ignore),
+        )
+        return dict(rows)
+
     def event_counts(self) -> dict[str, int]:
         rows = self._all("SELECT action, COUNT(*) FROM registry_events GROUP BY action")
         return {action: count for action, count in rows}

@@ -23,7 +23,7 @@ import pytest
 
 from tests.support.appliance import ApplianceUnderTest
 from tests.support.browser import AXE, CHROMEDRIVER, CHROMIUM, start_browser
-from tests.support.oci import build_image
+from tests.support.oci import build_image, build_index
 from tests.support.skopeo import SkopeoError
 
 pytestmark = pytest.mark.skipif(
@@ -62,9 +62,15 @@ def screenshots(tmp_path_factory) -> Path:
 class Browser:
     """One signed-in user's browser, with the checks every page gets."""
 
-    def __init__(self, appliance: ApplianceUnderTest, workdir: Path, screenshots: Path) -> None:
+    def __init__(
+        self,
+        appliance: ApplianceUnderTest,
+        workdir: Path,
+        screenshots: Path,
+        javascript: bool = True,
+    ) -> None:
         self.appliance, self.screenshots = appliance, screenshots
-        self.driver = start_browser(workdir, appliance.certificate)
+        self.driver = start_browser(workdir, appliance.certificate, javascript=javascript)
         self.base = f"https://{appliance.registry_address}"
 
     def open(self, path: str) -> None:
@@ -241,6 +247,122 @@ def test_personal_access_token_created_in_the_page_works_with_skopeo(
     assert "was revoked" in maint.text()
     with pytest.raises(SkopeoError):
         appliance.skopeo(tmp_path / "client2", "maint", secret).list_tags("team/app/web")
+
+
+# ---------------------------------------------------------------- browsing, deleting
+
+
+@pytest.fixture(scope="module")
+def pushed(appliance, tmp_path_factory) -> dict:
+    """What root pushed with skopeo: team/app/web:v2 (one platform), :multi (two)."""
+    work = tmp_path_factory.mktemp("pushed")
+    client = appliance.skopeo(work / "client")
+    image = build_image(work / "layout", "v2", random_bytes=300_000)
+    client.push(image, "team/app/web", "v2")
+    index = build_index(work / "index", "multi")
+    client.push_all(index, "team/app/web", "multi")
+    appliance.ctl("usage")  # the figures (and the first point of the usage history)
+    return {
+        "v2": client.digest("team/app/web", "v2"),
+        "multi": index.index_digest,
+        "client": client,
+    }
+
+
+def test_browse_to_a_tag_and_copy_the_pull_command(appliance, maint, pushed) -> None:
+    maint.open("/")
+    maint.click_link("team/app")
+    assert "team/app/web" in maint.text()
+    assert maint.driver.find_element("css selector", "svg.chart")
+    maint.check("project")
+    maint.click_link("team/app/web")
+    rows = {
+        row.find_element("css selector", "td a").text: row.text
+        for row in maint.driver.find_elements("css selector", "table.tags tbody tr")
+    }
+    assert set(rows) >= {"v1", "v2", "multi"}
+    assert pushed["v2"][:19] in rows["v2"] and "linux/amd64" in rows["v2"]
+    assert "by root" in rows["v2"]
+    assert "linux/amd64, linux/arm64" in rows["multi"]
+    maint.check("tags")
+    maint.click_link("v2")
+    field = maint.driver.find_element("id", "pull-command")
+    command = f"docker pull {appliance.registry_address}/team/app/web:v2"
+    assert field.get_attribute("value") == command
+    assert pushed["v2"] in maint.text()
+    maint.check("tag")
+    maint.driver.execute_cdp_cmd(
+        "Browser.grantPermissions",
+        {"origin": maint.base, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]},
+    )
+    button = maint.driver.find_element("css selector", "button[aria-label='Copy Pull command']")
+    button.click()
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    WebDriverWait(maint.driver, 10).until(lambda driver: button.text == "Copied")
+    copied = maint.driver.execute_async_script(
+        "const done = arguments[0];"
+        "navigator.clipboard.readText().then(done, e => done('failed: ' + e));"
+    )
+    assert copied == command
+
+
+def test_maintainer_deletes_a_tag(appliance, maint, pushed) -> None:
+    maint.open("/repositories/team/app/web")
+    maint.submit("css selector", "button[aria-label='Delete tag v2']")
+    assert "Tag v2 was deleted" in maint.text()
+    assert "v2" not in pushed["client"].list_tags("team/app/web")
+    maint.check("tag-deleted")
+
+
+def test_reporter_sees_no_delete_control_and_may_not_delete(appliance, rep, pushed) -> None:
+    rep.open("/repositories/team/app/web")
+    assert "multi" in rep.text()
+    assert not [
+        button
+        for button in rep.driver.find_elements("tag name", "button")
+        if "Delete" in button.text
+    ]
+    rep.check("tags-reporter")
+    token = rep.driver.find_element("name", "csrf_token").get_attribute("value")
+    status, _, body = http_request(
+        appliance,
+        "POST",
+        "/repositories/team/app/web/-/tags/multi/delete",
+        f"csrf_token={token}".encode(),
+        {
+            "Cookie": f"__Host-appliance-session={rep.session_cookie()}",
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Origin": rep.base,
+        },
+    )
+    assert status == 403 and "does not allow deleting" in body
+    assert "multi" in pushed["client"].list_tags("team/app/web")
+
+
+def test_reading_works_without_javascript_and_by_keyboard(
+    appliance, pushed, tmp_path, screenshots
+) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    browser = Browser(appliance, tmp_path / "no-js", screenshots, javascript=False)
+    try:
+        browser.open("/")
+        username = browser.driver.find_element("id", "username")
+        assert browser.driver.switch_to.active_element == username  # autofocus
+        username.send_keys("rep", Keys.TAB, PASSWORDS["rep"], Keys.ENTER)
+        from selenium.webdriver.support.wait import WebDriverWait
+
+        WebDriverWait(browser.driver, 15).until(
+            lambda driver: driver.current_url == browser.base + "/"
+        )
+        browser.open("/repositories/team/app/web/-/tags/multi")
+        field = browser.driver.find_element("id", "pull-command")
+        assert field.get_attribute("value").endswith("/team/app/web:multi")
+        assert not browser.driver.find_elements("css selector", "button.copy")
+        browser.shot("tag-without-javascript")
+    finally:
+        browser.quit()
 
 
 # ---------------------------------------------------------------- security

@@ -71,8 +71,11 @@ def trust_certificate(home: Path, certificate: Path) -> str:
     return base64.b64encode(hashlib.sha256(spki).digest()).decode()
 
 
-def start_browser(workdir: Path, certificate: Path, pin_only: bool = False):
-    """A headless chromium WebDriver with its own profile and HOME under `workdir`."""
+def start_browser(
+    workdir: Path, certificate: Path, pin_only: bool = False, javascript: bool = True
+):
+    """A headless chromium WebDriver with its own profile and HOME under `workdir`;
+    `javascript=False` switches scripts off (the pages must still read)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -85,6 +88,10 @@ def start_browser(workdir: Path, certificate: Path, pin_only: bool = False):
     for flag in FLAGS:
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={profile}")
+    if not javascript:
+        options.add_experimental_option(
+            "prefs", {"profile.managed_default_content_settings.javascript": 2}
+        )
     if trust != "nss":
         pin = trust if trust != "pin" else trust_certificate_pin(certificate)
         options.add_argument(f"--ignore-certificate-errors-spki-list={pin}")

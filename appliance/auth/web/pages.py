@@ -28,18 +28,24 @@ from urllib.parse import parse_qs, quote, urlsplit
 from markupsafe import Markup
 
 from appliance.auth.audit import AuditLog
+from appliance.auth.listing import RegistryListing
+from appliance.auth.names import is_repository_name, owning_project
 from appliance.auth.permissions import (
     DELETE,
+    PULL,
     ROLES,
     TOKEN_SCOPES,
     USER,
     VISIBILITIES,
     Principal,
+    ProjectAccess,
     allowed_actions,
 )
 from appliance.auth.signin import Authenticator, SignInRefused
 from appliance.auth.sizes import format_size
 from appliance.auth.store import Store, WebSession
+from appliance.auth.tag_gate import TagGate
+from appliance.auth.tag_rules import ADMIN, RANKS
 from appliance.auth.usage import (
     FiguresFile,
     history_file,
@@ -50,6 +56,7 @@ from appliance.auth.usage import (
 from appliance.auth.web import sessions
 from appliance.auth.web.chart import usage_chart
 from appliance.errors import AuthError
+from appliance.registry_api import RegistryAPIError
 
 HERE = Path(__file__).parent
 TEMPLATES = HERE / "templates"
@@ -83,6 +90,7 @@ _STATUS = {
     409: "Conflict",
     413: "Content Too Large",
     429: "Too Many Requests",
+    503: "Service Unavailable",
 }
 
 
@@ -177,7 +185,12 @@ class WebPages:
         registry_host: str,
         usage_figures: FiguresFile,
         gc_figures: FiguresFile,
+        listing: RegistryListing | None = None,
+        tag_gate: TagGate | None = None,
+        maintenance_refusal: Callable[[list[str], float], str] = lambda actions, now: "",
     ) -> None:
+        self.listing, self.tag_gate = listing, tag_gate
+        self.maintenance_refusal = maintenance_refusal
         self.store, self.authenticator, self.audit = store, authenticator, audit
         self.client_address = client_address
         self.registry_host = registry_host
@@ -213,6 +226,22 @@ class WebPages:
                 "POST",
                 re.compile(rf"/projects/{PROJECT}/-/deploy-tokens/(?P<token_id>\d+)/revoke"),
                 self.deploy_token_revoke,
+            ),
+            ("GET", re.compile(rf"/repositories/{REPOSITORY}"), self.repository_page),
+            (
+                "POST",
+                re.compile(rf"/repositories/{REPOSITORY}/-/delete"),
+                self.repository_delete,
+            ),
+            (
+                "GET",
+                re.compile(rf"/repositories/{REPOSITORY}/-/tags/(?P<tag>[^/]+)"),
+                self.tag_page,
+            ),
+            (
+                "POST",
+                re.compile(rf"/repositories/{REPOSITORY}/-/tags/(?P<tag>[^/]+)/delete"),
+                self.tag_delete,
             ),
             ("GET", re.compile(r"/admin/users"), self.admin_users_page),
             ("POST", re.compile(r"/admin/users"), self.admin_user_create),
@@ -534,11 +563,191 @@ class WebPages:
         return self.render(
             request,
             "project.html",
-            repositories=[],
+            repositories=self.project_repositories(project),
             may_delete=DELETE in actions,
             usage=points,
             chart=Markup(usage_chart(points, quota, f"Storage used by {project} over time")),
             **info,
+        )
+
+    def project_repositories(self, project: str) -> list[dict]:
+        """The project's repositories (those no deeper project owns), each with its tag
+        count and its size as last computed (appliance-ctl usage, each GC)."""
+        if self.listing is None:
+            return []
+        paths = [p.path for p in self.store.list_projects()]
+        figures = (self.usage_figures.read() or {}).get("repositories") or {}
+        rows = []
+        for name in self.registry_call(self.listing.repositories):
+            if owning_project(name, paths) != project:
+                continue
+            rows.append(
+                {
+                    "name": name,
+                    "tags": self.registry_call(lambda n=name: self.listing.tag_count(n)),
+                    "size": (figures.get(name) or {}).get("bytes"),
+                }
+            )
+        return rows
+
+    def registry_call(self, call: Callable[[], object]):
+        """A read from the registry; its failure is one sentence on a 503 page."""
+        try:
+            return call()
+        except RegistryAPIError as error:
+            raise PageError(503, f"The registry cannot be read now: {error}.") from error
+
+    # -- repositories and tags ------------------------------------------------------------
+    def _repository(self, request: Request, repository: str) -> tuple[ProjectAccess, frozenset]:
+        """The repository's project and what the signed-in user may do there; 404 for a
+        repository the user may not pull (its existence is not revealed)."""
+        principal = request.principal
+        assert principal is not None
+        if self.listing is None or not is_repository_name(repository):
+            raise PageError(404, f"There is no repository '{repository}' you can see.")
+        access = self.store.project_access(repository, principal.user_id, principal.name, True)
+        actions, _ = allowed_actions(principal, access)
+        if PULL not in actions or access is None:
+            raise PageError(404, f"There is no repository '{repository}' you can see.")
+        return access, actions
+
+    def repository_page(self, request: Request, repository: str, error: str = "") -> Response:
+        access, actions = self._repository(request, repository)
+        tags = self.registry_call(lambda: self.listing.tags(repository))
+        return self.render(
+            request,
+            "repository.html",
+            400 if error else 200,
+            repository=repository,
+            project_path=access.path,
+            tags=tags,
+            may_delete=DELETE in actions,
+            host=self.registry_host,
+            error=error,
+        )
+
+    def tag_page(self, request: Request, repository: str, tag: str) -> Response:
+        access, actions = self._repository(request, repository)
+        found = [
+            t for t in self.registry_call(lambda: self.listing.tags(repository)) if t.tag == tag
+        ]
+        if not found:
+            raise PageError(404, f"There is no tag '{tag}' in {repository}.")
+        row = found[0]
+        facts = self.registry_call(lambda: self.listing.facts(repository, row.digest))
+        return self.render(
+            request,
+            "tag.html",
+            repository=repository,
+            project_path=access.path,
+            row=row,
+            children=facts.children if facts else (),
+            may_delete=DELETE in actions,
+            host=self.registry_host,
+        )
+
+    def tag_delete(self, request: Request, repository: str, tag: str) -> Response:
+        """Delete the tag's manifest, as `skopeo delete` would with a maintainer's token:
+        the same permission rules, maintenance window and tag rules. A manifest another
+        tag also points at is refused: the registry deletes manifests, with every tag
+        on them (appliance-ctl tag delete unlinks one tag only)."""
+        access, actions = self._repository(request, repository)
+        principal = request.principal
+        assert principal is not None and self.listing is not None
+        if DELETE not in actions:
+            raise PageError(403, f"Your role in {access.path} does not allow deleting tags.")
+        refusal = self.maintenance_refusal([DELETE], time.time())
+        if refusal:
+            return self.repository_page(
+                request, repository, error=refusal[0].upper() + refusal[1:] + "."
+            )
+        registry = self.listing.registry
+        digest = self.registry_call(lambda: registry.digest(repository, tag))
+        if digest is None:
+            raise PageError(404, f"There is no tag '{tag}' in {repository}.")
+        others = sorted(
+            other
+            for other, pointed in self.registry_call(
+                lambda: self.listing.tag_digests(repository)
+            ).items()
+            if pointed == digest and other != tag
+        )
+        if others:
+            return self.repository_page(
+                request,
+                repository,
+                error=f"Tag {tag} points at the same manifest as {', '.join(others)}; the"
+                " registry deletes manifests with all their tags, so nothing was deleted. Use"
+                f" appliance-ctl tag delete {repository}:{tag} to remove this tag alone.",
+            )
+        if self.tag_gate is not None:
+            verdict = self.registry_call(
+                lambda: self.tag_gate.check_delete(repository, digest, _rank(principal, access))
+            )
+            if not verdict.allowed:
+                return self.repository_page(request, repository, error=verdict.message + ".")
+        self.registry_call(lambda: registry.delete_manifest(repository, digest))
+        self.audit.record(
+            client=self.client_address(request.environ),
+            method="POST",
+            path=request.path,
+            user=principal.name,
+            result="deleted",
+            reason=f"web: tag {repository}:{tag} ({digest})",
+            status=303,
+        )
+        return self._notice(
+            request,
+            f"Tag {tag} was deleted ({digest}); its blobs stay on disk until the next garbage"
+            " collection.",
+            url_of("repositories", repository),
+        )
+
+    def repository_delete(self, request: Request, repository: str) -> Response:
+        """Delete every manifest a tag of the repository points at (tag rules checked
+        for each first). The registry has no repository delete: the name stays in its
+        catalog, without tags, and the next garbage collection frees the blobs."""
+        access, actions = self._repository(request, repository)
+        principal = request.principal
+        assert principal is not None and self.listing is not None
+        if DELETE not in actions:
+            raise PageError(403, f"Your role in {access.path} does not allow deleting.")
+        refusal = self.maintenance_refusal([DELETE], time.time())
+        if refusal:
+            return self.repository_page(
+                request, repository, error=refusal[0].upper() + refusal[1:] + "."
+            )
+        digests = sorted(
+            set(self.registry_call(lambda: self.listing.tag_digests(repository)).values())
+        )
+        if self.tag_gate is not None:
+            for digest in digests:
+                verdict = self.registry_call(
+                    lambda d=digest: self.tag_gate.check_delete(
+                        repository, d, _rank(principal, access)
+                    )
+                )
+                if not verdict.allowed:
+                    return self.repository_page(
+                        request, repository, error=verdict.message + "; nothing was deleted."
+                    )
+        registry = self.listing.registry
+        for digest in digests:
+            self.registry_call(lambda d=digest: registry.delete_manifest(repository, d))
+        self.audit.record(
+            client=self.client_address(request.environ),
+            method="POST",
+            path=request.path,
+            user=principal.name,
+            result="deleted",
+            reason=f"web: repository {repository} ({len(digests)} manifests)",
+            status=303,
+        )
+        return self._notice(
+            request,
+            f"Every tag of {repository} was deleted ({len(digests)} manifests); the blobs stay"
+            " on disk until the next garbage collection.",
+            url_of("projects", access.path),
         )
 
     def usage_points(self, project: str) -> list[tuple[float, int]]:
@@ -773,6 +982,13 @@ class WebPages:
         except AuthError as error:
             return self.admin_projects_page(request, error=str(error))
         return self._notice(request, done, "/admin/projects")
+
+
+def _rank(principal: Principal, access: ProjectAccess) -> int:
+    """The requester's rank for the tag rules (tag_rules.RANKS)."""
+    if principal.admin:
+        return RANKS[ADMIN]
+    return RANKS.get(access.role or "", -1)
 
 
 def _safe_next(request: Request) -> str:

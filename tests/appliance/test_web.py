@@ -259,9 +259,11 @@ def pushed(appliance, tmp_path_factory) -> dict:
     client = appliance.skopeo(work / "client")
     image = build_image(work / "layout", "v2", random_bytes=300_000)
     client.push(image, "team/app/web", "v2")
+    appliance.ctl("usage")  # the figures, and a point of the usage history
     index = build_index(work / "index", "multi")
     client.push_all(index, "team/app/web", "multi")
-    appliance.ctl("usage")  # the figures (and the first point of the usage history)
+    client.push(build_image(work / "big", "big", random_bytes=600_000), "team/app/big", "v1")
+    appliance.ctl("usage")  # a second point
     return {
         "v2": client.digest("team/app/web", "v2"),
         "multi": index.index_digest,
@@ -272,8 +274,8 @@ def pushed(appliance, tmp_path_factory) -> dict:
 def test_browse_to_a_tag_and_copy_the_pull_command(appliance, maint, pushed) -> None:
     maint.open("/")
     maint.click_link("team/app")
-    assert "team/app/web" in maint.text()
-    assert maint.driver.find_element("css selector", "svg.chart")
+    assert "team/app/web" in maint.text() and "team/app/big" in maint.text()
+    assert len(maint.driver.find_elements("css selector", "svg.chart circle")) >= 2
     maint.check("project")
     maint.click_link("team/app/web")
     rows = {

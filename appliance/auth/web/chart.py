@@ -51,8 +51,9 @@ def usage_chart(points: list[tuple[float, int]], quota: int | None, title: str) 
         f'<text x="{LEFT - 6}" y="{TOP + 10}" text-anchor="end">{escape(format_size(top_value))}'
         "</text>",
         f'<text x="{LEFT - 6}" y="{HEIGHT - BOTTOM}" text-anchor="end">0</text>',
-        f'<text x="{LEFT}" y="{HEIGHT - 8}">{escape(_day(start))}</text>',
-        f'<text x="{WIDTH - RIGHT}" y="{HEIGHT - 8}" text-anchor="end">{escape(_day(end))}</text>',
+        f'<text x="{LEFT}" y="{HEIGHT - 8}">{escape(_label(start, span))}</text>',
+        f'<text x="{WIDTH - RIGHT}" y="{HEIGHT - 8}" text-anchor="end">'
+        f"{escape(_label(end, span))}</text>",
     ]
     if quota is not None:
         parts.append(
@@ -69,8 +70,10 @@ def usage_chart(points: list[tuple[float, int]], quota: int | None, title: str) 
     return "".join(parts)
 
 
-def _day(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d")
+def _label(t: float, span: float) -> str:
+    """The axis' ends: the day, or the time of day too over a span under two days."""
+    shape = "%Y-%m-%d" if span >= 2 * 86400 else "%Y-%m-%d %H:%M UTC"
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime(shape)
 
 
 def _moment(t: float) -> str:

@@ -221,3 +221,34 @@ def test_static_files_and_unknown_pages(service) -> None:
     assert page.status == 200 and page.header("Content-Type").startswith("text/css")
     assert client.get("/static/../pages.py").status == 404
     assert signed_in(service, "alice").get("/nothing/here").status == 404
+
+
+def test_an_idle_or_old_session_ends(service) -> None:
+    client = signed_in(service, "alice")
+    assert client.get("/tokens").status == 200
+    service.store._write("UPDATE web_sessions SET expires_at = 1")
+    assert client.get("/tokens").status == 303
+    assert service.store._one("SELECT COUNT(*) FROM web_sessions")[0] == 0  # forgotten
+
+
+def test_a_user_keeps_a_bounded_number_of_sessions(service) -> None:
+    for _ in range(25):
+        signed_in(service, "alice")
+    assert service.store._one("SELECT COUNT(*) FROM web_sessions")[0] == 20
+
+
+def test_admin_creates_a_user_and_resets_a_password(service) -> None:
+    root = signed_in(service, "root")
+    token = root.get("/admin/users").csrf_token
+    page = root.post(
+        "/admin/users",
+        {"csrf_token": token, "username": "dave", "password": "dave password 1"},
+    )
+    assert page.status == 303 and "User dave was created." in root.get("/admin/users").text
+    page = root.post("/admin/users", {"csrf_token": token, "username": "dave", "password": "x"})
+    assert page.status == 400 and "too short" in page.text
+    page = root.post(
+        "/admin/users/dave/password", {"csrf_token": token, "password": "dave new pw 2"}
+    )
+    assert page.status == 303
+    assert WebClient(service).sign_in("dave", "dave new pw 2").status == 303

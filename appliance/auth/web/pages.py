@@ -977,10 +977,21 @@ class WebPages:
                 self.store.set_project_description(project, request.field("description"))
                 done = f"The description of {project} was saved."
             else:
+                held = [row["name"] for row in self.project_repositories(project)]
+                if held:
+                    shown = ", ".join(held[:3]) + (
+                        f" and {len(held) - 3} more" if len(held) > 3 else ""
+                    )
+                    raise PageError(
+                        409,
+                        f"Project {project} still holds {shown}; delete its images first, or"
+                        f" run appliance-ctl project delete {project} --with-images on the"
+                        " host. Nothing was deleted.",
+                    )
                 self.store.delete_project(project)
                 done = f"Project {project} was deleted."
-        except AuthError as error:
-            return self.admin_projects_page(request, error=str(error))
+        except (AuthError, PageError) as error:
+            return self.admin_projects_page(request, error=_message(error))
         return self._notice(request, done, "/admin/projects")
 
 

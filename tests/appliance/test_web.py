@@ -367,6 +367,23 @@ def test_reading_works_without_javascript_and_by_keyboard(
         browser.quit()
 
 
+def test_deploy_token_made_by_the_maintainer_pulls(appliance, maint, pushed, tmp_path) -> None:
+    maint.open("/projects/team/app/-/deploy-tokens")
+    maint.driver.find_element("id", "token-name").send_keys("ci")
+    maint.submit("xpath", "//button[text()='Create deploy token']")
+    username = maint.driver.find_element("id", "new-token-username").get_attribute("value")
+    secret = maint.driver.find_element("id", "new-token").get_attribute("value")
+    maint.check("deploy-tokens")
+    client = appliance.skopeo(tmp_path / "deploy", username, secret)
+    assert "multi" in client.list_tags("team/app/web")
+
+
+def test_garbage_collection_page(appliance, root) -> None:
+    root.open("/admin/gc")
+    assert "Garbage collection" in root.text()
+    root.check("admin-gc")
+
+
 # ---------------------------------------------------------------- security
 
 

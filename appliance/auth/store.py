@@ -853,16 +853,17 @@ class Store:
     def find_web_session(self, digest: str) -> WebSession | None:
         """The session with its user's current row; the caller decides whether it still
         counts (WebSession.live)."""
+        user_columns = [f"u.{c}" for c in self._USER_COLUMNS.split(", ")]
         row = self._one(
             "SELECT s.token_digest, s.credentials_version, s.csrf_token, s.notice,"
-            " s.created_at, s.seen_at, s.expires_at,"
-            f" {', '.join('u.' + c for c in self._USER_COLUMNS.split(', '))}, u.display_name"
+            " s.created_at, s.seen_at, s.expires_at, u.display_name,"
+            f" {', '.join(user_columns)}"
             " FROM web_sessions s JOIN users u ON u.id = s.user_id WHERE s.token_digest = ?",
             (digest,),
         )
         if row is None:
             return None
-        return WebSession(*row[:7], user=_user(row[7:14]), display_name=row[14])
+        return WebSession(*row[:7], user=_user(row[8:]), display_name=row[7])
 
     def touch_web_session(self, digest: str, seen_at: int, expires_at: int) -> None:
         self._write(

@@ -423,7 +423,7 @@ class RegistryContent:
         self.lock_file = lock_file
         self.deletes_enabled = deletes_enabled
 
-    def _check_deletes(self) -> None:
+    def check_deletes(self) -> None:
         """With deletes off, the registry would refuse the manifests but not the tags we
         remove in storage: refuse the whole command instead, before anything changes."""
         if not self.deletes_enabled:
@@ -465,18 +465,26 @@ class RegistryContent:
             if under(name, project) and owning_project(name, paths) == project
         )
 
-    def delete_tags(self, references: Iterable[tuple[str, str]]) -> TagDeletePlan:
+    def delete_tags(
+        self, references: Iterable[tuple[str, str]], locked: bool = False
+    ) -> TagDeletePlan:
         """Remove the tags, deleting the manifests no remaining tag reaches (through the
-        API first: a registry that refuses deletes refuses before any tag is gone)."""
+        API first: a registry that refuses deletes refuses before any tag is gone).
+        `locked`: the caller holds the storage lock already (a retention run)."""
         references = list(references)
-        self._check_deletes()
+        self.check_deletes()
+        if locked:
+            return self._delete_tags(references)
         with storage_lock(self.lock_file, "tag delete"):
-            plan = plan_tag_delete(self.snapshot({name for name, _ in references}), references)
-            for deletion in plan.deletions:
-                for digest in (deletion.digest, *deletion.children):
-                    self.api.delete_manifest(deletion.repository, digest)
-            for removal in plan.removals:
-                self.storage.delete(tag_prefix(removal.repository, removal.tag))
+            return self._delete_tags(references)
+
+    def _delete_tags(self, references: list[tuple[str, str]]) -> TagDeletePlan:
+        plan = plan_tag_delete(self.snapshot({name for name, _ in references}), references)
+        for deletion in plan.deletions:
+            for digest in (deletion.digest, *deletion.children):
+                self.api.delete_manifest(deletion.repository, digest)
+        for removal in plan.removals:
+            self.storage.delete(tag_prefix(removal.repository, removal.tag))
         return plan
 
     def delete_repositories(
@@ -486,7 +494,7 @@ class RegistryContent:
         what is left of it in storage (tag links, upload sessions), so it leaves the
         catalog and tags/list answers 404. A repository nested under it stays."""
         names = [check_repository(name) for name in names]
-        self._check_deletes()
+        self.check_deletes()
         with storage_lock(self.lock_file, holder):
             content = self.snapshot(names)
             plans = [plan_repository_delete(content, name) for name in names]

@@ -1,0 +1,127 @@
+"""The janitor program: the projects' retention policies, then the garbage collection,
+every `janitor.schedule` (at an offset inside the period fixed per host).
+
+supervisord runs it as `python -m appliance.programs.janitor [CONFIG]` when
+`janitor.enable` is true. Like the renewer (appliance/programs/renewer.py) each run reads
+appliance.yml again, goes through the one pipeline (`recipes.retention_run`, then
+`recipes.garbage_collection`: their logs land under `<log_dir>/retention/` and
+`<log_dir>/gc/`), holds the storage lock while it changes the storage, and never ends
+the program: a failed run is said in one line and the next period tries again. Its
+own log (`<log_dir>/janitor/current`) gets every line the runs print, and
+`<data_dir>/janitor.json` the last run and the next, which `appliance-ctl status` shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+from appliance import registry_gc, retention
+from appliance import settings as settings_module
+from appliance.errors import ApplianceError, ConfigError
+from appliance.programs.renewer import CONFIG_RETRY_FIRST_SECONDS, CONFIG_RETRY_MAX_SECONDS
+from appliance.registry_storage import storage_lock
+from appliance.settings import Settings
+
+
+def run_once(settings: Settings, say: Callable[[str], None]) -> dict:
+    """Retention, then the collection; what happened, as janitor.json's `last` keeps it."""
+    import recipes
+    from appliance import pipeline
+
+    started = time.time()
+    last: dict = {"started": int(started), "deleted_tags": 0, "freed_bytes": 0, "result": "ok"}
+    lock = settings.paths.registry_storage_lock
+    try:
+        say(f"janitor: run started at {retention.stamp(started)}")
+        run, state = recipes.retention_run(settings)
+        with storage_lock(lock, "the janitor's retention run"):
+            pipeline.execute(settings, run)
+        last["deleted_tags"] = state.deleted
+        for line in state.refusals:
+            say(f"janitor: {line}")
+        if state.refusals:
+            last["result"] = f"{len(state.refusals)} project(s) stopped by --max-delete"
+        if settings.janitor.garbage_collect:
+            with storage_lock(lock, "the janitor's garbage collection"):
+                pipeline.execute(settings, recipes.garbage_collection(settings))
+            stats = registry_gc.read_stats(settings.paths.registry_gc_file).get("last") or {}
+            if stats.get("started", 0) >= int(started):
+                last["freed_bytes"] = int(stats.get("freed_bytes", 0))
+    except ApplianceError as exc:
+        last["result"] = f"failed: {exc}"
+    except Exception as exc:  # noqa: BLE001 - the janitor must outlive one bad run
+        last["result"] = f"failed (a bug): {exc!r}"
+    last["finished"] = int(time.time())
+    say(
+        f"janitor: run finished: {last['result']}; {last['deleted_tags']} tags deleted, "
+        f"{registry_gc.human(last['freed_bytes'])} freed"
+    )
+    return last
+
+
+def write_state(path: Path, state: dict) -> None:
+    """janitor.json, whole or not at all (0644: `appliance-ctl status` reads it)."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        os.chmod(partial, 0o644)
+        os.replace(partial, path)
+    except OSError:
+        pass  # a full disk: the run happened all the same, and its logs say so
+
+
+def janitor_forever(
+    config: Path,
+    named: bool,
+    say: Callable[[str], None],
+    sleep: Callable[[float], None] = time.sleep,
+) -> NoReturn:
+    slot: float | None = None
+    problem = ""
+    retry = CONFIG_RETRY_FIRST_SECONDS
+    last: dict | None = None  # read once the settings say where
+    while True:
+        try:
+            if named and not config.exists():
+                raise ConfigError(f"{config} does not exist (deleted since the last reconfigure?)")
+            settings = settings_module.load(config, must_exist=named)
+        except ConfigError as exc:
+            sentence = f"{str(exc).rstrip('.')}, so the janitor waits until it is fixed."
+            if sentence != problem:
+                problem = sentence
+                say(f"janitor: {problem}")
+            sleep(retry)
+            retry = min(retry * 2, CONFIG_RETRY_MAX_SECONDS)
+            continue
+        if problem:
+            say(f"janitor: {config} can be used again; runs resume.")
+            problem, retry = "", CONFIG_RETRY_FIRST_SECONDS
+        period = retention.parse_age("janitor.schedule", settings.janitor.schedule)
+        if last is None:  # the previous process's last run, until this one has run
+            last = retention.read_janitor_state(settings.paths.janitor_state).get("last") or {}
+        if slot is not None and time.time() >= slot:
+            last = run_once(settings, say)
+        now = time.time()
+        slot = retention.next_run(now, settings.registry_host, period)
+        write_state(settings.paths.janitor_state, {"last": last, "next": int(slot)})
+        say(f"janitor: next run at {retention.stamp(slot)}")
+        sleep(max(0.5, slot - time.time()))
+
+
+def main(argv: list[str]) -> NoReturn:
+    if argv:
+        config, named = Path(argv[0]), True
+    else:
+        config, named = settings_module.config_path(None)
+    janitor_forever(config, named, say=lambda line: print(line, flush=True))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

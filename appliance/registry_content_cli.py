@@ -130,7 +130,7 @@ def tag_list(args: argparse.Namespace, settings: Settings) -> int:
                 short_digest(row.digest),
                 ",".join(row.platforms) or "-",
                 format_size(row.size),
-                row.created.strftime("%Y-%m-%d %H:%M UTC") if row.created else "-",
+                row.created.strftime("%Y-%m-%d %H:%M:%S UTC") if row.created else "-",
                 _minute(history[row.tag].pushed_at) if row.tag in history else "-",
                 (history[row.tag].pushed_by or "(anonymous)")
                 if row.tag in history and history[row.tag].pushed_at

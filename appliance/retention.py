@@ -326,8 +326,8 @@ class ProjectPlan:
         return (
             f"{self.project}: the policy would delete {len(self.deletions)} tags, more than "
             f"--max-delete {self.policy.max_delete}; nothing was deleted in {self.project} "
-            f"(preview: appliance-ctl retention run {self.project} --dry-run; raise "
-            f"--max-delete if that is right)"
+            f"(if these are right: appliance-ctl project retention {self.project} "
+            f"--max-delete {len(self.deletions)} ..., with the policy's other options)"
         )
 
 
@@ -361,18 +361,3 @@ def read_janitor_state(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return state if isinstance(state, dict) else {}
-
-
-def janitor_status_note(path: Path) -> str | None:
-    """`appliance-ctl status`'s line under the janitor: its last run and the next."""
-    state = read_janitor_state(path)
-    parts = []
-    last = state.get("last")
-    if isinstance(last, dict) and "finished" in last:
-        parts.append(
-            f"last run {stamp(last['finished'])}: {last.get('result')}, "
-            f"{last.get('deleted_tags', 0)} tags deleted, {last.get('freed_bytes', 0)} bytes freed"
-        )
-    if isinstance(state.get("next"), int | float):
-        parts.append(f"next run {stamp(state['next'])}")
-    return "; ".join(parts) or None

@@ -12,8 +12,9 @@ index goes with the platform manifests no remaining tag reaches. The caller hold
 storage lock (no garbage collection or other delete meanwhile). Nothing is freed on
 disk: the next garbage collection frees the blobs.
 
-A project whose policy would delete more than its `--max-delete` deletes nothing; its
-resource says so, and so does the run's end (the CLI exits 1).
+A project whose policy would delete more than its `--max-delete` deletes nothing: it
+gets no resource, and the run's end names it with the tags it would have deleted (the
+CLI exits 1).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 from appliance import retention
@@ -122,21 +124,13 @@ class ProjectRetention(Resource):
 
     @property
     def name(self) -> str:
-        plan = self.state.plans.get(self.project)
-        if plan is not None and plan.over_limit:
-            return (
-                f"{self.project} (stopped: {len(plan.deletions)} tags to delete, more than "
-                f"--max-delete {self.policy.max_delete}; nothing deleted)"
-            )
         return self.project
 
     def current(self) -> retention.ProjectPlan:
-        plan = project_plan(self.state, self.project, self.policy)
-        self.state.plans[self.project] = plan
-        return plan
+        return self.state.plans[self.project]
 
     def plan(self, current: retention.ProjectPlan) -> list[Change]:
-        if current.over_limit or not current.deletions:
+        if not current.deletions:
             return []
         count = len(current.deletions)
         return [
@@ -165,8 +159,12 @@ def run(
     state = Retention(settings, recipes.registry_content(settings))
 
     def resources(secrets: Secrets) -> Iterator[Resource]:
+        """A project --max-delete stops gets no resource: nothing of it can change (its
+        refusal and the tags it would have deleted are the run's messages)."""
         for project, policy in policies(settings, path).items():
-            yield ProjectRetention(state, project, policy)
+            plan = state.plans[project] = project_plan(state, project, policy)
+            if not plan.over_limit:
+                yield ProjectRetention(state, project, policy)
 
     def intro() -> list[str]:
         return [
@@ -189,8 +187,11 @@ def run(
     def messages(report: Report) -> Iterator[str]:
         for line in state.done:
             yield f"  {line}"
-        for line in state.refusals:
-            yield f"  {line}"
+        for plan in state.plans.values():
+            if plan.over_limit:
+                yield f"  {plan.refusal()}"
+                for verdict in plan.deletions:
+                    yield f"    (not deleted) {verdict.line(state.now)}"
 
     def preflight() -> None:
         if not settings.registry.enable:
@@ -233,7 +234,7 @@ def service(settings: Settings) -> Service:
         enabled=janitor_wanted(settings),
         reload=RESTART,
         log=supervisor.service_log(settings, "janitor"),
-        status_note=lambda: retention.janitor_status_note(settings.paths.janitor_state),
+        status_note=lambda: janitor_status_note(settings.paths.janitor_state),
     )
 
 
@@ -244,3 +245,21 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
     config = [str(settings.paths.config_file)] if settings.facts.config_file_present else []
     command = [supervisor.executable("python"), "-m", "appliance.programs.janitor", *config]
     return supervisor.program(settings, "janitor", command)
+
+
+def janitor_status_note(path: Path) -> str | None:
+    """`appliance-ctl status`'s line under the janitor: its last run and the next."""
+    from appliance.auth.sizes import format_size
+
+    state = retention.read_janitor_state(path)
+    parts = []
+    last = state.get("last")
+    if isinstance(last, dict) and "finished" in last:
+        parts.append(
+            f"last run {retention.stamp(last['finished'])}: {last.get('result')}, "
+            f"{last.get('deleted_tags', 0)} tags deleted, "
+            f"{format_size(int(last.get('freed_bytes', 0)))} freed"
+        )
+    if isinstance(state.get("next"), int | float):
+        parts.append(f"next run {retention.stamp(state['next'])}")
+    return "; ".join(parts) or None

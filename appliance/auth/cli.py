@@ -179,8 +179,9 @@ def _register_project(
     p = _command(
         group,
         "retention",
-        "set, show or remove a project's retention policy (appliance-ctl retention run "
-        "applies it): a tag is deleted only when no keep rule holds",
+        "set (the options replace the policy whole), show or remove a project's retention "
+        "policy (appliance-ctl retention run applies it): a tag is deleted only when no "
+        "keep rule holds",
         project_retention,
     )
     p.add_argument("path")

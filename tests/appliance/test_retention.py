@@ -248,6 +248,7 @@ def test_max_delete_stops_a_runaway_policy(appliance, client, tmp_path):
     assert preview.returncode == 1
     assert listed(preview.stdout, "ops/runaway") == set()  # the real run deletes nothing
     assert "would delete 4 tags, more than --max-delete 2; nothing was deleted" in preview.stdout
+    assert "    (not deleted) ops/runaway:r3  pushed 10d ago by root" in preview.stdout
     real = appliance.ctl("retention", "run", "ops/runaway", check=False)
     assert real.returncode == 1
     assert "--max-delete stopped the policy of ops/runaway: nothing was deleted" in real.stderr
@@ -285,4 +286,5 @@ def test_the_janitor_runs_on_schedule_logs_its_run_and_frees_bytes(appliance, cl
     assert "retention: deleted 3 tags" in log and "registry-garbage-collect: freed" in log
     status = appliance.ctl("status", check=False).stdout
     assert re.search(r"^run: janitor: \(pid \d+\)", status, re.M), status
-    assert re.search(r"^  janitor: last run .*: ok, 3 tags deleted, .*; next run ", status, re.M)
+    note = r"^  janitor: last run .*: ok, 3 tags deleted, [0-9.]+ KiB freed; next run "
+    assert re.search(note, status, re.M), status

@@ -30,15 +30,26 @@ from appliance.settings import Settings
 
 
 def run_once(settings: Settings, say: Callable[[str], None]) -> dict:
-    """Retention, then the collection; what happened, as janitor.json's `last` keeps it."""
+    """Retention, then the collection (which runs even when retention failed: it frees
+    what earlier deletes left); what happened, as janitor.json's `last` keeps it."""
     import recipes
     from appliance import pipeline
 
     started = time.time()
-    last: dict = {"started": int(started), "deleted_tags": 0, "freed_bytes": 0, "result": "ok"}
+    last: dict = {"started": int(started), "deleted_tags": 0, "freed_bytes": 0}
+    problems: list[str] = []
     lock = settings.paths.registry_storage_lock
-    try:
-        say(f"janitor: run started at {retention.stamp(started)}")
+    say(f"janitor: run started at {retention.stamp(started)}")
+
+    def step(what: str, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except ApplianceError as exc:
+            problems.append(f"{what} failed: {exc}")
+        except Exception as exc:  # noqa: BLE001 - the janitor must outlive one bad run
+            problems.append(f"{what} failed (a bug): {exc!r}")
+
+    def apply_retention() -> None:
         run, state = recipes.retention_run(settings)
         with storage_lock(lock, "the janitor's retention run"):
             pipeline.execute(settings, run)
@@ -46,17 +57,22 @@ def run_once(settings: Settings, say: Callable[[str], None]) -> dict:
         for line in state.refusals:
             say(f"janitor: {line}")
         if state.refusals:
-            last["result"] = f"{len(state.refusals)} project(s) stopped by --max-delete"
-        if settings.janitor.garbage_collect:
-            with storage_lock(lock, "the janitor's garbage collection"):
-                pipeline.execute(settings, recipes.garbage_collection(settings))
-            stats = registry_gc.read_stats(settings.paths.registry_gc_file).get("last") or {}
-            if stats.get("started", 0) >= int(started):
-                last["freed_bytes"] = int(stats.get("freed_bytes", 0))
-    except ApplianceError as exc:
-        last["result"] = f"failed: {exc}"
-    except Exception as exc:  # noqa: BLE001 - the janitor must outlive one bad run
-        last["result"] = f"failed (a bug): {exc!r}"
+            problems.append(f"{len(state.refusals)} project(s) stopped by --max-delete")
+
+    def collect() -> None:
+        with storage_lock(lock, "the janitor's garbage collection"):
+            pipeline.execute(settings, recipes.garbage_collection(settings))
+        stats = registry_gc.read_stats(settings.paths.registry_gc_file).get("last") or {}
+        if stats.get("started", 0) >= int(started):
+            last["freed_bytes"] = int(stats.get("freed_bytes", 0))
+
+    if settings.auth.enable:
+        step("retention", apply_retention)
+    else:
+        say("janitor: no token service here (auth.enable: false), so no retention policies")
+    if settings.janitor.garbage_collect:
+        step("garbage collection", collect)
+    last["result"] = "; ".join(problems) or "ok"
     last["finished"] = int(time.time())
     say(
         f"janitor: run finished: {last['result']}; {last['deleted_tags']} tags deleted, "
@@ -82,7 +98,11 @@ def janitor_forever(
     named: bool,
     say: Callable[[str], None],
     sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.time,
 ) -> NoReturn:
+    """Read the settings, run if the slot has come, sleep until the next slot; forever.
+    The first slot is waited for (a restart neither repeats nor skips a run); a config
+    that cannot be used is said once and looked at again at growing intervals."""
     slot: float | None = None
     problem = ""
     retry = CONFIG_RETRY_FIRST_SECONDS
@@ -93,7 +113,8 @@ def janitor_forever(
                 raise ConfigError(f"{config} does not exist (deleted since the last reconfigure?)")
             settings = settings_module.load(config, must_exist=named)
         except ConfigError as exc:
-            sentence = f"{str(exc).rstrip('.')}, so the janitor waits until it is fixed."
+            details = f" ({'; '.join(exc.problems)})" if exc.problems else ""
+            sentence = f"{str(exc).rstrip('.')}{details}, so the janitor waits until it is fixed."
             if sentence != problem:
                 problem = sentence
                 say(f"janitor: {problem}")
@@ -106,13 +127,12 @@ def janitor_forever(
         period = retention.parse_age("janitor.schedule", settings.janitor.schedule)
         if last is None:  # the previous process's last run, until this one has run
             last = retention.read_janitor_state(settings.paths.janitor_state).get("last") or {}
-        if slot is not None and time.time() >= slot:
+        if slot is not None and clock() >= slot:
             last = run_once(settings, say)
-        now = time.time()
-        slot = retention.next_run(now, settings.registry_host, period)
+        slot = retention.next_run(clock(), settings.registry_host, period)
         write_state(settings.paths.janitor_state, {"last": last, "next": int(slot)})
         say(f"janitor: next run at {retention.stamp(slot)}")
-        sleep(max(0.5, slot - time.time()))
+        sleep(max(0.5, slot - clock()))
 
 
 def main(argv: list[str]) -> NoReturn:

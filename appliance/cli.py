@@ -192,6 +192,9 @@ def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
         action="store_true",
         help="print exactly the tags a run would delete and why, change nothing",
     )
+    p.add_argument(
+        "--verbose", "-v", action="store_true", help="also every kept tag, with what keeps it"
+    )
     p.set_defaults(handler=cmd_retention_run)
 
     if with_auth_commands:
@@ -472,7 +475,7 @@ def cmd_retention_run(args: argparse.Namespace, s: settings_module.Settings) -> 
     from appliance import pipeline
     from appliance.registry_storage import storage_lock
 
-    run, state = recipes.retention_run(s, args.path, dry_run=args.dry_run)
+    run, state = recipes.retention_run(s, args.path, args.dry_run, args.verbose)
     if args.dry_run:
         pipeline.execute(s, run, dry_run=True)
     else:

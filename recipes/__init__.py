@@ -154,13 +154,13 @@ def garbage_collection(
 
 
 def retention_run(
-    settings: Settings, path: str | None = None, dry_run: bool = False
+    settings: Settings, path: str | None = None, dry_run: bool = False, verbose: bool = False
 ) -> tuple[Run, RetentionState]:
     """`appliance-ctl retention run [PATH]`: the projects' retention policies (recipes/
     retention.py); the state's `refusals` name the projects --max-delete stopped."""
     from recipes import retention as retention_module
 
-    return retention_module.run(settings, path, dry_run)
+    return retention_module.run(settings, path, dry_run, verbose)
 
 
 def preflight(settings: Settings) -> None:

@@ -149,10 +149,11 @@ class ProjectRetention(Resource):
 
 
 def run(
-    settings: Settings, path: str | None = None, dry_run: bool = False
+    settings: Settings, path: str | None = None, dry_run: bool = False, verbose: bool = False
 ) -> tuple[Run, Retention]:
     """The retention run (executed by appliance.pipeline) and its state, whose
-    `refusals` the caller turns into an exit status."""
+    `refusals` the caller turns into an exit status. `verbose`: every kept tag too,
+    with the rule that keeps it."""
     import recipes
     from appliance import secrets as secrets_module
 
@@ -187,6 +188,11 @@ def run(
     def messages(report: Report) -> Iterator[str]:
         for line in state.done:
             yield f"  {line}"
+        if verbose:
+            for plan in state.plans.values():
+                for verdict in plan.verdicts:
+                    if not verdict.delete:
+                        yield f"  {verdict.line(state.now)}"
         for plan in state.plans.values():
             if plan.over_limit:
                 yield f"  {plan.refusal()}"

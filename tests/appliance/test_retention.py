@@ -211,9 +211,19 @@ def test_the_dry_run_lists_exactly_what_the_real_run_deletes(appliance, team):
     assert left["stable"]["digest"] == before["ci-09"]["digest"]
     assert "team/app:ci-09 removed; sha256:" in real and "kept: still tagged stable" in real
     assert "index" in real and "deleted with 2 platform manifests" in real
-    # A second run finds nothing more to delete.
-    again = appliance.ctl("retention", "run", "team/app", "--dry-run").stdout
+    # A second run finds nothing more to delete; --verbose says what keeps each tag.
+    again = appliance.ctl("retention", "run", "team/app", "--dry-run", "--verbose").stdout
     assert listed(again, "team/app") == set()
+    kept = {
+        "v1.0": "kept: matches --keep '^v[0-9]'",
+        "rel-1": "kept: guarded by the tag rule immutable '^rel-'",
+        "ci-07": "kept: pulled within 2w",
+        "ci-01": "kept: among the newest 3",
+        "ci-05": "kept: pushed within 30d",
+    }
+    for tag, reason in kept.items():
+        line = rf"^  team/app:{re.escape(tag)}  pushed .*: {re.escape(reason)}$"
+        assert re.search(line, again, re.M), (tag, again)
     log_dir = appliance.root / "var/log/appliance/retention"
     assert any("team/app:ci-10" in log.read_text() for log in log_dir.glob("*.log"))
 

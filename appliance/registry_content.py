@@ -28,7 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -465,27 +465,40 @@ class RegistryContent:
             if under(name, project) and owning_project(name, paths) == project
         )
 
-    def delete_tags(
-        self, references: Iterable[tuple[str, str]], locked: bool = False
-    ) -> TagDeletePlan:
+    def delete_tags(self, references: Iterable[tuple[str, str]]) -> TagDeletePlan:
         """Remove the tags, deleting the manifests no remaining tag reaches (through the
-        API first: a registry that refuses deletes refuses before any tag is gone).
-        `locked`: the caller holds the storage lock already (a retention run)."""
+        API first: a registry that refuses deletes refuses before any tag is gone)."""
         references = list(references)
         self.check_deletes()
-        if locked:
-            return self._delete_tags(references)
         with storage_lock(self.lock_file, "tag delete"):
-            return self._delete_tags(references)
+            plan = plan_tag_delete(self.snapshot({name for name, _ in references}), references)
+            self._apply(plan)
+        return plan
 
-    def _delete_tags(self, references: list[tuple[str, str]]) -> TagDeletePlan:
-        plan = plan_tag_delete(self.snapshot({name for name, _ in references}), references)
+    def delete_unchanged_tags(
+        self, expected: Mapping[tuple[str, str], str]
+    ) -> tuple[TagDeletePlan, list[tuple[str, str]]]:
+        """A retention run's delete (its caller holds the storage lock): each tag only if
+        it still points at the digest the run's plan saw. A tag pushed again since (CI
+        re-tagging a fresh image) or deleted meanwhile is skipped and returned, never
+        deleted: the plan was about the image it saw, not about the name."""
+        self.check_deletes()
+        content = self.snapshot({name for name, _ in expected})
+        unchanged = [
+            (name, tag)
+            for (name, tag), digest in expected.items()
+            if name in content.repositories and content.repositories[name].tags.get(tag) == digest
+        ]
+        plan = plan_tag_delete(content, unchanged)
+        self._apply(plan)
+        return plan, [reference for reference in expected if reference not in set(unchanged)]
+
+    def _apply(self, plan: TagDeletePlan) -> None:
         for deletion in plan.deletions:
             for digest in (deletion.digest, *deletion.children):
                 self.api.delete_manifest(deletion.repository, digest)
         for removal in plan.removals:
             self.storage.delete(tag_prefix(removal.repository, removal.tag))
-        return plan
 
     def delete_repositories(
         self, names: Iterable[str], say: Callable[[str], None], holder: str = "repo delete"

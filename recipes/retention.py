@@ -142,9 +142,13 @@ class ProjectRetention(Resource):
 
     def apply(self) -> None:
         plan = self.state.plans[self.project]
-        references = [(v.facts.repository, v.facts.tag) for v in plan.deletions]
-        done = self.state.content.delete_tags(references, locked=True)
+        expected = {(v.facts.repository, v.facts.tag): v.facts.digest for v in plan.deletions}
+        done, skipped = self.state.content.delete_unchanged_tags(expected)
         self.state.done += done.lines()
+        self.state.done += [
+            f"{name}:{tag} skipped: pushed again or deleted since the plan was made"
+            for name, tag in skipped
+        ]
         self.state.deleted += len(done.removals)
 
 

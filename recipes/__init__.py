@@ -36,16 +36,16 @@ if TYPE_CHECKING:
 
 
 def modules() -> list:
-    from recipes import auth, base, nginx, registry, retention, supervisor, tls
+    from recipes import auth, base, janitor, nginx, registry, supervisor, tls
 
-    return [base, supervisor, tls, auth, registry, nginx, retention]
+    return [base, supervisor, tls, auth, registry, nginx, janitor]
 
 
 def service_modules() -> list:
     """The modules that declare a supervised service, in the order the CLI lists them."""
-    from recipes import auth, nginx, registry, retention, tls
+    from recipes import auth, janitor, nginx, registry, tls
 
-    return [nginx, registry, auth, tls, retention]
+    return [nginx, registry, auth, tls, janitor]
 
 
 def services(settings: Settings) -> list[Service]:

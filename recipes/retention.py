@@ -1,5 +1,5 @@
-"""`appliance-ctl retention run [PATH] [--dry-run]`: the projects' retention policies, and
-the `janitor` service that runs them (then the garbage collection) on a schedule.
+"""`appliance-ctl retention run [PATH] [--dry-run]`: the projects' retention policies (the
+`janitor` service, recipes/janitor.py, runs them on a schedule).
 
 The run goes through the one pipeline (its lock, its log under `<log_dir>/retention/`,
 secrets masked): one resource per project with a policy, whose plan is the tags the
@@ -22,20 +22,19 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from appliance import retention
-from appliance.contracts import RESTART, Service
 from appliance.engine import Report
 from appliance.errors import UsageError
 from appliance.pipeline import Run
-from appliance.registry_content import RegistryContent, owning_project
-from appliance.registry_storage import Content
 from appliance.resources import Change, Resource
 from appliance.secrets import Secrets
 from appliance.settings import Settings
-from recipes import supervisor
+
+if TYPE_CHECKING:
+    from appliance import retention
+    from appliance.registry_content import RegistryContent
+    from appliance.registry_storage import Content
 
 LOG_NAME = "retention"
 
@@ -82,8 +81,10 @@ def policies(settings: Settings, path: str | None) -> dict[str, retention.Policy
 
 def project_plan(state: Retention, project: str, policy: retention.Policy) -> retention.ProjectPlan:
     """Every tag of the project's repositories with its verdict (the facts read here)."""
+    from appliance import retention
     from appliance.auth.store import admin_store
     from appliance.auth.tag_rules import guarded
+    from appliance.registry_content import owning_project
 
     content = state.snapshot()
     with admin_store(state.settings.auth_database) as store:
@@ -228,48 +229,3 @@ def run(
         ),
         state,
     )
-
-
-# ---------------------------------------------------------------- the janitor service
-
-
-def janitor_wanted(settings: Settings) -> bool:
-    return settings.janitor.enable and settings.registry.enable
-
-
-def service(settings: Settings) -> Service:
-    """The janitor serves nothing: RUNNING is all there is to check."""
-    return Service(
-        "janitor",
-        enabled=janitor_wanted(settings),
-        reload=RESTART,
-        log=supervisor.service_log(settings, "janitor"),
-        status_note=lambda: janitor_status_note(settings.paths.janitor_state),
-    )
-
-
-def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
-    if not janitor_wanted(settings):
-        return supervisor.disabled(settings, "janitor")
-    # As the renewer: told the config's path only when this run read one.
-    config = [str(settings.paths.config_file)] if settings.facts.config_file_present else []
-    command = [supervisor.executable("python"), "-m", "appliance.programs.janitor", *config]
-    return supervisor.program(settings, "janitor", command)
-
-
-def janitor_status_note(path: Path) -> str | None:
-    """`appliance-ctl status`'s line under the janitor: its last run and the next."""
-    from appliance.auth.sizes import format_size
-
-    state = retention.read_janitor_state(path)
-    parts = []
-    last = state.get("last")
-    if isinstance(last, dict) and "finished" in last:
-        parts.append(
-            f"last run {retention.stamp(last['finished'])}: {last.get('result')}, "
-            f"{last.get('deleted_tags', 0)} tags deleted, "
-            f"{format_size(int(last.get('freed_bytes', 0)))} freed"
-        )
-    if isinstance(state.get("next"), int | float):
-        parts.append(f"next run {retention.stamp(state['next'])}")
-    return "; ".join(parts) or None

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance.auth.database_files import check_database_files, chown_database_files
 from appliance.auth.migrations import MIGRATIONS
@@ -33,7 +34,9 @@ from appliance.auth.names import path_prefixes, validate_project_path, validate_
 from appliance.auth.permissions import ROLES, TOKEN_SCOPES, VISIBILITIES, ProjectAccess
 from appliance.auth.tag_rules import Reservation, TagRule
 from appliance.errors import AuthError
-from appliance.retention import Policy
+
+if TYPE_CHECKING:  # loaded by retention_policies(): a reconfigure reads this module too
+    from appliance.retention import Policy
 
 
 class NotFoundError(AuthError):
@@ -951,6 +954,8 @@ class Store:
 
     def retention_policies(self) -> dict[str, Policy]:
         """Every project's policy, by project path."""
+        from appliance.retention import Policy
+
         rows = self._all(
             "SELECT p.path, r.keep_last, r.keep_patterns, r.older_than_seconds,"
             " r.pulled_within_seconds, r.max_delete FROM retention_policies r"

@@ -251,9 +251,14 @@ class Verdict:
         return f"{f.repository}:{f.tag}  {pushed}, {pulled}: {self.reason}"
 
 
-def select(policy: Policy, tags: Iterable[TagFacts], now: float) -> list[Verdict]:
+def select(
+    policy: Policy, tags: Iterable[TagFacts], now: float, pulls_known_since: float | None = None
+) -> list[Verdict]:
     """Every tag of one repository with its verdict, in tag order. Deleted: no keep
-    rule holds (see the module's docstring)."""
+    rule holds (see the module's docstring). `pulls_known_since`: when the repository's
+    pull history is bounded (the last 1,000 pulls are kept), the time of its oldest pull;
+    a tag not seen pulled since is kept when that is within --pulled-within (it may have
+    been pulled before, in what the history no longer holds)."""
     tags = sorted(tags, key=lambda f: f.tag)
     dated = sorted(
         (f for f in tags if f.pushed_at is not None),
@@ -264,7 +269,7 @@ def select(policy: Policy, tags: Iterable[TagFacts], now: float) -> list[Verdict
     patterns = [re.compile(p) for p in policy.keep]
     verdicts = []
     for f in tags:
-        kept = _kept_because(policy, f, newest, patterns, now)
+        kept = _kept_because(policy, f, newest, patterns, now, pulls_known_since)
         if kept:
             verdicts.append(Verdict(f, False, kept))
             continue
@@ -282,7 +287,12 @@ def select(policy: Policy, tags: Iterable[TagFacts], now: float) -> list[Verdict
 
 
 def _kept_because(
-    policy: Policy, f: TagFacts, newest: set[str], patterns: list[re.Pattern], now: float
+    policy: Policy,
+    f: TagFacts,
+    newest: set[str],
+    patterns: list[re.Pattern],
+    now: float,
+    pulls_known_since: float | None,
 ) -> str:
     if f.guarded_by:
         return f"kept: guarded by the tag rule {f.guarded_by}"
@@ -301,6 +311,16 @@ def _kept_because(
         and now - f.last_pulled < policy.pulled_within
     ):
         return f"kept: pulled within {format_age(policy.pulled_within)}"
+    if (
+        policy.pulled_within is not None
+        and pulls_known_since is not None
+        and now - pulls_known_since < policy.pulled_within
+    ):
+        return (
+            f"kept: the pull history reaches back only {ago(now - pulls_known_since)} "
+            f"(it keeps the last pulls only), less than --pulled-within "
+            f"{format_age(policy.pulled_within)}"
+        )
     return ""
 
 

@@ -82,7 +82,7 @@ def policies(settings: Settings, path: str | None) -> dict[str, retention.Policy
 def project_plan(state: Retention, project: str, policy: retention.Policy) -> retention.ProjectPlan:
     """Every tag of the project's repositories with its verdict (the facts read here)."""
     from appliance import retention
-    from appliance.auth.store import admin_store
+    from appliance.auth.store import HISTORY_KEPT, admin_store
     from appliance.auth.tag_rules import guarded
     from appliance.registry_content import owning_project
 
@@ -109,8 +109,10 @@ def project_plan(state: Retention, project: str, policy: retention.Policy) -> re
                 retention.Event(e.action, e.tag, e.digest, e.actor, e.at)
                 for e in store.tag_events(name)
             ]
+            pulls = [e.at for e in events if e.action == "pull"]
+            known_since = min(pulls) if len(pulls) >= HISTORY_KEPT else None  # bounded
             facts = retention.tag_facts(name, repository.tags, events, children, guard)
-            plan.verdicts += retention.select(policy, facts, state.now)
+            plan.verdicts += retention.select(policy, facts, state.now, known_since)
         return plan
 
 

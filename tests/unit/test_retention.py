@@ -185,3 +185,19 @@ def test_the_janitor_runs_once_a_period_at_a_stable_offset_per_host():
     assert all(run - (NOW + k) <= 3600 for run, k in zip(runs, range(0, 7200, 600), strict=True))
     other = next_run(NOW, "other.example.com", 3600)
     assert other % 3600 != runs[0] % 3600  # another host, another offset
+
+
+def test_a_bounded_pull_history_keeps_what_it_can_no_longer_see():
+    """The history keeps the last 1,000 pulls of a repository: when the oldest of them is
+    younger than --pulled-within, a tag not seen pulled may have been pulled before it."""
+    policy = Policy(older_than=30 * DAY, pulled_within=14 * DAY)
+    tags = [tag("old", 90)]
+    assert deleted(policy, tags) == ["old"]  # the whole history is known
+    [verdict] = select(policy, tags, NOW, pulls_known_since=NOW - 2 * DAY)
+    assert not verdict.delete
+    assert verdict.reason.startswith("kept: the pull history reaches back only 2d")
+    short = Policy(older_than=30 * DAY, pulled_within=DAY)  # the history covers that day
+    [verdict] = select(short, tags, NOW, pulls_known_since=NOW - 2 * DAY)
+    assert verdict.delete
+    [verdict] = select(Policy(keep_last=0), tags, NOW, pulls_known_since=NOW - 2 * DAY)
+    assert verdict.delete  # no --pulled-within: pulls do not matter

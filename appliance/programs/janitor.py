@@ -128,7 +128,10 @@ def janitor_forever(
         if last is None:  # the previous process's last run, until this one has run
             last = retention.read_janitor_state(settings.paths.janitor_state).get("last") or {}
         if slot is not None and clock() >= slot:
-            last = run_once(settings, say)
+            if settings.janitor.enable:
+                last = run_once(settings, say)
+            else:  # turned off in the file, not yet reconfigured: already off
+                say("janitor: janitor.enable is false in appliance.yml: no run")
         slot = retention.next_run(clock(), settings.registry_host, period)
         write_state(settings.paths.janitor_state, {"last": last, "next": int(slot)})
         say(f"janitor: next run at {retention.stamp(slot)}")

@@ -68,3 +68,11 @@ def test_an_unusable_config_is_said_once_and_waited_out(tmp_path, monkeypatch):
     assert runs == []
     problems = [line for line in said if "so the janitor waits until it is fixed" in line]
     assert len(problems) == 1 and "janitor.schedule" in problems[0]
+
+
+def test_turned_off_in_the_file_it_runs_no_more_before_the_reconfigure(tmp_path, monkeypatch):
+    config = tmp_path / "appliance.yml"
+    config.write_text(yaml.safe_dump({"root": str(tmp_path), "janitor": {"enable": False}}))
+    runs, said = loop(config, monkeypatch, sleeps=2)
+    assert runs == []
+    assert "janitor: janitor.enable is false in appliance.yml: no run" in said

@@ -175,6 +175,28 @@ def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", action="store_true", help="per repository, and timings")
     p.set_defaults(handler=cmd_registry_garbage_collect)
 
+    p = sub.add_parser(
+        "retention",
+        help="apply the projects' retention policies (appliance-ctl project retention)",
+        description="Retention policies: delete the tags a project's policy does not keep.",
+    )
+    group = p.add_subparsers(dest="retention_command", metavar="ACTION", required=True)
+    p = group.add_parser(
+        "run",
+        help="delete the tags the policies do not keep (every project with a policy, or PATH's); "
+        "the blobs are freed by the next garbage collection",
+    )
+    p.add_argument("path", nargs="?", metavar="PATH", help="only this project's policy")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print exactly the tags a run would delete and why, change nothing",
+    )
+    p.add_argument(
+        "--verbose", "-v", action="store_true", help="also every kept tag, with what keeps it"
+    )
+    p.set_defaults(handler=cmd_retention_run)
+
     if with_auth_commands:
         from appliance import registry_content_cli
         from appliance.auth import cli as auth_cli
@@ -249,12 +271,19 @@ def cmd_status(args: argparse.Namespace, s: settings_module.Settings) -> int:
     _check_service(s, args.service)
     statuses = _supervisor(s).status(args.service)
     down = 0
+    import recipes
+
+    notes = {service.name: service.status_note for service in recipes.services(s)}
     for st in statuses:
         if st.state == "RUNNING":
             print(f"run: {st.name}: (pid {st.pid}) {st.uptime}s")
         else:
             down += 1
             print(f"down: {st.name}: {st.state.lower()} {st.description}".rstrip())
+        note = notes.get(st.name)
+        line = note() if note else None
+        if line:
+            print(f"  {st.name}: {line}")
     note = _log_disk_note(s)
     if note:
         print(note)
@@ -439,6 +468,28 @@ def cmd_registry_garbage_collect(args: argparse.Namespace, s: settings_module.Se
     return 0
 
 
+def cmd_retention_run(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    """Under the storage lock (no collection or delete meanwhile); exit 1 when a project's
+    --max-delete stopped its policy, after the other projects ran."""
+    import recipes
+    from appliance import pipeline
+    from appliance.registry_storage import storage_lock
+
+    run, state = recipes.retention_run(s, args.path, args.dry_run, args.verbose)
+    if args.dry_run:
+        pipeline.execute(s, run, dry_run=True)
+    else:
+        with storage_lock(s.paths.registry_storage_lock, "a retention run"):
+            pipeline.execute(s, run)
+    if state.refusals:
+        stopped = ", ".join(plan for plan, p in state.plans.items() if p.over_limit)
+        raise ApplianceError(
+            f"--max-delete stopped the policy of {stopped}: nothing was deleted there"
+            f"{' (in a real run)' if args.dry_run else ''}."
+        )
+    return 0
+
+
 def cmd_backup(args: argparse.Namespace, s: settings_module.Settings) -> int:
     from pathlib import Path
 
@@ -491,6 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "why",
         "registry-garbage-collect",
         "gc",
+        "retention",
     }
     parser = build_parser(with_auth_commands=command_word(argv) not in core)
     args = parser.parse_args(argv)

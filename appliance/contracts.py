@@ -55,6 +55,9 @@ class Service:
     # A pid file the service itself keeps (nginx), so a leftover whose environment the
     # program overwrote (its process title) is still found after its supervisor died.
     pid_file: Path | None = None
+    # What `appliance-ctl status` prints under the service's line, read when asked (the
+    # janitor: its last and next run); None: nothing more to say.
+    status_note: Callable[[], str | None] | None = field(default=None, compare=False)
 
     @property
     def reloads_by_signal(self) -> bool:

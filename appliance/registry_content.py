@@ -28,7 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -423,7 +423,7 @@ class RegistryContent:
         self.lock_file = lock_file
         self.deletes_enabled = deletes_enabled
 
-    def _check_deletes(self) -> None:
+    def check_deletes(self) -> None:
         """With deletes off, the registry would refuse the manifests but not the tags we
         remove in storage: refuse the whole command instead, before anything changes."""
         if not self.deletes_enabled:
@@ -469,15 +469,36 @@ class RegistryContent:
         """Remove the tags, deleting the manifests no remaining tag reaches (through the
         API first: a registry that refuses deletes refuses before any tag is gone)."""
         references = list(references)
-        self._check_deletes()
+        self.check_deletes()
         with storage_lock(self.lock_file, "tag delete"):
             plan = plan_tag_delete(self.snapshot({name for name, _ in references}), references)
-            for deletion in plan.deletions:
-                for digest in (deletion.digest, *deletion.children):
-                    self.api.delete_manifest(deletion.repository, digest)
-            for removal in plan.removals:
-                self.storage.delete(tag_prefix(removal.repository, removal.tag))
+            self._apply(plan)
         return plan
+
+    def delete_unchanged_tags(
+        self, expected: Mapping[tuple[str, str], str]
+    ) -> tuple[TagDeletePlan, list[tuple[str, str]]]:
+        """A retention run's delete (its caller holds the storage lock): each tag only if
+        it still points at the digest the run's plan saw. A tag pushed again since (CI
+        re-tagging a fresh image) or deleted meanwhile is skipped and returned, never
+        deleted: the plan was about the image it saw, not about the name."""
+        self.check_deletes()
+        content = self.snapshot({name for name, _ in expected})
+        unchanged = [
+            (name, tag)
+            for (name, tag), digest in expected.items()
+            if name in content.repositories and content.repositories[name].tags.get(tag) == digest
+        ]
+        plan = plan_tag_delete(content, unchanged)
+        self._apply(plan)
+        return plan, [reference for reference in expected if reference not in set(unchanged)]
+
+    def _apply(self, plan: TagDeletePlan) -> None:
+        for deletion in plan.deletions:
+            for digest in (deletion.digest, *deletion.children):
+                self.api.delete_manifest(deletion.repository, digest)
+        for removal in plan.removals:
+            self.storage.delete(tag_prefix(removal.repository, removal.tag))
 
     def delete_repositories(
         self, names: Iterable[str], say: Callable[[str], None], holder: str = "repo delete"
@@ -486,7 +507,7 @@ class RegistryContent:
         what is left of it in storage (tag links, upload sessions), so it leaves the
         catalog and tags/list answers 404. A repository nested under it stays."""
         names = [check_repository(name) for name in names]
-        self._check_deletes()
+        self.check_deletes()
         with storage_lock(self.lock_file, holder):
             content = self.snapshot(names)
             plans = [plan_repository_delete(content, name) for name in names]

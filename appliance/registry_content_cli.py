@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from appliance import retention
 from appliance.auth.cli import confirm, project_lookup
 from appliance.auth.sizes import format_size
 from appliance.errors import UsageError
@@ -109,12 +111,19 @@ def repo_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def tag_list(args: argparse.Namespace, settings: Settings) -> int:
-    rows = args.open_content(settings).tags(args.repository)
+    content = args.open_content(settings)
+    rows = content.tags(args.repository)
+    history = tag_history(settings, args.repository, {row.tag: row.digest for row in rows})
     if args.json:
-        print(json.dumps([row.to_json() for row in rows], indent=2))
+        print(
+            json.dumps(
+                [{**row.to_json(), **_history_json(history.get(row.tag))} for row in rows],
+                indent=2,
+            )
+        )
         return 0
     _table(
-        ("TAG", "DIGEST", "PLATFORMS", "SIZE", "CREATED"),
+        ("TAG", "DIGEST", "PLATFORMS", "SIZE", "CREATED", "PUSHED", "PUSHED BY", "LAST PULLED"),
         [
             (
                 row.tag,
@@ -122,11 +131,47 @@ def tag_list(args: argparse.Namespace, settings: Settings) -> int:
                 ",".join(row.platforms) or "-",
                 format_size(row.size),
                 row.created.strftime("%Y-%m-%d %H:%M:%S UTC") if row.created else "-",
+                _minute(history[row.tag].pushed_at) if row.tag in history else "-",
+                (history[row.tag].pushed_by or "(anonymous)")
+                if row.tag in history and history[row.tag].pushed_at
+                else "-",
+                _minute(history[row.tag].last_pulled) if row.tag in history else "-",
             )
             for row in rows
         ],
     )
     return 0
+
+
+def tag_history(
+    settings: Settings, repository: str, tags: dict[str, str]
+) -> dict[str, retention.TagFacts]:
+    """Each tag's last push (time, pusher) and last pull, from the registry's events in
+    the auth database (the retention policies read the same); none without a database."""
+    from appliance.auth.migrations import MIGRATIONS
+    from appliance.auth.store import admin_store, schema_version
+
+    database = settings.auth_database
+    if not database.exists() or schema_version(database) != len(MIGRATIONS):
+        return {}
+    with admin_store(database) as store:
+        events = [
+            retention.Event(e.action, e.tag, e.digest, e.actor, e.at)
+            for e in store.tag_events(repository)
+        ]
+    return {f.tag: f for f in retention.tag_facts(repository, tags, events)}
+
+
+def _minute(at: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(at)) if at else "-"
+
+
+def _history_json(facts: retention.TagFacts | None) -> dict:
+    return {
+        "pushed_at": facts.pushed_at if facts else None,
+        "pushed_by": facts.pushed_by if facts else None,
+        "last_pulled": facts.last_pulled if facts else None,
+    }
 
 
 def tag_delete(args: argparse.Namespace, settings: Settings) -> int:

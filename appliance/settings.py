@@ -548,6 +548,81 @@ class LoggingSettings:
     backups: int = setting(10, "Rotated logs kept per service.", check_positive)
 
 
+def check_age(value: str) -> str | None:
+    from appliance.errors import UsageError
+    from appliance.retention import parse_age
+
+    try:
+        parse_age("", value)
+    except UsageError:
+        return "an age such as 30d, 12h or 2w (units s, m, h, d, w)"
+    return None
+
+
+def check_schedule(value: str) -> str | None:
+    problem = check_age(value)
+    if problem:
+        return "a period such as 24h, 7d or 30m (units s, m, h, d, w)"
+    from appliance.retention import parse_age
+
+    return None if parse_age("", value) >= 10 else "a period of 10s or more"
+
+
+def check_patterns(value: list) -> str | None:
+    from appliance.errors import UsageError
+    from appliance.retention import check_pattern
+
+    if not _is_list_of_strings(value):
+        return "a list of regular expressions"
+    for pattern in value:
+        try:
+            check_pattern("", pattern)
+        except UsageError:
+            return f"a list of valid regular expressions ({pattern!r} is not one)"
+    return None
+
+
+@dataclass(frozen=True)
+class RetentionDefaultSettings:
+    enable: bool = setting(
+        False, "Give each new project this retention policy (appliance-ctl project create)."
+    )
+    keep_last: int | None = setting(
+        10, "Keep the newest N tags of each repository.", check_not_negative
+    )
+    keep: list = setting([], "Keep tags matching any of these regexes (re.search).", check_patterns)
+    older_than: str | None = setting("30d", "Keep tags pushed within this age.", check_age)
+    pulled_within: str | None = setting(
+        None, "Keep tags pulled within this age.", check_age, example="14d"
+    )
+    max_delete: int | None = setting(
+        None,
+        "A run that would delete more tags of a project deletes none of them.",
+        check_not_negative,
+        example=100,
+    )
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    default: RetentionDefaultSettings = section(
+        RetentionDefaultSettings, "The policy new projects get (appliance-ctl project retention)."
+    )
+
+
+@dataclass(frozen=True)
+class JanitorSettings:
+    enable: bool = setting(
+        False, "Run the janitor service: retention policies, then the garbage collection."
+    )
+    schedule: str = setting(
+        "24h", "How often the janitor runs (its start shifted per host).", check_schedule
+    )
+    garbage_collect: bool = setting(
+        True, "After the retention policies, collect the garbage (a read-only window)."
+    )
+
+
 @dataclass(frozen=True)
 class Paths:
     """Every path the appliance uses, derived from `root` (never read from the file)."""
@@ -579,6 +654,7 @@ class Paths:
     registry_usage_file: Path
     registry_gc_file: Path
     registry_maintenance: Path
+    janitor_state: Path
 
     @classmethod
     def under(cls, root: Path, config_file: Path) -> Paths:
@@ -619,6 +695,8 @@ class Paths:
             # The maintenance window's marker (appliance.registry_maintenance), read by
             # the registry's wrapper and the token service: 0644 in a 0755 directory.
             registry_maintenance=data / "registry-maintenance.json",
+            # The janitor's last run and next one (appliance-ctl status reads it).
+            janitor_state=data / "janitor.json",
         )
 
 
@@ -662,6 +740,8 @@ class RawSettings:
         DefaultProjectsFeatures, "Defaults for new projects."
     )
     logging: LoggingSettings = section(LoggingSettings, "Service logs.")
+    retention: RetentionSettings = section(RetentionSettings, "Retention policies.")
+    janitor: JanitorSettings = section(JanitorSettings, "Scheduled maintenance.")
 
     @property
     def default_registry_enabled(self) -> bool:
@@ -1125,6 +1205,7 @@ def _cross_checks(s: RawSettings, rejected: set[str] | None = None) -> list[str]
         *check_contact_emails(s.letsencrypt.contact_emails),
         *check_tls(s, rejected or set()),
         *check_ports(s),
+        *check_retention_default(s.retention.default),
     ]
 
 
@@ -1210,6 +1291,17 @@ ENDPOINT_KEYS = {
     "ignoredmediatypes",
     "ignore",
 }
+
+
+def check_retention_default(default: RetentionDefaultSettings) -> list[str]:
+    """An enabled default needs an age or a count: without either it would delete every
+    tag no pattern keeps in each new project."""
+    if default.enable and default.keep_last is None and default.older_than is None:
+        return [
+            "retention.default: an enabled policy needs keep_last or older_than (or both); "
+            "without either it deletes every tag no pattern keeps"
+        ]
+    return []
 
 
 def check_notifications(endpoints: list) -> list[str]:

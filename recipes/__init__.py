@@ -9,7 +9,8 @@ nginx to answer the challenge). Each service module also declares its service's 
 contract (`service(settings)`), and this package builds the runs the pipeline executes:
 `reconfigure` (everything), `renewal` (the certificates alone), the signing-key
 rotation's (`rotate_token_key`, `finish_token_key_rotation`; recipes/rotation.py) and
-`garbage_collection` (the registry's storage; recipes/registry_gc.py).
+`garbage_collection` (the registry's storage; recipes/registry_gc.py) and `retention`
+(the projects' retention policies; recipes/retention.py).
 """
 
 from __future__ import annotations
@@ -31,19 +32,20 @@ from appliance.settings import Settings
 if TYPE_CHECKING:
     from appliance.check import CheckPlan
     from appliance.registry_content import RegistryContent
+    from recipes.retention import Retention as RetentionState
 
 
 def modules() -> list:
-    from recipes import auth, base, nginx, registry, supervisor, tls
+    from recipes import auth, base, janitor, nginx, registry, supervisor, tls
 
-    return [base, supervisor, tls, auth, registry, nginx]
+    return [base, supervisor, tls, auth, registry, nginx, janitor]
 
 
 def service_modules() -> list:
     """The modules that declare a supervised service, in the order the CLI lists them."""
-    from recipes import auth, nginx, registry, tls
+    from recipes import auth, janitor, nginx, registry, tls
 
-    return [nginx, registry, auth, tls]
+    return [nginx, registry, auth, tls, janitor]
 
 
 def services(settings: Settings) -> list[Service]:
@@ -149,6 +151,16 @@ def garbage_collection(
     from recipes import registry_gc
 
     return registry_gc.run(settings, dry_run, delete_untagged, verbose)
+
+
+def retention_run(
+    settings: Settings, path: str | None = None, dry_run: bool = False, verbose: bool = False
+) -> tuple[Run, RetentionState]:
+    """`appliance-ctl retention run [PATH]`: the projects' retention policies (recipes/
+    retention.py); the state's `refusals` name the projects --max-delete stopped."""
+    from recipes import retention as retention_module
+
+    return retention_module.run(settings, path, dry_run, verbose)
 
 
 def preflight(settings: Settings) -> None:

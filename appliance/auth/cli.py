@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from appliance import retention
 from appliance.auth import credentials, tag_rules
 from appliance.auth.database_files import check_database_files, chown_database_files
 from appliance.auth.migrations import MIGRATIONS
@@ -175,6 +176,39 @@ def _register_project(
         " tags matching PATTERN, e.g. 'latest=maintainer'; repeat for several; replaces the"
         " project's protected patterns; '' or 'none' clears them",
     )
+    p = _command(
+        group,
+        "retention",
+        "set (the options replace the policy whole), show or remove a project's retention "
+        "policy (appliance-ctl retention run applies it): a tag is deleted only when no "
+        "keep rule holds",
+        project_retention,
+    )
+    p.add_argument("path")
+    p.add_argument(
+        "--keep-last", type=int, metavar="N", help="keep the newest N tags of each repository"
+    )
+    p.add_argument(
+        "--keep",
+        metavar="REGEX",
+        action="append",
+        help="keep tags matching this pattern (re.search, e.g. '^v[0-9]'); repeat for several",
+    )
+    p.add_argument(
+        "--older-than",
+        metavar="AGE",
+        help="keep tags pushed within AGE (like 30d, 12h, 2w); older ones may go",
+    )
+    p.add_argument("--pulled-within", metavar="AGE", help="keep tags pulled within AGE (like 14d)")
+    p.add_argument(
+        "--max-delete",
+        type=int,
+        metavar="N",
+        help="a run that would delete more than N tags of the project deletes none",
+    )
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--show", action="store_true", help="print the policy")
+    what.add_argument("--off", action="store_true", help="remove the policy")
     p = _command(
         group,
         "delete",
@@ -402,12 +436,60 @@ def project_create(args: argparse.Namespace, store: Store, context: AuthContext)
     enabled = (
         context.default_registry_enabled if args.registry_enabled is None else args.registry_enabled
     )
+    default = default_retention(context)
     project = store.create_project(args.path, args.visibility, enabled)
     if args.owner:
         store.add_member(project.path, args.owner, "owner")
+    if default is not None:
+        store.set_retention_policy(project.path, default)
     state = "enabled" if project.registry_enabled else "disabled"
     print(f"Created {project.visibility} project {project.path} (registry {state}).")
+    if default is not None:
+        print(f"Retention policy (retention.default in appliance.yml): {default.describe()}.")
     return 0
+
+
+def default_retention(context: AuthContext) -> retention.Policy | None:
+    """The policy appliance.yml gives new projects (`retention.default`, when enabled)."""
+    settings = getattr(getattr(context, "retention", None), "default", None)
+    if settings is None or not settings.enable:
+        return None
+    return retention.policy_from_options(
+        settings.keep_last,
+        settings.keep,
+        settings.older_than,
+        settings.pulled_within,
+        settings.max_delete,
+    )
+
+
+@_using_store
+def project_retention(args: argparse.Namespace, store: Store, context: AuthContext) -> int:
+    options = (args.keep_last, args.keep, args.older_than, args.pulled_within, args.max_delete)
+    given = any(value is not None for value in options)
+    if (args.show or args.off) and given:
+        raise UsageProblem(
+            f"--{'show' if args.show else 'off'} goes alone; give the policy's options "
+            f"without it to set a policy."
+        )
+    project = store.project(args.path)  # unknown project: say so before anything else
+    if args.off:
+        store.set_retention_policy(project.path, None)
+        print(f"Project {project.path} has no retention policy: retention deletes nothing there.")
+        return 0
+    if given:
+        policy = retention.policy_from_options(*options)  # checked whole before writing
+        store.set_retention_policy(project.path, policy)
+    _print_retention(store, project)
+    if given:
+        print(f"Preview what it deletes: appliance-ctl retention run {project.path} --dry-run")
+    return 0
+
+
+def _print_retention(store: Store, project: Project) -> None:
+    policy = store.retention_policies().get(project.path)
+    text = policy.describe() if policy else "none"
+    print(f"Retention policy of {project.path}: {text}")
 
 
 def _usage_of(store: Store, context: AuthContext) -> tuple[dict | None, dict[str, int]]:
@@ -471,6 +553,7 @@ def project_show(args: argparse.Namespace, store: Store, context: AuthContext) -
     for name, value in lines:
         print(f"{name + ':':<12}{value}")
     _print_tag_rules(store, project)
+    _print_retention(store, project)
     return 0
 
 

@@ -117,7 +117,22 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (repository, tag)
     );
     """,
-    # 4 (the web interface; put last at a merge, whatever its number then): sessions of
+    # 4: retention policies (appliance/retention.py), one per project. Portable SQL (it
+    # runs on PostgreSQL too): the --keep patterns as a JSON list in TEXT, ages in
+    # seconds, times as whole seconds since the epoch.
+    """
+    CREATE TABLE retention_policies (
+        project_id INTEGER PRIMARY KEY REFERENCES projects (id) ON DELETE CASCADE,
+        keep_last INTEGER CHECK (keep_last IS NULL OR keep_last >= 0),
+        keep_patterns TEXT NOT NULL,
+        older_than_seconds INTEGER CHECK (older_than_seconds IS NULL OR older_than_seconds > 0),
+        pulled_within_seconds INTEGER
+            CHECK (pulled_within_seconds IS NULL OR pulled_within_seconds > 0),
+        max_delete INTEGER CHECK (max_delete IS NULL OR max_delete >= 0),
+        updated_at INTEGER NOT NULL
+    );
+    """,
+    # 5 (the web interface; put last at a merge, whatever its number then): sessions of
     # the pages, each bound to the user's credentials_version (a password change, block
     # or unblock ends it) and carrying its CSRF token and the notice the next page shows;
     # a user's display name and a project's description, free text the pages show.

@@ -17,20 +17,26 @@ for every run would cost more than the reads themselves.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from appliance.auth.database_files import check_database_files
+from appliance.auth.database_files import check_database_files, chown_database_files
 from appliance.auth.migrations import MIGRATIONS
 from appliance.auth.names import path_prefixes, validate_project_path, validate_username
 from appliance.auth.permissions import ROLES, TOKEN_SCOPES, VISIBILITIES, ProjectAccess
 from appliance.auth.tag_rules import Reservation, TagRule
 from appliance.errors import AuthError
+
+if TYPE_CHECKING:  # loaded by retention_policies(): a reconfigure reads this module too
+    from appliance.retention import Policy
 
 
 class NotFoundError(AuthError):
@@ -293,6 +299,20 @@ def ensure_admin(db_path: Path, username: str, password: str) -> bool:
         return True
     finally:
         store.close()
+
+
+@contextmanager
+def admin_store(db_path: Path) -> Iterator[Store]:
+    """The Store for a command that runs as root beside the service (retention, tag
+    list): closed after, and any WAL or shared-memory file it made left owned as the
+    database is, so the service's account can still open them."""
+    store = Store(db_path)
+    try:
+        yield store
+    finally:
+        store.close()
+        owner = os.lstat(db_path)
+        chown_database_files(Path(db_path), owner.st_uid, owner.st_gid)
 
 
 class Store:
@@ -1017,6 +1037,57 @@ class Store:
             (*params, limit),
         )
         return [RegistryEvent(*row) for row in rows]
+
+    def tag_events(self, repository: str) -> list[RegistryEvent]:
+        """Every push and pull kept for exactly this repository, oldest first (what
+        retention reads: at most HISTORY_KEPT of each kind)."""
+        rows = self._all(
+            "SELECT event_id, action, repository, tag, digest, media_type, size, actor,"
+            " address, user_agent, at FROM registry_events"
+            " WHERE repository = ? AND action IN ('push', 'pull') ORDER BY id",
+            (repository,),
+        )
+        return [RegistryEvent(*row) for row in rows]
+
+    # -- retention policies (appliance/retention.py) -------------------------------------
+    def set_retention_policy(self, path: str, policy: Policy | None) -> None:
+        """Set (or, with None, remove) the project's retention policy."""
+        project = self.project(path)
+        if policy is None:
+            self._write("DELETE FROM retention_policies WHERE project_id = ?", (project.id,))
+            return
+        self._write(
+            "INSERT INTO retention_policies (project_id, keep_last, keep_patterns,"
+            " older_than_seconds, pulled_within_seconds, max_delete, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (project_id) DO UPDATE SET"
+            " keep_last = excluded.keep_last, keep_patterns = excluded.keep_patterns,"
+            " older_than_seconds = excluded.older_than_seconds,"
+            " pulled_within_seconds = excluded.pulled_within_seconds,"
+            " max_delete = excluded.max_delete, updated_at = excluded.updated_at",
+            (
+                project.id,
+                policy.keep_last,
+                json.dumps(list(policy.keep)),
+                policy.older_than,
+                policy.pulled_within,
+                policy.max_delete,
+                int(time.time()),
+            ),
+        )
+
+    def retention_policies(self) -> dict[str, Policy]:
+        """Every project's policy, by project path."""
+        from appliance.retention import Policy
+
+        rows = self._all(
+            "SELECT p.path, r.keep_last, r.keep_patterns, r.older_than_seconds,"
+            " r.pulled_within_seconds, r.max_delete FROM retention_policies r"
+            " JOIN projects p ON p.id = r.project_id ORDER BY p.path"
+        )
+        return {
+            path: Policy(keep_last, tuple(json.loads(keep)), older, pulled, max_delete)
+            for path, keep_last, keep, older, pulled, max_delete in rows
+        }
 
     # -- usage brought by pushes since the figures were computed ----------------------------
     def add_pending_usage(self, blobs: Iterable[tuple[str, str, int]], now: float) -> None:

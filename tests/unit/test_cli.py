@@ -161,7 +161,7 @@ def test_an_unknown_service_lists_the_services(config: Path, command: list[str])
     assert result.stdout == ""
     assert result.stderr == (
         f"appliance-ctl: unknown service {command[1]!r}; services are: "
-        f"nginx, registry, auth, renewer.\n"
+        f"nginx, registry, auth, renewer, janitor.\n"
     )
     assert not (config.parent / "root").exists()
 

@@ -273,3 +273,27 @@ def test_a_delete_asks_on_a_terminal_and_goes_ahead_only_on_yes(monkeypatch, ans
         with pytest.raises(UsageError, match="Not confirmed; nothing was deleted."):
             auth_cli.confirm("Delete repository team/app?", assume_yes=False)
     assert asked == ["Delete repository team/app? [y/N] "]
+
+
+def test_retention_deletes_a_tag_only_if_it_still_points_where_the_plan_saw_it(layout, tmp_path):
+    """A tag pushed again between a retention run's plan and its delete (CI re-using a
+    name) is skipped, and so is one deleted meanwhile: never the fresh image."""
+    old = layout.image("team/app", [b"old"], tag="ci-1")
+    moved = layout.image("team/app", [b"moved"], tag="ci-2")
+    fresh = layout.image("team/app", [b"fresh"], tag="fresh")
+    layout.tag("team/app", "ci-2", fresh)  # pushed again after the plan saw `moved`
+    deleted: list[str] = []
+
+    class Registry:  # records the manifest deletes the registry would get
+        def delete_manifest(self, repository: str, digest: str) -> int:
+            deleted.append(digest)
+            return 1
+
+    content = RegistryContent(FilesystemStorage(layout.root), Registry, tmp_path / "lock")
+    plan, skipped = content.delete_unchanged_tags(
+        {("team/app", "ci-1"): old, ("team/app", "ci-2"): moved, ("team/app", "gone"): old}
+    )
+    assert skipped == [("team/app", "ci-2"), ("team/app", "gone")]
+    assert [(r.tag, r.digest) for r in plan.removals] == [("ci-1", old)]
+    assert deleted == [old]
+    assert content_of(layout).repositories["team/app"].tags == {"ci-2": fresh, "fresh": fresh}

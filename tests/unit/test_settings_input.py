@@ -243,8 +243,8 @@ HOSTILE = {
         [
             "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx...: unknown key; valid "
             "keys here: auth, default_projects_features, external_url, initial_root_password, "
-            "letsencrypt, logging, manage_accounts, nginx, registry, registry_external_url, "
-            "registry_nginx, root, web_server"
+            "janitor, letsencrypt, logging, manage_accounts, nginx, registry, "
+            "registry_external_url, registry_nginx, retention, root, web_server"
         ],
     ),
     "a long value in a message": (

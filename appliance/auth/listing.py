@@ -156,6 +156,28 @@ class RegistryListing:
             )
         return rows
 
+    def tag(self, repository: str, tag: str) -> TagView | None:
+        """One tag, without listing the others: where it points is asked of the registry
+        (a HEAD: the truth, and what a delete acts on)."""
+        digest = self.registry.digest(repository, tag)
+        if digest is None:
+            return None
+        pushed = self.store.tag_pushes(repository).get(tag)
+        if pushed is not None and pushed[0] != digest:
+            pushed = None  # moved without an event we kept: when and by whom is unknown
+        facts = self.facts(repository, digest)
+        return TagView(
+            tag=tag,
+            digest=digest,
+            media_type=facts.media_type if facts else "",
+            platforms=facts.platforms if facts else (),
+            size=facts.size if facts else 0,
+            created=facts.created if facts else None,
+            pushed_at=pushed[1] if pushed else None,
+            pushed_by=pushed[2] if pushed else None,
+            last_pulled=self.store.last_pulls(repository).get(digest),
+        )
+
     def facts(self, repository: str, digest: str) -> ManifestFacts | None:
         """What the manifest `digest` is; None when the registry no longer has it."""
         with self._lock:

@@ -153,3 +153,18 @@ def test_a_digest_the_registry_no_longer_has(tmp_path: Path) -> None:
     registry = DictRegistry(tags_of={"team/app": {"gone": "sha256:" + "1" * 64}})
     rows = RegistryListing(Store(database), lambda: registry).tags("team/app")
     assert [(r.tag, r.size, r.platforms) for r in rows] == [("gone", 0, ())]
+
+
+def test_one_tag_is_asked_of_the_registry(tmp_path: Path) -> None:
+    database = tmp_path / "auth.db"
+    ensure_schema(database)
+    store = Store(database)
+    registry = DictRegistry()
+    amd, arm = registry.add_image("amd64", 10), registry.add_image("arm64", 20)
+    registry.tags_of["team/app"] = {"v1": amd}
+    store.record_events([event("push", "v1", arm, "alice", 10.0)])  # moved since, unseen
+    listing = RegistryListing(store, lambda: registry)
+    row = listing.tag("team/app", "v1")
+    assert row.digest == amd and row.pushed_by is None and row.platforms == ("linux/amd64",)
+    assert "tags" not in registry.calls
+    assert listing.tag("team/app", "nope") is None

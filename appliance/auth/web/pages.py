@@ -628,12 +628,9 @@ class WebPages:
 
     def tag_page(self, request: Request, repository: str, tag: str) -> Response:
         access, actions = self._repository(request, repository)
-        found = [
-            t for t in self.registry_call(lambda: self.listing.tags(repository)) if t.tag == tag
-        ]
-        if not found:
+        row = self.registry_call(lambda: self.listing.tag(repository, tag))
+        if row is None:
             raise PageError(404, f"There is no tag '{tag}' in {repository}.")
-        row = found[0]
         facts = self.registry_call(lambda: self.listing.facts(repository, row.digest))
         return self.render(
             request,

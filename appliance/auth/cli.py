@@ -31,7 +31,7 @@ from appliance.auth import credentials, tag_rules
 from appliance.auth.database_files import check_database_files, chown_database_files
 from appliance.auth.migrations import MIGRATIONS
 from appliance.auth.names import path_prefixes, validate_username
-from appliance.auth.permissions import ROLES, TOKEN_SCOPES, VISIBILITIES
+from appliance.auth.permissions import PERSONAL_TOKEN_SCOPES, ROLES, TOKEN_SCOPES, VISIBILITIES
 from appliance.auth.sizes import format_size, parse_size
 from appliance.auth.store import Project, Store, schema_version
 from appliance.auth.usage import project_bytes, read_json
@@ -99,13 +99,13 @@ def _expiry_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _scope_option(parser: argparse.ArgumentParser) -> None:
+def _scope_option(parser: argparse.ArgumentParser, choices: tuple[str, ...] = TOKEN_SCOPES) -> None:
     parser.add_argument(
         "--scope",
         dest="scopes",
         action="append",
         required=True,
-        choices=TOKEN_SCOPES,
+        choices=choices,
         help="repeat for several scopes",
     )
 
@@ -271,7 +271,7 @@ def _register_token(subparsers: argparse._SubParsersAction) -> None:
     p = _command(group, "create", "create a token (shown once)", token_create)
     p.add_argument("username")
     p.add_argument("--name", required=True, help="what the token is for")
-    _scope_option(p)
+    _scope_option(p, PERSONAL_TOKEN_SCOPES)
     _expiry_option(p)
     p = _command(group, "list", "list a user's tokens", token_list)
     p.add_argument("username")

@@ -34,13 +34,19 @@ ROLE_ACTIONS: dict[str, frozenset[str]] = {
 }
 VISIBILITIES = ("private", "internal", "public")
 
-READ_REGISTRY, WRITE_REGISTRY = "read_registry", "write_registry"
+READ_REGISTRY, WRITE_REGISTRY, API = "read_registry", "write_registry", "api"
 TOKEN_SCOPES = (READ_REGISTRY, WRITE_REGISTRY)
+"""A deploy token's scopes."""
+PERSONAL_TOKEN_SCOPES = (READ_REGISTRY, WRITE_REGISTRY, API)
+"""A personal access token's: `api` admits it to the admin API (appliance/auth/api.py)."""
 # What a token scope lets through, on top of what the role allows. write_registry includes
-# pull because a push needs it (the client checks which blobs already exist).
+# pull because a push needs it (the client checks which blobs already exist). `api` acts
+# with the user's roles, as GitLab's api scope does (the API can delete tags, so a token
+# that may use it may also do so through the registry).
 PERSONAL_TOKEN_SCOPE_ACTIONS = {
     READ_REGISTRY: frozenset({PULL}),
     WRITE_REGISTRY: REPOSITORY_ACTIONS,
+    API: REPOSITORY_ACTIONS,
 }
 DEPLOY_TOKEN_SCOPE_ACTIONS = {
     READ_REGISTRY: frozenset({PULL}),

@@ -31,7 +31,13 @@ from typing import TYPE_CHECKING
 from appliance.auth.database_files import check_database_files, chown_database_files
 from appliance.auth.migrations import MIGRATIONS
 from appliance.auth.names import path_prefixes, validate_project_path, validate_username
-from appliance.auth.permissions import ROLES, TOKEN_SCOPES, VISIBILITIES, ProjectAccess
+from appliance.auth.permissions import (
+    PERSONAL_TOKEN_SCOPES,
+    ROLES,
+    TOKEN_SCOPES,
+    VISIBILITIES,
+    ProjectAccess,
+)
 from appliance.auth.tag_rules import Reservation, TagRule
 from appliance.errors import AuthError
 
@@ -656,7 +662,7 @@ class Store:
         from appliance.auth import credentials  # argon2: see the module docstring
 
         user = self.user(username)
-        scope_text = _scope_text(scopes)
+        scope_text = _scope_text(scopes, PERSONAL_TOKEN_SCOPES)
         secret = credentials.new_secret(credentials.PERSONAL_TOKEN_PREFIX)
         cursor = self._write(
             "INSERT INTO personal_access_tokens"
@@ -1135,12 +1141,12 @@ def _free_text(text: str, limit: int) -> str:
     return text
 
 
-def _scope_text(scopes: Iterable[str]) -> str:
+def _scope_text(scopes: Iterable[str], allowed: tuple[str, ...] = TOKEN_SCOPES) -> str:
     scopes = sorted(set(scopes))
     if not scopes:
-        raise InvalidValueError(f"A token needs at least one scope: {' or '.join(TOKEN_SCOPES)}.")
+        raise InvalidValueError(f"A token needs at least one scope: {' or '.join(allowed)}.")
     for scope in scopes:
-        _check_choice("token scope", scope, TOKEN_SCOPES)
+        _check_choice("token scope", scope, allowed)
     return " ".join(scopes)
 
 

@@ -36,10 +36,10 @@ from collections.abc import Callable, Iterable
 from urllib.parse import parse_qs, urlsplit
 
 from appliance.auth import events as registry_events
-from appliance.auth import metrics
+from appliance.auth import metrics, operations
 from appliance.auth.audit import AuditLog
 from appliance.auth.config import AuthConfig
-from appliance.auth.listing import RegistryListing
+from appliance.auth.listing import RegistryListing, ServiceContent
 from appliance.auth.names import is_repository_name
 from appliance.auth.permissions import (
     ALL,
@@ -54,7 +54,7 @@ from appliance.auth.permissions import (
 from appliance.auth.signin import ANONYMOUS, Authenticator, SignedIn, SignInRefused
 from appliance.auth.store import Store
 from appliance.auth.tag_gate import MANIFEST_PATH, TagGate
-from appliance.auth.tag_rules import PASSED
+from appliance.auth.tag_rules import ADMIN, PASSED, RANKS
 from appliance.auth.tokens import TokenSigner, TokenVerifier, rfc3339
 from appliance.auth.usage import FiguresFile, current, project_bytes
 from appliance.auth.web.pages import WebPages
@@ -118,6 +118,8 @@ class TokenService:
         )
         self.maintenance = Watch(config.maintenance_file)
         self._pages: WebPages | None = None
+        self._operations_context: operations.Context | None = None
+        self._listing: RegistryListing | None = None
 
     # -- WSGI entry point -------------------------------------------------------------
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
@@ -151,6 +153,63 @@ class TokenService:
         return self.pages(environ, start_response)
 
     @property
+    def operations_context(self) -> operations.Context:
+        """What the pages (and the API) act through: the token service's own repository
+        decision and tag rules, the registry's content through its API, the figures."""
+        if self._operations_context is None:
+            listing = (
+                RegistryListing(self.store, lambda gate=self.tag_gate: gate.registry)
+                if self.tag_gate.registry is not None
+                else None
+            )
+            self._listing = listing
+
+            def content() -> ServiceContent:
+                if listing is None:
+                    raise operations.Conflict(
+                        "This auth service reaches no registry (registry.enable is false)."
+                    )
+                return ServiceContent(listing, self.usage_figures.read)
+
+            self._operations_context = operations.Context(
+                store=self.store,
+                decide=self.decide_repository,
+                content=content,
+                default_registry_enabled=self.config.default_registry_enabled,
+                usage_figures=self.usage_figures.read,
+                tag_delete_refusal=self.tag_delete_refusal,
+            )
+        return self._operations_context
+
+    def tag_delete_refusal(self, principal: Principal, repository: str, tag: str | None) -> str:
+        """Why the tag rules refuse deleting `tag` (None: every tag of the repository)
+        for `principal`; '' when they allow it. The same verdict the tag gate gives a
+        client's manifest DELETE: by digest, so a manifest an immutable or protected tag
+        points at is refused whichever tag names it."""
+        registry = self.tag_gate.registry
+        if registry is None:
+            return ""
+        access = self.store.project_access(
+            repository,
+            principal.user_id,
+            principal.name if principal.user_id else None,
+            self.config.default_registry_enabled,
+        )
+        if principal.admin:
+            rank = RANKS[ADMIN]
+        else:
+            rank = RANKS.get((access.role if access else None) or "", -1)
+        tags = [tag] if tag is not None else registry.tags(repository)
+        for name in tags:
+            digest = registry.digest(repository, name)
+            if digest is None:
+                continue
+            verdict = self.tag_gate.check_delete(repository, digest, rank)
+            if not verdict.allowed:
+                return verdict.message
+        return ""
+
+    @property
     def pages(self) -> WebPages:
         """The web interface (appliance/auth/web), made on its first request: a token
         request never pays for loading the templates."""
@@ -163,11 +222,8 @@ class TokenService:
                 urlsplit(self.config.realm).netloc,
                 self.usage_figures,
                 self.gc_figures,
-                RegistryListing(self.store, lambda gate=self.tag_gate: gate.registry)
-                if self.tag_gate.registry is not None
-                else None,
-                self.tag_gate,
-                self.maintenance_refusal,
+                self.operations_context,
+                lambda: self._listing,
             )
         return self._pages
 

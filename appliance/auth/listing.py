@@ -23,12 +23,22 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from appliance.auth.store import Store
+from appliance.errors import UsageError
 from appliance.registry_api import RegistryAPI
+from appliance.registry_content import (
+    ManifestDeletion,
+    RepositoryRow,
+    TagDeletePlan,
+    TagRemoval,
+    TagRow,
+    parse_created,
+    under,
+)
 
 INDEX_TYPES = frozenset(
     {
@@ -236,3 +246,97 @@ def _platform(value: object) -> str:
         return "unknown"
     parts = [str(value[key]) for key in ("os", "architecture", "variant") if value.get(key)]
     return "/".join(parts) or "unknown"
+
+
+class ServiceContent:
+    """The registry's content as the auth service reaches it: operations.py's
+    RegistryContentSource over the registry's API (appliance-ctl's is RegistryContent,
+    over storage). Listings come from RegistryListing; deletes are manifest deletes by
+    digest, the only delete the API has: a tag whose manifest another tag also points at
+    is refused (appliance-ctl tag delete, in storage, unlinks one tag alone), and a
+    repository's name stays in the catalog, tagless."""
+
+    def __init__(
+        self,
+        listing: RegistryListing,
+        usage_figures: Callable[[], dict | None] = lambda: None,
+    ) -> None:
+        self.listing = listing
+        self.usage_figures = usage_figures
+
+    def repositories(
+        self,
+        path: str | None = None,
+        project_of: Callable[[str], str | None] = lambda name: None,
+        sizes: bool = False,
+    ) -> list[RepositoryRow]:
+        """The repositories under `path` with a tag count each and, with `sizes`, the
+        bytes last computed (appliance-ctl usage, each GC): 0 before any computation."""
+        figures = ((self.usage_figures() or {}).get("repositories") or {}) if sizes else {}
+        rows = []
+        for name in self.listing.repositories():
+            if path is not None and not under(name, path):
+                continue
+            count = self.listing.tag_count(name)
+            size = int((figures.get(name) or {}).get("bytes", 0)) if sizes else None
+            rows.append(RepositoryRow(name, project_of(name), count, size))
+        return rows
+
+    def tags(self, name: str) -> list[TagRow]:
+        return [
+            TagRow(
+                view.tag,
+                view.digest,
+                view.media_type,
+                view.platforms,
+                view.size,
+                parse_created(view.created),
+            )
+            for view in self.listing.tags(name)
+        ]
+
+    def delete_tags(self, references: Iterable[tuple[str, str]]) -> TagDeletePlan:
+        references = list(references)
+        registry = self.listing.registry
+        removals, deletions = [], []
+        for name, tag in references:
+            digest = registry.digest(name, tag)
+            if digest is None:
+                raise UsageError(f"Repository {name} has no tag {tag}.")
+            others = sorted(
+                other
+                for other, pointed in self.listing.tag_digests(name).items()
+                if pointed == digest and other != tag
+            )
+            if others:
+                raise UsageError(
+                    f"Tag {tag} points at the same manifest as {', '.join(others)}; the"
+                    " registry deletes manifests with all their tags, so nothing was"
+                    f" deleted. Run appliance-ctl tag delete {name}:{tag} on the host to"
+                    " remove this tag alone."
+                )
+            facts = self.listing.facts(name, digest)
+            removals.append(TagRemoval(name, tag, digest, ""))
+            deletions.append(
+                ManifestDeletion(
+                    name, digest, bool(facts and facts.children), facts.children if facts else ()
+                )
+            )
+        for deletion in deletions:
+            registry.delete_manifest(deletion.repository, deletion.digest)
+        return TagDeletePlan(tuple(removals), tuple(deletions))
+
+    def delete_repositories(
+        self, names: Iterable[str], say: Callable[[str], None], holder: str = "api"
+    ) -> None:
+        registry = self.listing.registry
+        for name in names:
+            digests = sorted(set(self.listing.tag_digests(name).values()))
+            for digest in digests:
+                registry.delete_manifest(name, digest)
+            say(
+                f"Deleted every tag of {name} ({len(digests)} manifest"
+                f"{'s' if len(digests) != 1 else ''}); the name stays in the registry's"
+                " catalog until appliance-ctl repo delete, the blobs until the next"
+                " garbage collection."
+            )

@@ -120,6 +120,10 @@ class Context:
     hash_password: Callable[[str], str] | None = None
     clock: Callable[[], float] = time.time
     default_retention: retention.Policy | None = None
+    tag_delete_refusal: Callable[[Principal, str, str | None], str] | None = None
+    """The tag rules' refusal of deleting a tag (None: every tag of the repository) for
+    this principal ('' when allowed): TokenService.tag_delete_refusal, the decision a
+    client's manifest DELETE gets from the tag gate in front of the registry."""
 
 
 # ---------------------------------------------------------------- views (what callers render)
@@ -449,10 +453,21 @@ def delete_tag(ctx: Context, principal: Principal, repository: str, tag: str) ->
     try:
         if tag not in {row.tag for row in content.tags(name)}:
             raise NotFound(f"Repository {name} has no tag {tag}.")
+        _tag_rules(ctx, principal, name, tag)
         plan = content.delete_tags([(name, tag)])
     except UsageError as error:
         raise Conflict(str(error)) from None
     return plan.lines()
+
+
+def _tag_rules(ctx: Context, principal: Principal, repository: str, tag: str | None) -> None:
+    """An immutable tag, or one protected above the principal's role, is not deleted
+    here either (nor is a manifest such a tag points at)."""
+    if ctx.tag_delete_refusal is None:
+        return
+    refusal = ctx.tag_delete_refusal(principal, repository, tag)
+    if refusal:
+        raise Forbidden(refusal[0].upper() + refusal[1:] + ".")
 
 
 def delete_repository(ctx: Context, principal: Principal, repository: str) -> list[str]:
@@ -464,6 +479,7 @@ def delete_repository(ctx: Context, principal: Principal, repository: str) -> li
     content = ctx.content()
     if not any(row.name == name for row in content.repositories(name)):
         raise NotFound(f"There is no repository {name} in the registry.")
+    _tag_rules(ctx, principal, name, None)
     lines: list[str] = []
     try:
         content.delete_repositories([name], lines.append, holder="api repository delete")

@@ -99,12 +99,20 @@ class Browser:
 
     def submit(self, by: str, value: str) -> None:
         """Click a button or link that loads a page, and wait until the new one is there."""
-        from selenium.webdriver.support import expected_conditions
+        from selenium.common.exceptions import WebDriverException
         from selenium.webdriver.support.wait import WebDriverWait
 
         old = self.driver.find_element("tag name", "html")
         self.driver.find_element(by, value).click()
-        WebDriverWait(self.driver, 15).until(expected_conditions.staleness_of(old))
+
+        def replaced(_driver) -> bool:
+            try:
+                old.is_enabled()  # raises once the page it belonged to is gone
+            except WebDriverException:  # stale, or "does not belong to the document"
+                return True
+            return False
+
+        WebDriverWait(self.driver, 15).until(replaced)
 
     def text(self) -> str:
         return self.driver.find_element("tag name", "main").text
@@ -338,7 +346,7 @@ def test_reporter_sees_no_delete_control_and_may_not_delete(appliance, rep, push
             "Origin": rep.base,
         },
     )
-    assert status == 403 and "does not allow deleting" in body
+    assert status == 403 and "You may not delete team/app/web" in body
     assert "multi" in pushed["client"].list_tags("team/app/web")
 
 

@@ -170,9 +170,17 @@ def test_projects_are_those_the_user_may_see(service) -> None:
 
 def test_members_and_deploy_tokens_by_role(service) -> None:
     bob = signed_in(service, "bob")
-    assert bob.get("/projects/team/app/-/members").status == 403
+    page = bob.get("/projects/team/app/-/members")  # members see who else is
+    assert page.status == 200 and "Save member" not in page.text and "Remove" not in page.text
+    assert (
+        bob.post(
+            "/projects/team/app/-/members",
+            {"csrf_token": page.csrf_token, "username": "carol", "role": "owner"},
+        ).status
+        == 403
+    )
     assert bob.get("/projects/team/app/-/deploy-tokens").status == 403
-    assert "Members" not in bob.get("/projects/team/app").text.split("<h2>")[0]
+    assert "Deploy tokens" not in bob.get("/projects/team/app").text
     alice = signed_in(service, "alice")
     page = alice.get("/projects/team/app/-/members")
     assert page.status == 200
@@ -245,7 +253,7 @@ def test_admin_creates_a_user_and_resets_a_password(service) -> None:
         {"csrf_token": token, "username": "dave", "password": "dave password 1"},
     )
     assert page.status == 303 and "User dave was created." in root.get("/admin/users").text
-    page = root.post("/admin/users", {"csrf_token": token, "username": "dave", "password": "x"})
+    page = root.post("/admin/users", {"csrf_token": token, "username": "erin", "password": "x"})
     assert page.status == 400 and "too short" in page.text
     page = root.post(
         "/admin/users/dave/password", {"csrf_token": token, "password": "dave new pw 2"}

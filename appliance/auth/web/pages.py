@@ -15,7 +15,6 @@ description, a display name) reaches HTML through Jinja2's autoescaping only.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import mimetypes
 import re
@@ -27,25 +26,21 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 from markupsafe import Markup
 
+from appliance.auth import operations
 from appliance.auth.audit import AuditLog
 from appliance.auth.listing import RegistryListing
-from appliance.auth.names import is_repository_name, owning_project
 from appliance.auth.permissions import (
     DELETE,
-    PULL,
+    PERSONAL_TOKEN_SCOPES,
     ROLES,
     TOKEN_SCOPES,
     USER,
     VISIBILITIES,
     Principal,
-    ProjectAccess,
-    allowed_actions,
 )
 from appliance.auth.signin import Authenticator, SignInRefused
 from appliance.auth.sizes import format_size
 from appliance.auth.store import Store, WebSession
-from appliance.auth.tag_gate import TagGate
-from appliance.auth.tag_rules import ADMIN, RANKS
 from appliance.auth.usage import (
     FiguresFile,
     history_file,
@@ -185,12 +180,11 @@ class WebPages:
         registry_host: str,
         usage_figures: FiguresFile,
         gc_figures: FiguresFile,
-        listing: RegistryListing | None = None,
-        tag_gate: TagGate | None = None,
-        maintenance_refusal: Callable[[list[str], float], str] = lambda actions, now: "",
+        context: operations.Context,
+        listing: Callable[[], RegistryListing | None] = lambda: None,
     ) -> None:
-        self.listing, self.tag_gate = listing, tag_gate
-        self.maintenance_refusal = maintenance_refusal
+        self.context = context
+        self._listing = listing
         self.store, self.authenticator, self.audit = store, authenticator, audit
         self.client_address = client_address
         self.registry_host = registry_host
@@ -502,249 +496,76 @@ class WebPages:
         )
 
     # -- projects ----------------------------------------------------------------------
-    def _visible_projects(self, principal: Principal) -> list[dict]:
-        descriptions = self.store.project_descriptions()
-        rows = []
-        for project in self.store.list_projects():
-            access = self.store.project_access(
-                project.path, principal.user_id, principal.name, True
-            )
-            if access is None or access.path != project.path:
-                continue
-            if not (principal.admin or access.role or project.visibility != "private"):
-                continue
-            rows.append(
-                {
-                    "project": project,
-                    "role": "admin" if principal.admin and not access.role else access.role,
-                    "description": descriptions.get(project.path, ""),
-                }
-            )
-        return rows
-
-    def _project(self, request: Request, path: str) -> tuple[dict, frozenset[str]]:
+    # -- operations ---------------------------------------------------------------------
+    def act(self, operation: Callable, request: Request, *args, **kwargs):
+        """Run one of appliance/auth/operations.py's operations as the signed-in user (the
+        one implementation the API shares); its refusal becomes the page's status and
+        sentence, a registry that does not answer a 503."""
         principal = request.principal
         assert principal is not None
-        project = self.store.find_project(path)
-        access = (
-            self.store.project_access(path, principal.user_id, principal.name, True)
-            if project
-            else None
-        )
-        if project is None or access is None or access.path != path:
-            raise PageError(404, f"There is no project '{path}' you can see.")
-        if not (principal.admin or access.role or project.visibility != "private"):
-            raise PageError(404, f"There is no project '{path}' you can see.")
-        actions, _ = allowed_actions(principal, access)
-        role = access.role or ("admin" if principal.admin else None)
-        return {
-            "project": project,
-            "role": role,
-            "description": self.store.project_descriptions().get(path, ""),
-        }, actions
+        try:
+            return operation(self.context, principal, *args, **kwargs)
+        except operations.OperationError as error:
+            raise PageError(error.status, str(error)) from error
+        except RegistryAPIError as error:
+            raise PageError(503, f"The registry cannot be reached now: {error}.") from error
 
-    def _require_role(self, request: Request, role: str | None, needed: str, what: str) -> None:
-        principal = request.principal
-        assert principal is not None
-        if principal.admin:
-            return
-        if role is None or ROLES.index(role) < ROLES.index(needed):
-            raise PageError(403, f"Only a project's {needed}s may {what}.")
+    def form_result(
+        self, request: Request, again: Callable[..., Response], operation: Callable, *args
+    ):
+        """An operation sent by a form: (result, None), or (None, the form's page again
+        with the refusal) for a refusal the user can fix (400, 409)."""
+        try:
+            return self.act(operation, request, *args), None
+        except PageError as error:
+            if error.status in (400, 409):
+                return None, again(error=error.message)
+            raise
 
+    # -- projects ----------------------------------------------------------------------
     def projects_page(self, request: Request) -> Response:
+        descriptions = self.store.project_descriptions()
+        return self.render(
+            request,
+            "projects.html",
+            projects=[
+                {"project": view, "role": view.role, "description": descriptions.get(view.path, "")}
+                for view in self.act(operations.list_projects, request)
+            ],
+        )
+
+    def _project(self, request: Request, path: str) -> dict:
+        view = self.act(operations.get_project, request, path)
         principal = request.principal
         assert principal is not None
-        return self.render(request, "projects.html", projects=self._visible_projects(principal))
+        return {
+            "project": view,
+            "role": view.role or ("admin" if principal.admin else None),
+            "description": self.store.project_descriptions().get(path, ""),
+        }
 
     def project_page(self, request: Request, project: str) -> Response:
-        info, actions = self._project(request, project)
+        info = self._project(request, project)
+        try:
+            repositories = self.act(operations.list_repositories, request, project)
+            hidden = ""
+        except PageError as error:
+            if error.status not in (403, 409, 503):  # no pull here; no registry reachable
+                raise
+            repositories, hidden = [], error.message
         points = self.usage_points(project)
-        quota = info["project"].quota_bytes
         return self.render(
             request,
             "project.html",
-            repositories=self.project_repositories(project),
-            may_delete=DELETE in actions,
+            repositories=repositories,
+            hidden=hidden,
             usage=points,
-            chart=Markup(usage_chart(points, quota, f"Storage used by {project} over time")),
-            **info,
-        )
-
-    def project_repositories(self, project: str) -> list[dict]:
-        """The project's repositories (those no deeper project owns), each with its tag
-        count and its size as last computed (appliance-ctl usage, each GC)."""
-        if self.listing is None:
-            return []
-        paths = [p.path for p in self.store.list_projects()]
-        figures = (self.usage_figures.read() or {}).get("repositories") or {}
-        rows = []
-        for name in self.registry_call(self.listing.repositories):
-            if owning_project(name, paths) != project:
-                continue
-            rows.append(
-                {
-                    "name": name,
-                    "tags": self.registry_call(lambda n=name: self.listing.tag_count(n)),
-                    "size": (figures.get(name) or {}).get("bytes"),
-                }
-            )
-        return rows
-
-    def registry_call(self, call: Callable[[], object]):
-        """A read from the registry; its failure is one sentence on a 503 page."""
-        try:
-            return call()
-        except RegistryAPIError as error:
-            raise PageError(503, f"The registry cannot be read now: {error}.") from error
-
-    # -- repositories and tags ------------------------------------------------------------
-    def _repository(self, request: Request, repository: str) -> tuple[ProjectAccess, frozenset]:
-        """The repository's project and what the signed-in user may do there; 404 for a
-        repository the user may not pull (its existence is not revealed)."""
-        principal = request.principal
-        assert principal is not None
-        if self.listing is None or not is_repository_name(repository):
-            raise PageError(404, f"There is no repository '{repository}' you can see.")
-        access = self.store.project_access(repository, principal.user_id, principal.name, True)
-        actions, _ = allowed_actions(principal, access)
-        if PULL not in actions or access is None:
-            raise PageError(404, f"There is no repository '{repository}' you can see.")
-        return access, actions
-
-    def repository_page(self, request: Request, repository: str, error: str = "") -> Response:
-        access, actions = self._repository(request, repository)
-        tags = self.registry_call(lambda: self.listing.tags(repository))
-        return self.render(
-            request,
-            "repository.html",
-            400 if error else 200,
-            repository=repository,
-            project_path=access.path,
-            tags=tags,
-            may_delete=DELETE in actions,
-            host=self.registry_host,
-            error=error,
-        )
-
-    def tag_page(self, request: Request, repository: str, tag: str) -> Response:
-        access, actions = self._repository(request, repository)
-        row = self.registry_call(lambda: self.listing.tag(repository, tag))
-        if row is None:
-            raise PageError(404, f"There is no tag '{tag}' in {repository}.")
-        facts = self.registry_call(lambda: self.listing.facts(repository, row.digest))
-        return self.render(
-            request,
-            "tag.html",
-            repository=repository,
-            project_path=access.path,
-            row=row,
-            children=facts.children if facts else (),
-            may_delete=DELETE in actions,
-            host=self.registry_host,
-        )
-
-    def tag_delete(self, request: Request, repository: str, tag: str) -> Response:
-        """Delete the tag's manifest, as `skopeo delete` would with a maintainer's token:
-        the same permission rules, maintenance window and tag rules. A manifest another
-        tag also points at is refused: the registry deletes manifests, with every tag
-        on them (appliance-ctl tag delete unlinks one tag only)."""
-        access, actions = self._repository(request, repository)
-        principal = request.principal
-        assert principal is not None and self.listing is not None
-        if DELETE not in actions:
-            raise PageError(403, f"Your role in {access.path} does not allow deleting tags.")
-        refusal = self.maintenance_refusal([DELETE], time.time())
-        if refusal:
-            return self.repository_page(
-                request, repository, error=refusal[0].upper() + refusal[1:] + "."
-            )
-        registry = self.listing.registry
-        digest = self.registry_call(lambda: registry.digest(repository, tag))
-        if digest is None:
-            raise PageError(404, f"There is no tag '{tag}' in {repository}.")
-        others = sorted(
-            other
-            for other, pointed in self.registry_call(
-                lambda: self.listing.tag_digests(repository)
-            ).items()
-            if pointed == digest and other != tag
-        )
-        if others:
-            return self.repository_page(
-                request,
-                repository,
-                error=f"Tag {tag} points at the same manifest as {', '.join(others)}; the"
-                " registry deletes manifests with all their tags, so nothing was deleted. Use"
-                f" appliance-ctl tag delete {repository}:{tag} to remove this tag alone.",
-            )
-        if self.tag_gate is not None:
-            verdict = self.registry_call(
-                lambda: self.tag_gate.check_delete(repository, digest, _rank(principal, access))
-            )
-            if not verdict.allowed:
-                return self.repository_page(request, repository, error=verdict.message + ".")
-        self.registry_call(lambda: registry.delete_manifest(repository, digest))
-        self.audit.record(
-            client=self.client_address(request.environ),
-            method="POST",
-            path=request.path,
-            user=principal.name,
-            result="deleted",
-            reason=f"web: tag {repository}:{tag} ({digest})",
-            status=303,
-        )
-        return self._notice(
-            request,
-            f"Tag {tag} was deleted ({digest}); its blobs stay on disk until the next garbage"
-            " collection.",
-            url_of("repositories", repository),
-        )
-
-    def repository_delete(self, request: Request, repository: str) -> Response:
-        """Delete every manifest a tag of the repository points at (tag rules checked
-        for each first). The registry has no repository delete: the name stays in its
-        catalog, without tags, and the next garbage collection frees the blobs."""
-        access, actions = self._repository(request, repository)
-        principal = request.principal
-        assert principal is not None and self.listing is not None
-        if DELETE not in actions:
-            raise PageError(403, f"Your role in {access.path} does not allow deleting.")
-        refusal = self.maintenance_refusal([DELETE], time.time())
-        if refusal:
-            return self.repository_page(
-                request, repository, error=refusal[0].upper() + refusal[1:] + "."
-            )
-        digests = sorted(
-            set(self.registry_call(lambda: self.listing.tag_digests(repository)).values())
-        )
-        if self.tag_gate is not None:
-            for digest in digests:
-                verdict = self.registry_call(
-                    lambda d=digest: self.tag_gate.check_delete(
-                        repository, d, _rank(principal, access)
-                    )
+            chart=Markup(
+                usage_chart(
+                    points, info["project"].quota_bytes, f"Storage used by {project} over time"
                 )
-                if not verdict.allowed:
-                    return self.repository_page(
-                        request, repository, error=verdict.message + "; nothing was deleted."
-                    )
-        registry = self.listing.registry
-        for digest in digests:
-            self.registry_call(lambda d=digest: registry.delete_manifest(repository, d))
-        self.audit.record(
-            client=self.client_address(request.environ),
-            method="POST",
-            path=request.path,
-            user=principal.name,
-            result="deleted",
-            reason=f"web: repository {repository} ({len(digests)} manifests)",
-            status=303,
-        )
-        return self._notice(
-            request,
-            f"Every tag of {repository} was deleted ({len(digests)} manifests); the blobs stay"
-            " on disk until the next garbage collection.",
-            url_of("projects", access.path),
+            ),
+            **info,
         )
 
     def usage_points(self, project: str) -> list[tuple[float, int]]:
@@ -761,14 +582,95 @@ class WebPages:
                 points.append((time.time(), now))
         return points
 
+    # -- repositories and tags ------------------------------------------------------------
+    def _may_delete(self, request: Request, repository: str) -> bool:
+        """Whether to show delete controls: the token service's own decision on `delete`
+        (the operation decides again when the form is sent)."""
+        principal = request.principal
+        assert principal is not None
+        return DELETE in self.context.decide(principal, repository, [DELETE]).granted
+
+    def repository_page(self, request: Request, repository: str, error: str = "") -> Response:
+        tags = self.act(operations.list_tags, request, repository)
+        return self.render(
+            request,
+            "repository.html",
+            400 if error else 200,
+            repository=repository,
+            project_path=self.store.project_path_of(repository),
+            tags=tags,
+            may_delete=self._may_delete(request, repository),
+            host=self.registry_host,
+            error=error,
+        )
+
+    def tag_page(self, request: Request, repository: str, tag: str) -> Response:
+        row = self.act(operations.get_tag, request, repository, tag)
+        listing = self._listing()
+        facts = listing.facts(repository, row.digest) if listing is not None else None
+        return self.render(
+            request,
+            "tag.html",
+            repository=repository,
+            project_path=self.store.project_path_of(repository),
+            row=row,
+            children=facts.children if facts else (),
+            may_delete=self._may_delete(request, repository),
+            host=self.registry_host,
+        )
+
+    def tag_delete(self, request: Request, repository: str, tag: str) -> Response:
+        lines, again = self.form_result(
+            request,
+            lambda error: self.repository_page(request, repository, error=error),
+            operations.delete_tag,
+            repository,
+            tag,
+        )
+        if again is not None:
+            return again
+        self._audit_delete(request, f"tag {repository}:{tag}: {'; '.join(lines)}")
+        return self._notice(
+            request,
+            f"Tag {tag} was deleted ({'; '.join(lines)}); its blobs stay on disk until the"
+            " next garbage collection.",
+            url_of("repositories", repository),
+        )
+
+    def repository_delete(self, request: Request, repository: str) -> Response:
+        lines, again = self.form_result(
+            request,
+            lambda error: self.repository_page(request, repository, error=error),
+            operations.delete_repository,
+            repository,
+        )
+        if again is not None:
+            return again
+        self._audit_delete(request, f"repository {repository}: {'; '.join(lines)}")
+        return self._notice(
+            request, " ".join(lines), url_of("projects", self.store.project_path_of(repository))
+        )
+
+    def _audit_delete(self, request: Request, what: str) -> None:
+        principal = request.principal
+        assert principal is not None
+        self.audit.record(
+            client=self.client_address(request.environ),
+            method="POST",
+            path=request.path,
+            user=principal.name,
+            result="deleted",
+            reason=f"web: {what}",
+            status=303,
+        )
+
     # -- members (owners) ----------------------------------------------------------------
     def members_page(self, request: Request, project: str, error: str = "") -> Response:
-        info, _ = self._project(request, project)
-        self._require_role(request, info["role"], "owner", "manage members")
+        info = self._project(request, project)
         names = self.store.display_names()
         members = [
             {"username": m.username, "role": m.role, "display_name": names.get(m.username, "")}
-            for m in self.store.list_members(project)
+            for m in self.act(operations.list_members, request, project)
         ]
         return self.render(
             request,
@@ -776,32 +678,36 @@ class WebPages:
             400 if error else 200,
             members=members,
             roles=ROLES,
+            may_manage=info["role"] in ("owner", "admin"),
             error=error,
             **info,
         )
 
     def member_set(self, request: Request, project: str) -> Response:
-        info, _ = self._project(request, project)
-        self._require_role(request, info["role"], "owner", "manage members")
         username, role = request.field("username").strip(), request.field("role")
-        try:
-            self.store.add_member(project, username, role)
-        except AuthError as error:
-            return self.members_page(request, project, error=str(error))
-        return self._notice(
+        _, again = self.form_result(
+            request,
+            lambda error: self.members_page(request, project, error=error),
+            operations.set_member,
+            project,
+            username,
+            role,
+        )
+        return again or self._notice(
             request,
             f"{username} is now {role} of {project}.",
             url_of("projects", project, "members"),
         )
 
     def member_remove(self, request: Request, project: str, username: str) -> Response:
-        info, _ = self._project(request, project)
-        self._require_role(request, info["role"], "owner", "manage members")
-        try:
-            self.store.remove_member(project, username)
-        except AuthError as error:
-            return self.members_page(request, project, error=str(error))
-        return self._notice(
+        _, again = self.form_result(
+            request,
+            lambda error: self.members_page(request, project, error=error),
+            operations.remove_member,
+            project,
+            username,
+        )
+        return again or self._notice(
             request,
             f"{username} is no longer a member of {project}.",
             url_of("projects", project, "members"),
@@ -809,194 +715,170 @@ class WebPages:
 
     # -- deploy tokens (maintainers) -----------------------------------------------------
     def deploy_tokens_page(
-        self, request: Request, project: str, error: str = "", created: tuple | None = None
+        self, request: Request, project: str, error: str = "", created: object = None
     ) -> Response:
-        info, _ = self._project(request, project)
-        self._require_role(request, info["role"], "maintainer", "manage deploy tokens")
+        info = self._project(request, project)
         return self.render(
             request,
             "deploy_tokens.html",
             400 if error else 200,
-            tokens=self.store.list_deploy_tokens(project),
+            tokens=self.act(operations.list_deploy_tokens, request, project),
             scopes=TOKEN_SCOPES,
             error=error,
             created=created,
-            now=time.time(),
             **info,
         )
 
     def deploy_token_create(self, request: Request, project: str) -> Response:
-        info, _ = self._project(request, project)
-        self._require_role(request, info["role"], "maintainer", "manage deploy tokens")
-        try:
-            token, secret = self.store.create_deploy_token(
-                project,
-                _name(request.field("name")),
-                request.fields("scopes"),
-                day_end(request.field("expires")),
-            )
-        except (AuthError, PageError) as error:
-            return self.deploy_tokens_page(request, project, error=_message(error))
-        return self.deploy_tokens_page(request, project, created=(token, secret))
+        created, again = self.form_result(
+            request,
+            lambda error: self.deploy_tokens_page(request, project, error=error),
+            operations.create_deploy_token,
+            project,
+            request.field("name"),
+            request.fields("scopes"),
+            request.field("expires") or None,
+        )
+        return again or self.deploy_tokens_page(request, project, created=created)
 
     def deploy_token_revoke(self, request: Request, project: str, token_id: str) -> Response:
-        info, _ = self._project(request, project)
-        self._require_role(request, info["role"], "maintainer", "manage deploy tokens")
-        try:
-            self.store.revoke_deploy_token(project, int(token_id))
-        except AuthError as error:
-            return self.deploy_tokens_page(request, project, error=str(error))
-        return self._notice(
+        _, again = self.form_result(
+            request,
+            lambda error: self.deploy_tokens_page(request, project, error=error),
+            operations.revoke_deploy_token,
+            project,
+            int(token_id),
+        )
+        return again or self._notice(
             request, "The deploy token was revoked.", url_of("projects", project, "deploy-tokens")
         )
 
     # -- personal access tokens ---------------------------------------------------------
-    def tokens_page(
-        self, request: Request, error: str = "", created: tuple | None = None
-    ) -> Response:
-        assert request.session is not None
+    def tokens_page(self, request: Request, error: str = "", created: object = None) -> Response:
         return self.render(
             request,
             "tokens.html",
             400 if error else 200,
-            tokens=self.store.list_personal_access_tokens(request.session.user.username),
-            scopes=TOKEN_SCOPES,
+            tokens=self.act(operations.list_tokens, request),
+            scopes=PERSONAL_TOKEN_SCOPES,
             error=error,
             created=created,
-            now=time.time(),
         )
 
     def token_create(self, request: Request) -> Response:
-        assert request.session is not None
-        try:
-            token, secret = self.store.create_personal_access_token(
-                request.session.user.username,
-                _name(request.field("name")),
-                request.fields("scopes"),
-                day_end(request.field("expires")),
-            )
-        except (AuthError, PageError) as error:
-            return self.tokens_page(request, error=_message(error))
-        return self.tokens_page(request, created=(token, secret))
+        created, again = self.form_result(
+            request,
+            lambda error: self.tokens_page(request, error=error),
+            operations.create_token,
+            request.field("name"),
+            request.fields("scopes"),
+            request.field("expires") or None,
+        )
+        return again or self.tokens_page(request, created=created)
 
     def token_revoke(self, request: Request, token_id: str) -> Response:
-        assert request.session is not None
-        try:
-            self.store.revoke_personal_access_token(request.session.user.username, int(token_id))
-        except AuthError as error:
-            return self.tokens_page(request, error=str(error))
-        return self._notice(request, "The personal access token was revoked.", "/tokens")
+        _, again = self.form_result(
+            request,
+            lambda error: self.tokens_page(request, error=error),
+            operations.revoke_token,
+            int(token_id),
+        )
+        return again or self._notice(request, "The personal access token was revoked.", "/tokens")
 
     # -- administration ---------------------------------------------------------------
-    def _require_admin(self, request: Request) -> None:
-        principal = request.principal
-        if principal is None or not principal.admin:
-            raise PageError(403, "Only administrators may open the administration pages.")
-
     def admin_users_page(self, request: Request, error: str = "") -> Response:
-        self._require_admin(request)
-        names = self.store.display_names()
         return self.render(
             request,
             "admin_users.html",
             400 if error else 200,
-            users=[dataclasses.replace(u, password_hash="") for u in self.store.list_users()],
-            display_names=names,
+            users=self.act(operations.list_users, request),
+            display_names=self.store.display_names(),
             error=error,
         )
 
     def admin_user_create(self, request: Request) -> Response:
-        self._require_admin(request)
-        from appliance.auth import credentials
-
-        username, password = request.field("username").strip(), request.field("password")
-        try:
-            if not password:
-                raise PageError(400, "The password is empty; type one.")
-            self.store.create_user(
-                username, credentials.hash_password(password), admin=bool(request.field("admin"))
-            )
-            if request.field("display_name").strip():
+        username = request.field("username").strip()
+        _, again = self.form_result(
+            request,
+            lambda error: self.admin_users_page(request, error=error),
+            operations.create_user,
+            username,
+            request.field("password"),
+            bool(request.field("admin")),
+        )
+        if again is not None:
+            return again
+        if request.field("display_name").strip():
+            try:
                 self.store.set_display_name(username, request.field("display_name"))
-        except (AuthError, PageError) as error:
-            return self.admin_users_page(request, error=_message(error))
+            except AuthError as error:
+                return self.admin_users_page(request, error=f"User {username} was created; {error}")
         return self._notice(request, f"User {username} was created.", "/admin/users")
 
     def admin_user_change(self, request: Request, username: str, action: str) -> Response:
-        self._require_admin(request)
-        from appliance.auth import credentials
-
-        try:
-            if action == "password":
-                password = request.field("password")
-                if not password:
-                    raise PageError(400, "The new password is empty; type one.")
-                self.store.set_password_hash(username, credentials.hash_password(password))
-                done = f"The password of {username} was changed; their sessions have ended."
-            else:
-                self.store.set_blocked(username, action == "block")
-                done = f"{username} was {action}ed."
-        except (AuthError, PageError) as error:
-            return self.admin_users_page(request, error=_message(error))
-        return self._notice(request, done, "/admin/users")
+        if action == "password":
+            operation, args = operations.reset_password, (username, request.field("password"))
+            done = f"The password of {username} was changed; their sessions have ended."
+        else:
+            operation, args = operations.set_blocked, (username, action == "block")
+            done = f"{username} was {action}ed."
+        _, again = self.form_result(
+            request, lambda error: self.admin_users_page(request, error=error), operation, *args
+        )
+        return again or self._notice(request, done, "/admin/users")
 
     def admin_gc_page(self, request: Request) -> Response:
-        self._require_admin(request)
+        self.act(operations.list_users, request)  # administrators only
         return self.render(request, "admin_gc.html", stats=self.gc_figures.read())
 
     def admin_projects_page(self, request: Request, error: str = "") -> Response:
-        self._require_admin(request)
+        self.act(operations.list_users, request)  # administrators only
         return self.render(
             request,
             "admin_projects.html",
             400 if error else 200,
-            projects=self.store.list_projects(),
+            projects=self.act(operations.list_projects, request),
             descriptions=self.store.project_descriptions(),
             visibilities=VISIBILITIES,
             error=error,
         )
 
     def admin_project_create(self, request: Request) -> Response:
-        self._require_admin(request)
         path = request.field("path").strip()
-        try:
-            self.store.create_project(path, request.field("visibility"), True)
-            if request.field("description").strip():
+        _, again = self.form_result(
+            request,
+            lambda error: self.admin_projects_page(request, error=error),
+            operations.create_project,
+            path,
+            request.field("visibility"),
+        )
+        if again is not None:
+            return again
+        if request.field("description").strip():
+            try:
                 self.store.set_project_description(path, request.field("description"))
-        except AuthError as error:
-            return self.admin_projects_page(request, error=str(error))
+            except AuthError as error:
+                return self.admin_projects_page(request, error=f"{path} was created; {error}")
         return self._notice(request, f"Project {path} was created.", "/admin/projects")
 
     def admin_project_change(self, request: Request, project: str, action: str) -> Response:
-        self._require_admin(request)
+        if action == "delete":
+            _, again = self.form_result(
+                request,
+                lambda error: self.admin_projects_page(request, error=error),
+                operations.delete_project,
+                project,
+            )
+            return again or self._notice(
+                request, f"Project {project} was deleted.", "/admin/projects"
+            )
+        # The description is the pages' own free text: an administrator's to set.
+        self.act(operations.list_users, request)  # administrators only
         try:
-            if action == "description":
-                self.store.set_project_description(project, request.field("description"))
-                done = f"The description of {project} was saved."
-            else:
-                held = [row["name"] for row in self.project_repositories(project)]
-                if held:
-                    shown = ", ".join(held[:3]) + (
-                        f" and {len(held) - 3} more" if len(held) > 3 else ""
-                    )
-                    raise PageError(
-                        409,
-                        f"Project {project} still holds {shown}; delete its images first, or"
-                        f" run appliance-ctl project delete {project} --with-images on the"
-                        " host. Nothing was deleted.",
-                    )
-                self.store.delete_project(project)
-                done = f"Project {project} was deleted."
-        except (AuthError, PageError) as error:
-            return self.admin_projects_page(request, error=_message(error))
-        return self._notice(request, done, "/admin/projects")
-
-
-def _rank(principal: Principal, access: ProjectAccess) -> int:
-    """The requester's rank for the tag rules (tag_rules.RANKS)."""
-    if principal.admin:
-        return RANKS[ADMIN]
-    return RANKS.get(access.role or "", -1)
+            self.store.set_project_description(project, request.field("description"))
+        except AuthError as error:
+            return self.admin_projects_page(request, error=str(error))
+        return self._notice(request, f"The description of {project} was saved.", "/admin/projects")
 
 
 def _safe_next(request: Request) -> str:

@@ -271,6 +271,8 @@ def pushed(appliance, tmp_path_factory) -> dict:
     index = build_index(work / "index", "multi")
     client.push_all(index, "team/app/web", "multi")
     client.push(build_image(work / "big", "big", random_bytes=600_000), "team/app/big", "v1")
+    client.push(build_image(work / "release", "release"), "team/app/web", "release")
+    appliance.ctl("project", "update", "team/app", "--protected-tags", "release=owner")
     appliance.ctl("usage")  # a second point
     return {
         "v2": client.digest("team/app/web", "v2"),
@@ -323,6 +325,11 @@ def test_maintainer_deletes_a_tag(appliance, maint, pushed) -> None:
     assert "Tag v2 was deleted" in maint.text()
     assert "v2" not in pushed["client"].list_tags("team/app/web")
     maint.check("tag-deleted")
+    # A tag protected above the maintainer's role: refused with the tag rules' sentence,
+    # as skopeo delete would be.
+    maint.submit("css selector", "button[aria-label='Delete tag release']")
+    assert "protected" in maint.text() and "release" in maint.text()
+    assert "release" in pushed["client"].list_tags("team/app/web")
 
 
 def test_reporter_sees_no_delete_control_and_may_not_delete(appliance, rep, pushed) -> None:

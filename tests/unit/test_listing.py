@@ -168,3 +168,27 @@ def test_one_tag_is_asked_of_the_registry(tmp_path: Path) -> None:
     assert row.digest == amd and row.pushed_by is None and row.platforms == ("linux/amd64",)
     assert "tags" not in registry.calls
     assert listing.tag("team/app", "nope") is None
+
+
+def test_service_content_refuses_a_shared_manifest_and_deletes_a_lone_one(tmp_path: Path) -> None:
+    from appliance.auth.listing import ServiceContent
+    from appliance.errors import UsageError
+
+    database = tmp_path / "auth.db"
+    ensure_schema(database)
+    registry = DictRegistry()
+    amd, arm = registry.add_image("amd64", 10), registry.add_image("arm64", 20)
+    registry.tags_of["team/app"] = {"v1": amd, "latest": amd, "arm": arm}
+    deleted: list[str] = []
+    registry.delete_manifest = lambda repository, digest: deleted.append(digest) or True
+    content = ServiceContent(RegistryListing(Store(database), lambda: registry))
+    try:
+        content.delete_tags([("team/app", "v1")])
+    except UsageError as error:
+        assert "same manifest as latest" in str(error)
+    else:
+        raise AssertionError("a manifest two tags share was deleted")
+    assert deleted == []
+    plan = content.delete_tags([("team/app", "arm")])
+    assert deleted == [arm]
+    assert plan.lines() == [f"team/app:arm removed; manifest {arm[:19]} deleted"]

@@ -36,7 +36,8 @@ from collections.abc import Callable, Iterable
 from urllib.parse import parse_qs
 
 from appliance.auth import events as registry_events
-from appliance.auth import metrics
+from appliance.auth import metrics, operations
+from appliance.auth.api import AdminAPI
 from appliance.auth.audit import AuditLog
 from appliance.auth.config import AuthConfig
 from appliance.auth.names import is_repository_name
@@ -56,7 +57,8 @@ from appliance.auth.tag_gate import MANIFEST_PATH, TagGate
 from appliance.auth.tag_rules import PASSED
 from appliance.auth.tokens import TokenSigner, TokenVerifier, rfc3339
 from appliance.auth.usage import FiguresFile, current, project_bytes
-from appliance.registry_api import RegistryAPI
+from appliance.registry_api import RegistryAPI, RegistryAPIError
+from appliance.registry_content import RegistryContentOverAPI
 from appliance.registry_maintenance import STALE, Watch, state
 
 StartResponse = Callable[..., object]
@@ -115,6 +117,35 @@ class TokenService:
             config.default_registry_enabled,
         )
         self.maintenance = Watch(config.maintenance_file)
+        self._operations: operations.Context | None = None
+        self.admin_api = AdminAPI(self, self.operations_context, _basic_credentials)
+
+    def operations_context(self) -> operations.Context:
+        """What the admin API and the pages act through (appliance/auth/operations.py):
+        this service's store and repository decision, and the registry's content through
+        its API (the service's account cannot read the storage). Made on first use, so a
+        worker answering only token requests never builds it."""
+        if self._operations is None:
+            content = None
+            if self.config.registry_address:
+                api = RegistryAPI(
+                    self.config.registry_address, self.signer, timeout=30, subject="appliance-auth"
+                )
+                content = RegistryContentOverAPI(api)
+
+            def open_content() -> RegistryContentOverAPI:
+                if content is None:
+                    raise RegistryAPIError("the auth service has no registry address configured")
+                return content
+
+            self._operations = operations.Context(
+                store=self.store,
+                decide=self.decide_repository,
+                content=open_content,
+                default_registry_enabled=self.config.default_registry_enabled,
+                usage_figures=self.usage_figures.read,
+            )
+        return self._operations
 
     # -- WSGI entry point -------------------------------------------------------------
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
@@ -141,6 +172,8 @@ class TokenService:
             )
         if path.startswith("/v2/"):
             return self._tag_rules(environ, start_response)
+        if path.startswith("/api/"):
+            return self.admin_api(environ, start_response)
         if path == "/-/health":
             return self._health(start_response)
         return self._not_found(start_response)

@@ -15,7 +15,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from tests.support.appliance import ApplianceUnderTest
-from tests.support.oci import build_image
+from tests.support.oci import build_image, build_index
 from tests.support.skopeo import Skopeo, SkopeoError
 
 PASSWORDS = {"rep": "reporter password 1", "maint": "maintainer password 1"}
@@ -155,3 +155,40 @@ def test_a_personal_access_token_works_with_the_api_scope_only(appliance, tmp_pa
     assert status == 204
     status, _ = api(appliance, "GET", tags, ("maint", with_api["secret"]))
     assert status == 401
+
+
+def test_an_index_a_shared_digest_and_a_repository_delete(appliance, tmp_path):
+    """What the registry's API cannot do alone is refused with a sentence (409), nothing
+    deleted: Distribution 2.8 deletes a manifest with every tag on it."""
+    root = appliance.skopeo(tmp_path / "root")
+    index = build_index(tmp_path / "multi", tag="multi")
+    image = build_image(tmp_path / "image", tag="v1")
+    root.push_all(index, "team/app/more", "multi")
+    root.push(image, "team/app/more", "v1")
+    root.push(image, "team/app/more", "latest")
+    me = ("maint", PASSWORDS["maint"])
+    status, tags = api(appliance, "GET", "/api/v1/repositories/team%2Fapp%2Fmore/tags", me)
+    assert status == 200
+    rows = {t["tag"]: t for t in tags}
+    assert rows["multi"]["platforms"] == ["linux/amd64", "linux/arm64"]
+    assert rows["multi"]["size"] == index.size and rows["multi"]["digest"] == index.index_digest
+    status, error = api(appliance, "DELETE", "/api/v1/repositories/team%2Fapp%2Fmore/tags/v1", me)
+    assert status == 409
+    assert error["message"] == (
+        "team/app/more:v1: its manifest stays (still tagged latest) and the registry can only "
+        "delete a manifest with all its tags; remove the tag on the host with appliance-ctl "
+        "tag delete team/app/more:v1. Nothing was deleted."
+    )
+    assert exists(root, "team/app/more", "v1") and exists(root, "team/app/more", "latest")
+    status, error = api(
+        appliance, "DELETE", "/api/v1/repositories/team%2Fapp%2Fmore", ("rep", PASSWORDS["rep"])
+    )
+    assert status == 403
+    status, done = api(appliance, "DELETE", "/api/v1/repositories/team%2Fapp%2Fmore", me)
+    assert status == 200 and done["deleted"][0].startswith(
+        "Deleted repository team/app/more (3 tags"
+    )
+    for tag in ("multi", "v1", "latest"):
+        assert not exists(root, "team/app/more", tag)
+    status, repositories = api(appliance, "GET", "/api/v1/projects/team%2Fapp/repositories", me)
+    assert "team/app/more" not in {r["name"] for r in repositories}

@@ -28,12 +28,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from appliance.errors import UsageError
+from appliance.errors import ApplianceError, UsageError
 from appliance.registry_storage import (
     V2,
     Content,
@@ -557,32 +559,108 @@ class RegistryContentOverAPI:
       tag on it. A tag whose manifest another tag still reaches is refused with a
       sentence naming `appliance-ctl tag delete`, and nothing is deleted.
     Manifests are immutable by digest, so parsed ones and image configs are kept in a
-    bounded cache: a listing then costs one HEAD per tag.
+    bounded cache. Tags are not, and asking the registry costs one HEAD per tag (2 s for
+    1,000 tags, bench/api): with `changes` (the registry's events as the auth database
+    records them, Store.manifest_changes) a repository's tags are listed once, then
+    kept current by applying the pushes and deletes recorded since, and listed again
+    in the background once older than REFRESH seconds (what no event tells: a tag
+    removed in storage by appliance-ctl tag delete).
     """
 
     CACHE_SIZE = 20000
     WORKERS = 8
+    REFRESH = 60.0
 
-    def __init__(self, api: RegistryAPI) -> None:
+    def __init__(
+        self,
+        api: RegistryAPI,
+        changes: Callable[[str, int], list[tuple[int, str, str | None, str | None]]] | None = None,
+        last_change: Callable[[], int] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.api = api
+        self.changes, self.last_change, self.clock = changes, last_change, clock
         self._manifests: dict[str, Manifest] = {}
         self._configs: dict[str, bytes] = {}
+        self._tags: dict[str, tuple[float, int, dict[str, str]]] = {}
+        self._refreshing: set[str] = set()
+        self._lock = threading.Lock()
+
+    def _tag_map(self, name: str) -> dict[str, str]:
+        """The repository's tags and digests: from the cache kept current by the events,
+        or from the registry (one HEAD per tag)."""
+        if self.changes is None:
+            return self._fetch_tags(name)
+        cached = self._tags.get(name)
+        if cached is None:
+            return self._load_tags(name)
+        listed_at, marker, tags = cached
+        changes = self.changes(name, marker)
+        if changes:
+            tags = dict(tags)
+            for event_id, action, tag, digest in changes:
+                marker = event_id
+                if action == "push" and tag and digest:
+                    tags[tag] = digest
+                elif action == "delete" and digest:
+                    tags = {t: d for t, d in tags.items() if d != digest}
+            self._remember(self._tags, name, (listed_at, marker, tags))
+        if self.clock() - listed_at > self.REFRESH:
+            self._refresh_later(name)
+        return tags
+
+    def _load_tags(self, name: str) -> dict[str, str]:
+        marker = self.last_change() if self.last_change else 0
+        tags = self._fetch_tags(name)
+        with self._lock:
+            self._remember(self._tags, name, (self.clock(), marker, tags))
+        # what was pushed while listing is applied at the next use
+        return tags
+
+    def _refresh_later(self, name: str) -> None:
+        with self._lock:
+            if name in self._refreshing:
+                return
+            self._refreshing.add(name)
+
+        def refresh() -> None:
+            try:
+                self._load_tags(name)
+            except ApplianceError as error:
+                print(f"appliance-auth: tags of {name}: {error}", flush=True)
+            finally:
+                with self._lock:
+                    self._refreshing.discard(name)
+
+        threading.Thread(target=refresh, name=f"tags {name}", daemon=True).start()
+
+    def forget(self, names: Iterable[str]) -> None:
+        """After a delete through this object: list those repositories again."""
+        for name in names:
+            self._tags.pop(name, None)
+
+    def _fetch_tags(self, name: str) -> dict[str, str]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        names = self.api.tags(name)
+        with ThreadPoolExecutor(self.WORKERS) as pool:
+            digests = list(pool.map(lambda tag: self.api.digest(name, tag), names))
+        return {t: d for t, d in zip(names, digests, strict=True) if d is not None}
 
     def snapshot(self, repositories: Iterable[str] | None = None) -> Content:
         from concurrent.futures import ThreadPoolExecutor
 
         names = sorted(self.api.catalog() if repositories is None else set(repositories))
         with ThreadPoolExecutor(self.WORKERS) as pool:
-            tag_lists = dict(zip(names, pool.map(self.api.tags, names), strict=True))
-            references = [(name, tag) for name in names for tag in tag_lists[name]]
-            digests = list(pool.map(lambda ref: self.api.digest(*ref), references))
+            tag_maps = dict(zip(names, pool.map(self._tag_map, names), strict=True))
             found: dict[str, Repository] = {
-                name: Repository(name) for name in names if tag_lists[name]
+                name: Repository(name, tags=dict(tag_maps[name]))
+                for name in names
+                if tag_maps[name]
             }
             wanted: dict[str, str] = {}
-            for (name, tag), digest in zip(references, digests, strict=True):
-                if digest is not None:  # deleted between the two requests
-                    found[name].tags[tag] = digest
+            for name, repository in found.items():
+                for digest in repository.tags.values():
                     wanted.setdefault(digest, name)
             manifests: dict[str, Manifest] = {}
             while wanted:
@@ -648,9 +726,12 @@ class RegistryContentOverAPI:
                 f"with appliance-ctl tag delete {kept[0].repository}:{kept[0].tag}. "
                 f"Nothing was deleted."
             )
-        for deletion in plan.deletions:
-            for digest in (deletion.digest, *deletion.children):
-                self.api.delete_manifest(deletion.repository, digest)
+        try:
+            for deletion in plan.deletions:
+                for digest in (deletion.digest, *deletion.children):
+                    self.api.delete_manifest(deletion.repository, digest)
+        finally:
+            self.forget(name for name, _ in references)
         return plan
 
     def delete_repositories(
@@ -660,6 +741,7 @@ class RegistryContentOverAPI:
         (and is no longer listed here); its empty directories stay for appliance-ctl."""
         names = [check_repository(name) for name in names]
         content = self.snapshot(names)
+        self.forget(names)
         for plan in [plan_repository_delete(content, name) for name in names]:
             for digest in plan.manifests:
                 self.api.delete_manifest(plan.name, digest)

@@ -131,7 +131,9 @@ class TokenService:
                 api = RegistryAPI(
                     self.config.registry_address, self.signer, timeout=30, subject="appliance-auth"
                 )
-                content = RegistryContentOverAPI(api)
+                content = RegistryContentOverAPI(
+                    api, self.store.manifest_changes, self.store.last_event_id
+                )
 
             def open_content() -> RegistryContentOverAPI:
                 if content is None:

@@ -921,6 +921,23 @@ class Store:
         )
         return [RegistryEvent(*row) for row in rows]
 
+    def manifest_changes(
+        self, repository: str, after: int
+    ) -> list[tuple[int, str, str | None, str | None]]:
+        """(id, action, tag, digest) of the pushes and deletes recorded for exactly this
+        repository after event row `after`, oldest first: what the admin API applies to
+        the tags it listed before (registry_content.RegistryContentOverAPI)."""
+        rows = self._all(
+            "SELECT id, action, tag, digest FROM registry_events WHERE repository = ?"
+            " AND action IN ('push', 'delete') AND id > ? ORDER BY id",
+            (repository, after),
+        )
+        return [tuple(row) for row in rows]
+
+    def last_event_id(self) -> int:
+        row = self._one("SELECT MAX(id) FROM registry_events")
+        return int(row[0] or 0) if row else 0
+
     def tag_events(self, repository: str) -> list[RegistryEvent]:
         """Every push and pull kept for exactly this repository, oldest first (what
         retention reads: at most HISTORY_KEPT of each kind)."""

@@ -28,12 +28,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from appliance.errors import UsageError
+from appliance.errors import ApplianceError, UsageError
 from appliance.registry_storage import (
     V2,
     Content,
@@ -44,6 +46,7 @@ from appliance.registry_storage import (
     StorageError,
     blob_path,
     check_repository_name,
+    parse_manifest,
     reachable,
     read_content,
     repository_prefix,
@@ -535,3 +538,237 @@ class RegistryContent:
         while directory != top and directory.is_dir() and not any(directory.iterdir()):
             directory.rmdir()
             directory = directory.parent
+
+
+# ---------------------------------------------------------------- through the API alone
+
+
+class RegistryContentOverAPI:
+    """The registry's content as the auth service sees it: through the registry's API
+    alone, since the service's account cannot read the storage (appliance-ctl, as root,
+    reads it: `RegistryContent`). The same snapshot (`Content`) is built from the
+    catalog, tags/list and the manifests, so listings and delete plans are the same pure
+    functions as `RegistryContent`'s.
+
+    What the API cannot see or do, and how it shows:
+    - manifests no tag reaches are invisible, so sizes count what tags reach (the
+      storage walk counts untagged revisions until a GC), and a repository without tags
+      is not listed (Distribution 2.8 keeps a deleted repository's directories, which
+      the catalog still names);
+    - Distribution 2.8 has no API to remove one tag: a manifest is deleted with every
+      tag on it. A tag whose manifest another tag still reaches is refused with a
+      sentence naming `appliance-ctl tag delete`, and nothing is deleted.
+    Manifests are immutable by digest, so parsed ones and image configs are kept in a
+    bounded cache. Tags are not, and asking the registry costs one HEAD per tag (2 s for
+    1,000 tags, bench/api): with `changes` (the registry's events as the auth database
+    records them, Store.manifest_changes) a repository's tags are listed once, then
+    kept current by applying the pushes and deletes recorded since, and listed again
+    in the background once older than REFRESH seconds (what no event tells: a tag
+    removed in storage by appliance-ctl tag delete).
+    """
+
+    CACHE_SIZE = 20000
+    WORKERS = 8
+    REFRESH = 60.0
+
+    def __init__(
+        self,
+        api: RegistryAPI,
+        changes: Callable[[str, int], list[tuple[int, str, str | None, str | None]]] | None = None,
+        last_change: Callable[[], int] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.api = api
+        self.changes, self.last_change, self.clock = changes, last_change, clock
+        self._manifests: dict[str, Manifest] = {}
+        self._configs: dict[str, bytes] = {}
+        self._tags: dict[str, tuple[float, int, dict[str, str]]] = {}
+        self._refreshing: set[str] = set()
+        self._lock = threading.Lock()
+
+    def _tag_map(self, name: str) -> dict[str, str]:
+        """The repository's tags and digests: from the cache kept current by the events,
+        or from the registry (one HEAD per tag)."""
+        if self.changes is None:
+            return self._fetch_tags(name)
+        cached = self._tags.get(name)
+        if cached is None:
+            return self._load_tags(name)
+        listed_at, marker, tags = cached
+        changes = self.changes(name, marker)
+        if changes:
+            tags = dict(tags)
+            for event_id, action, tag, digest in changes:
+                marker = event_id
+                if action == "push" and tag and digest:
+                    tags[tag] = digest
+                elif action == "delete" and digest:
+                    tags = {t: d for t, d in tags.items() if d != digest}
+            self._remember(self._tags, name, (listed_at, marker, tags))
+        if self.clock() - listed_at > self.REFRESH:
+            self._refresh_later(name)
+        return tags
+
+    def _load_tags(self, name: str) -> dict[str, str]:
+        marker = self.last_change() if self.last_change else 0
+        tags = self._fetch_tags(name)
+        with self._lock:
+            self._remember(self._tags, name, (self.clock(), marker, tags))
+        # what was pushed while listing is applied at the next use
+        return tags
+
+    def _refresh_later(self, name: str) -> None:
+        with self._lock:
+            if name in self._refreshing:
+                return
+            self._refreshing.add(name)
+
+        def refresh() -> None:
+            try:
+                self._load_tags(name)
+            except ApplianceError as error:
+                print(f"appliance-auth: tags of {name}: {error}", flush=True)
+            finally:
+                with self._lock:
+                    self._refreshing.discard(name)
+
+        threading.Thread(target=refresh, name=f"tags {name}", daemon=True).start()
+
+    def forget(self, names: Iterable[str]) -> None:
+        """After a delete through this object: list those repositories again."""
+        for name in names:
+            self._tags.pop(name, None)
+
+    def _fetch_tags(self, name: str) -> dict[str, str]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        names = self.api.tags(name)
+        with ThreadPoolExecutor(self.WORKERS) as pool:
+            digests = list(pool.map(lambda tag: self.api.digest(name, tag), names))
+        return {t: d for t, d in zip(names, digests, strict=True) if d is not None}
+
+    def snapshot(self, repositories: Iterable[str] | None = None) -> Content:
+        from concurrent.futures import ThreadPoolExecutor
+
+        names = sorted(self.api.catalog() if repositories is None else set(repositories))
+        with ThreadPoolExecutor(self.WORKERS) as pool:
+            tag_maps = dict(zip(names, pool.map(self._tag_map, names), strict=True))
+            found: dict[str, Repository] = {
+                name: Repository(name, tags=dict(tag_maps[name]))
+                for name in names
+                if tag_maps[name]
+            }
+            wanted: dict[str, str] = {}
+            for name, repository in found.items():
+                for digest in repository.tags.values():
+                    wanted.setdefault(digest, name)
+            manifests: dict[str, Manifest] = {}
+            while wanted:
+                missing = [(d, n) for d, n in wanted.items() if d not in self._manifests]
+                for (digest, _), manifest in zip(
+                    missing,
+                    pool.map(lambda item: self._fetch_manifest(item[1], item[0]), missing),
+                    strict=True,
+                ):
+                    if manifest is not None:
+                        self._remember(self._manifests, digest, manifest)
+                children: dict[str, str] = {}
+                for digest, name in wanted.items():
+                    manifest = self._manifests.get(digest)
+                    if manifest is None:
+                        continue
+                    manifests[digest] = manifest
+                    for child in manifest.children:
+                        if child.digest not in manifests:
+                            children.setdefault(child.digest, name)
+                wanted = children
+        for repository in found.values():
+            repository.revisions.update(reachable(Content(found, manifests, {}), repository))
+            for digest in repository.revisions & manifests.keys():
+                repository.layers.update(b.digest for b in manifests[digest].blobs)
+        blobs = {b.digest: b.size for m in manifests.values() for b in m.blobs}
+        blobs.update({m.digest: m.size for m in manifests.values()})
+        return Content(found, manifests, blobs)
+
+    def _fetch_manifest(self, repository: str, digest: str) -> Manifest | None:
+        response = self.api.manifest(repository, digest)
+        return None if response is None else parse_manifest(digest, response.body)
+
+    def _remember(self, cache: dict, key: str, value: object) -> None:
+        if len(cache) >= self.CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        cache[key] = value
+
+    def repositories(
+        self,
+        path: str | None = None,
+        project_of: Callable[[str], str | None] = lambda name: None,
+        sizes: bool = False,
+    ) -> list[RepositoryRow]:
+        names = None
+        if path is not None:
+            names = [n for n in self.api.catalog() if under(n, path)]
+        return repository_rows(self.snapshot(names), path, project_of, sizes)
+
+    def tags(self, name: str) -> list[TagRow]:
+        check_repository(name)
+        return tag_rows(self.snapshot([name]), _ConfigsOverAPI(self, name), name)
+
+    def delete_tags(self, references: Iterable[tuple[str, str]]) -> TagDeletePlan:
+        references = list(references)
+        plan = plan_tag_delete(self.snapshot({name for name, _ in references}), references)
+        kept = [r for r in plan.removals if r.kept_because]
+        if kept:
+            names = ", ".join(f"{r.repository}:{r.tag}" for r in kept)
+            raise UsageError(
+                f"{names}: its manifest stays ({kept[0].kept_because}) and the registry "
+                f"can only delete a manifest with all its tags; remove the tag on the host "
+                f"with appliance-ctl tag delete {kept[0].repository}:{kept[0].tag}. "
+                f"Nothing was deleted."
+            )
+        try:
+            for deletion in plan.deletions:
+                for digest in (deletion.digest, *deletion.children):
+                    self.api.delete_manifest(deletion.repository, digest)
+        finally:
+            self.forget(name for name, _ in references)
+        return plan
+
+    def delete_repositories(
+        self, names: Iterable[str], say: Callable[[str], None], holder: str = "repo delete"
+    ) -> None:
+        """Every manifest and blob link through the API: the repository then has no tags
+        (and is no longer listed here); its empty directories stay for appliance-ctl."""
+        names = [check_repository(name) for name in names]
+        content = self.snapshot(names)
+        self.forget(names)
+        for plan in [plan_repository_delete(content, name) for name in names]:
+            for digest in plan.manifests:
+                self.api.delete_manifest(plan.name, digest)
+            for digest in plan.blobs:
+                self.api.delete_blob(plan.name, digest)
+            say(
+                f"Deleted repository {plan.name} ({plan.tags} tag"
+                f"{'s' if plan.tags != 1 else ''}, {len(plan.manifests)} manifest"
+                f"{'s' if len(plan.manifests) != 1 else ''})."
+            )
+
+
+class _ConfigsOverAPI:
+    """The one read `tag_rows` makes of storage (an image's config blob), answered by
+    the registry's API for one repository, cached by digest."""
+
+    def __init__(self, content: RegistryContentOverAPI, repository: str) -> None:
+        self.content, self.repository = content, repository
+
+    def read(self, path: str) -> bytes:
+        parts = path.split("/")  # .../blobs/<algorithm>/<xx>/<hex>/data
+        digest = f"{parts[-4]}:{parts[-2]}"
+        cached = self.content._configs.get(digest)
+        if cached is None:
+            data = self.content.api.blob(self.repository, digest)
+            if data is None:
+                raise StorageError(f"the registry has no blob {digest}")
+            self.content._remember(self.content._configs, digest, data)
+            cached = data
+        return cached

@@ -37,9 +37,9 @@ from urllib.parse import parse_qs, urlsplit
 
 from appliance.auth import events as registry_events
 from appliance.auth import metrics, operations
+from appliance.auth.api import AdminAPI
 from appliance.auth.audit import AuditLog
 from appliance.auth.config import AuthConfig
-from appliance.auth.listing import RegistryListing, ServiceContent
 from appliance.auth.names import is_repository_name
 from appliance.auth.permissions import (
     ALL,
@@ -58,7 +58,8 @@ from appliance.auth.tag_rules import ADMIN, PASSED, RANKS
 from appliance.auth.tokens import TokenSigner, TokenVerifier, rfc3339
 from appliance.auth.usage import FiguresFile, current, project_bytes
 from appliance.auth.web.pages import WebPages
-from appliance.registry_api import RegistryAPI
+from appliance.registry_api import RegistryAPI, RegistryAPIError
+from appliance.registry_content import RegistryContentOverAPI
 from appliance.registry_maintenance import STALE, Watch, state
 
 StartResponse = Callable[..., object]
@@ -118,8 +119,38 @@ class TokenService:
         )
         self.maintenance = Watch(config.maintenance_file)
         self._pages: WebPages | None = None
-        self._operations_context: operations.Context | None = None
-        self._listing: RegistryListing | None = None
+        self._operations: operations.Context | None = None
+        self.admin_api = AdminAPI(self, self.operations_context, _basic_credentials)
+
+    def operations_context(self) -> operations.Context:
+        """What the admin API and the pages act through (appliance/auth/operations.py):
+        this service's store and repository decision, and the registry's content through
+        its API (the service's account cannot read the storage). Made on first use, so a
+        worker answering only token requests never builds it."""
+        if self._operations is None:
+            content = None
+            if self.config.registry_address:
+                api = RegistryAPI(
+                    self.config.registry_address, self.signer, timeout=30, subject="appliance-auth"
+                )
+                content = RegistryContentOverAPI(
+                    api, self.store.manifest_changes, self.store.last_event_id
+                )
+
+            def open_content() -> RegistryContentOverAPI:
+                if content is None:
+                    raise RegistryAPIError("the auth service has no registry address configured")
+                return content
+
+            self._operations = operations.Context(
+                store=self.store,
+                decide=self.decide_repository,
+                content=open_content,
+                default_registry_enabled=self.config.default_registry_enabled,
+                usage_figures=self.usage_figures.read,
+                tag_delete_refusal=self.tag_delete_refusal,
+            )
+        return self._operations
 
     # -- WSGI entry point -------------------------------------------------------------
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
@@ -146,40 +177,11 @@ class TokenService:
             )
         if path.startswith("/v2/"):
             return self._tag_rules(environ, start_response)
+        if path.startswith("/api/"):
+            return self.admin_api(environ, start_response)
         if path == "/-/health":
             return self._health(start_response)
-        if path.startswith("/api/"):
-            return self._not_found(start_response)
         return self.pages(environ, start_response)
-
-    @property
-    def operations_context(self) -> operations.Context:
-        """What the pages (and the API) act through: the token service's own repository
-        decision and tag rules, the registry's content through its API, the figures."""
-        if self._operations_context is None:
-            listing = (
-                RegistryListing(self.store, lambda gate=self.tag_gate: gate.registry)
-                if self.tag_gate.registry is not None
-                else None
-            )
-            self._listing = listing
-
-            def content() -> ServiceContent:
-                if listing is None:
-                    raise operations.Conflict(
-                        "This auth service reaches no registry (registry.enable is false)."
-                    )
-                return ServiceContent(listing, self.usage_figures.read)
-
-            self._operations_context = operations.Context(
-                store=self.store,
-                decide=self.decide_repository,
-                content=content,
-                default_registry_enabled=self.config.default_registry_enabled,
-                usage_figures=self.usage_figures.read,
-                tag_delete_refusal=self.tag_delete_refusal,
-            )
-        return self._operations_context
 
     def tag_delete_refusal(self, principal: Principal, repository: str, tag: str | None) -> str:
         """Why the tag rules refuse deleting `tag` (None: every tag of the repository)
@@ -222,8 +224,7 @@ class TokenService:
                 urlsplit(self.config.realm).netloc,
                 self.usage_figures,
                 self.gc_figures,
-                self.operations_context,
-                lambda: self._listing,
+                self.operations_context(),
             )
         return self._pages
 

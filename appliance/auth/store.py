@@ -996,30 +996,6 @@ class Store:
             raise
         return new
 
-    def tag_pushes(self, repository: str) -> dict[str, tuple[str, float, str | None]]:
-        """tag -> (digest, pushed at, pushed by) of each tag's newest push event in the
-        kept history of `repository`."""
-        rows = self._all(
-            "SELECT tag, digest, at, actor FROM registry_events WHERE repository = ?"
-            " AND action = 'push' AND tag IS NOT NULL AND digest IS NOT NULL ORDER BY id",
-            (repository,),
-        )
-        return {tag: (digest, at, actor) for tag, digest, at, actor in rows}
-
-    def last_pulls(
-        self, repository: str, ignore: tuple[str, ...] = ("appliance-auth", "appliance-ctl")
-    ) -> dict[str, float]:
-        """digest -> when a client last pulled it from `repository` (by tag or digest);
-        the appliance's own reads (the pages reading a manifest, a check) do not count."""
-        marks = ", ".join("?" * len(ignore))
-        rows = self._all(
-            "SELECT digest, MAX(at) FROM registry_events WHERE repository = ?"
-            " AND action = 'pull' AND digest IS NOT NULL"
-            f" AND (actor IS NULL OR actor NOT IN ({marks})) GROUP BY digest",
-            (repository, *ignore),
-        )
-        return dict(rows)
-
     def event_counts(self) -> dict[str, int]:
         rows = self._all("SELECT action, COUNT(*) FROM registry_events GROUP BY action")
         return {action: count for action, count in rows}
@@ -1043,6 +1019,23 @@ class Store:
             (*params, limit),
         )
         return [RegistryEvent(*row) for row in rows]
+
+    def manifest_changes(
+        self, repository: str, after: int
+    ) -> list[tuple[int, str, str | None, str | None]]:
+        """(id, action, tag, digest) of the pushes and deletes recorded for exactly this
+        repository after event row `after`, oldest first: what the admin API applies to
+        the tags it listed before (registry_content.RegistryContentOverAPI)."""
+        rows = self._all(
+            "SELECT id, action, tag, digest FROM registry_events WHERE repository = ?"
+            " AND action IN ('push', 'delete') AND id > ? ORDER BY id",
+            (repository, after),
+        )
+        return [tuple(row) for row in rows]
+
+    def last_event_id(self) -> int:
+        row = self._one("SELECT MAX(id) FROM registry_events")
+        return int(row[0] or 0) if row else 0
 
     def tag_events(self, repository: str) -> list[RegistryEvent]:
         """Every push and pull kept for exactly this repository, oldest first (what

@@ -11,6 +11,7 @@ axe-core (from npm, installed by ./bootstrap) for accessibility violations.
 
 from __future__ import annotations
 
+import base64
 import http.server
 import json
 import ssl
@@ -352,6 +353,15 @@ def test_reporter_sees_no_delete_control_and_may_not_delete(appliance, rep, push
             "Content-Type": "application/x-www-form-urlencoded",
             "Origin": rep.base,
         },
+    )
+    assert status == 403 and "You may not delete team/app/web" in body
+    # The same request through the admin API: the same operation, the same 403.
+    basic = base64.b64encode(f"rep:{PASSWORDS['rep']}".encode()).decode()
+    status, _, body = http_request(
+        appliance,
+        "DELETE",
+        "/api/v1/repositories/team%2Fapp%2Fweb/tags/multi",
+        headers={"Authorization": f"Basic {basic}"},
     )
     assert status == 403 and "You may not delete team/app/web" in body
     assert "multi" in pushed["client"].list_tags("team/app/web")

@@ -82,6 +82,9 @@ def test_default_config_passes_nginx_t_and_proxies_registry_and_auth(tmp_path):
     assert "location /v2/ {\nproxy_pass http://registry;" in tls
     assert "location = /jwt/auth {\nproxy_pass http://auth;" in tls
     assert "location = /-/health {\nproxy_pass http://auth;" in tls
+    # the admin API, the web pages and their static files (issue 16)
+    for path in ("/api/", "/static/", "/"):
+        assert f"location {path} {{\nproxy_pass http://auth;" in tls
     assert "listen *:80;" in http
     assert "return 301 https://localhost:5050$request_uri;" in http
     assert f"root {tmp_path}/var/opt/appliance/nginx/acme-webroot;" in http

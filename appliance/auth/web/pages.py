@@ -28,7 +28,6 @@ from markupsafe import Markup
 
 from appliance.auth import operations
 from appliance.auth.audit import AuditLog
-from appliance.auth.listing import RegistryListing
 from appliance.auth.permissions import (
     DELETE,
     PERSONAL_TOKEN_SCOPES,
@@ -181,10 +180,8 @@ class WebPages:
         usage_figures: FiguresFile,
         gc_figures: FiguresFile,
         context: operations.Context,
-        listing: Callable[[], RegistryListing | None] = lambda: None,
     ) -> None:
         self.context = context
-        self._listing = listing
         self.store, self.authenticator, self.audit = store, authenticator, audit
         self.client_address = client_address
         self.registry_host = registry_host
@@ -606,15 +603,12 @@ class WebPages:
 
     def tag_page(self, request: Request, repository: str, tag: str) -> Response:
         row = self.act(operations.get_tag, request, repository, tag)
-        listing = self._listing()
-        facts = listing.facts(repository, row.digest) if listing is not None else None
         return self.render(
             request,
             "tag.html",
             repository=repository,
             project_path=self.store.project_path_of(repository),
             row=row,
-            children=facts.children if facts else (),
             may_delete=self._may_delete(request, repository),
             host=self.registry_host,
         )

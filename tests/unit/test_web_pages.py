@@ -260,3 +260,31 @@ def test_admin_creates_a_user_and_resets_a_password(service) -> None:
     )
     assert page.status == 303
     assert WebClient(service).sign_in("dave", "dave new pw 2").status == 303
+
+
+def test_gc_page_shows_the_collections_and_the_janitors_last_run(service) -> None:
+    data = service.config.gc_stats_file.parent
+    data.mkdir(parents=True, exist_ok=True)
+    service.config.gc_stats_file.write_text(
+        json.dumps(
+            {
+                "runs": 2,
+                "freed_bytes_total": 3 * 1024**2,
+                "freed_blobs_total": 7,
+                "last": {"started": 100, "finished": 160, "freed_bytes": 1024, "freed_blobs": 1},
+            }
+        )
+    )
+    (data / "janitor.json").write_text(
+        json.dumps(
+            {
+                "last": {"started": 100, "finished": 170, "deleted_tags": 4, "result": "ok"},
+                "next": 86400,
+            }
+        )
+    )
+    page = signed_in(service, "root").get("/admin/gc")
+    assert page.status == 200
+    assert "2 collections so far, 3 MiB freed in 7 blobs" in page.text
+    assert "<td>4</td>" in page.text and "1970-01-02 00:00 UTC" in page.text
+    assert signed_in(service, "alice").get("/admin/gc").status == 403

@@ -46,6 +46,7 @@ from appliance.auth.usage import (
     project_bytes,
     project_history,
     read_history,
+    read_json,
 )
 from appliance.auth.web import sessions
 from appliance.auth.web.chart import usage_chart
@@ -823,7 +824,16 @@ class WebPages:
 
     def admin_gc_page(self, request: Request) -> Response:
         self.act(operations.list_users, request)  # administrators only
-        return self.render(request, "admin_gc.html", stats=self.gc_figures.read())
+        # The janitor (retention policies, then a collection) keeps its last run beside
+        # the collection's figures, in the same data directory (settings.paths).
+        janitor = read_json(self.gc_figures.path.with_name("janitor.json")) or {}
+        return self.render(
+            request,
+            "admin_gc.html",
+            stats=self.gc_figures.read(),
+            janitor_last=janitor.get("last") if isinstance(janitor.get("last"), dict) else None,
+            janitor_next=janitor.get("next"),
+        )
 
     def admin_projects_page(self, request: Request, error: str = "") -> Response:
         self.act(operations.list_users, request)  # administrators only

@@ -63,6 +63,8 @@ from appliance.registry_content import RegistryContentOverAPI
 from appliance.registry_maintenance import STALE, Watch, state
 
 StartResponse = Callable[..., object]
+OWN_SUBJECTS = frozenset({"appliance-auth", "appliance-ctl"})
+"""Token subjects of the appliance's own registry requests (RegistryAPI's)."""
 MAX_FORM_BYTES = 64 * 1024
 MAX_EVENTS_BYTES = 1024 * 1024
 REFUSAL_STATUS = 401
@@ -298,7 +300,14 @@ class TokenService:
             envelope = registry_events.parse(environ["wsgi.input"].read(length))
         except registry_events.BadEnvelope as error:
             return _respond(start_response, 400, _error_body(str(error), "invalid_request"))
-        self.store.record_events(envelope.manifests)
+        # The appliance's own reads (the pages' and the API's listings, appliance-ctl
+        # check) are not pulls: recorded, they would show as "last pulled" and keep a
+        # tag under a retention policy's --pulled-within forever.
+        self.store.record_events(
+            e
+            for e in envelope.manifests
+            if not (e.action == "pull" and e.actor in OWN_SUBJECTS)
+        )
         if envelope.pushed_blobs:
             self.store.add_pending_usage(
                 (

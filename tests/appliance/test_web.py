@@ -297,6 +297,8 @@ def test_browse_to_a_tag_and_copy_the_pull_command(appliance, maint, pushed) -> 
     assert pushed["v2"][:19] in rows["v2"] and "linux/amd64" in rows["v2"]
     assert "by root" in rows["v2"]
     assert "linux/amd64, linux/arm64" in rows["multi"]
+    # No client pulled multi: the pages' own reads of it are not pulls.
+    assert "never" in rows["multi"]
     maint.check("tags")
     maint.click_link("v2")
     field = maint.driver.find_element("id", "pull-command")

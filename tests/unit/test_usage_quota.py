@@ -359,3 +359,12 @@ def test_metrics_are_served_on_the_internal_listener_only(service):
     status, body = get(True)
     assert status == 200 and b"appliance_storage_bytes_total 0" in body
     assert get(False)[0] == 404
+
+
+def test_the_appliances_own_reads_are_not_recorded_as_pulls(service):
+    own = event("pull", MANIFEST, digest="sha256:dd", size=30)
+    own["actor"] = {"name": "appliance-auth"}  # the pages' and the API's listings
+    own["id"] = "own"
+    client = event("pull", MANIFEST, digest="sha256:ee", size=30, tag="v1")
+    assert post_events(service, envelope(own, client)) == 204
+    assert [(e.actor, e.digest) for e in service.store.history()] == [("alice", "sha256:ee")]

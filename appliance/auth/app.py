@@ -304,9 +304,7 @@ class TokenService:
         # check) are not pulls: recorded, they would show as "last pulled" and keep a
         # tag under a retention policy's --pulled-within forever.
         self.store.record_events(
-            e
-            for e in envelope.manifests
-            if not (e.action == "pull" and e.actor in OWN_SUBJECTS)
+            e for e in envelope.manifests if not (e.action == "pull" and e.actor in OWN_SUBJECTS)
         )
         if envelope.pushed_blobs:
             self.store.add_pending_usage(

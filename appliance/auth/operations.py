@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from appliance import retention
-from appliance.auth import names
+from appliance.auth import names, tag_rules
 from appliance.auth.permissions import (
     API,
     DELETE,
@@ -447,8 +447,10 @@ def delete_tag(ctx: Context, principal: Principal, repository: str, tag: str) ->
     _need(ctx, principal, name, DELETE)
     content = ctx.content()
     try:
-        if tag not in {row.tag for row in content.tags(name)}:
+        rows = {row.tag: row for row in content.tags(name)}
+        if tag not in rows:
             raise NotFound(f"Repository {name} has no tag {tag}.")
+        _check_tag_rules(ctx, principal, name, {tag: rows[tag].digest})
         plan = content.delete_tags([(name, tag)])
     except UsageError as error:
         raise Conflict(str(error)) from None
@@ -464,12 +466,38 @@ def delete_repository(ctx: Context, principal: Principal, repository: str) -> li
     content = ctx.content()
     if not any(row.name == name for row in content.repositories(name)):
         raise NotFound(f"There is no repository {name} in the registry.")
+    _check_tag_rules(ctx, principal, name, {row.tag: row.digest for row in content.tags(name)})
     lines: list[str] = []
     try:
         content.delete_repositories([name], lines.append, holder="api repository delete")
     except UsageError as error:
         raise Conflict(str(error)) from None
     return lines
+
+
+def _check_tag_rules(ctx: Context, principal: Principal, name: str, tags: dict[str, str]) -> None:
+    """The project's immutable and protected tags hold here as in front of the registry
+    (appliance/auth/tag_gate.py, which the API's deletes do not pass: they go to the
+    registry's own address): Forbidden with the rule's sentence."""
+    access = ctx.store.project_access(
+        name, principal.user_id, principal.name, ctx.default_registry_enabled
+    )
+    if access is None or access.project_id is None:
+        return
+    rules = ctx.store.tag_rules(access.project_id)
+    if not rules:
+        return
+    rank = (
+        tag_rules.RANKS[tag_rules.ADMIN]
+        if principal.admin
+        else (tag_rules.RANKS.get(access.role or "", -1))
+    )
+    for tag, digest in sorted(tags.items()):
+        verdict = tag_rules.decide_delete(rules, name, tag, rank, {tag: (digest,)})
+        if not verdict.allowed:
+            raise Forbidden(
+                f"{verdict.message[0].upper()}{verdict.message[1:]}; nothing was deleted."
+            )
 
 
 # ---------------------------------------------------------------- personal access tokens

@@ -503,7 +503,7 @@ def _check_tag_rules(ctx: Context, principal: Principal, name: str, tags: dict[s
 # ---------------------------------------------------------------- personal access tokens
 
 
-def _state(revoked: bool, usable: bool) -> str:
+def token_state(revoked: bool, usable: bool) -> str:
     return "revoked" if revoked else ("active" if usable else "expired")
 
 
@@ -517,23 +517,24 @@ def list_tokens(ctx: Context, principal: Principal) -> list[TokenView]:
             tuple(sorted(t.scopes)),
             t.expires_at,
             t.created_at,
-            _state(t.revoked, t.usable(now)),
+            token_state(t.revoked, t.usable(now)),
         )
         for t in ctx.store.list_personal_access_tokens(principal.name)
     ]
 
 
-def parse_expiry(text: str | None, now: float) -> int | None:
-    """'2030-12-31' -> the end of that day (UTC) as a timestamp; None: never expires."""
+def parse_expiry(text: str | None, now: float, option: str = "expires") -> int | None:
+    """'2030-12-31' -> the end of that day (UTC) as a timestamp; None: never expires.
+    `option` names the input in the sentence (appliance-ctl passes '--expires')."""
     if not text:
         return None
     try:
         day = dt.date.fromisoformat(str(text))
     except ValueError:
-        raise Invalid(f"expires_at '{text}' is not a date like 2030-12-31.") from None
+        raise Invalid(f"{option} '{text}' is not a date like 2030-12-31.") from None
     end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
     if end.timestamp() <= now:
-        raise Invalid(f"expires_at {text} is in the past; give a later day.")
+        raise Invalid(f"{option} {text} is in the past.")
     return int(end.timestamp())
 
 
@@ -608,7 +609,7 @@ def list_deploy_tokens(ctx: Context, principal: Principal, path: str) -> list[To
             tuple(sorted(t.scopes)),
             t.expires_at,
             t.created_at,
-            _state(t.revoked, t.usable(now)),
+            token_state(t.revoked, t.usable(now)),
             username=t.username,
         )
         for t in ctx.store.list_deploy_tokens(project.path)

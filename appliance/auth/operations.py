@@ -273,25 +273,14 @@ def _require_admin(principal: Principal) -> None:
 
 
 def _role(ctx: Context, principal: Principal, project: Project) -> str | None:
-    if principal.user_id is None:
-        return None
-    for member in ctx.store.list_members(project.path):
-        if member.username == principal.name:
-            return member.role
-    return None
+    return _roles(ctx, principal).get(project.path)
 
 
 def _roles(ctx: Context, principal: Principal) -> dict[str, str]:
-    """Every project path where the principal is a member, with its role (one query per
-    project is what list_members offers; the number of projects is small)."""
-    roles: dict[str, str] = {}
+    """Every project path where the principal is a member, with its role."""
     if principal.user_id is None:
-        return roles
-    for project in ctx.store.list_projects():
-        for member in ctx.store.list_members(project.path):
-            if member.username == principal.name:
-                roles[project.path] = member.role
-    return roles
+        return {}
+    return ctx.store.roles_of(principal.user_id)
 
 
 def _sees(principal: Principal, project: Project, role: str | None) -> bool:

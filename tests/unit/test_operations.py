@@ -12,7 +12,7 @@ from appliance.auth import credentials, tag_rules
 from appliance.auth import operations as ops
 from appliance.auth.app import TokenService
 from appliance.auth.permissions import Principal
-from appliance.auth.store import Store
+from appliance.auth.store import InvalidValueError, Store
 from appliance.registry_content import RegistryContent
 from appliance.registry_storage import FilesystemStorage, read_content
 from tests.support.auth_requests import use_cheap_hasher
@@ -183,3 +183,13 @@ def test_immutable_and_protected_tags_hold_for_the_api_deletes_too(world) -> Non
     with pytest.raises(ops.Forbidden, match="only the owner role or above may delete it"):
         ops.delete_tag(ctx, principal("alice"), "team/app", "v2")
     assert ops.delete_tag(ctx, principal("root"), "team/app", "v2")
+
+
+def test_the_api_scope_is_for_personal_access_tokens_only(world, capsys) -> None:
+    ctx, principal, _ = world
+    with pytest.raises(ops.Invalid, match="'api' is not a valid token scope"):
+        ops.create_deploy_token(ctx, principal("alice"), "team/app", "robot", ["api"])
+    with pytest.raises(InvalidValueError, match="'api' is not a valid token scope"):
+        ctx.store.create_deploy_token("team/app", "robot", ["api"], None)
+    token, _ = ctx.store.create_personal_access_token("bob", "ci", ["api"], None)
+    assert token.scopes == frozenset({"api"})

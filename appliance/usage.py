@@ -24,7 +24,7 @@ from pathlib import Path
 from appliance.auth.names import owning_project
 from appliance.auth.sizes import format_size
 from appliance.auth.store import project_quotas
-from appliance.auth.usage import read_json
+from appliance.auth.usage import appended_history, history_file, read_history, read_json
 from appliance.registry_storage import Content, Storage, read_content, usage
 from appliance.resources import atomic_write
 from appliance.settings import Settings
@@ -87,8 +87,12 @@ def refresh(settings: Settings, storage: Storage) -> dict:
 
 
 def write(path: Path, figures: dict) -> None:
-    """Atomically, mode 0644: the auth service's account reads it."""
+    """Atomically, mode 0644: the auth service's account reads it. Each computation is
+    also added to the usage history beside it (the web interface's chart over time)."""
     atomic_write(path, (json.dumps(figures, indent=1, sort_keys=True) + "\n").encode(), 0o644)
+    history = history_file(path)
+    entries = appended_history(read_history(history), figures)
+    atomic_write(history, (json.dumps(entries, separators=(",", ":")) + "\n").encode(), 0o644)
 
 
 def cached(settings: Settings) -> dict | None:

@@ -33,7 +33,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterable
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from appliance.auth import events as registry_events
 from appliance.auth import metrics, operations
@@ -54,9 +54,10 @@ from appliance.auth.permissions import (
 from appliance.auth.signin import ANONYMOUS, Authenticator, SignedIn, SignInRefused
 from appliance.auth.store import Store
 from appliance.auth.tag_gate import MANIFEST_PATH, TagGate
-from appliance.auth.tag_rules import PASSED
+from appliance.auth.tag_rules import ADMIN, PASSED, RANKS
 from appliance.auth.tokens import TokenSigner, TokenVerifier, rfc3339
 from appliance.auth.usage import FiguresFile, current, project_bytes
+from appliance.auth.web.pages import WebPages
 from appliance.registry_api import RegistryAPI, RegistryAPIError
 from appliance.registry_content import RegistryContentOverAPI
 from appliance.registry_maintenance import STALE, Watch, state
@@ -117,6 +118,7 @@ class TokenService:
             config.default_registry_enabled,
         )
         self.maintenance = Watch(config.maintenance_file)
+        self._pages: WebPages | None = None
         self._operations: operations.Context | None = None
         self.admin_api = AdminAPI(self, self.operations_context, _basic_credentials)
 
@@ -146,6 +148,7 @@ class TokenService:
                 content=open_content,
                 default_registry_enabled=self.config.default_registry_enabled,
                 usage_figures=self.usage_figures.read,
+                tag_delete_refusal=self.tag_delete_refusal,
             )
         return self._operations
 
@@ -178,7 +181,52 @@ class TokenService:
             return self.admin_api(environ, start_response)
         if path == "/-/health":
             return self._health(start_response)
-        return self._not_found(start_response)
+        return self.pages(environ, start_response)
+
+    def tag_delete_refusal(self, principal: Principal, repository: str, tag: str | None) -> str:
+        """Why the tag rules refuse deleting `tag` (None: every tag of the repository)
+        for `principal`; '' when they allow it. The same verdict the tag gate gives a
+        client's manifest DELETE: by digest, so a manifest an immutable or protected tag
+        points at is refused whichever tag names it."""
+        registry = self.tag_gate.registry
+        if registry is None:
+            return ""
+        access = self.store.project_access(
+            repository,
+            principal.user_id,
+            principal.name if principal.user_id else None,
+            self.config.default_registry_enabled,
+        )
+        if principal.admin:
+            rank = RANKS[ADMIN]
+        else:
+            rank = RANKS.get((access.role if access else None) or "", -1)
+        tags = [tag] if tag is not None else registry.tags(repository)
+        for name in tags:
+            digest = registry.digest(repository, name)
+            if digest is None:
+                continue
+            verdict = self.tag_gate.check_delete(repository, digest, rank)
+            if not verdict.allowed:
+                return verdict.message
+        return ""
+
+    @property
+    def pages(self) -> WebPages:
+        """The web interface (appliance/auth/web), made on its first request: a token
+        request never pays for loading the templates."""
+        if self._pages is None:
+            self._pages = WebPages(
+                self.store,
+                self.authenticator,
+                self.audit,
+                self.client_address,
+                urlsplit(self.config.realm).netloc,
+                self.usage_figures,
+                self.gc_figures,
+                self.operations_context(),
+            )
+        return self._pages
 
     def _not_found(self, start_response: StartResponse) -> Iterable[bytes]:
         return _respond(start_response, 404, _error_body("Not found.", "invalid_request"))

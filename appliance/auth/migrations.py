@@ -132,4 +132,23 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at INTEGER NOT NULL
     );
     """,
+    # 5 (the web interface; put last at a merge, whatever its number then): sessions of
+    # the pages, each bound to the user's credentials_version (a password change, block
+    # or unblock ends it) and carrying its CSRF token and the notice the next page shows;
+    # a user's display name and a project's description, free text the pages show.
+    """
+    CREATE TABLE web_sessions (
+        token_digest TEXT PRIMARY KEY,
+        user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        credentials_version INTEGER NOT NULL,
+        csrf_token TEXT NOT NULL,
+        notice TEXT,
+        created_at INTEGER NOT NULL,
+        seen_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL
+    );
+    CREATE INDEX web_sessions_user ON web_sessions (user_id);
+    ALTER TABLE users ADD COLUMN display_name TEXT NOT NULL DEFAULT '';
+    ALTER TABLE projects ADD COLUMN description TEXT NOT NULL DEFAULT '';
+    """,
 )

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from appliance import retention
-from appliance.auth import names, tag_rules
+from appliance.auth import names
 from appliance.auth.permissions import (
     API,
     DELETE,
@@ -120,6 +120,10 @@ class Context:
     hash_password: Callable[[str], str] | None = None
     clock: Callable[[], float] = time.time
     default_retention: retention.Policy | None = None
+    tag_delete_refusal: Callable[[Principal, str, str | None], str] | None = None
+    """The tag rules' refusal of deleting a tag (None: every tag of the repository) for
+    this principal ('' when allowed): TokenService.tag_delete_refusal, the decision a
+    client's manifest DELETE gets from the tag gate in front of the registry."""
 
 
 # ---------------------------------------------------------------- views (what callers render)
@@ -436,14 +440,23 @@ def delete_tag(ctx: Context, principal: Principal, repository: str, tag: str) ->
     _need(ctx, principal, name, DELETE)
     content = ctx.content()
     try:
-        rows = {row.tag: row for row in content.tags(name)}
-        if tag not in rows:
+        if tag not in {row.tag for row in content.tags(name)}:
             raise NotFound(f"Repository {name} has no tag {tag}.")
-        _check_tag_rules(ctx, principal, name, {tag: rows[tag].digest})
+        _tag_rules(ctx, principal, name, tag)
         plan = content.delete_tags([(name, tag)])
     except UsageError as error:
         raise Conflict(str(error)) from None
     return plan.lines()
+
+
+def _tag_rules(ctx: Context, principal: Principal, repository: str, tag: str | None) -> None:
+    """An immutable tag, or one protected above the principal's role, is not deleted
+    here either (nor is a manifest such a tag points at)."""
+    if ctx.tag_delete_refusal is None:
+        return
+    refusal = ctx.tag_delete_refusal(principal, repository, tag)
+    if refusal:
+        raise Forbidden(refusal[0].upper() + refusal[1:] + ".")
 
 
 def delete_repository(ctx: Context, principal: Principal, repository: str) -> list[str]:
@@ -455,38 +468,13 @@ def delete_repository(ctx: Context, principal: Principal, repository: str) -> li
     content = ctx.content()
     if not any(row.name == name for row in content.repositories(name)):
         raise NotFound(f"There is no repository {name} in the registry.")
-    _check_tag_rules(ctx, principal, name, {row.tag: row.digest for row in content.tags(name)})
+    _tag_rules(ctx, principal, name, None)
     lines: list[str] = []
     try:
         content.delete_repositories([name], lines.append, holder="api repository delete")
     except UsageError as error:
         raise Conflict(str(error)) from None
     return lines
-
-
-def _check_tag_rules(ctx: Context, principal: Principal, name: str, tags: dict[str, str]) -> None:
-    """The project's immutable and protected tags hold here as in front of the registry
-    (appliance/auth/tag_gate.py, which the API's deletes do not pass: they go to the
-    registry's own address): Forbidden with the rule's sentence."""
-    access = ctx.store.project_access(
-        name, principal.user_id, principal.name, ctx.default_registry_enabled
-    )
-    if access is None or access.project_id is None:
-        return
-    rules = ctx.store.tag_rules(access.project_id)
-    if not rules:
-        return
-    rank = (
-        tag_rules.RANKS[tag_rules.ADMIN]
-        if principal.admin
-        else (tag_rules.RANKS.get(access.role or "", -1))
-    )
-    for tag, digest in sorted(tags.items()):
-        verdict = tag_rules.decide_delete(rules, name, tag, rank, {tag: (digest,)})
-        if not verdict.allowed:
-            raise Forbidden(
-                f"{verdict.message[0].upper()}{verdict.message[1:]}; nothing was deleted."
-            )
 
 
 # ---------------------------------------------------------------- personal access tokens

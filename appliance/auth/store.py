@@ -140,6 +140,30 @@ other), so a pull-heavy repository never pushes its push history out."""
 
 
 @dataclass(frozen=True)
+class WebSession:
+    """A signed-in page session (appliance/auth/web), read with its user's row."""
+
+    digest: str
+    credentials_version: int
+    csrf_token: str
+    notice: str | None
+    created_at: int
+    seen_at: int
+    expires_at: int
+    user: User
+    display_name: str = ""
+
+    def live(self, now: float) -> bool:
+        """Still signed in: not expired, the user not blocked, and no password change,
+        block or unblock since (each increments credentials_version)."""
+        return (
+            now < self.expires_at
+            and not self.user.blocked
+            and self.credentials_version == self.user.credentials_version
+        )
+
+
+@dataclass(frozen=True)
 class RefreshToken:
     user_id: int | None
     personal_access_token_id: int | None
@@ -835,6 +859,81 @@ class Store:
         )
         return RefreshToken(*row) if row else None
 
+    # -- web sessions ----------------------------------------------------------------
+    def create_web_session(
+        self,
+        digest: str,
+        user: User,
+        csrf_token: str,
+        now: int,
+        expires_at: int,
+        keep: int = 0,
+    ) -> None:
+        """Store a signed-in page session (its secret's digest only), bound to the user's
+        credentials_version; with `keep`, the user's oldest sessions beyond that number
+        are dropped, and expired ones of everybody are forgotten."""
+        self._write(
+            "INSERT INTO web_sessions (token_digest, user_id, credentials_version, csrf_token,"
+            " created_at, seen_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (digest, user.id, user.credentials_version, csrf_token, now, now, expires_at),
+        )
+        self._write("DELETE FROM web_sessions WHERE expires_at < ?", (now,))
+        if keep > 0:
+            self._write(
+                "DELETE FROM web_sessions WHERE user_id = ? AND token_digest NOT IN"
+                " (SELECT token_digest FROM web_sessions WHERE user_id = ?"
+                " ORDER BY created_at DESC, token_digest LIMIT ?)",
+                (user.id, user.id, keep),
+            )
+
+    def find_web_session(self, digest: str) -> WebSession | None:
+        """The session with its user's current row; the caller decides whether it still
+        counts (WebSession.live)."""
+        user_columns = [f"u.{c}" for c in self._USER_COLUMNS.split(", ")]
+        row = self._one(
+            "SELECT s.token_digest, s.credentials_version, s.csrf_token, s.notice,"
+            " s.created_at, s.seen_at, s.expires_at, u.display_name,"
+            f" {', '.join(user_columns)}"
+            " FROM web_sessions s JOIN users u ON u.id = s.user_id WHERE s.token_digest = ?",
+            (digest,),
+        )
+        if row is None:
+            return None
+        return WebSession(*row[:7], user=_user(row[8:]), display_name=row[7])
+
+    def touch_web_session(self, digest: str, seen_at: int, expires_at: int) -> None:
+        self._write(
+            "UPDATE web_sessions SET seen_at = ?, expires_at = ? WHERE token_digest = ?",
+            (seen_at, expires_at, digest),
+        )
+
+    def set_web_session_notice(self, digest: str, notice: str | None) -> None:
+        self._write("UPDATE web_sessions SET notice = ? WHERE token_digest = ?", (notice, digest))
+
+    def delete_web_session(self, digest: str) -> None:
+        self._write("DELETE FROM web_sessions WHERE token_digest = ?", (digest,))
+
+    # -- free text the pages show: display names, descriptions --------------------------
+    def display_names(self) -> dict[str, str]:
+        """username -> display name, for the users that have one."""
+        rows = self._all("SELECT username, display_name FROM users WHERE display_name != ''")
+        return dict(rows)
+
+    def set_display_name(self, username: str, display_name: str) -> None:
+        self._update_user(username, "display_name = ?", (_free_text(display_name, 200),))
+
+    def project_descriptions(self) -> dict[str, str]:
+        """project path -> description, for the projects that have one."""
+        rows = self._all("SELECT path, description FROM projects WHERE description != ''")
+        return dict(rows)
+
+    def set_project_description(self, path: str, description: str) -> None:
+        project = self.project(path)
+        self._write(
+            "UPDATE projects SET description = ? WHERE id = ?",
+            (_free_text(description, 2000), project.id),
+        )
+
     # -- failed sign-ins -------------------------------------------------------------
     def record_failed_signin(self, subjects: Iterable[str], now: int, window: int) -> None:
         """Count one failure for each subject ('user:alice', 'address:10.0.0.1')."""
@@ -1032,6 +1131,17 @@ def _check_choice(what: str, value: str, choices: Iterable[str]) -> None:
         raise InvalidValueError(
             f"'{value}' is not a valid {what}; choose one of: {', '.join(choices)}."
         )
+
+
+def _free_text(text: str, limit: int) -> str:
+    """A display name or description as stored: one bounded piece of text, no control
+    characters (a newline is allowed in a description). The pages escape it."""
+    text = text.strip()
+    if len(text) > limit:
+        raise InvalidValueError(f"The text is {len(text)} characters long; use at most {limit}.")
+    if any(ord(c) < 32 and c not in "\n\r\t" for c in text):
+        raise InvalidValueError("The text holds control characters; remove them.")
+    return text
 
 
 def _scope_text(scopes: Iterable[str], allowed: tuple[str, ...] = TOKEN_SCOPES) -> str:

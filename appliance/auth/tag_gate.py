@@ -115,6 +115,18 @@ class TagGate:
             return PASS
         return Answer(403, verdict.message, "DENIED", user)
 
+    def check_delete(self, repository: str, reference: str, rank: int) -> Verdict:
+        """The tag rules' verdict on deleting `reference` in `repository` for a requester
+        of `rank`, for deletes that do not pass through nginx (the web interface and
+        the API): the same decision as a client's DELETE gets here."""
+        project = self.store.project_access(repository, None, None, self.default_registry_enabled)
+        if project is None or project.project_id is None:
+            return tag_rules.ALLOW
+        rules = self.store.tag_rules(project.project_id)
+        if not rules:
+            return tag_rules.ALLOW
+        return self._delete(rules, repository, reference, rank)
+
     def _rank(
         self, environ: dict, repository: str, method: str, now: float
     ) -> tuple[int, str] | None:

@@ -60,6 +60,53 @@ class FiguresFile:
         return self._data
 
 
+HISTORY_KEPT = 400
+"""Computations kept in the usage history (the chart's points, oldest dropped first)."""
+
+
+def history_file(usage_file: Path) -> Path:
+    """The usage history beside the figures file: one entry per computation."""
+    return Path(usage_file).with_name("registry-usage-history.json")
+
+
+def read_history(path: Path) -> list[dict]:
+    """The recorded computations, oldest first; empty when none was recorded yet."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return []
+    return [entry for entry in data if isinstance(entry, dict)] if isinstance(data, list) else []
+
+
+def history_entry(figures: dict) -> dict:
+    """What the history keeps of one computation: when, and each project's bytes."""
+    return {
+        "at": float(figures.get("computed_at", 0.0)),
+        "projects": {
+            name: int(values.get("bytes", 0))
+            for name, values in (figures.get("projects") or {}).items()
+        },
+    }
+
+
+def appended_history(history: list[dict] | None, figures: dict) -> list[dict]:
+    """The history with this computation added (one entry per computed_at), bounded."""
+    entry = history_entry(figures)
+    kept = [h for h in history or () if isinstance(h, dict) and h.get("at") != entry["at"]]
+    return [*kept, entry][-HISTORY_KEPT:]
+
+
+def project_history(history: list[dict] | None, project: str) -> list[tuple[float, int]]:
+    """(time, bytes) of one project over the recorded computations, oldest first."""
+    points = []
+    for entry in history or ():
+        if not isinstance(entry, dict):
+            continue
+        projects = entry.get("projects") or {}
+        points.append((float(entry.get("at", 0.0)), int(projects.get(project, 0))))
+    return sorted(points)
+
+
 def project_bytes(figures: dict | None, pending: dict[str, int], project: str) -> int:
     """A project's bytes: the computed figure plus what pushes brought since."""
     computed = ((figures or EMPTY).get("projects") or {}).get(project) or {}

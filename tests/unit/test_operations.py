@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.auth import credentials, tag_rules
+from appliance.auth import credentials
 from appliance.auth import operations as ops
 from appliance.auth.app import TokenService
 from appliance.auth.permissions import Principal
@@ -163,26 +163,6 @@ def test_admin_only_and_owner_only_operations(world) -> None:
     project = ops.create_project(ctx, principal("root"), "team/new", "internal")
     assert project.visibility == "internal"
     ops.delete_project(ctx, principal("root"), "team/new")
-
-
-def test_immutable_and_protected_tags_hold_for_the_api_deletes_too(world) -> None:
-    """The API deletes through the registry's own address, past nginx's tag gate: the
-    rules are checked in the operation, with the gate's sentence."""
-    ctx, principal, _ = world
-    ctx.store.set_tag_rules("team/app", tag_rules.IMMUTABLE, tag_rules.parse_immutable(["^v2$"]))
-    with pytest.raises(ops.Forbidden) as refused:
-        ops.delete_tag(ctx, principal("alice"), "team/app", "v2")
-    assert str(refused.value).startswith("Tag v2 is immutable in team/app (rule '^v2$'): its ")
-    assert str(refused.value).endswith("cannot be deleted; nothing was deleted.")
-    with pytest.raises(ops.Forbidden, match="immutable"):  # administrators too
-        ops.delete_repository(ctx, principal("root"), "team/app")
-    ctx.store.set_tag_rules("team/app", tag_rules.IMMUTABLE, [])
-    ctx.store.set_tag_rules(
-        "team/app", tag_rules.PROTECTED, tag_rules.parse_protected(["^v2$=owner"])
-    )
-    with pytest.raises(ops.Forbidden, match="only the owner role or above may delete it"):
-        ops.delete_tag(ctx, principal("alice"), "team/app", "v2")
-    assert ops.delete_tag(ctx, principal("root"), "team/app", "v2")
 
 
 def test_the_api_scope_is_for_personal_access_tokens_only(world, capsys) -> None:

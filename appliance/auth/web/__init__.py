@@ -1,0 +1,1 @@
+"""The web interface of the auth service: pages, sessions, the usage chart."""

@@ -31,6 +31,7 @@ from appliance.auth import credentials, tag_rules
 from appliance.auth.database_files import check_database_files, chown_database_files
 from appliance.auth.migrations import MIGRATIONS
 from appliance.auth.names import path_prefixes, validate_username
+from appliance.auth.operations import parse_expiry, token_state
 from appliance.auth.permissions import PERSONAL_TOKEN_SCOPES, ROLES, TOKEN_SCOPES, VISIBILITIES
 from appliance.auth.sizes import format_size, parse_size
 from appliance.auth.store import Project, Store, schema_version
@@ -347,16 +348,7 @@ def _read_password(args: argparse.Namespace) -> str:
 
 
 def _expires_at(args: argparse.Namespace) -> int | None:
-    if not args.expires:
-        return None
-    try:
-        day = dt.date.fromisoformat(args.expires)
-    except ValueError as error:
-        raise UsageProblem(f"--expires '{args.expires}' is not a date like 2030-12-31.") from error
-    end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
-    if end.timestamp() <= time.time():
-        raise UsageProblem(f"--expires {args.expires} is in the past.")
-    return int(end.timestamp())
+    return parse_expiry(args.expires, time.time(), "--expires")
 
 
 def _when(timestamp: int | None) -> str:
@@ -835,4 +827,4 @@ def _yes(flag: bool) -> str:
 
 
 def _state(revoked: bool, usable: bool) -> str:
-    return "revoked" if revoked else ("active" if usable else "expired")
+    return token_state(revoked, usable)

@@ -277,25 +277,14 @@ def _require_admin(principal: Principal) -> None:
 
 
 def _role(ctx: Context, principal: Principal, project: Project) -> str | None:
-    if principal.user_id is None:
-        return None
-    for member in ctx.store.list_members(project.path):
-        if member.username == principal.name:
-            return member.role
-    return None
+    return _roles(ctx, principal).get(project.path)
 
 
 def _roles(ctx: Context, principal: Principal) -> dict[str, str]:
-    """Every project path where the principal is a member, with its role (one query per
-    project is what list_members offers; the number of projects is small)."""
-    roles: dict[str, str] = {}
+    """Every project path where the principal is a member, with its role."""
     if principal.user_id is None:
-        return roles
-    for project in ctx.store.list_projects():
-        for member in ctx.store.list_members(project.path):
-            if member.username == principal.name:
-                roles[project.path] = member.role
-    return roles
+        return {}
+    return ctx.store.roles_of(principal.user_id)
 
 
 def _sees(principal: Principal, project: Project, role: str | None) -> bool:
@@ -491,7 +480,7 @@ def delete_repository(ctx: Context, principal: Principal, repository: str) -> li
 # ---------------------------------------------------------------- personal access tokens
 
 
-def _state(revoked: bool, usable: bool) -> str:
+def token_state(revoked: bool, usable: bool) -> str:
     return "revoked" if revoked else ("active" if usable else "expired")
 
 
@@ -505,23 +494,24 @@ def list_tokens(ctx: Context, principal: Principal) -> list[TokenView]:
             tuple(sorted(t.scopes)),
             t.expires_at,
             t.created_at,
-            _state(t.revoked, t.usable(now)),
+            token_state(t.revoked, t.usable(now)),
         )
         for t in ctx.store.list_personal_access_tokens(principal.name)
     ]
 
 
-def parse_expiry(text: str | None, now: float) -> int | None:
-    """'2030-12-31' -> the end of that day (UTC) as a timestamp; None: never expires."""
+def parse_expiry(text: str | None, now: float, option: str = "expires") -> int | None:
+    """'2030-12-31' -> the end of that day (UTC) as a timestamp; None: never expires.
+    `option` names the input in the sentence (appliance-ctl passes '--expires')."""
     if not text:
         return None
     try:
         day = dt.date.fromisoformat(str(text))
     except ValueError:
-        raise Invalid(f"expires_at '{text}' is not a date like 2030-12-31.") from None
+        raise Invalid(f"{option} '{text}' is not a date like 2030-12-31.") from None
     end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
     if end.timestamp() <= now:
-        raise Invalid(f"expires_at {text} is in the past; give a later day.")
+        raise Invalid(f"{option} {text} is in the past.")
     return int(end.timestamp())
 
 
@@ -596,7 +586,7 @@ def list_deploy_tokens(ctx: Context, principal: Principal, path: str) -> list[To
             tuple(sorted(t.scopes)),
             t.expires_at,
             t.created_at,
-            _state(t.revoked, t.usable(now)),
+            token_state(t.revoked, t.usable(now)),
             username=t.username,
         )
         for t in ctx.store.list_deploy_tokens(project.path)

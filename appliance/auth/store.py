@@ -643,6 +643,16 @@ class Store:
         if cursor.rowcount == 0:
             raise NotFoundError(f"User '{username}' is not a member of project '{path}'.")
 
+    def roles_of(self, user_id: int) -> dict[str, str]:
+        """Every project path where the user is a member, with its role (one query: the
+        project list of the admin API and the pages)."""
+        rows = self._all(
+            "SELECT p.path, m.role FROM memberships m JOIN projects p ON p.id = m.project_id"
+            " WHERE m.user_id = ?",
+            (user_id,),
+        )
+        return dict(rows)
+
     def list_members(self, path: str) -> list[Member]:
         project = self.project(path)
         rows = self._all(

@@ -192,3 +192,23 @@ def test_an_index_a_shared_digest_and_a_repository_delete(appliance, tmp_path):
         assert not exists(root, "team/app/more", tag)
     status, repositories = api(appliance, "GET", "/api/v1/projects/team%2Fapp/repositories", me)
     assert "team/app/more" not in {r["name"] for r in repositories}
+
+
+def test_an_immutable_tag_is_not_deleted_through_the_api_either(appliance, tmp_path):
+    """The API deletes past nginx's tag gate (on the registry's own address): the gate's
+    verdict is asked all the same, and a maintainer gets its sentence."""
+    root = appliance.skopeo(tmp_path / "root")
+    image = build_image(tmp_path / "image", tag="v1")
+    appliance.ctl("project", "create", "team/rules")
+    appliance.ctl("member", "add", "team/rules", "maint", "maintainer")
+    appliance.ctl("project", "update", "team/rules", "--immutable-tags", "^v")
+    root.push(image, "team/rules/app", "v1")
+    status, error = api(
+        appliance,
+        "DELETE",
+        "/api/v1/repositories/team%2Frules%2Fapp/tags/v1",
+        ("maint", PASSWORDS["maint"]),
+    )
+    assert status == 403, error
+    assert error["message"].startswith("Tag v1 is immutable in team/rules/app (rule '^v')")
+    assert exists(root, "team/rules/app", "v1")

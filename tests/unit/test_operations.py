@@ -12,7 +12,7 @@ from appliance.auth import credentials
 from appliance.auth import operations as ops
 from appliance.auth.app import TokenService
 from appliance.auth.permissions import Principal
-from appliance.auth.store import Store
+from appliance.auth.store import InvalidValueError, Store
 from appliance.registry_content import RegistryContent
 from appliance.registry_storage import FilesystemStorage, read_content
 from tests.support.auth_requests import use_cheap_hasher
@@ -163,3 +163,13 @@ def test_admin_only_and_owner_only_operations(world) -> None:
     project = ops.create_project(ctx, principal("root"), "team/new", "internal")
     assert project.visibility == "internal"
     ops.delete_project(ctx, principal("root"), "team/new")
+
+
+def test_the_api_scope_is_for_personal_access_tokens_only(world, capsys) -> None:
+    ctx, principal, _ = world
+    with pytest.raises(ops.Invalid, match="'api' is not a valid token scope"):
+        ops.create_deploy_token(ctx, principal("alice"), "team/app", "robot", ["api"])
+    with pytest.raises(InvalidValueError, match="'api' is not a valid token scope"):
+        ctx.store.create_deploy_token("team/app", "robot", ["api"], None)
+    token, _ = ctx.store.create_personal_access_token("bob", "ci", ["api"], None)
+    assert token.scopes == frozenset({"api"})

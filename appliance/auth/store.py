@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance.auth.database import Database, PostgresDatabase
 from appliance.auth.database_files import check_database_files
@@ -34,6 +35,9 @@ from appliance.auth.names import path_prefixes, validate_project_path, validate_
 from appliance.auth.permissions import ROLES, TOKEN_SCOPES, VISIBILITIES, ProjectAccess
 from appliance.auth.tag_rules import Reservation, TagRule
 from appliance.errors import AuthError
+
+if TYPE_CHECKING:
+    from appliance.registry_maintenance import Window
 
 
 class NotFoundError(AuthError):
@@ -348,6 +352,16 @@ class Store:
 
     def ping(self) -> None:
         self._one("SELECT 1")
+
+    def shared_maintenance_window(self) -> Window | None:
+        """The maintenance window a run on any node opened (appliance/auth/cluster.py),
+        None when there is none, its run is gone, or the store is SQLite (one host: the
+        marker file says it)."""
+        if not isinstance(self.db_path, PostgresDatabase):
+            return None
+        from appliance.auth.cluster import read_window
+
+        return read_window(self._db())
 
     # -- users -----------------------------------------------------------------------
     _USER_COLUMNS = "id, username, password_hash, admin, blocked, credentials_version, created_at"

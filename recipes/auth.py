@@ -22,6 +22,7 @@ from appliance.auth.database_files import chown_database_files
 from appliance.auth.store import schema_version, user_exists
 from appliance.contracts import Service, signal
 from appliance.engine import Report
+from appliance.pipeline import hold_point
 from appliance.resources import (
     Change,
     Directory,
@@ -78,6 +79,7 @@ class AuthDatabase(Resource):
     def apply(self) -> None:
         from appliance.auth.store import ensure_schema
 
+        hold_point("auth-schema")  # the tests meet two nodes' migrations here
         ensure_schema(self.path)
         _chown_database(self.path, self.owner)
 

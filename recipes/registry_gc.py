@@ -34,7 +34,7 @@ from appliance import registry_gc, registry_maintenance, registry_storage
 from appliance.auth.cluster import SharedWindow
 from appliance.engine import Report
 from appliance.errors import ApplianceError, ServiceError
-from appliance.pipeline import Run, crash_point, reload_service
+from appliance.pipeline import Run, crash_point, hold_point, reload_service
 from appliance.resources import Change, Resource
 from appliance.secrets import Secrets
 from appliance.settings import Settings
@@ -337,19 +337,6 @@ def read_only_window(settings: Settings, reason: str, expected_seconds: float) -
                 f"{failed} The maintenance window could not be closed either: {error}; "
                 f"appliance-ctl reconfigure closes it."
             ) from failed
-
-
-def hold_point(name: str) -> None:
-    """Where the tests hold a run inside its window (APPLIANCE_TEST_HOLD_AT=NAME:FILE:
-    wait while FILE exists, two minutes at most), so a client can meet the window
-    however fast the collection is. Nothing happens otherwise."""
-    wanted = os.environ.get("APPLIANCE_TEST_HOLD_AT", "")
-    point, _, path = wanted.partition(":")
-    if point != name or not path:
-        return
-    deadline = time.monotonic() + 120
-    while os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def _alive(pid: object) -> bool:

@@ -79,6 +79,7 @@ def connect(database: PostgresDatabase) -> Connection:
         )
     except psycopg.Error as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error)
+        reason = str(reason).rstrip(".")
         raise AuthError(
             f"The auth database {database.url} cannot be reached ({reason}); check"
             " auth.database_url, auth.database_password_file and that the server accepts"
@@ -141,7 +142,7 @@ def ensure_schema(database: PostgresDatabase) -> int:
             return len(MIGRATIONS) - version
     except psycopg.Error as error:
         raise AuthError(
-            f"The auth database {database.url} could not be migrated: {error}."
+            f"The auth database {database.url} could not be migrated: {_first_line(error)}."
         ) from error
     finally:
         connection.close()
@@ -153,7 +154,9 @@ def schema_version(database: PostgresDatabase) -> int | None:
     try:
         return _version(connection)
     except psycopg.Error as error:
-        raise AuthError(f"The auth database {database.url} cannot be read: {error}.") from error
+        raise AuthError(
+            f"The auth database {database.url} cannot be read: {_first_line(error)}."
+        ) from error
     finally:
         connection.close()
 
@@ -168,3 +171,8 @@ def query(database: PostgresDatabase, sql: str, params: tuple = ()) -> list[tupl
         return []
     finally:
         connection.close()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__).rstrip(".")

@@ -85,7 +85,7 @@ def start_server(base: Path) -> tuple[PostgresServer, subprocess.Popen]:
         shutil.chown(superuser_password, "nobody", "nogroup")
         data.mkdir(mode=0o700)
         shutil.chown(data, "nobody", "nogroup")
-    subprocess.run(
+    initdb = subprocess.run(
         _as_server_account(
             [
                 str(PG_BIN / "initdb"),
@@ -102,9 +102,11 @@ def start_server(base: Path) -> tuple[PostgresServer, subprocess.Popen]:
                 "--locale=C",
             ]
         ),
-        check=True,
         capture_output=True,
+        text=True,
     )
+    if initdb.returncode != 0:  # e.g. a parent directory `nobody` cannot traverse
+        pytest.fail(f"initdb failed in {data}: {initdb.stderr.strip()[-2000:]}")
     port = free_port()
     log = base / "postgres.log"
     log_handle = open(log, "ab")  # noqa: SIM115 - lives as long as the server

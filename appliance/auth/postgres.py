@@ -50,14 +50,34 @@ and is created beside the schema table, under the migration lock."""
 
 
 class Connection:
-    """A psycopg connection that takes the store's statements (SQLite dialect)."""
+    """A psycopg connection that takes the store's statements (SQLite dialect).
 
-    def __init__(self, raw: psycopg.Connection) -> None:
-        self.raw = raw
+    A connection the server dropped while it sat idle (a restart, a failover, an idle
+    timeout) fails its next statement before running it: that statement is sent once
+    more on a new connection, unless a transaction was open (its earlier statements
+    are gone with the session, so the caller's transaction fails as a whole)."""
+
+    def __init__(self, raw: psycopg.Connection, database: PostgresDatabase | None = None) -> None:
+        self.raw, self.database = raw, database
+        self._in_transaction = False
 
     def execute(self, sql: str, params: tuple | list = ()) -> psycopg.Cursor:
         params = tuple(params)
-        return self.raw.execute(dialect.statement(sql), params if params else None)
+        translated = dialect.statement(sql)
+        word = sql.lstrip()[:8].upper()
+        try:
+            cursor = self.raw.execute(translated, params if params else None)
+        except psycopg.OperationalError:
+            if not self.raw.broken or self._in_transaction or self.database is None:
+                self._in_transaction = False
+                raise
+            self.raw = connect(self.database).raw
+            cursor = self.raw.execute(translated, params if params else None)
+        if word.startswith("BEGIN"):
+            self._in_transaction = True
+        elif word.startswith(("COMMIT", "ROLLBACK")):
+            self._in_transaction = False
+        return cursor
 
     def close(self) -> None:
         self.raw.close()
@@ -85,7 +105,7 @@ def connect(database: PostgresDatabase) -> Connection:
             " auth.database_url, auth.database_password_file and that the server accepts"
             " this host."
         ) from error
-    return Connection(raw)
+    return Connection(raw, database)
 
 
 @contextlib.contextmanager

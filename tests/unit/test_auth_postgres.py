@@ -250,3 +250,20 @@ def test_every_node_refuses_pushes_during_a_window_opened_on_any(
     finally:
         window.close()
     assert call(node_b, query=push, basic=basic).status == 200
+
+
+def test_a_connection_the_server_dropped_is_opened_again(postgres_server, postgres_database):
+    """A server restart or failover ends every idle session: the next request of a
+    worker is served on a new connection instead of failing."""
+    auth_store.ensure_schema(postgres_database)
+    store = auth_store.Store(postgres_database)
+    store.create_project("team/app", "private", True)
+    name = postgres_database.url.rsplit("/", 1)[1]
+    ended = postgres_server.sql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        f" WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+    )
+    assert ended and all(row[0] for row in ended)
+    assert store.project("team/app").path == "team/app"
+    store.create_project("team/other", "private", True)  # a write too
+    assert [p.path for p in store.list_projects()] == ["team/app", "team/other"]

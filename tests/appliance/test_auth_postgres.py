@@ -11,6 +11,7 @@ a garbage collection's window opened on A seen by B's token service.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import ssl
 import subprocess
@@ -139,6 +140,13 @@ def test_what_node_a_made_is_served_by_node_b_with_skopeo(nodes, alice, tmp_path
     )
     # and node A serves the same users from the same database
     node_a.skopeo(tmp_path / "a-alice", "alice", ALICE).push(image, "team/app", "v1")
+    # The registries' events land in the one database: A's history shows B's pushes.
+
+    def pushed_tags() -> set[str]:
+        lines = node_a.ctl("history", "team/app", "--action", "push", "--json").stdout
+        return {json.loads(line)["tag"] for line in lines.splitlines()}
+
+    wait_for(lambda: pushed_tags() >= {"v1", "v2"}, 30, "the pushes in A's history")
 
 
 def test_a_token_revoked_on_a_is_refused_by_b_at_its_next_request(nodes, alice):

@@ -83,30 +83,44 @@ def read_password(path: Path) -> str:
 
 
 def url_problem(url: str) -> str | None:
-    """Why `url` is not a usable `postgresql://user@host:port/db` (a phrase that never
-    repeats the URL, which may hold a password), None when it is."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return "is not a URL postgresql://user@host:port/db (check the host and port)"
-    if parts.scheme not in URL_SCHEMES:
+    """Why `url` is not a usable `postgresql://user@host[:port][,host2[:port]]/db` (a
+    phrase that never repeats the URL, which may hold a password), None when it is.
+    Several hosts are libpq's failover list (with ?target_session_attrs=read-write the
+    node connects to whichever is the primary)."""
+    if any(c.isspace() for c in url) or "#" in url:
+        return "must not hold spaces or a #fragment"
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in URL_SCHEMES:
         return "must start with postgresql://"
-    if parts.password is not None:
+    netloc, _, path = rest.partition("/")
+    path = path.partition("?")[0]
+    userinfo, at, hosts = netloc.rpartition("@")
+    if ":" in userinfo:
         return (
             "must not hold the password (postgresql://user@host:port/db); put it in the file"
             " named by auth.database_password_file"
         )
+    if not at or not unquote(userinfo):
+        return "names no user: postgresql://user@host:port/db"
+    for host in hosts.split(","):
+        problem = _host_problem(host)
+        if problem:
+            return problem
+    if not unquote(path) or "/" in path:
+        return "names no database (or more than one path part): postgresql://user@host:port/db"
+    return None
+
+
+def _host_problem(host: str) -> str | None:
+    try:
+        parts = urlsplit(f"//{host}")
+        port = parts.port
+    except ValueError:
+        return "has a port outside 1-65535 or a malformed host"
     if not parts.hostname:
         return "names no host: postgresql://user@host:port/db"
-    if not parts.username:
-        return "names no user: postgresql://user@host:port/db"
-    if not unquote(parts.path.lstrip("/")) or "/" in parts.path.lstrip("/"):
-        return "names no database (or more than one path part): postgresql://user@host:port/db"
     if port is not None and not 0 < port < 65536:
         return "has a port outside 1-65535"
-    if parts.fragment or any(c.isspace() for c in url):
-        return "must not hold spaces or a #fragment"
     return None
 
 

@@ -267,3 +267,14 @@ def test_a_connection_the_server_dropped_is_opened_again(postgres_server, postgr
     assert store.project("team/app").path == "team/app"
     store.create_project("team/other", "private", True)  # a write too
     assert [p.path for p in store.list_projects()] == ["team/app", "team/other"]
+
+
+def test_a_url_with_several_hosts_connects_to_one_that_answers(postgres_server, postgres_database):
+    """libpq's failover list: the first host is down, the second answers."""
+    from tests.support.appliance import free_port
+
+    user, _, rest = postgres_database.url.partition("@")
+    listed = f"{user}@127.0.0.1:{free_port()},{rest}?target_session_attrs=read-write"
+    assert dialect.url_problem(listed) is None
+    auth_store.ensure_schema(PostgresDatabase(listed, postgres_database.password_file))
+    assert auth_store.schema_version(postgres_database) == len(MIGRATIONS)

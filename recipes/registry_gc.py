@@ -312,16 +312,16 @@ def read_only_window(settings: Settings, reason: str, expected_seconds: float) -
 
 
 def hold_point(name: str) -> None:
-    """Where the tests hold a run inside its window (APPLIANCE_TEST_HOLD_AT=NAME:FILE:
-    wait while FILE exists, two minutes at most), so a client can meet the window
-    however fast the collection is. Nothing happens otherwise."""
-    wanted = os.environ.get("APPLIANCE_TEST_HOLD_AT", "")
-    point, _, path = wanted.partition(":")
-    if point != name or not path:
-        return
-    deadline = time.monotonic() + 120
-    while os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    """Where the tests hold a run inside its window (APPLIANCE_TEST_HOLD_AT=NAME:FILE,
+    several separated by commas: wait while FILE exists, two minutes at most), so a
+    client can meet the window however fast the collection is. Nothing happens otherwise."""
+    for wanted in os.environ.get("APPLIANCE_TEST_HOLD_AT", "").split(","):
+        point, _, path = wanted.partition(":")
+        if point != name or not path:
+            continue
+        deadline = time.monotonic() + 120
+        while os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def _alive(pid: object) -> bool:

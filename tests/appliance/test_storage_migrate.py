@@ -24,6 +24,7 @@ from tests.support.appliance import BIN, ApplianceUnderTest
 from tests.support.oci import build_index, build_layered
 from tests.support.pull_loop import PullLoop
 from tests.support.s3 import s3_client
+from tests.support.skopeo import SkopeoError
 
 V2 = "docker/registry/v2"
 BUCKET = "images"
@@ -157,12 +158,19 @@ def test_migration_to_s3_under_a_pull_loop(state, s3_server):
     config_before = appliance.config_file.read_text()
     images = [*state["pushed"], ("team/app", "multi")]
     # Held after the bulk copy (the registry still read-write): a push there must reach
-    # the new storage through the window's sync.
-    hold = work / "hold-after-copy"
-    hold.touch()
-    env = {**os.environ, "APPLIANCE_TEST_HOLD_AT": f"migrate-copied:{hold}"}
+    # the new storage through the window's sync. Then held inside the window: a push is
+    # refused with the maintenance sentence while the pull loop goes on.
+    after_copy, in_window = work / "hold-after-copy", work / "hold-in-window"
+    after_copy.touch()
+    in_window.touch()
+    env = {
+        **os.environ,
+        "APPLIANCE_TEST_HOLD_AT": f"migrate-copied:{after_copy},migrate-window:{in_window}",
+    }
+    marker = appliance.root / "var/opt/appliance/registry-maintenance.json"
     loop = PullLoop(appliance, images).start()
     late = build_layered(work / "late", "late", [{"late": os.urandom(200_000)}])
+    refused = build_layered(work / "refused", "refused", [{"refused": os.urandom(1000)}])
     try:
         process = subprocess.Popen(
             [
@@ -187,8 +195,17 @@ def test_migration_to_s3_under_a_pull_loop(state, s3_server):
             assert time.monotonic() < deadline and process.poll() is None, "no copy"
             time.sleep(0.2)
         time.sleep(1)  # at the hold by now (the copy is small)
+        assert not marker.exists()
         root.push(late, "team/app", "late")
-        hold.unlink()
+        after_copy.unlink()
+        while not marker.exists():
+            assert time.monotonic() < deadline and process.poll() is None, "no window"
+            time.sleep(0.1)
+        time.sleep(1)  # handed over to read-only, at the hold
+        with pytest.raises(SkopeoError) as caught:
+            root.push(refused, "team/app", "refused")
+        assert "registry is in maintenance (storage migration) until about " in str(caught.value)
+        in_window.unlink()
         reader.join(600)
     finally:
         loop.stop()

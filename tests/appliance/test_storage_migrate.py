@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pwd
 import re
 import subprocess
 import threading
@@ -253,3 +254,36 @@ def test_migration_to_s3_under_a_pull_loop(state, s3_server):
 
     result = appliance.reconfigure()
     assert re.search(r"^reconfigure: 0/\d+ resources updated", result.stdout, re.M), result.stdout
+
+
+def test_and_back_to_a_new_filesystem_directory_the_registry_can_write(state, s3_server):
+    """The bucket of the test before is gone with its moto server: this one starts from
+    a fresh bucket again (the appliance is reconfigured onto it), then migrates to a
+    directory the registry's account must own, file by file."""
+    appliance, work, root = state["appliance"], state["work"], state["root"]
+    s3_client(s3_server).create_bucket(Bucket=BUCKET)
+    section = yaml.safe_load(open(target_file(state, s3_server)).read())
+    appliance.config["registry"]["storage"] = section
+    appliance.write_config()
+    appliance.reconfigure()
+    appliance.wait_listening()
+    image = build_layered(work / "round-trip", "v1", [{"round": os.urandom(150_000)}])
+    root.push(image, "team/back", "v1")
+    directory = appliance.root / "srv/images"
+    target = work / "back.yml"
+    target.write_text(yaml.safe_dump({"filesystem": {"rootdirectory": str(directory)}}))
+    result = appliance.ctl("storage", "migrate", "--to", str(target))
+    assert "rm -rf" not in result.stdout
+    assert "aws s3 rm --recursive s3://images/registry/docker/" in result.stdout
+    assert root.pull("team/back", "v1", work / "back-pulled").manifest_digest == (
+        image.manifest_digest
+    )
+    account = pwd.getpwnam("appliance-registry")
+    owners = {(p.stat().st_uid, p.stat().st_gid) for p in (directory / V2).rglob("*")}
+    assert owners == {(account.pw_uid, account.pw_gid)}
+    again = build_layered(work / "again", "v2", [{"again": os.urandom(1000)}])
+    root.push(again, "team/back", "v2")  # the registry's account writes there
+    assert (directory / V2 / "repositories/team/back/_manifests/tags/v2").is_dir()
+    assert yaml.safe_load(appliance.config_file.read_text())["registry"]["storage"] == {
+        "filesystem": {"rootdirectory": str(directory)}
+    }

@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -56,6 +57,11 @@ class Storage(Protocol):
 
     def walk(self, prefix: str) -> Iterator[tuple[str, int]]:
         """Every file under `prefix` (recursively) with its size."""
+        ...
+
+    def walk_stamped(self, prefix: str) -> Iterator[tuple[str, int, str]]:
+        """The same with a stamp that changes whenever the file's content is written
+        (a storage migration's second pass copies only the files whose stamp changed)."""
         ...
 
     def read(self, path: str) -> bytes: ...
@@ -89,15 +95,26 @@ class FilesystemStorage:
         return f"filesystem {self.root}"
 
     def walk(self, prefix: str) -> Iterator[tuple[str, int]]:
+        for path, size, _ in self.walk_stamped(prefix):
+            yield path, size
+
+    def walk_stamped(self, prefix: str) -> Iterator[tuple[str, int, str]]:
         top = self.root / prefix
+        # Distribution rewrites a link in place, and a file system's clock is coarse
+        # (ms): a file written in the last 2 s gets a stamp that matches nothing, so a
+        # second write within the same tick is never taken for no change.
+        recent = time.time_ns() - 2_000_000_000
         for directory, _, files in os.walk(top):
             for name in files:
                 path = Path(directory) / name
                 try:
-                    size = path.stat().st_size
+                    st = path.stat()
                 except FileNotFoundError:  # removed while walking (an upload finished)
                     continue
-                yield path.relative_to(self.root).as_posix(), size
+                stamp = f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+                if st.st_mtime_ns >= recent:
+                    stamp = f"recent:{time.monotonic_ns()}"
+                yield path.relative_to(self.root).as_posix(), st.st_size, stamp
 
     def read(self, path: str) -> bytes:
         try:
@@ -209,6 +226,10 @@ class S3Storage:
         )
 
     def walk(self, prefix: str) -> Iterator[tuple[str, int]]:
+        for path, size, _ in self.walk_stamped(prefix):
+            yield path, size
+
+    def walk_stamped(self, prefix: str) -> Iterator[tuple[str, int, str]]:
         from botocore.exceptions import BotoCoreError, ClientError
 
         start = len(self.prefix) + 1 if self.prefix else 0
@@ -219,7 +240,8 @@ class S3Storage:
             )
             for page in pages:
                 for item in page.get("Contents", []):
-                    yield item["Key"][start:], int(item["Size"])
+                    stamp = f"{item.get('ETag', '')}:{item.get('LastModified', '')}"
+                    yield item["Key"][start:], int(item["Size"]), stamp
         except (BotoCoreError, ClientError) as error:
             raise self._fail(f"list {key}", error) from error
 

@@ -141,14 +141,18 @@ class Plan:
         return text
 
 
-def plan(source: dict[str, int], target: dict[str, int]) -> Plan:
-    """From two listings (path -> size) of the registry's layout."""
+def plan(
+    source: dict[str, int], target: dict[str, int], unchanged: frozenset[str] = frozenset()
+) -> Plan:
+    """From two listings (path -> size) of the registry's layout; `unchanged` are the
+    repository files whose stamp says they were not written since they were copied."""
     blobs, present, files = {}, {}, {}
     for path, size in sorted(source.items()):
         if not is_copied(path):
             continue
         if not is_blob(path):
-            files[path] = size
+            if path not in unchanged or path not in target:
+                files[path] = size
         elif target.get(path) == size:
             present[path] = size
         else:
@@ -157,8 +161,23 @@ def plan(source: dict[str, int], target: dict[str, int]) -> Plan:
     return Plan(blobs, present, files, extra)
 
 
+def unchanged(before: dict[str, str], now: dict[str, str]) -> frozenset[str]:
+    """The files whose stamp (a listing's: inode and mtime, or ETag and date) is the
+    same in both listings."""
+    return frozenset(path for path, stamp in now.items() if before.get(path) == stamp)
+
+
 def listing(storage: Storage) -> dict[str, int]:
     return {path: size for path, size in storage.walk(V2) if is_copied(path)}
+
+
+def stamped_listing(storage: Storage) -> tuple[dict[str, int], dict[str, str]]:
+    """Sizes and stamps of the files that move with the registry."""
+    sizes, stamps = {}, {}
+    for path, size, stamp in storage.walk_stamped(V2):
+        if is_copied(path):
+            sizes[path], stamps[path] = size, stamp
+    return sizes, stamps
 
 
 def summary_of(files: dict[str, int]) -> str:
@@ -236,6 +255,7 @@ class Copy:
     target: Storage
     target_files: dict[str, int] = field(default_factory=dict)  # the target as we left it
     written: dict[str, bytes] = field(default_factory=dict)  # repository file -> content
+    stamps: dict[str, str] = field(default_factory=dict)  # the source's, when planned
     blobs_copied: int = 0
     bytes_copied: int = 0
     blobs_verified: int = 0
@@ -274,9 +294,18 @@ class Copy:
             )
         self.blobs_verified += len(checked)
 
-    def next_step(self, source_files: dict[str, int]) -> Plan:
-        """What changed on the source since (a second pass, inside the window)."""
-        step = plan(source_files, self.target_files)
+    def first_step(self) -> Plan:
+        """Everything the target lacks (listed now, with the source's stamps kept)."""
+        source_files, self.stamps = stamped_listing(self.source)
+        self.target_files = listing(self.target)
+        return plan(source_files, self.target_files)
+
+    def next_step(self) -> Plan:
+        """What changed on the source since the first step (the second pass, inside the
+        window): blobs the target lacks, files whose stamp changed, files gone."""
+        source_files, stamps = stamped_listing(self.source)
+        step = plan(source_files, self.target_files, unchanged(self.stamps, stamps))
+        self.stamps = stamps
         # A blob the target holds was verified when it was copied (blobs never change).
         return Plan(step.blobs, {}, step.files, step.extra)
 

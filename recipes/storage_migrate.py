@@ -64,9 +64,7 @@ class Migration:
     def plan(self) -> migration.Plan:
         if self.first is None:
             self.copy = migration.Copy(self.source, self.target)
-            target_files = migration.listing(self.target)
-            self.copy.target_files = dict(target_files)
-            self.first = migration.plan(migration.listing(self.source), target_files)
+            self.first = self.copy.first_step()
         return self.first
 
 
@@ -142,7 +140,7 @@ class StorageSwitch(Resource):
             with registry_gc.read_only_window(m.settings, REASON, WINDOW_EXPECTED_SECONDS):
                 registry_gc.hold_point("migrate-window")
                 synced = time.monotonic()
-                m.second = m.copy.next_step(migration.listing(m.source))
+                m.second = m.copy.next_step()
                 m.copy.apply(m.second)
                 m.copy_seconds += time.monotonic() - synced
                 crash_point("migrate-window")
@@ -241,7 +239,8 @@ def run(settings: Settings, target_file: Path, dry_run: bool = False, force: boo
             f"copied to {m.target.description} in {elapsed:.1f} s ({rate:.1f} MiB/s), "
             f"{m.copy.blobs_verified} blob digests verified; read-only window "
             f"{m.window_seconds:.2f} s (pulls went on, pushes were refused; "
-            f"{len(second.blobs)} blobs and {len(second.extra)} removals synced in it)"
+            f"{len(second.blobs)} blobs, {len(second.files)} repository files and "
+            f"{len(second.extra)} removals synced in it)"
         )
 
     def messages(report: Report) -> Iterator[str]:

@@ -6,6 +6,8 @@ integration test's, on a real moto server)."""
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,29 @@ def test_files_the_source_lacks_are_removed_and_uploads_left_alone():
     assert step.extra == [other]
     assert step.files == {TAG: 71}  # a link may change without changing size
     assert "remove 1 files the source does not have" in step.describe()
+
+
+def test_a_second_pass_skips_the_files_whose_stamp_did_not_change():
+    other = f"{V2}/repositories/team/app/_manifests/tags/v2/current/link"
+    source = {blob(A): 10, TAG: 71, other: 71}
+    before = {blob(A): "1:100", TAG: "2:100", other: "3:100"}
+    now = {blob(A): "1:100", TAG: "2:100", other: "3:250"}  # v2 moved to another digest
+    same = migration.unchanged(before, now)
+    assert same == {blob(A), TAG}
+    step = migration.plan(source, source, same)
+    assert step.files == {other: 71} and step.blobs == {}
+    assert migration.plan(source, {blob(A): 10}, same).files == {TAG: 71, other: 71}
+
+
+def test_a_file_written_within_the_clock_tick_is_never_taken_for_unchanged(tmp_path):
+    storage = FilesystemStorage(tmp_path)
+    fill(tmp_path, {TAG: b"sha256:" + A.encode()})
+    first = migration.stamped_listing(storage)[1]
+    assert migration.unchanged(first, migration.stamped_listing(storage)[1]) == frozenset()
+    old = time.time() - 60
+    os.utime(tmp_path / TAG, (old, old))
+    aged = migration.stamped_listing(storage)[1]
+    assert migration.unchanged(aged, migration.stamped_listing(storage)[1]) == {TAG}
 
 
 def test_what_a_non_empty_target_holds_is_summed_up_with_its_repositories():
@@ -187,21 +212,21 @@ def test_a_copy_then_a_second_pass_copies_only_what_changed(tmp_path):
     one, two = blob_of(b"layer one"), blob_of(b"layer two")
     fill(source.root, {one[0]: one[1], TAG: b"sha256:" + A.encode(), UPLOAD: b"partial"})
     copy = migration.Copy(source, target)
-    copy.apply(migration.plan(migration.listing(source), {}))
+    copy.apply(copy.first_step())
     assert target.read(one[0]) == one[1] and target.read(TAG).endswith(A.encode())
     assert not (target.root / UPLOAD).exists()
     assert (copy.blobs_copied, copy.blobs_verified) == (1, 1)
 
     fill(source.root, {two[0]: two[1], TAG: b"sha256:" + B.encode()})  # a push, a new tag
     before = {p: p.read_bytes() for p in source.root.rglob("*") if p.is_file()}
-    step = copy.next_step(migration.listing(source))
+    step = copy.next_step()
     assert list(step.blobs) == [two[0]] and step.present == {}
     copy.apply(step)
     assert target.read(TAG).endswith(B.encode()) and target.read(two[0]) == two[1]
     assert (copy.blobs_copied, copy.blobs_verified) == (2, 2)
     assert {p: p.read_bytes() for p in source.root.rglob("*") if p.is_file()} == before
     (source.root / TAG).unlink()  # a tag deleted before the window
-    step = copy.next_step(migration.listing(source))
+    step = copy.next_step()
     assert step.extra == [TAG]
     copy.apply(step)
     assert not (target.root / TAG).exists()
@@ -212,7 +237,7 @@ def test_a_blob_whose_content_does_not_match_its_name_is_refused(tmp_path):
     fill(source.root, {blob(A): b"not the content of digest aaaa"})
     copy = migration.Copy(source, target)
     with pytest.raises(StorageError, match="do not match their digest even after a second copy"):
-        copy.apply(migration.plan(migration.listing(source), {}))
+        copy.apply(copy.first_step())
 
 
 def test_a_blob_already_on_the_target_but_corrupt_is_copied_again(tmp_path):
@@ -221,7 +246,7 @@ def test_a_blob_already_on_the_target_but_corrupt_is_copied_again(tmp_path):
     fill(source.root, {good[0]: good[1]})
     fill(target.root, {good[0]: b"the l@yer"})  # same size, other bytes
     copy = migration.Copy(source, target)
-    step = migration.plan(migration.listing(source), migration.listing(target))
+    step = copy.first_step()
     assert step.present == {good[0]: len(good[1])}
     copy.apply(step)
     assert target.read(good[0]) == good[1]

@@ -147,6 +147,8 @@ class FilesystemStorage:
                     os.fchmod(handle.fileno(), 0o644)
                     if self.owner is not None:
                         os.fchown(handle.fileno(), *self.owner)
+                    handle.flush()
+                    os.fsync(handle.fileno())  # on disk before appliance.yml names it
                 os.replace(tmp, target)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)

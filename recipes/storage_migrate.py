@@ -57,6 +57,7 @@ class Migration:
     copy: migration.Copy | None = None
     second: migration.Plan | None = None
     copy_seconds: float = 0.0  # copying and verifying, both passes
+    sync_seconds: float = 0.0  # the second pass, inside the window
     window_seconds: float = 0.0
     kept_comments: bool = True
     switched: bool = False
@@ -142,7 +143,8 @@ class StorageSwitch(Resource):
                 synced = time.monotonic()
                 m.second = m.copy.next_step()
                 m.copy.apply(m.second)
-                m.copy_seconds += time.monotonic() - synced
+                m.sync_seconds = time.monotonic() - synced
+                m.copy_seconds += m.sync_seconds
                 crash_point("migrate-window")
                 m.kept_comments = migration.write_config(m.settings.paths.config_file, m.section)
                 m.switched = True
@@ -225,7 +227,7 @@ def run(settings: Settings, target_file: Path, dry_run: bool = False, force: boo
             return f"{name}: failed after {elapsed:.1f} s"
         if dry_run:
             return (
-                f"{name} (dry run): would {m.first.describe()} to {m.target.description}; "
+                f"{name} (dry run) to {m.target.description}: would {m.first.describe()}; "
                 f"nothing was changed"
             )
         if report.failed or m.copy is None:
@@ -240,7 +242,7 @@ def run(settings: Settings, target_file: Path, dry_run: bool = False, force: boo
             f"{m.copy.blobs_verified} blob digests verified; read-only window "
             f"{m.window_seconds:.2f} s (pulls went on, pushes were refused; "
             f"{len(second.blobs)} blobs, {len(second.files)} repository files and "
-            f"{len(second.extra)} removals synced in it)"
+            f"{len(second.extra)} removals synced in it in {m.sync_seconds:.2f} s)"
         )
 
     def messages(report: Report) -> Iterator[str]:

@@ -122,8 +122,8 @@ def test_a_dry_run_prints_the_plan_and_leaves_the_bucket_empty(state, s3_server)
     line = result.stdout.strip().splitlines()[-1]
     blobs = sum(1 for _ in (old_root(appliance) / V2 / "blobs").rglob("data"))
     assert re.match(
-        rf"storage-migrate \(dry run\): would copy {blobs} blobs \([\d.]+ (KiB|MiB)\) and "
-        rf"\d+ repository files to s3 bucket images under /registry; nothing was changed$",
+        rf"storage-migrate \(dry run\) to s3 bucket images under /registry: would copy "
+        rf"{blobs} blobs \([\d.]+ (KiB|MiB)\) and \d+ repository files; nothing was changed$",
         line,
     ), result.stdout
     assert bucket_keys(s3_server) == []
@@ -151,6 +151,44 @@ def test_a_target_that_is_not_empty_is_refused_saying_what_is_there(state, s3_se
     )
     assert appliance.config_file.read_bytes() == before
     assert len(bucket_keys(s3_server)) == 1
+
+
+def test_killed_inside_the_window_nothing_is_switched_and_a_reconfigure_serves_read_write(
+    state, s3_server
+):
+    appliance, work, root = state["appliance"], state["work"], state["root"]
+    s3_client(s3_server).create_bucket(Bucket=BUCKET)
+    before = appliance.config_file.read_bytes()
+    result = subprocess.run(
+        [
+            str(BIN / "appliance-ctl"),
+            "-c",
+            str(appliance.config_file),
+            "storage",
+            "migrate",
+            "--to",
+            target_file(state, s3_server),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "APPLIANCE_TEST_CRASH_AT": "migrate-window"},
+    )
+    assert result.returncode == -9
+    assert appliance.config_file.read_bytes() == before
+    appliance.reconfigure()
+    assert not (appliance.root / "var/opt/appliance/registry-maintenance.json").exists()
+    image = build_layered(work / "after-kill", "after-kill", [{"k": os.urandom(1000)}])
+    root.push(image, "team/app", "after-kill")  # read-write, on the old storage
+    layer = image.layer_digests[0].split(":")[1]
+    assert (old_root(appliance) / V2 / "blobs/sha256" / layer[:2] / layer / "data").exists()
+    # Run again with --force: the blobs the killed run copied are verified, not sent again.
+    result = appliance.ctl(
+        "storage", "migrate", "--to", target_file(state, s3_server), "--dry-run", "--force"
+    )
+    assert re.search(r"would copy 3 blobs .*; \d+ blobs already there", result.stdout), (
+        result.stdout
+    )
 
 
 def test_migration_to_s3_under_a_pull_loop(state, s3_server):

@@ -204,15 +204,23 @@ class S3Storage:
             endpoint = ("https://" if p.get("secure", True) else "http://") + endpoint
         self.bucket = str(p["bucket"])
         self.prefix = str(p.get("rootdirectory") or "").strip("/")
-        self.client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name=str(p.get("region") or "us-east-1"),
-            aws_access_key_id=p.get("accesskey") or None,
-            aws_secret_access_key=p.get("secretkey") or None,
-            verify=not p.get("skipverify", False),
-            config=Config(retries={"max_attempts": 3, "mode": "standard"}),
-        )
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            self.client = boto3.client(
+                "s3",
+                endpoint_url=endpoint,
+                region_name=str(p.get("region") or "us-east-1"),
+                aws_access_key_id=p.get("accesskey") or None,
+                aws_secret_access_key=p.get("secretkey") or None,
+                verify=not p.get("skipverify", False),
+                config=Config(retries={"max_attempts": 3, "mode": "standard"}),
+            )
+        except BotoCoreError as error:  # an access key without its secret key, say
+            raise StorageError(
+                f"cannot use the s3 bucket {self.bucket}: {error}; check registry.storage.s3 "
+                f"(accesskey and secretkey go together)."
+            ) from error
 
     @property
     def description(self) -> str:

@@ -404,6 +404,22 @@ def write_config(path: Path, storage: dict) -> bool:
     return kept
 
 
+def same_place(one: Storage, other: Storage) -> bool:
+    """Two storages that are one place (other credentials or region for the same bucket,
+    another spelling of the same directory): nothing to copy."""
+    from appliance.registry_storage import FilesystemStorage, S3Storage
+
+    if isinstance(one, FilesystemStorage) and isinstance(other, FilesystemStorage):
+        return one.root.resolve() == other.root.resolve()
+    if isinstance(one, S3Storage) and isinstance(other, S3Storage):
+        return (one.bucket, one.prefix, one.client.meta.endpoint_url) == (
+            other.bucket,
+            other.prefix,
+            other.client.meta.endpoint_url,
+        )
+    return False
+
+
 def removal_hint(storage: Storage) -> str:
     """How the admin removes the old data once satisfied (the appliance never does)."""
     from appliance.registry_storage import FilesystemStorage, S3Storage

@@ -204,6 +204,12 @@ def run(settings: Settings, target_file: Path, dry_run: bool = False, force: boo
                 f"{target_file} names the storage the registry already uses; nothing to migrate."
             )
         source, target = open_storages(settings, new)
+        if migration.same_place(source, target):
+            raise ServiceError(
+                f"{target_file} names {target.description}, where the registry's data "
+                f"already is; to change only how it is reached (credentials, region), edit "
+                f"registry.storage in {settings.paths.config_file} and reconfigure."
+            )
         target.check()
         found = migration.listing(target)
         if found and not force:

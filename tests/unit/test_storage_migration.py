@@ -250,3 +250,21 @@ def test_a_blob_already_on_the_target_but_corrupt_is_copied_again(tmp_path):
     assert step.present == {good[0]: len(good[1])}
     copy.apply(step)
     assert target.read(good[0]) == good[1]
+
+
+def test_the_same_directory_or_bucket_under_other_settings_is_the_same_place(tmp_path):
+    from appliance.registry_storage import S3Storage
+
+    assert migration.same_place(
+        FilesystemStorage(tmp_path / "data"), FilesystemStorage(tmp_path / "x/../data")
+    )
+    assert not migration.same_place(
+        FilesystemStorage(tmp_path / "data"), FilesystemStorage(tmp_path / "new")
+    )
+    s3 = {"bucket": "images", "region": "us-east-1", "regionendpoint": "http://127.0.0.1:9"}
+    keys = {"accesskey": "other", "secretkey": "other secret"}
+    assert migration.same_place(S3Storage(s3), S3Storage({**s3, **keys}))
+    with pytest.raises(StorageError, match="accesskey and secretkey go together"):
+        S3Storage({**s3, "accesskey": "only the access key"})
+    assert not migration.same_place(S3Storage(s3), S3Storage({**s3, "rootdirectory": "/r"}))
+    assert not migration.same_place(S3Storage(s3), FilesystemStorage(tmp_path))

@@ -274,6 +274,7 @@ class S3Storage:
             raise self._fail(f"read {self._key(path)}", error) from error
 
     def write(self, path: str, source: BinaryIO) -> None:
+        from boto3.exceptions import Boto3Error
         from boto3.s3.transfer import TransferConfig
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -285,7 +286,7 @@ class S3Storage:
                 self._key(path),
                 Config=TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20),
             )
-        except (BotoCoreError, ClientError) as error:
+        except (BotoCoreError, ClientError, Boto3Error) as error:  # S3UploadFailedError
             raise self._fail(f"write {self._key(path)}", error) from error
 
     def check(self) -> None:

@@ -235,6 +235,11 @@ def test_migration_to_s3_under_a_pull_loop(state, s3_server):
             time.sleep(0.2)
         time.sleep(1)  # at the hold by now (the copy is small)
         assert not marker.exists()
+        # The storage lock: no garbage collection meanwhile (a backup would wait for the
+        # run's reconfigure lock, then copy what appliance.yml names by then).
+        busy = appliance.ctl("gc", check=False)
+        assert busy.returncode != 0
+        assert "the registry's storage is busy (a storage migration, pid " in busy.stderr
         root.push(late, "team/app", "late")
         after_copy.unlink()
         while not marker.exists():

@@ -26,20 +26,13 @@ import yaml
 
 from appliance import settings as settings_module
 from appliance.errors import ConfigError
+from appliance.registry_gc import human
 from appliance.registry_storage import V2, Storage, StorageError
 from appliance.resources import atomic_write
 from appliance.settings import Settings
 
 MIGRATABLE = ("filesystem", "s3")
 WORKERS = 8  # parallel copies and verifications (S3 answers each request in ~ms)
-
-
-def human(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"
 
 
 # ---------------------------------------------------------------- the new section

@@ -148,6 +148,12 @@ def check_positive(value: int) -> str | None:
     return None if value > 0 else "a number greater than 0"
 
 
+def check_renew_before_days(value: int) -> str | None:
+    """A certificate lives 90 days at Let's Encrypt, at most 398 at any public CA; a
+    figure past ten years is a typo (and overflows the date arithmetic)."""
+    return None if 0 < value <= 3650 else "a number of days from 1 to 3650"
+
+
 def check_not_negative(value: int) -> str | None:
     return None if value >= 0 else "a number 0 or greater"
 
@@ -554,7 +560,9 @@ class LetsEncryptSettings:
         [], "Emails Let's Encrypt writes to about expiry.", example=["admin@example.com"]
     )
     key_type: str = setting("ec-p256", "Certificate key type.", check_key_type)
-    renew_before_days: int = setting(30, "Renew this many days before expiry.", check_positive)
+    renew_before_days: int = setting(
+        30, "Renew this many days before expiry.", check_renew_before_days
+    )
     auto_renew: bool = setting(True, "Run the renewer (twice a day, per-host jitter).")
     runs_per_day: int = setting(2, "Renewal checks per day.", check_positive)
 

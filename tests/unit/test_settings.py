@@ -112,6 +112,10 @@ BAD_CONFIGS = {
     ),
     "scalar for a section": ({"nginx": "on"}, ["nginx: expected a mapping of keys, got 'on'"]),
     "zero workers": ({"auth": {"workers": 0}}, ["auth.workers: 0 is not a number greater than 0"]),
+    "renewal a billion days ahead": (
+        {"letsencrypt": {"renew_before_days": 1_000_000_000}},
+        ["letsencrypt.renew_before_days: 1000000000 is not a number of days from 1 to 3650"],
+    ),
     "s3 without bucket and region": (
         {"registry": {"storage": {"s3": {"accesskey": "AKIA"}}}},
         [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 from appliance import settings as settings_module
 from appliance.errors import ApplianceError, ConfigError, UsageError
@@ -197,6 +198,33 @@ def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_retention_run)
 
+    p = sub.add_parser("storage", help="the registry's storage: migrate it to another place")
+    storage_sub = p.add_subparsers(dest="storage_command", metavar="COMMAND", required=True)
+    p = storage_sub.add_parser(
+        "migrate",
+        help="copy the registry's data to another storage while it serves, then switch "
+        "registry.storage (pulls go on; pushes wait for a short read-only window)",
+        description="Copy the registry's data to the storage FILE.yml describes while the "
+        "registry serves, copy the last changes inside a short read-only window (pulls go "
+        "on, pushes are refused with a sentence), verify every blob's digest, switch "
+        "registry.storage in appliance.yml and reconfigure. The old data is left in place.",
+    )
+    p.add_argument(
+        "--to",
+        metavar="FILE.yml",
+        required=True,
+        help="the new registry.storage section, as in appliance.yml (e.g. s3: {bucket: ...})",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print what would be copied, change nothing"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="migrate to a storage that is not empty (it is made a copy of the current one)",
+    )
+    p.set_defaults(handler=cmd_storage_migrate)
+
     if with_auth_commands:
         from appliance import registry_content_cli
         from appliance.auth import cli as auth_cli
@@ -382,11 +410,22 @@ def cmd_rotate_token_key(args: argparse.Namespace, s: settings_module.Settings) 
 
     if args.force and not args.finish:
         raise UsageError("--force goes with --finish (it drops the previous key before its time).")
-    if args.finish:
-        pipeline.execute(s, recipes.finish_token_key_rotation(s, force=args.force))
-    else:
-        pipeline.execute(s, recipes.rotate_token_key(s, resume_external=args.resume_external))
+    with cluster_run_lock(s, "a key rotation"):
+        if args.finish:
+            pipeline.execute(s, recipes.finish_token_key_rotation(s, force=args.force))
+        else:
+            pipeline.execute(s, recipes.rotate_token_key(s, resume_external=args.resume_external))
     return 0
+
+
+def cluster_run_lock(s: settings_module.Settings, what: str) -> AbstractContextManager[None]:
+    """One maintenance run at a time across the nodes of one auth database (PostgreSQL,
+    appliance/auth/cluster.py); on SQLite, nothing beyond this host's own locks."""
+    from pathlib import Path
+
+    from appliance.auth.cluster import run_lock
+
+    return run_lock(s.auth_database if s.auth.enable else Path(), what)
 
 
 def cmd_usage(args: argparse.Namespace, s: settings_module.Settings) -> int:
@@ -463,7 +502,10 @@ def cmd_registry_garbage_collect(args: argparse.Namespace, s: settings_module.Se
     if args.dry_run:
         pipeline.execute(s, run, dry_run=True)
         return 0
-    with storage_lock(s.paths.registry_storage_lock, "a garbage collection"):
+    with (
+        storage_lock(s.paths.registry_storage_lock, "a garbage collection"),
+        cluster_run_lock(s, "a garbage collection"),
+    ):
         pipeline.execute(s, run)
     return 0
 
@@ -479,7 +521,10 @@ def cmd_retention_run(args: argparse.Namespace, s: settings_module.Settings) -> 
     if args.dry_run:
         pipeline.execute(s, run, dry_run=True)
     else:
-        with storage_lock(s.paths.registry_storage_lock, "a retention run"):
+        with (
+            storage_lock(s.paths.registry_storage_lock, "a retention run"),
+            cluster_run_lock(s, "a retention run"),
+        ):
             pipeline.execute(s, run)
     if state.refusals:
         stopped = ", ".join(plan for plan, p in state.plans.items() if p.over_limit)
@@ -487,6 +532,29 @@ def cmd_retention_run(args: argparse.Namespace, s: settings_module.Settings) -> 
             f"--max-delete stopped the policy of {stopped}: nothing was deleted there"
             f"{' (in a real run)' if args.dry_run else ''}."
         )
+    return 0
+
+
+def cmd_storage_migrate(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    """The migration run, then a reconfigure with the new settings, both under the
+    storage lock: no garbage collection, backup or deletion runs meanwhile."""
+    from pathlib import Path
+
+    import recipes
+    from appliance import pipeline
+    from appliance.registry_storage import storage_lock
+
+    run = recipes.storage_migration(s, Path(args.to).absolute(), args.dry_run, args.force)
+    if args.dry_run:
+        pipeline.execute(s, run, dry_run=True)
+        return 0
+    with (
+        storage_lock(s.paths.registry_storage_lock, "a storage migration"),
+        cluster_run_lock(s, "a storage migration"),
+    ):
+        pipeline.execute(s, run)
+        switched = load_settings(args)
+        pipeline.execute(switched, recipes.reconfigure(switched))
     return 0
 
 
@@ -543,6 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "registry-garbage-collect",
         "gc",
         "retention",
+        "storage",
     }
     parser = build_parser(with_auth_commands=command_word(argv) not in core)
     args = parser.parse_args(argv)

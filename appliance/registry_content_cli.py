@@ -148,11 +148,13 @@ def tag_history(
 ) -> dict[str, retention.TagFacts]:
     """Each tag's last push (time, pusher) and last pull, from the registry's events in
     the auth database (the retention policies read the same); none without a database."""
+    from appliance.auth.database import PostgresDatabase
     from appliance.auth.migrations import MIGRATIONS
     from appliance.auth.store import admin_store, schema_version
 
     database = settings.auth_database
-    if not database.exists() or schema_version(database) != len(MIGRATIONS):
+    missing = not isinstance(database, PostgresDatabase) and not database.exists()
+    if missing or schema_version(database) != len(MIGRATIONS):
         return {}
     with admin_store(database) as store:
         events = [

@@ -27,11 +27,13 @@ import fcntl
 import json
 import os
 import shutil
+import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from appliance.errors import ApplianceError
 
@@ -57,31 +59,62 @@ class Storage(Protocol):
         """Every file under `prefix` (recursively) with its size."""
         ...
 
+    def walk_stamped(self, prefix: str) -> Iterator[tuple[str, int, str]]:
+        """The same with a stamp that changes whenever the file's content is written
+        (a storage migration's second pass copies only the files whose stamp changed)."""
+        ...
+
     def read(self, path: str) -> bytes: ...
+
+    def chunks(self, path: str, size: int = 1 << 20) -> Iterator[bytes]:
+        """The file's content a piece at a time (a blob may not fit in memory)."""
+        ...
+
+    def write(self, path: str, source: BinaryIO) -> None:
+        """Store what `source` holds as `path`, whole or not at all (a reader never sees
+        a part: a temporary file renamed, or one S3 PUT / completed multipart upload)."""
+        ...
 
     def delete(self, prefix: str) -> None:
         """Remove `prefix` and everything under it (nothing when it is not there)."""
+        ...
+
+    def check(self) -> None:
+        """Raise StorageError with a sentence when the storage cannot be reached or written."""
         ...
 
 
 @dataclass
 class FilesystemStorage:
     root: Path
+    # (uid, gid) given to what `write` creates: the registry's account must own it.
+    owner: tuple[int, int] | None = None
 
     @property
     def description(self) -> str:
         return f"filesystem {self.root}"
 
     def walk(self, prefix: str) -> Iterator[tuple[str, int]]:
+        for path, size, _ in self.walk_stamped(prefix):
+            yield path, size
+
+    def walk_stamped(self, prefix: str) -> Iterator[tuple[str, int, str]]:
         top = self.root / prefix
+        # Distribution rewrites a link in place, and a file system's clock is coarse
+        # (ms): a file written in the last 2 s gets a stamp that matches nothing, so a
+        # second write within the same tick is never taken for no change.
+        recent = time.time_ns() - 2_000_000_000
         for directory, _, files in os.walk(top):
             for name in files:
                 path = Path(directory) / name
                 try:
-                    size = path.stat().st_size
+                    st = path.stat()
                 except FileNotFoundError:  # removed while walking (an upload finished)
                     continue
-                yield path.relative_to(self.root).as_posix(), size
+                stamp = f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+                if st.st_mtime_ns >= recent:
+                    stamp = f"recent:{time.monotonic_ns()}"
+                yield path.relative_to(self.root).as_posix(), st.st_size, stamp
 
     def read(self, path: str) -> bytes:
         try:
@@ -91,6 +124,60 @@ class FilesystemStorage:
                 f"cannot read {self.root / path}: {error.strerror}; check the registry's "
                 f"storage (run as root, or as the registry's account)."
             ) from error
+
+    def chunks(self, path: str, size: int = 1 << 20) -> Iterator[bytes]:
+        try:
+            with open(self.root / path, "rb") as handle:
+                while piece := handle.read(size):
+                    yield piece
+        except OSError as error:
+            raise StorageError(
+                f"cannot read {self.root / path}: {error.strerror}; check the registry's "
+                f"storage (run as root, or as the registry's account)."
+            ) from error
+
+    def write(self, path: str, source: BinaryIO) -> None:
+        target = self.root / path
+        try:
+            self._make_directories(target.parent)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    shutil.copyfileobj(source, handle, 1 << 20)
+                    os.fchmod(handle.fileno(), 0o644)
+                    if self.owner is not None:
+                        os.fchown(handle.fileno(), *self.owner)
+                    handle.flush()
+                    os.fsync(handle.fileno())  # on disk before appliance.yml names it
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as error:
+            raise StorageError(
+                f"cannot write {target}: {error.strerror}; check that its file system has "
+                f"room and that appliance-ctl runs as root."
+            ) from error
+
+    def _make_directories(self, directory: Path) -> None:
+        missing = []
+        while not directory.is_dir():
+            missing.append(directory)
+            directory = directory.parent
+        for path in reversed(missing):
+            path.mkdir(mode=0o755, exist_ok=True)
+            if self.owner is not None:
+                os.chown(path, *self.owner)
+
+    def check(self) -> None:
+        directory = self.root
+        while not directory.exists() and directory != directory.parent:
+            directory = directory.parent
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise StorageError(
+                f"cannot write under {directory}: run appliance-ctl as root, or choose "
+                f"another rootdirectory."
+            )
 
     def delete(self, prefix: str) -> None:
         target = self.root / prefix
@@ -117,15 +204,23 @@ class S3Storage:
             endpoint = ("https://" if p.get("secure", True) else "http://") + endpoint
         self.bucket = str(p["bucket"])
         self.prefix = str(p.get("rootdirectory") or "").strip("/")
-        self.client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name=str(p.get("region") or "us-east-1"),
-            aws_access_key_id=p.get("accesskey") or None,
-            aws_secret_access_key=p.get("secretkey") or None,
-            verify=not p.get("skipverify", False),
-            config=Config(retries={"max_attempts": 3, "mode": "standard"}),
-        )
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            self.client = boto3.client(
+                "s3",
+                endpoint_url=endpoint,
+                region_name=str(p.get("region") or "us-east-1"),
+                aws_access_key_id=p.get("accesskey") or None,
+                aws_secret_access_key=p.get("secretkey") or None,
+                verify=not p.get("skipverify", False),
+                config=Config(retries={"max_attempts": 3, "mode": "standard"}),
+            )
+        except BotoCoreError as error:  # an access key without its secret key, say
+            raise StorageError(
+                f"cannot use the s3 bucket {self.bucket}: {error}; check registry.storage.s3 "
+                f"(accesskey and secretkey go together)."
+            ) from error
 
     @property
     def description(self) -> str:
@@ -141,6 +236,10 @@ class S3Storage:
         )
 
     def walk(self, prefix: str) -> Iterator[tuple[str, int]]:
+        for path, size, _ in self.walk_stamped(prefix):
+            yield path, size
+
+    def walk_stamped(self, prefix: str) -> Iterator[tuple[str, int, str]]:
         from botocore.exceptions import BotoCoreError, ClientError
 
         start = len(self.prefix) + 1 if self.prefix else 0
@@ -151,7 +250,8 @@ class S3Storage:
             )
             for page in pages:
                 for item in page.get("Contents", []):
-                    yield item["Key"][start:], int(item["Size"])
+                    stamp = f"{item.get('ETag', '')}:{item.get('LastModified', '')}"
+                    yield item["Key"][start:], int(item["Size"]), stamp
         except (BotoCoreError, ClientError) as error:
             raise self._fail(f"list {key}", error) from error
 
@@ -162,6 +262,48 @@ class S3Storage:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(path))["Body"].read()
         except (BotoCoreError, ClientError) as error:
             raise self._fail(f"read {self._key(path)}", error) from error
+
+    def chunks(self, path: str, size: int = 1 << 20) -> Iterator[bytes]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(path))["Body"]
+            while piece := body.read(size):
+                yield piece
+        except (BotoCoreError, ClientError) as error:
+            raise self._fail(f"read {self._key(path)}", error) from error
+
+    def write(self, path: str, source: BinaryIO) -> None:
+        from boto3.exceptions import Boto3Error
+        from boto3.s3.transfer import TransferConfig
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            # Multipart above 64 MiB (the object appears when the upload completes).
+            self.client.upload_fileobj(
+                source,
+                self.bucket,
+                self._key(path),
+                Config=TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20),
+            )
+        except (BotoCoreError, ClientError, Boto3Error) as error:  # S3UploadFailedError
+            raise self._fail(f"write {self._key(path)}", error) from error
+
+    def check(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket"):
+                raise StorageError(
+                    f"the s3 bucket {self.bucket} does not exist; create it (or correct "
+                    f"the bucket's name) and run this again."
+                ) from error
+            raise self._fail("reach the bucket", error) from error
+        except BotoCoreError as error:
+            raise self._fail("reach the bucket", error) from error
 
     def delete(self, prefix: str) -> None:
         from botocore.exceptions import BotoCoreError, ClientError

@@ -8,9 +8,10 @@ drops its program file there), then certificates, then the services that read th
 nginx to answer the challenge). Each service module also declares its service's runtime
 contract (`service(settings)`), and this package builds the runs the pipeline executes:
 `reconfigure` (everything), `renewal` (the certificates alone), the signing-key
-rotation's (`rotate_token_key`, `finish_token_key_rotation`; recipes/rotation.py) and
-`garbage_collection` (the registry's storage; recipes/registry_gc.py) and `retention`
-(the projects' retention policies; recipes/retention.py).
+rotation's (`rotate_token_key`, `finish_token_key_rotation`; recipes/rotation.py),
+`garbage_collection` (the registry's storage; recipes/registry_gc.py), `retention` (the
+projects' retention policies; recipes/retention.py) and `storage_migration`
+(recipes/storage_migrate.py).
 """
 
 from __future__ import annotations
@@ -161,6 +162,17 @@ def retention_run(
     from recipes import retention as retention_module
 
     return retention_module.run(settings, path, dry_run, verbose)
+
+
+def storage_migration(
+    settings: Settings, target_file: Path, dry_run: bool = False, force: bool = False
+) -> Run:
+    """`appliance-ctl storage migrate --to FILE.yml`: the registry's data copied to the
+    storage FILE.yml describes while it serves, the last changes inside a read-only
+    window, then registry.storage switched (recipes/storage_migrate.py)."""
+    from recipes import storage_migrate
+
+    return storage_migrate.run(settings, target_file, dry_run, force)
 
 
 def preflight(settings: Settings) -> None:

@@ -3,11 +3,13 @@
 SQLite in WAL mode is the default store: readers never block the writer, and the
 several worker processes of the token server share one file. Each process (and each
 thread) opens its own connection lazily, so a connection never crosses a fork.
-Statements are plain, portable SQL with `?` parameters so that a PostgreSQL
-implementation of this same interface can replace the module later.
+Statements are plain, portable SQL with `?` parameters: with `auth.database_url` the
+same statements run on PostgreSQL (appliance/auth/postgres.py), translated in one
+place (appliance/auth/database.py). Every function and the Store take the database as
+a `Database`: a SQLite file's Path, or a PostgresDatabase.
 
 Schema changes are numbered migrations applied by `ensure_schema`, which records the
-number reached in SQLite's `user_version` pragma.
+number reached in SQLite's `user_version` pragma (a table on PostgreSQL).
 
 Reconfigure reads the database through this module on every run, a no-op included
 (`schema_version`, `user_exists`), so the password hasher (argon2, through
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from appliance.auth.database import Database, PostgresDatabase
 from appliance.auth.database_files import check_database_files, chown_database_files
 from appliance.auth.migrations import MIGRATIONS
 from appliance.auth.names import path_prefixes, validate_project_path, validate_username
@@ -41,7 +44,8 @@ from appliance.auth.permissions import (
 from appliance.auth.tag_rules import Reservation, TagRule
 from appliance.errors import AuthError
 
-if TYPE_CHECKING:  # loaded by retention_policies(): a reconfigure reads this module too
+if TYPE_CHECKING:  # loaded where used: a reconfigure reads this module too
+    from appliance.registry_maintenance import Window
     from appliance.retention import Policy
 
 
@@ -173,9 +177,13 @@ class RefreshToken:
     expires_at: int
 
 
-def connect(db_path: Path) -> sqlite3.Connection:
+def connect(db_path: Database) -> sqlite3.Connection:
     """A connection set up the way every user of the database needs it; a database that
     cannot be opened is one AuthError sentence, never a traceback."""
+    if isinstance(db_path, PostgresDatabase):
+        from appliance.auth import postgres
+
+        return postgres.connect(db_path)  # type: ignore[return-value]: the same interface
     check_database_files(db_path)
     try:
         connection = sqlite3.connect(
@@ -192,8 +200,13 @@ def connect(db_path: Path) -> sqlite3.Connection:
     return connection
 
 
-def ensure_schema(db_path: Path) -> None:
-    """Create the database or bring it to the latest schema; a no-op when it is current."""
+def ensure_schema(db_path: Database) -> int:
+    """Create the database or bring it to the latest schema; a no-op when it is current.
+    Returns how many migrations this call applied (0: another run did, or none due)."""
+    if isinstance(db_path, PostgresDatabase):
+        from appliance.auth import postgres
+
+        return postgres.ensure_schema(db_path)
     db_path = Path(db_path)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     if not db_path.exists():
@@ -206,6 +219,7 @@ def ensure_schema(db_path: Path) -> None:
         connection.execute("BEGIN IMMEDIATE")
         try:
             version = connection.execute("PRAGMA user_version").fetchone()[0]
+            applied = len(MIGRATIONS) - version
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 for statement in script.split(";"):
                     if statement.strip():
@@ -217,10 +231,19 @@ def ensure_schema(db_path: Path) -> None:
             raise
     finally:
         connection.close()
+    return max(applied, 0)
 
 
-def check_schema(db_path: Path) -> None:
+def check_schema(db_path: Database) -> None:
     """Refuse to serve from a database that is missing or not at the latest schema."""
+    if isinstance(db_path, PostgresDatabase):
+        version = schema_version(db_path) or 0
+        if version != len(MIGRATIONS):
+            raise AuthError(
+                f"The auth database {db_path} has schema version {version}, this service"
+                f" needs {len(MIGRATIONS)}; run 'appliance-ctl reconfigure'."
+            )
+        return
     db_path = Path(db_path)
     if not db_path.exists():
         raise AuthError(
@@ -240,9 +263,13 @@ def check_schema(db_path: Path) -> None:
         )
 
 
-def schema_version(db_path: Path) -> int | None:
+def schema_version(db_path: Database) -> int | None:
     """The schema number the database has reached, None when there is no database yet.
     Opened read-only, so that asking (a dry run, the recipe's plan) creates nothing."""
+    if isinstance(db_path, PostgresDatabase):
+        from appliance.auth import postgres
+
+        return postgres.schema_version(db_path)
     db_path = Path(db_path)
     check_database_files(db_path)  # a linked auth.db-wal: one sentence, never followed
     if not db_path.exists():
@@ -254,10 +281,14 @@ def schema_version(db_path: Path) -> int | None:
         connection.close()
 
 
-def user_exists(db_path: Path, username: str) -> bool:
+def user_exists(db_path: Database, username: str) -> bool:
     """Whether `username` has an account; False while there is no database or no users
     table yet (the recipe asks before its schema step has run). Read-only, like
     schema_version."""
+    if isinstance(db_path, PostgresDatabase):
+        from appliance.auth import postgres
+
+        return bool(postgres.query(db_path, "SELECT 1 FROM users WHERE username = ?", (username,)))
     db_path = Path(db_path)
     if schema_version(db_path) is None:
         return False
@@ -271,9 +302,13 @@ def user_exists(db_path: Path, username: str) -> bool:
         connection.close()
 
 
-def project_quotas(db_path: Path) -> dict[str, int | None]:
+def project_quotas(db_path: Database) -> dict[str, int | None]:
     """Every project path with its quota (None: none), read-only, so that root reading it
     leaves no file behind; empty while there is no database yet."""
+    if isinstance(db_path, PostgresDatabase):
+        from appliance.auth import postgres
+
+        return dict(postgres.query(db_path, "SELECT path, quota_bytes FROM projects"))
     db_path = Path(db_path)
     if schema_version(db_path) is None:
         return {}
@@ -290,7 +325,7 @@ def _read_only(db_path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"{db_path.absolute().as_uri()}?mode=ro", uri=True)
 
 
-def ensure_admin(db_path: Path, username: str, password: str) -> bool:
+def ensure_admin(db_path: Database, username: str, password: str) -> bool:
     """Create the administrator if missing (True); never touches an existing user."""
     from appliance.auth import credentials  # argon2: see the module docstring
 
@@ -308,30 +343,39 @@ def ensure_admin(db_path: Path, username: str, password: str) -> bool:
 
 
 @contextmanager
-def admin_store(db_path: Path) -> Iterator[Store]:
+def admin_store(db_path: Database) -> Iterator[Store]:
     """The Store for a command that runs as root beside the service (retention, tag
     list): closed after, and any WAL or shared-memory file it made left owned as the
-    database is, so the service's account can still open them."""
+    SQLite database is, so the service's account can still open them."""
     store = Store(db_path)
     try:
         yield store
     finally:
         store.close()
-        owner = os.lstat(db_path)
-        chown_database_files(Path(db_path), owner.st_uid, owner.st_gid)
+        if not isinstance(db_path, PostgresDatabase):
+            owner = os.lstat(db_path)
+            chown_database_files(Path(db_path), owner.st_uid, owner.st_gid)
 
 
 class Store:
     """All reads and writes of users, projects, memberships, tokens and sign-in failures."""
 
-    def __init__(self, db_path: Path) -> None:
-        self.db_path = Path(db_path)
+    def __init__(self, db_path: Database | str) -> None:
+        self.db_path: Database = db_path if isinstance(db_path, PostgresDatabase) else Path(db_path)
         self._local = threading.local()
+        self._integrity_errors: tuple[type[BaseException], ...] = (sqlite3.IntegrityError,)
+        if isinstance(self.db_path, PostgresDatabase):
+            from appliance.auth import postgres
+
+            self._integrity_errors = (sqlite3.IntegrityError, postgres.IntegrityError)
 
     # -- connection handling -------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use in this process (a connection
+        never crosses a fork); a PostgreSQL connection the server dropped (a restart, a
+        failover) is opened again at the next request."""
         local = self._local
-        if getattr(local, "pid", None) != os.getpid():
+        if getattr(local, "pid", None) != os.getpid() or getattr(local.connection, "broken", False):
             local.connection = connect(self.db_path)
             local.pid = os.getpid()
         return local.connection
@@ -345,7 +389,7 @@ class Store:
     def _write(self, sql: str, params: Iterable = ()) -> sqlite3.Cursor:
         try:
             return self._db().execute(sql, tuple(params))
-        except sqlite3.IntegrityError as error:
+        except self._integrity_errors as error:
             raise _IntegrityProblem(str(error)) from error
 
     def _one(self, sql: str, params: Iterable = ()) -> tuple | None:
@@ -356,6 +400,16 @@ class Store:
 
     def ping(self) -> None:
         self._one("SELECT 1")
+
+    def shared_maintenance_window(self) -> Window | None:
+        """The maintenance window a run on any node opened (appliance/auth/cluster.py),
+        None when there is none, its run is gone, or the store is SQLite (one host: the
+        marker file says it)."""
+        if not isinstance(self.db_path, PostgresDatabase):
+            return None
+        from appliance.auth.cluster import read_window
+
+        return read_window(self._db())
 
     # -- users -----------------------------------------------------------------------
     _USER_COLUMNS = "id, username, password_hash, admin, blocked, credentials_version, created_at"
@@ -620,7 +674,7 @@ class Store:
             "INSERT INTO tag_reservations (repository, tag, digest, reserved_at)"
             " VALUES (?, ?, ?, ?) ON CONFLICT (repository, tag) DO UPDATE SET"
             " digest = excluded.digest, reserved_at = excluded.reserved_at"
-            " WHERE digest != excluded.digest",
+            " WHERE tag_reservations.digest != excluded.digest",
             (repository, tag, digest, now),
         )
 
@@ -677,7 +731,7 @@ class Store:
         cursor = self._write(
             "INSERT INTO personal_access_tokens"
             " (user_id, name, token_digest, scopes, expires_at, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
             (
                 user.id,
                 name,
@@ -687,7 +741,7 @@ class Store:
                 int(time.time()),
             ),
         )
-        return self.personal_access_token(cursor.lastrowid), secret
+        return self.personal_access_token(cursor.fetchall()[0][0]), secret
 
     def personal_access_token(self, token_id: int) -> PersonalAccessToken:
         row = self._one(
@@ -741,7 +795,7 @@ class Store:
             cursor = db.execute(
                 "INSERT INTO deploy_tokens"
                 " (project_id, name, token_digest, scopes, expires_at, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
                 (
                     project.id,
                     name,
@@ -751,7 +805,7 @@ class Store:
                     int(time.time()),
                 ),
             )
-            token_id = cursor.lastrowid
+            token_id = cursor.fetchall()[0][0]
             db.execute(
                 "UPDATE deploy_tokens SET username = ? WHERE id = ?",
                 (DEPLOY_TOKEN_USERNAME.format(id=token_id), token_id),
@@ -847,7 +901,7 @@ class Store:
             self._write(
                 f"DELETE FROM refresh_tokens WHERE {owner[0]} = ? AND rowid NOT IN"
                 f" (SELECT rowid FROM refresh_tokens WHERE {owner[0]} = ?"
-                " ORDER BY rowid DESC LIMIT ?)",
+                " ORDER BY created_at DESC, rowid DESC LIMIT ?)",
                 (owner[1], owner[1], keep),
             )
 
@@ -940,10 +994,11 @@ class Store:
         for subject in subjects:
             self._write(
                 "INSERT INTO failed_signins (subject, window_start, failures) VALUES (?, ?, 1)"
-                " ON CONFLICT (subject) DO UPDATE SET"
-                " failures = CASE WHEN window_start <= ? THEN 1 ELSE failures + 1 END,"
-                " window_start = CASE WHEN window_start <= ? THEN excluded.window_start"
-                " ELSE window_start END",
+                " ON CONFLICT (subject) DO UPDATE SET failures = CASE"
+                " WHEN failed_signins.window_start <= ? THEN 1"
+                " ELSE failed_signins.failures + 1 END,"
+                " window_start = CASE WHEN failed_signins.window_start <= ?"
+                " THEN excluded.window_start ELSE failed_signins.window_start END",
                 (subject, now, now - window, now - window),
             )
 

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -16,6 +17,14 @@ from tests.support.appliance import BIN, free_port
 @pytest.fixture
 def s3_server() -> Iterator[str]:
     """The endpoint URL of a fresh moto server (no buckets), stopped after the test."""
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@contextmanager
+def moto_server() -> Iterator[str]:
+    """A fresh moto server's endpoint URL while the block runs (the fixture's, and a
+    bench's)."""
     port = free_port()
     process = subprocess.Popen(
         [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],

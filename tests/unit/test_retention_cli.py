@@ -1,5 +1,6 @@
 """`appliance-ctl project retention` and the retention default of `project create`,
-called as appliance-ctl calls them, on a real SQLite auth database."""
+called as appliance-ctl calls them, on a real auth database of each engine (SQLite,
+PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ class Context:
 
 
 @pytest.fixture
-def ctl(tmp_path: Path, monkeypatch):
+def ctl(tmp_path: Path, monkeypatch, auth_database):
     use_cheap_hasher(monkeypatch)
-    context = Context(make_config(tmp_path).database)
+    context = Context(make_config(tmp_path, database=auth_database).database)
     parser = argparse.ArgumentParser(prog="appliance-ctl")
     cli.register(parser.add_subparsers(dest="command", required=True))
 

@@ -112,6 +112,10 @@ BAD_CONFIGS = {
     ),
     "scalar for a section": ({"nginx": "on"}, ["nginx: expected a mapping of keys, got 'on'"]),
     "zero workers": ({"auth": {"workers": 0}}, ["auth.workers: 0 is not a number greater than 0"]),
+    "renewal a billion days ahead": (
+        {"letsencrypt": {"renew_before_days": 1_000_000_000}},
+        ["letsencrypt.renew_before_days: 1000000000 is not a number of days from 1 to 3650"],
+    ),
     "s3 without bucket and region": (
         {"registry": {"storage": {"s3": {"accesskey": "AKIA"}}}},
         [
@@ -384,6 +388,50 @@ BAD_CONFIGS = {
     "quote in database path": (
         {"auth": {"database_path": "/srv/a'b.db"}},
         [f'auth.database_path: "/srv/a\'b.db" {PATH_MSG}'],
+    ),
+    "database URL with its password: the password is not repeated": (
+        {"auth": {"database_url": "postgresql://app:hunter2@db.example.org/registry"}},
+        [
+            'auth.database_url: "postgresql://app:***@db.example.org/registry" is not a usable'
+            " database URL: it must not hold the password (postgresql://user@host:port/db);"
+            " put it in the file named by auth.database_password_file"
+        ],
+    ),
+    "database URL of another engine": (
+        {"auth": {"database_url": "mysql://app@db/registry"}},
+        [
+            'auth.database_url: "mysql://app@db/registry" is not a usable database URL: it'
+            " must start with postgresql://"
+        ],
+    ),
+    "database URL without a database": (
+        {"auth": {"database_url": "postgresql://app@db.example.org:5432"}},
+        [
+            'auth.database_url: "postgresql://app@db.example.org:5432" is not a usable'
+            " database URL: it names no database (or more than one path part):"
+            " postgresql://user@host:port/db"
+        ],
+    ),
+    "database URL without a user": (
+        {"auth": {"database_url": "postgresql://db.example.org/registry"}},
+        [
+            'auth.database_url: "postgresql://db.example.org/registry" is not a usable'
+            " database URL: it names no user: postgresql://user@host:port/db"
+        ],
+    ),
+    "two databases named": (
+        {"auth": {"database_url": "postgresql://a@db/r", "database_path": "/srv/auth.db"}},
+        [
+            "auth.database_path: set together with auth.database_url; remove one"
+            " (database_path is the SQLite file, database_url the PostgreSQL database)"
+        ],
+    ),
+    "a password file without a database URL": (
+        {"auth": {"database_password_file": "/etc/appliance/db-password"}},
+        [
+            "auth.database_password_file: only used with auth.database_url; set"
+            " database_url or remove it"
+        ],
     ),
     "relative path": (
         {"registry": {"key_path": "keys/token.key"}},
@@ -781,6 +829,9 @@ def test_resolved_settings_leave_optional_only_what_the_services_may_go_without(
         "retention.default.older_than",
         "retention.default.pulled_within",
         "retention.default.max_delete",
+        # unset: the auth data on SQLite; set: on PostgreSQL (with or without a password)
+        "auth.database_url",
+        "auth.database_password_file",
     }
 
 

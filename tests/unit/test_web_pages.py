@@ -21,9 +21,12 @@ HOSTILE = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'
 
 
 @pytest.fixture
-def service(tmp_path: Path, monkeypatch) -> TokenService:
+def service(tmp_path: Path, monkeypatch, auth_database) -> TokenService:
+    """On each engine in turn (SQLite, PostgreSQL): the sessions' statements run on both."""
     use_cheap_hasher(monkeypatch)
-    config = make_config(tmp_path, rate_limit_user_failures=3, rate_limit_window=300)
+    config = make_config(
+        tmp_path, database=auth_database, rate_limit_user_failures=3, rate_limit_window=300
+    )
     store = Store(config.database)
     for name, admin in (("root", True), ("alice", False), ("bob", False), ("carol", False)):
         store.create_user(name, credentials.hash_password(PASSWORD), admin=admin)

@@ -57,7 +57,13 @@ from appliance.auth.store import Store
 from appliance.auth.tag_gate import MANIFEST_PATH, TagGate
 from appliance.auth.tag_rules import ADMIN, PASSED, RANKS
 from appliance.auth.tokens import TokenSigner, TokenVerifier, rfc3339
-from appliance.auth.usage import FiguresFile, current, project_bytes
+from appliance.auth.usage import (
+    FiguresFile,
+    current,
+    history_file,
+    project_bytes,
+    read_history,
+)
 from appliance.auth.web.pages import WebPages
 from appliance.registry_api import RegistryAPI, RegistryAPIError
 from appliance.registry_content import RegistryContentOverAPI
@@ -151,6 +157,7 @@ class TokenService:
                 content=open_content,
                 default_registry_enabled=self.config.default_registry_enabled,
                 usage_figures=self.usage_figures.read,
+                usage_history=lambda: read_history(history_file(self.config.usage_file)),
                 tag_delete_refusal=self.tag_delete_refusal,
             )
         return self._operations

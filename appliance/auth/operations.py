@@ -53,7 +53,7 @@ from appliance.auth.store import (
     Project,
     Store,
 )
-from appliance.auth.usage import project_bytes
+from appliance.auth.usage import project_bytes, project_history
 from appliance.errors import ApplianceError, AuthError, UsageError
 from appliance.registry_content import (
     RepositoryRow,
@@ -120,6 +120,8 @@ class Context:
     hash_password: Callable[[str], str] | None = None
     clock: Callable[[], float] = time.time
     default_retention: retention.Policy | None = None
+    usage_history: Callable[[], list[dict]] = lambda: []
+    """The recorded usage computations (appliance/auth/usage.read_history), oldest first."""
     tag_delete_refusal: Callable[[Principal, str, str | None], str] | None = None
     """The tag rules' refusal of deleting a tag (None: every tag of the repository) for
     this principal ('' when allowed): TokenService.tag_delete_refusal, the decision a
@@ -789,15 +791,21 @@ def delete_project(ctx: Context, principal: Principal, path: str) -> None:
 
 
 def project_usage(ctx: Context, principal: Principal, path: str) -> dict:
-    """The project's bytes now and its quota. Only the latest figure exists (the usage
-    file holds no history), so 'over time' is one point until a history is kept."""
+    """The project's bytes now, its quota, and its use over time: one point per recorded
+    computation of the figures (appliance-ctl usage, each garbage collection; the history
+    beside the figures file), then now (the last figure plus the pushes since)."""
     project, _ = _visible_project(ctx, principal, path)
     figures = ctx.usage_figures()
+    used = _used(ctx, project.path)
+    history = [list(point) for point in project_history(ctx.usage_history(), project.path)]
+    if used is not None and (not history or history[-1][1] != used):
+        history.append([ctx.clock(), used])
     return {
         "project": project.path,
-        "used_bytes": _used(ctx, project.path),
+        "used_bytes": used,
         "quota_bytes": project.quota_bytes,
         "computed_at": (figures or {}).get("computed_at"),
+        "history": history,
     }
 
 

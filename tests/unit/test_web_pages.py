@@ -291,3 +291,20 @@ def test_gc_page_shows_the_collections_and_the_janitors_last_run(service) -> Non
     assert "2 collections so far, 3 MiB freed in 7 blobs" in page.text
     assert "<td>4</td>" in page.text and "1970-01-02 00:00 UTC" in page.text
     assert signed_in(service, "alice").get("/admin/gc").status == 403
+
+
+def test_project_page_draws_the_recorded_usage_and_now(service) -> None:
+    from appliance.auth.usage import appended_history, history_file
+
+    figures = {"computed_at": 200.0, "projects": {"team/app": {"bytes": 3 * 1024**2}}}
+    history = appended_history(
+        [{"at": 100.0, "projects": {"team/app": 1024**2}}], figures
+    )  # two computations
+    service.config.usage_file.parent.mkdir(parents=True, exist_ok=True)
+    service.config.usage_file.write_text(json.dumps(figures))
+    history_file(service.config.usage_file).write_text(json.dumps(history))
+    page = signed_in(service, "root").get("/projects/team/app")
+    assert page.status == 200
+    assert page.text.count("<circle") == 2  # the computation equals now: no third point
+    assert "3 MiB now" in page.text
+    assert '1970-01-01 00:01 UTC</td><td class="number">1 MiB' in page.text

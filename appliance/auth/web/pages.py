@@ -42,10 +42,6 @@ from appliance.auth.sizes import format_size
 from appliance.auth.store import Store, WebSession
 from appliance.auth.usage import (
     FiguresFile,
-    history_file,
-    project_bytes,
-    project_history,
-    read_history,
     read_json,
 )
 from appliance.auth.web import sessions
@@ -551,7 +547,7 @@ class WebPages:
             if error.status not in (403, 409, 503):  # no pull here; no registry reachable
                 raise
             repositories, hidden = [], error.message
-        points = self.usage_points(project)
+        points = [tuple(p) for p in self.act(operations.project_usage, request, project)["history"]]
         return self.render(
             request,
             "project.html",
@@ -565,20 +561,6 @@ class WebPages:
             ),
             **info,
         )
-
-    def usage_points(self, project: str) -> list[tuple[float, int]]:
-        """The project's use at each recorded computation (appliance-ctl usage, and
-        after every garbage collection), then now: the last one plus what pushes brought
-        since (the quota's figure)."""
-        figures = self.usage_figures.read()
-        points = project_history(read_history(history_file(self.usage_figures.path)), project)
-        since = float((figures or {}).get("computed_at", 0.0))
-        pending = self.store.pending_usage(since)
-        if figures is not None or pending:
-            now = project_bytes(figures, pending, project)
-            if not points or points[-1][1] != now or pending:
-                points.append((time.time(), now))
-        return points
 
     # -- repositories and tags ------------------------------------------------------------
     def _may_delete(self, request: Request, repository: str) -> bool:

@@ -58,7 +58,7 @@ from appliance.auth.tag_rules import ADMIN, PASSED, RANKS
 from appliance.auth.tokens import TokenSigner, TokenVerifier, rfc3339
 from appliance.auth.usage import FiguresFile, current, project_bytes
 from appliance.auth.web.pages import WebPages
-from appliance.registry_api import RegistryAPI, RegistryAPIError
+from appliance.registry_api import SERVICE_SUBJECT, RegistryAPI, RegistryAPIError
 from appliance.registry_content import RegistryContentOverAPI
 from appliance.registry_maintenance import STALE, Watch, state
 
@@ -112,7 +112,7 @@ class TokenService:
         self.tag_gate = TagGate(
             self.store,
             TokenVerifier(config.signing_certificate, config.issuer, config.service),
-            RegistryAPI(config.registry_address, self.signer, timeout=10, subject="appliance-auth")
+            RegistryAPI(config.registry_address, self.signer, timeout=10, subject=SERVICE_SUBJECT)
             if config.registry_address
             else None,
             config.default_registry_enabled,
@@ -131,7 +131,7 @@ class TokenService:
             content = None
             if self.config.registry_address:
                 api = RegistryAPI(
-                    self.config.registry_address, self.signer, timeout=30, subject="appliance-auth"
+                    self.config.registry_address, self.signer, timeout=30, subject=SERVICE_SUBJECT
                 )
                 content = RegistryContentOverAPI(
                     api, self.store.manifest_changes, self.store.last_event_id

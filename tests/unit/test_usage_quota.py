@@ -359,3 +359,16 @@ def test_metrics_are_served_on_the_internal_listener_only(service):
     status, body = get(True)
     assert status == 200 and b"appliance_storage_bytes_total 0" in body
     assert get(False)[0] == 404
+
+
+@pytest.mark.parametrize("reader", ["appliance-auth", "appliance-ctl"])
+def test_the_appliances_own_manifest_reads_are_not_pulls(reader):
+    """The admin API and the pages read manifests to list tags, the tag gate asks where a
+    tag points: none of it may look like a client's pull to retention's --pulled-within."""
+    own = event("pull", MANIFEST, digest="sha256:cc", size=30, tag="v1")
+    own["actor"] = {"name": reader}
+    pushed = event("push", MANIFEST, digest="sha256:cc", size=30, tag="v1")
+    pushed["actor"] = {"name": reader}
+    client = event("pull", MANIFEST, digest="sha256:cc", size=30, tag="v1")
+    parsed = events.parse(envelope(own, pushed, client))
+    assert [(e.action, e.actor) for e in parsed.manifests] == [("push", reader), ("pull", "alice")]

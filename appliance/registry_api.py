@@ -34,6 +34,11 @@ MANIFEST_TYPES = ", ".join(
     )
 )
 SUBJECT = "appliance-ctl"
+SERVICE_SUBJECT = "appliance-auth"
+"""The subject of the auth service's own requests (the tag gate's HEADs, the admin API's
+and the pages' listings)."""
+OWN_SUBJECTS = frozenset({SUBJECT, SERVICE_SUBJECT})
+"""The appliance's own readers: their manifest reads are not pulls (events.parse)."""
 
 
 class RegistryAPIError(ApplianceError):

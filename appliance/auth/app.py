@@ -65,13 +65,11 @@ from appliance.auth.usage import (
     read_history,
 )
 from appliance.auth.web.pages import WebPages
-from appliance.registry_api import RegistryAPI, RegistryAPIError
+from appliance.registry_api import SERVICE_SUBJECT, RegistryAPI, RegistryAPIError
 from appliance.registry_content import RegistryContentOverAPI
 from appliance.registry_maintenance import STALE, Watch, state
 
 StartResponse = Callable[..., object]
-OWN_SUBJECTS = frozenset({"appliance-auth", "appliance-ctl"})
-"""Token subjects of the appliance's own registry requests (RegistryAPI's)."""
 MAX_FORM_BYTES = 64 * 1024
 MAX_EVENTS_BYTES = 1024 * 1024
 REFUSAL_STATUS = 401
@@ -121,7 +119,7 @@ class TokenService:
         self.tag_gate = TagGate(
             self.store,
             TokenVerifier(config.signing_certificate, config.issuer, config.service),
-            RegistryAPI(config.registry_address, self.signer, timeout=10, subject="appliance-auth")
+            RegistryAPI(config.registry_address, self.signer, timeout=10, subject=SERVICE_SUBJECT)
             if config.registry_address
             else None,
             config.default_registry_enabled,
@@ -140,7 +138,7 @@ class TokenService:
             content = None
             if self.config.registry_address:
                 api = RegistryAPI(
-                    self.config.registry_address, self.signer, timeout=30, subject="appliance-auth"
+                    self.config.registry_address, self.signer, timeout=30, subject=SERVICE_SUBJECT
                 )
                 content = RegistryContentOverAPI(
                     api, self.store.manifest_changes, self.store.last_event_id
@@ -308,12 +306,7 @@ class TokenService:
             envelope = registry_events.parse(environ["wsgi.input"].read(length))
         except registry_events.BadEnvelope as error:
             return _respond(start_response, 400, _error_body(str(error), "invalid_request"))
-        # The appliance's own reads (the pages' and the API's listings, appliance-ctl
-        # check) are not pulls: recorded, they would show as "last pulled" and keep a
-        # tag under a retention policy's --pulled-within forever.
-        self.store.record_events(
-            e for e in envelope.manifests if not (e.action == "pull" and e.actor in OWN_SUBJECTS)
-        )
+        self.store.record_events(envelope.manifests)
         if envelope.pushed_blobs:
             self.store.add_pending_usage(
                 (

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from appliance.auth.names import is_check_probe, is_repository_name
 from appliance.auth.store import RegistryEvent
+from appliance.registry_api import OWN_SUBJECTS
 
 BLOB_TYPE = "application/octet-stream"
 """The media type Distribution 2.8 gives every blob event (layers and configs alike)."""
@@ -72,6 +73,12 @@ def parse(body: bytes) -> Envelope:
             continue
         if action not in ("push", "pull", "delete"):
             continue
+        actor = _text(_mapping(event.get("actor")).get("name")) or None
+        if action == "pull" and actor in OWN_SUBJECTS:
+            # The appliance reading a manifest (the admin API's and the pages' listings,
+            # the tag gate's HEAD) is no client's pull: it must not move last_pulled,
+            # which retention's --pulled-within keeps images by.
+            continue
         if action == "push" and digest and size is not None:
             blobs.append((repository, digest, size, at))  # a manifest is stored as a blob
         request = _mapping(event.get("request"))
@@ -84,7 +91,7 @@ def parse(body: bytes) -> Envelope:
                 digest=digest or None,
                 media_type=media_type or None,
                 size=size,
-                actor=_text(_mapping(event.get("actor")).get("name")) or None,
+                actor=actor,
                 address=_text(request.get("addr")) or None,
                 user_agent=_text(request.get("useragent")) or None,
                 at=at,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import ssl
+import time
 import urllib.error
 import urllib.request
 
@@ -98,6 +99,17 @@ def test_listings_show_what_skopeo_pushed(appliance, tmp_path):
     assert tag["pushed_by"] == "root" and tag["pushed_at"] > 0  # from the push history
     status, one = api(appliance, "GET", "/api/v1/repositories/team%2Fapp%2Fweb/tags/v1", me)
     assert status == 200 and one == tag
+    # the service read the manifest and its config to list it: that is no client's pull
+    time.sleep(1.5)  # what the registry reports of those reads has arrived by now
+    status, again = api(appliance, "GET", "/api/v1/repositories/team%2Fapp%2Fweb/tags/v1", me)
+    assert again["last_pulled"] is None
+    root.inspect("team/app/web", "v1")  # a client's pull
+    for _ in range(100):  # the registry's event arrives a moment later
+        status, one = api(appliance, "GET", "/api/v1/repositories/team%2Fapp%2Fweb/tags/v1", me)
+        if one["last_pulled"]:
+            break
+        time.sleep(0.1)
+    assert one["last_pulled"] >= tag["pushed_at"]
     status, document = api(appliance, "GET", "/api/v1/openapi.json")
     assert status == 200
     validate(document)

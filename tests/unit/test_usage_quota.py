@@ -362,10 +362,14 @@ def test_metrics_are_served_on_the_internal_listener_only(service):
     assert get(False)[0] == 404
 
 
-def test_the_appliances_own_reads_are_not_recorded_as_pulls(service):
-    own = event("pull", MANIFEST, digest="sha256:dd", size=30)
-    own["actor"] = {"name": "appliance-auth"}  # the pages' and the API's listings
-    own["id"] = "own"
-    client = event("pull", MANIFEST, digest="sha256:ee", size=30, tag="v1")
-    assert post_events(service, envelope(own, client)) == 204
-    assert [(e.actor, e.digest) for e in service.store.history()] == [("alice", "sha256:ee")]
+@pytest.mark.parametrize("reader", ["appliance-auth", "appliance-ctl"])
+def test_the_appliances_own_manifest_reads_are_not_pulls(reader):
+    """The admin API and the pages read manifests to list tags, the tag gate asks where a
+    tag points: none of it may look like a client's pull to retention's --pulled-within."""
+    own = event("pull", MANIFEST, digest="sha256:cc", size=30, tag="v1")
+    own["actor"] = {"name": reader}
+    pushed = event("push", MANIFEST, digest="sha256:cc", size=30, tag="v1")
+    pushed["actor"] = {"name": reader}
+    client = event("pull", MANIFEST, digest="sha256:cc", size=30, tag="v1")
+    parsed = events.parse(envelope(own, pushed, client))
+    assert [(e.action, e.actor) for e in parsed.manifests] == [("push", reader), ("pull", "alice")]

@@ -150,20 +150,6 @@ def when(timestamp: float | None) -> str:
     return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def day_end(text: str) -> int | None:
-    """An expiry date from a form ('' = never): the end of that day, UTC."""
-    if not text:
-        return None
-    try:
-        day = dt.date.fromisoformat(text)
-    except ValueError as error:
-        raise PageError(400, f"'{text}' is not a date like 2030-12-31.") from error
-    end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
-    if end.timestamp() <= time.time():
-        raise PageError(400, f"The expiry date {text} is in the past; choose a later day.")
-    return int(end.timestamp())
-
-
 class WebPages:
     """The pages as one WSGI application, mounted by the token service (app.py)."""
 
@@ -878,16 +864,3 @@ def _safe_next(request: Request) -> str:
     if "\\" in target or any(ord(c) < 32 for c in target):
         return "/"
     return target
-
-
-def _name(text: str) -> str:
-    name = text.strip()
-    if not name:
-        raise PageError(400, "Give the token a name, such as the machine or job that uses it.")
-    if len(name) > 100:
-        raise PageError(400, f"The name is {len(name)} characters long; use at most 100.")
-    return name
-
-
-def _message(error: Exception) -> str:
-    return error.message if isinstance(error, PageError) else str(error)

@@ -95,6 +95,7 @@ def test_wrong_password_is_refused_audited_and_rate_limited(service) -> None:
         "/sign-in", {"csrf_token": form.csrf_token, "username": "alice", "password": PASSWORD}
     )
     assert page.status == 429 and "Too many failed sign-ins" in page.text
+    assert 0 < int(page.header("Retry-After")) <= 300
     assert [r["result"] for r in audit(service)] == ["denied"] * 4
 
 

@@ -431,7 +431,10 @@ class WebPages:
                 **record, result="denied", reason=refused.reason, status=refused.status
             )
             status = 429 if refused.status == 429 else 400
-            return self.sign_in_page(request, error=refused.message, status=status)
+            page = self.sign_in_page(request, error=refused.message, status=status)
+            if refused.retry_after:
+                page.headers.append(("Retry-After", str(refused.retry_after)))
+            return page
         user = self.store.user(signed_in.principal.name)
         secret = sessions.new_secret()
         now_int = int(now)

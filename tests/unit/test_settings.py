@@ -776,6 +776,8 @@ def test_resolved_settings_leave_optional_only_what_the_services_may_go_without(
         "registry.debug_addr",
         "registry.internal_key",
         "letsencrypt.ca_bundle",
+        "redis.url",
+        "redis.password_file",
     }
 
 
@@ -871,7 +873,12 @@ def test_example_config_documents_every_key_and_its_examples_are_valid(tmp_path:
             yaml.safe_load("\n".join(line[len(f"# {indent}#   ") :] for line in block.splitlines()))
         )
     assert len(documented) == len(examples)
-    flat = {**config, **config.get("registry", {}), **config.get("letsencrypt", {})}
+    flat = {
+        **config,
+        **config.get("registry", {}),
+        **config.get("letsencrypt", {}),
+        **config.get("redis", {}),
+    }
     assert {k: flat[k] for k in documented} == documented
     # registry_external_url example is its own domain on 443: the vhost and nginx.http_port
     # must not clash, and the s3 example must satisfy its driver's required keys.

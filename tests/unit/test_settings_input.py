@@ -243,7 +243,7 @@ HOSTILE = {
         [
             "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx...: unknown key; valid "
             "keys here: auth, default_projects_features, external_url, initial_root_password, "
-            "letsencrypt, logging, manage_accounts, nginx, registry, registry_external_url, "
+            "letsencrypt, logging, manage_accounts, nginx, redis, registry, registry_external_url, "
             "registry_nginx, root, web_server"
         ],
     ),

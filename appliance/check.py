@@ -51,6 +51,7 @@ from appliance.contracts import Service
 from appliance.errors import ApplianceError
 
 if TYPE_CHECKING:
+    from appliance.cluster import Verdict
     from appliance.registry_api import RegistryAPI
     from appliance.registry_storage import S3Storage, Storage
 
@@ -125,6 +126,9 @@ class CheckPlan:
     clock_urls: list[str]
     disks: list[tuple[str, Path]]
     ntp_servers: list[str] = field(default_factory=list)
+    # This node's secrets against the cluster's record (appliance/cluster.py); None when
+    # no node ever ran `cluster export` (a single node).
+    cluster: Callable[[], Verdict | None] | None = None
 
 
 @dataclass
@@ -174,6 +178,7 @@ def run(plan: CheckPlan) -> Report:
         check_push_pull,
         check_clock,
         check_disks,
+        check_cluster,
     ]
     with ThreadPoolExecutor(max_workers=len(groups)) as pool:
         futures = [pool.submit(_guarded, group, plan) for group in groups]
@@ -185,6 +190,7 @@ GROUP_NAMES = {
     "check_push_pull": ("push and pull", "appliance-ctl tail registry says why."),
     "check_token_round_trip": ("token round trip", "appliance-ctl tail auth says why."),
     "check_storage": ("storage", "check registry.storage and appliance-ctl tail registry."),
+    "check_cluster": ("cluster", "check registry.storage: every node must share it."),
 }
 
 
@@ -566,6 +572,18 @@ def check_signing_key(plan: CheckPlan) -> list[Result]:
             f"({len(bundle)} in the bundle).",
         )
     ]
+
+
+def check_cluster(plan: CheckPlan) -> list[Result]:
+    """A node whose signing key or http secret is not the cluster's fails every token and
+    upload another node began; no line at all on a node that is no cluster's."""
+    verdict = plan.cluster() if plan.cluster else None
+    if verdict is None:
+        return []
+    if verdict.matches:
+        return [Result("cluster", OK, verdict.sentence[:1].upper() + verdict.sentence[1:])]
+    sentence, _, fix = verdict.sentence.partition("; run ")
+    return [Result("cluster", FAIL, sentence[:1].upper() + sentence[1:] + ".", "Run " + fix)]
 
 
 class _LocalHTTPS(http.client.HTTPSConnection):

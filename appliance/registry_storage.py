@@ -59,6 +59,10 @@ class Storage(Protocol):
 
     def read(self, path: str) -> bytes: ...
 
+    def write(self, path: str, data: bytes) -> None:
+        """Put `data` at `path` whole (a reader sees the old content or the new)."""
+        ...
+
     def delete(self, prefix: str) -> None:
         """Remove `prefix` and everything under it (nothing when it is not there)."""
         ...
@@ -90,6 +94,19 @@ class FilesystemStorage:
             raise StorageError(
                 f"cannot read {self.root / path}: {error.strerror}; check the registry's "
                 f"storage (run as root, or as the registry's account)."
+            ) from error
+
+    def write(self, path: str, data: bytes) -> None:
+        from appliance.resources import atomic_write
+
+        target = self.root / path
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(target, data, 0o644)
+        except OSError as error:
+            raise StorageError(
+                f"cannot write {target}: {error.strerror}; check the registry's storage "
+                f"(run as root)."
             ) from error
 
     def delete(self, prefix: str) -> None:
@@ -162,6 +179,14 @@ class S3Storage:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(path))["Body"].read()
         except (BotoCoreError, ClientError) as error:
             raise self._fail(f"read {self._key(path)}", error) from error
+
+    def write(self, path: str, data: bytes) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(path), Body=data)
+        except (BotoCoreError, ClientError) as error:
+            raise self._fail(f"write {self._key(path)}", error) from error
 
     def delete(self, prefix: str) -> None:
         from botocore.exceptions import BotoCoreError, ClientError

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 from appliance import settings as settings_module
 from appliance.errors import ApplianceError, ConfigError, UsageError
@@ -373,10 +374,11 @@ def cmd_rotate_token_key(args: argparse.Namespace, s: settings_module.Settings) 
 
     if args.force and not args.finish:
         raise UsageError("--force goes with --finish (it drops the previous key before its time).")
-    if args.finish:
-        pipeline.execute(s, recipes.finish_token_key_rotation(s, force=args.force))
-    else:
-        pipeline.execute(s, recipes.rotate_token_key(s, resume_external=args.resume_external))
+    with cluster_run_lock(s, "a key rotation"):
+        if args.finish:
+            pipeline.execute(s, recipes.finish_token_key_rotation(s, force=args.force))
+        else:
+            pipeline.execute(s, recipes.rotate_token_key(s, resume_external=args.resume_external))
     return 0
 
 
@@ -396,6 +398,16 @@ def cmd_cluster_join(args: argparse.Namespace, s: settings_module.Settings) -> i
 
     recipes.cluster_join(s, Path(args.file))
     return 0
+
+
+def cluster_run_lock(s: settings_module.Settings, what: str) -> AbstractContextManager[None]:
+    """One maintenance run at a time across the nodes of one auth database (PostgreSQL,
+    appliance/auth/cluster.py); on SQLite, nothing beyond this host's own locks."""
+    from pathlib import Path
+
+    from appliance.auth.cluster import run_lock
+
+    return run_lock(s.auth_database if s.auth.enable else Path(), what)
 
 
 def cmd_usage(args: argparse.Namespace, s: settings_module.Settings) -> int:
@@ -472,7 +484,10 @@ def cmd_registry_garbage_collect(args: argparse.Namespace, s: settings_module.Se
     if args.dry_run:
         pipeline.execute(s, run, dry_run=True)
         return 0
-    with storage_lock(s.paths.registry_storage_lock, "a garbage collection"):
+    with (
+        storage_lock(s.paths.registry_storage_lock, "a garbage collection"),
+        cluster_run_lock(s, "a garbage collection"),
+    ):
         pipeline.execute(s, run)
     return 0
 

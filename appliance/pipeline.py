@@ -17,6 +17,7 @@ processes converge with the files. The journal is removed once its notifications
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -157,6 +158,22 @@ def crash_point(name: str) -> None:
     wanted = os.environ.get("APPLIANCE_TEST_CRASH_AT")
     if wanted and wanted.split(":")[0] == name:
         os.kill(os.getpid(), signal.SIGHUP if wanted.endswith(":HUP") else signal.SIGKILL)
+
+
+def hold_point(name: str) -> None:
+    """Where the tests hold a run (APPLIANCE_TEST_HOLD_AT=NAME:FILE: wait while FILE
+    exists, two minutes at most), so a client can meet a window however fast the run
+    is, or two runs meet at the same step; a run arriving here says so with the file
+    FILE.arrived.PID. Nothing happens otherwise."""
+    wanted = os.environ.get("APPLIANCE_TEST_HOLD_AT", "")
+    point, _, path = wanted.partition(":")
+    if point != name or not path:
+        return
+    with contextlib.suppress(OSError):
+        Path(f"{path}.arrived.{os.getpid()}").touch()
+    deadline = time.monotonic() + 120
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 @contextmanager

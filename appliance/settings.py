@@ -26,12 +26,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import yaml
 
 from appliance.errors import ConfigError
+
+if TYPE_CHECKING:
+    from appliance.auth.database import Database
 
 DEFAULT_CONFIG = "/etc/appliance/appliance.yml"
 SENSITIVE_KEYS = {
@@ -155,6 +158,13 @@ def check_safe_path(value: str) -> str | None:
     if _UNSAFE.search(value):
         return "a path without spaces, quotes, ';', '{', '}', '$', '#' or backslashes"
     return None
+
+
+def check_database_url(value: str) -> str | None:
+    from appliance.auth.database import url_problem
+
+    problem = url_problem(value)
+    return f"a usable database URL: it {problem}" if problem else None
 
 
 def check_url(value: str, schemes: tuple[str, ...] = ("http", "https")) -> str | None:
@@ -501,6 +511,20 @@ class AuthSettings:
     database_path: str | None = setting(
         None, "SQLite database. Default: <root>/var/opt/appliance/auth/auth.db.", check_safe_path
     )
+    database_url: str | None = setting(
+        None,
+        "The auth data on PostgreSQL instead of SQLite, shared by several nodes: "
+        "postgresql://user@host:port/database (no password in it). Every node names "
+        "the same database; see Several hosts in the README.",
+        check_database_url,
+    )
+    database_password_file: str | None = setting(
+        None,
+        "File whose first line is the PostgreSQL user's password (with database_url); "
+        "reconfigure copies it, mode 0600, for the token service's account. Unset: no "
+        "password (trust, peer or certificate authentication on the server).",
+        check_safe_path,
+    )
     max_failed_logins: int = setting(
         10, "Failed sign-ins per user or address before 429.", check_positive
     )
@@ -809,7 +833,14 @@ class Settings(RawSettings):
     facts: HostFacts = field(compare=False, metadata={"derived": True})
 
     @property
-    def auth_database(self) -> Path:
+    def auth_database(self) -> Database:
+        """The auth store as root's commands open it: the SQLite file, or the PostgreSQL
+        database with the admin's password file (the service reads its own copy)."""
+        if self.auth.database_url:
+            from appliance.auth.database import PostgresDatabase
+
+            password = self.auth.database_password_file
+            return PostgresDatabase(self.auth.database_url, Path(password) if password else None)
         return Path(self.auth.database_path)
 
 
@@ -1120,6 +1151,9 @@ def _show(key: str, value: Any) -> str:
         value = _URL_PASSWORD.sub(r"\1********@", value)
     # JSON quoting: a newline or quote in the value stays visible and the problem stays
     # on one line of the report.
+    if isinstance(value, str):
+        # A URL given with its password (a database_url, say) is shown without it.
+        value = re.sub(r"(://[^/@:\s]*):[^@/\s]*@", r"\1:***@", value)
     text = json.dumps(value[:100], ensure_ascii=False) if isinstance(value, str) else _brief(value)
     return text if len(text) < 80 else text[:77] + '..."'
 
@@ -1172,6 +1206,7 @@ def _cross_checks(s: RawSettings, rejected: set[str] | None = None) -> list[str]
         *check_contact_emails(s.letsencrypt.contact_emails),
         *check_tls(s, rejected or set()),
         *check_ports(s),
+        *check_auth_database(s.auth),
     ]
 
 
@@ -1187,6 +1222,23 @@ def check_redis(s: RawSettings) -> list[str]:
         problems.append(
             "registry.storage.cache.blobdescriptor: redis needs redis.url, the Redis "
             "to keep the cache in"
+        )
+    return problems
+
+
+def check_auth_database(auth: AuthSettings) -> list[str]:
+    """database_url and database_path name two different databases: only one may be set;
+    a password file means nothing without database_url."""
+    problems = []
+    if auth.database_url and auth.database_path:
+        problems.append(
+            "auth.database_path: set together with auth.database_url; remove one"
+            " (database_path is the SQLite file, database_url the PostgreSQL database)"
+        )
+    if auth.database_password_file and not auth.database_url:
+        problems.append(
+            "auth.database_password_file: only used with auth.database_url; set"
+            " database_url or remove it"
         )
     return problems
 

@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import ClassVar
 
 from appliance.auth.config import AuthConfig
+from appliance.auth.database import Database, PostgresDatabase, read_password
 from appliance.auth.database_files import chown_database_files
 from appliance.auth.store import schema_version, user_exists
 from appliance.contracts import Service, signal
 from appliance.engine import Report
+from appliance.pipeline import hold_point
 from appliance.resources import (
     Change,
     Directory,
@@ -39,8 +41,8 @@ from recipes.base import service_user
 ADMIN_USERNAME = "root"
 
 
-def _chown_database(db_path: Path, owner: str | None) -> None:
-    if owner is None:
+def _chown_database(db_path: Database, owner: str | None) -> None:
+    if owner is None or isinstance(db_path, PostgresDatabase):
         return
     import pwd
 
@@ -50,9 +52,11 @@ def _chown_database(db_path: Path, owner: str | None) -> None:
 
 @dataclass
 class AuthDatabase(Resource):
-    """The SQLite file at the latest schema version, owned by the auth account."""
+    """The SQLite file at the latest schema version, owned by the auth account; or the
+    PostgreSQL database at the latest schema (several nodes: the first one migrates,
+    under an advisory lock, and the others find it current)."""
 
-    path: Path
+    path: Database
     owner: str | None = None
     kind: ClassVar[str] = "database"
 
@@ -75,6 +79,7 @@ class AuthDatabase(Resource):
     def apply(self) -> None:
         from appliance.auth.store import ensure_schema
 
+        hold_point("auth-schema")  # the tests meet two nodes' migrations here
         ensure_schema(self.path)
         _chown_database(self.path, self.owner)
 
@@ -87,7 +92,7 @@ class AdminUser(Resource):
     admin reads once, as Omnibus GitLab does; an existing admin is left alone.
     """
 
-    db_path: Path
+    db_path: Database
     password: str | None
     password_file: Path
     owner: str | None = None
@@ -197,7 +202,8 @@ def auth_config(settings: Settings, secrets: Secrets) -> AuthConfig:
     registry's events secret from the secrets file."""
     a = settings.auth
     return AuthConfig(
-        database=settings.auth_database,
+        database=service_database(settings),
+        database_password_file=str(service_password_file(settings) or ""),
         signing_key=Path(settings.registry.key_path),
         signing_certificate=settings.paths.token_signing_certificate,
         issuer=settings.registry.issuer,
@@ -230,6 +236,41 @@ def auth_config(settings: Settings, secrets: Secrets) -> AuthConfig:
         registry_address=registry_address(settings) if settings.registry.enable else "",
         maintenance_file=settings.paths.registry_maintenance,
     )
+
+
+def service_password_file(settings: Settings) -> Path | None:
+    """The service's copy of the PostgreSQL password (the admin's file may be readable
+    by root alone), None without database_url or password."""
+    if settings.auth.database_url and settings.auth.database_password_file:
+        return settings.paths.auth_dir / "database-password"
+    return None
+
+
+def service_database(settings: Settings) -> Database:
+    """The database as the token service opens it: with its own password file."""
+    if settings.auth.database_url:
+        return PostgresDatabase(settings.auth.database_url, service_password_file(settings))
+    return settings.auth_database
+
+
+def database_password(settings: Settings, owner: str | None) -> list[Resource]:
+    """The PostgreSQL password, copied from the admin's file for the service's account
+    (0600, masked in every diff and log); nothing on SQLite."""
+    copy = service_password_file(settings)
+    if copy is None:
+        return []
+    password = read_password(Path(settings.auth.database_password_file or ""))
+    return [
+        File(
+            copy,
+            password + "\n",
+            0o600,
+            owner=owner,
+            group=owner,
+            sensitive=True,
+            notifies=(reload("auth"),),
+        )
+    ]
 
 
 def service(settings: Settings) -> Service:
@@ -329,6 +370,7 @@ def resources(settings: Settings, secrets: Secrets) -> list[Resource]:
             and settings.manage_accounts
             else []
         ),
+        *database_password(settings, user),
         AuthDatabase(settings.auth_database, owner=user),
         AdminUser(
             settings.auth_database,

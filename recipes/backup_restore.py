@@ -151,17 +151,27 @@ def backup(
             for path in skipped:
                 out(f"backup: not in the archive (outside the root {p.root}): {path}")
             database_member = None
-            if settings.auth.enable and settings.auth_database.exists():
-                database_member = archive_format.root_member(p.root, settings.auth_database)
+            if settings.auth.enable and settings.auth.database_url:
+                out(
+                    f"backup: not in the archive: the auth database on PostgreSQL"
+                    f" ({settings.auth.database_url}); back it up with pg_dump"
+                )
+            elif settings.auth.enable and Path(settings.auth.database_path).exists():
+                database_member = archive_format.root_member(
+                    p.root, Path(settings.auth.database_path)
+                )
                 with tempfile.TemporaryDirectory(dir=p.data_dir, prefix=".backup-") as tmp:
                     copy = Path(tmp) / "auth.db"
-                    archive_format.snapshot_database(settings.auth_database, copy)
+                    archive_format.snapshot_database(Path(settings.auth.database_path), copy)
                     writer.add_file(
                         database_member or "root/auth.db",
                         copy,
-                        mode=settings.auth_database.stat().st_mode,  # 0600: password hashes
+                        mode=Path(settings.auth.database_path)
+                        .stat()
+                        .st_mode,  # 0600: password hashes
                     )
-                out(f"backup: the auth database {settings.auth_database} (SQLite online backup)")
+                database = Path(settings.auth.database_path)
+                out(f"backup: the auth database {database} (SQLite online backup)")
             registry_copy = None
             if images == "included" and filesystem is not None:
                 with storage_lock(p.registry_storage_lock, "backup"):
@@ -228,9 +238,11 @@ def host_data(settings: Settings) -> dict[str, str]:
     config, secrets and certificates are replaced too, and said so, but are no data.)"""
     found = {}
     if settings.auth.enable:
-        contents = archive_format.database_contents(settings.auth_database)
+        contents = archive_format.database_contents(Path(settings.auth.database_path))
         if contents:
-            found["auth"] = f"the auth database {settings.auth_database} ({', '.join(contents)})"
+            found["auth"] = (
+                f"the auth database {Path(settings.auth.database_path)} ({', '.join(contents)})"
+            )
     root = registry.filesystem_root(settings) if settings.registry.enable else None
     if root is not None:
         repositories, size = archive_format.registry_contents(root)
@@ -257,7 +269,7 @@ def hand_over(settings: Settings) -> None:
     and the storage directory but not what is under it)."""
     if os.geteuid() != 0:
         return
-    db = settings.auth_database
+    db = Path(settings.auth.database_path)
     owner = _owner_of(db.parent)
     if settings.auth.enable and owner and db.exists():
         chown_database_files(db, *owner)
@@ -346,7 +358,7 @@ def restore(
         if stop_services is not None:
             stop_services(out)
         new_root = registry.filesystem_root(restored) if restored.registry.enable else None
-        database_member = archive_format.root_member(p.root, restored.auth_database)
+        database_member = archive_format.root_member(p.root, Path(restored.auth.database_path))
         with (
             reconfigure_lock(p.lock_file, out),
             storage_lock(p.registry_storage_lock, "restore"),
@@ -402,7 +414,7 @@ def _restorable(restored: Settings) -> Callable[[str], bool]:
     root/etc/passwd is refused whatever its checksum."""
     p = restored.paths
     rn = restored.registry_nginx
-    files = {p.secrets_file, p.initial_root_password_file, restored.auth_database}
+    files = {p.secrets_file, p.initial_root_password_file, Path(restored.auth.database_path)}
     files |= {Path(name) for name in (rn.ssl_certificate, rn.ssl_certificate_key) if name}
     names = {archive_format.root_member(p.root, path) for path in files} - {None}
     ssl_prefix = archive_format.root_member(p.root, p.ssl_dir)

@@ -27,12 +27,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import ClassVar
 
 from appliance import registry_gc, registry_maintenance, registry_storage
+from appliance.auth.cluster import SharedWindow
 from appliance.engine import Report
 from appliance.errors import ApplianceError, ServiceError
-from appliance.pipeline import Run, crash_point, reload_service
+from appliance.pipeline import Run, crash_point, hold_point, reload_service
 from appliance.resources import Change, Resource
 from appliance.secrets import Secrets
 from appliance.settings import Settings
@@ -60,6 +62,7 @@ class Collection:
     freed: dict[str, int] | None = None  # None: the collector did not run
     window_seconds: float = 0.0
     registry_was_running: bool = True
+    shared: SharedWindow | None = None  # the window as the other nodes see it
     collector: registry_gc.CollectorResult | None = None
     redact: Callable[[str], str] = field(default=lambda line: line, repr=False)
     garbage_manifests: dict | None = None
@@ -173,7 +176,7 @@ class GarbageCollection(Resource):
             pid_start=registry_maintenance.process_start(os.getpid()),
         )
         opened = time.monotonic()
-        registry_maintenance.write(paths.registry_maintenance, window)
+        c.shared = open_window(c.settings, window)
         failed: BaseException | None = None
         try:
             c.registry_was_running = self.hand_over()
@@ -221,7 +224,8 @@ class GarbageCollection(Resource):
         return watch(self.collection.settings)
 
     def close(self, window: registry_maintenance.Window) -> None:
-        close(self.collection.settings, window, self.collection.registry_was_running)
+        c = self.collection
+        close(c.settings, window, c.registry_was_running, c.shared)
 
 
 def hand_over(settings: Settings) -> bool:
@@ -259,17 +263,41 @@ def watch(settings: Settings) -> Callable[[], str | None]:
     return why
 
 
-def close(settings: Settings, window: registry_maintenance.Window, was_running: bool) -> None:
+def open_window(settings: Settings, window: registry_maintenance.Window) -> SharedWindow:
+    """The window in force: published to the other nodes first (with auth.database_url;
+    another node's window in force refuses this one, nothing written), then the marker."""
+    shared = SharedWindow(settings.auth_database if settings.auth.enable else Path())
+    shared.open(window)
+    try:
+        registry_maintenance.write(settings.paths.registry_maintenance, window)
+    except BaseException:
+        shared.close()
+        raise
+    return shared
+
+
+def close(
+    settings: Settings,
+    window: registry_maintenance.Window,
+    was_running: bool,
+    shared: SharedWindow | None = None,
+) -> None:
     """Back to read-write: the token service keeps refusing pushes (`closing`) until
-    the read-write registry serves, then the marker goes."""
+    the read-write registry serves, then the marker (and the shared window) goes."""
     path = settings.paths.registry_maintenance
     registry_maintenance.write(path, replace(window, phase=registry_maintenance.CLOSING))
     try:
+        if shared is not None:
+            shared.closing(window)
         state = registry.handover_state(settings)
         if was_running or state.get("readonly"):
             hand_over(settings)
     finally:
-        registry_maintenance.remove(path)
+        try:
+            registry_maintenance.remove(path)
+        finally:
+            if shared is not None:
+                shared.close()
 
 
 @contextmanager
@@ -287,7 +315,7 @@ def read_only_window(settings: Settings, reason: str, expected_seconds: float) -
         pid=os.getpid(),
         pid_start=registry_maintenance.process_start(os.getpid()),
     )
-    registry_maintenance.write(settings.paths.registry_maintenance, window)
+    shared = open_window(settings, window)
     was_running = False
     failed: BaseException | None = None
     try:
@@ -301,7 +329,7 @@ def read_only_window(settings: Settings, reason: str, expected_seconds: float) -
         raise
     finally:
         try:
-            close(settings, window, was_running)
+            close(settings, window, was_running, shared)
         except ApplianceError as error:
             if failed is None:
                 raise
@@ -309,19 +337,6 @@ def read_only_window(settings: Settings, reason: str, expected_seconds: float) -
                 f"{failed} The maintenance window could not be closed either: {error}; "
                 f"appliance-ctl reconfigure closes it."
             ) from failed
-
-
-def hold_point(name: str) -> None:
-    """Where the tests hold a run inside its window (APPLIANCE_TEST_HOLD_AT=NAME:FILE:
-    wait while FILE exists, two minutes at most), so a client can meet the window
-    however fast the collection is. Nothing happens otherwise."""
-    wanted = os.environ.get("APPLIANCE_TEST_HOLD_AT", "")
-    point, _, path = wanted.partition(":")
-    if point != name or not path:
-        return
-    deadline = time.monotonic() + 120
-    while os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def _alive(pid: object) -> bool:

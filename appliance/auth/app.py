@@ -43,6 +43,7 @@ from appliance.auth.names import is_repository_name
 from appliance.auth.permissions import (
     ALL,
     PUSH,
+    WRITE_ACTIONS,
     Decision,
     Principal,
     ProjectAccess,
@@ -428,8 +429,14 @@ class TokenService:
         """While the registry serves read-only (a garbage collection's window), a push or
         delete is refused with the sentence the client prints; pulls go on. One stat of
         the marker file per request."""
+        if not WRITE_ACTIONS & set(actions):
+            return ""  # a pull never waits for a window, nor asks the database about one
         window = self.maintenance.window()
         if window is None or state(window) == STALE:
+            # Several nodes (auth.database_url): a window opened on any of them, one
+            # query; nothing on SQLite.
+            window = self.store.shared_maintenance_window()
+        if window is None:
             return ""
         return maintenance_refusal(actions, window.reason, window.expected_end, now)
 

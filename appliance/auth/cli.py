@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from appliance.auth import credentials, tag_rules
+from appliance.auth.database import Database, PostgresDatabase
 from appliance.auth.database_files import check_database_files, chown_database_files
 from appliance.auth.migrations import MIGRATIONS
 from appliance.auth.names import path_prefixes, validate_username
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 
 
 class AuthContext(Protocol):
-    auth_database: Path
+    auth_database: Database
     default_registry_enabled: bool
 
 
@@ -270,6 +271,8 @@ def _using_store(action: Callable[[argparse.Namespace, Store, AuthContext], int]
 
     @functools.wraps(action)
     def handler(args: argparse.Namespace, context: AuthContext) -> int:
+        if isinstance(context.auth_database, PostgresDatabase):
+            return _on_postgres(action, args, context)
         database = Path(context.auth_database)
         check_database_files(database)
         if not database.exists():
@@ -291,6 +294,26 @@ def _using_store(action: Callable[[argparse.Namespace, Store, AuthContext], int]
             _keep_owner(database)
 
     return handler
+
+
+def _on_postgres(
+    action: Callable[[argparse.Namespace, Store, AuthContext], int],
+    args: argparse.Namespace,
+    context: AuthContext,
+) -> int:
+    """The same command on the PostgreSQL database: no files to keep owned."""
+    database = context.auth_database
+    version = schema_version(database)
+    if version is None or version < len(MIGRATIONS):
+        raise AuthError(
+            f"The auth database {database} has schema version {version or 0}, this version "
+            f"needs {len(MIGRATIONS)}; run 'appliance-ctl reconfigure' first."
+        )
+    store = Store(database)
+    try:
+        return action(args, store, context)
+    finally:
+        store.close()
 
 
 def _keep_owner(database: Path) -> None:
@@ -595,17 +618,21 @@ def project_lookup(context: AuthContext) -> Callable[[str], str | None]:
     """The project a repository belongs to, for commands outside auth (`repo list`): the
     longest project path it is under, else its user's personal namespace
     ('alice (personal)'), as the token service decides. Nothing without a database."""
-    database = Path(context.auth_database)
-    if not database.exists():
-        return lambda name: None
-    check_database_files(database)
+    on_postgres = isinstance(context.auth_database, PostgresDatabase)
+    database = context.auth_database
+    if not on_postgres:
+        database = Path(database)
+        if not database.exists():
+            return lambda name: None
+        check_database_files(database)
     store = Store(database)
     try:
         projects = {p.path for p in store.list_projects()}
         users = {u.username for u in store.list_users()}
     finally:
         store.close()
-        _keep_owner(database)
+        if not on_postgres:
+            _keep_owner(database)
 
     def project_of(repository: str) -> str | None:
         found = next((p for p in path_prefixes(repository) if p in projects), None)

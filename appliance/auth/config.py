@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.auth.database import Database, PostgresDatabase, database_of, url_problem
 from appliance.errors import ConfigError
 
 
@@ -23,8 +24,13 @@ from appliance.errors import ConfigError
 class AuthConfig:
     """Every setting of the token service. Paths are absolute (already under the root)."""
 
-    database: Path
-    """SQLite file holding users, projects, memberships and tokens (shared by all workers)."""
+    database: Database
+    """Where users, projects, memberships and tokens live (shared by all workers): the
+    SQLite file, or a PostgreSQL database (`postgresql://user@host:port/db` in the
+    file), shared by several nodes."""
+    database_password_file: str
+    """The service's own copy (mode 0600) of the PostgreSQL password, '' for none (on
+    SQLite always ''); folded into `database` when the file is read."""
     signing_key: Path
     """PEM private key that signs registry tokens: EC P-256 (ES256) or RSA (RS256)."""
     signing_certificate: Path
@@ -123,7 +129,7 @@ class AuthConfig:
         out = {}
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
-            if isinstance(value, Path):
+            if isinstance(value, Path | PostgresDatabase):
                 value = str(value)
             elif isinstance(value, tuple):
                 value = list(value)
@@ -132,7 +138,6 @@ class AuthConfig:
 
 
 _PATH_FIELDS = {
-    "database",
     "signing_key",
     "signing_certificate",
     "audit_log",
@@ -166,7 +171,17 @@ def from_mapping(raw: dict, source: str = "auth config") -> AuthConfig:
         if name not in raw:
             continue
         value = values[name] = raw[name]
-        if name in _PATH_FIELDS:
+        if name == "database":
+            if isinstance(value, str) and "://" in value:
+                problem = url_problem(value)
+                if problem:
+                    problems.append(f"{name}: the database URL {problem}")
+            elif not isinstance(value, str) or not value.startswith("/"):
+                problems.append(f"{name}: must be an absolute path or a postgresql:// URL")
+        elif name == "database_password_file":
+            if not isinstance(value, str) or (value and not value.startswith("/")):
+                problems.append(f"{name}: must be an absolute path or ''")
+        elif name in _PATH_FIELDS:
             if not isinstance(value, str) or not value.startswith("/"):
                 problems.append(f"{name}: must be an absolute path")
             else:
@@ -218,6 +233,7 @@ def from_mapping(raw: dict, source: str = "auth config") -> AuthConfig:
             + "; ".join(problems)
             + "; run 'appliance-ctl reconfigure' to write it again."
         )
+    values["database"] = database_of(values["database"], values["database_password_file"])
     return AuthConfig(**values)
 
 

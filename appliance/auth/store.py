@@ -3,11 +3,13 @@
 SQLite in WAL mode is the default store: readers never block the writer, and the
 several worker processes of the token server share one file. Each process (and each
 thread) opens its own connection lazily, so a connection never crosses a fork.
-Statements are plain, portable SQL with `?` parameters so that a PostgreSQL
-implementation of this same interface can replace the module later.
+Statements are plain, portable SQL with `?` parameters: with `auth.database_url` the
+same statements run on PostgreSQL (appliance/auth/postgres.py), translated in one
+place (appliance/auth/database.py). Every function and the Store take the database as
+a `Database`: a SQLite file's Path, or a PostgresDatabase.
 
 Schema changes are numbered migrations applied by `ensure_schema`, which records the
-number reached in SQLite's `user_version` pragma.
+number reached in SQLite's `user_version` pragma (a table on PostgreSQL).
 
 Reconfigure reads the database through this module on every run, a no-op included
 (`schema_version`, `user_exists`), so the password hasher (argon2, through
@@ -24,13 +26,18 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from appliance.auth.database import Database, PostgresDatabase
 from appliance.auth.database_files import check_database_files
 from appliance.auth.migrations import MIGRATIONS
 from appliance.auth.names import path_prefixes, validate_project_path, validate_username
 from appliance.auth.permissions import ROLES, TOKEN_SCOPES, VISIBILITIES, ProjectAccess
 from appliance.auth.tag_rules import Reservation, TagRule
 from appliance.errors import AuthError
+
+if TYPE_CHECKING:
+    from appliance.registry_maintenance import Window
 
 
 class NotFoundError(AuthError):
@@ -137,9 +144,13 @@ class RefreshToken:
     expires_at: int
 
 
-def connect(db_path: Path) -> sqlite3.Connection:
+def connect(db_path: Database) -> sqlite3.Connection:
     """A connection set up the way every user of the database needs it; a database that
     cannot be opened is one AuthError sentence, never a traceback."""
+    if isinstance(db_path, PostgresDatabase):
+        from appliance.auth import postgres
+
+        return postgres.connect(db_path)  # type: ignore[return-value]: the same interface
     check_database_files(db_path)
     try:
         connection = sqlite3.connect(
@@ -156,8 +167,13 @@ def connect(db_path: Path) -> sqlite3.Connection:
     return connection
 
 
-def ensure_schema(db_path: Path) -> None:
-    """Create the database or bring it to the latest schema; a no-op when it is current."""
+def ensure_schema(db_path: Database) -> int:
+    """Create the database or bring it to the latest schema; a no-op when it is current.
+    Returns how many migrations this call applied (0: another run did, or none due)."""
+    if isinstance(db_path, PostgresDatabase):
+        from appliance.auth import postgres
+
+        return postgres.ensure_schema(db_path)
     db_path = Path(db_path)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     if not db_path.exists():
@@ -170,6 +186,7 @@ def ensure_schema(db_path: Path) -> None:
         connection.execute("BEGIN IMMEDIATE")
         try:
             version = connection.execute("PRAGMA user_version").fetchone()[0]
+            applied = len(MIGRATIONS) - version
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 for statement in script.split(";"):
                     if statement.strip():
@@ -181,10 +198,19 @@ def ensure_schema(db_path: Path) -> None:
             raise
     finally:
         connection.close()
+    return max(applied, 0)
 
 
-def check_schema(db_path: Path) -> None:
+def check_schema(db_path: Database) -> None:
     """Refuse to serve from a database that is missing or not at the latest schema."""
+    if isinstance(db_path, PostgresDatabase):
+        version = schema_version(db_path) or 0
+        if version != len(MIGRATIONS):
+            raise AuthError(
+                f"The auth database {db_path} has schema version {version}, this service"
+                f" needs {len(MIGRATIONS)}; run 'appliance-ctl reconfigure'."
+            )
+        return
     db_path = Path(db_path)
     if not db_path.exists():
         raise AuthError(
@@ -204,9 +230,13 @@ def check_schema(db_path: Path) -> None:
         )
 
 
-def schema_version(db_path: Path) -> int | None:
+def schema_version(db_path: Database) -> int | None:
     """The schema number the database has reached, None when there is no database yet.
     Opened read-only, so that asking (a dry run, the recipe's plan) creates nothing."""
+    if isinstance(db_path, PostgresDatabase):
+        from appliance.auth import postgres
+
+        return postgres.schema_version(db_path)
     db_path = Path(db_path)
     check_database_files(db_path)  # a linked auth.db-wal: one sentence, never followed
     if not db_path.exists():
@@ -218,10 +248,14 @@ def schema_version(db_path: Path) -> int | None:
         connection.close()
 
 
-def user_exists(db_path: Path, username: str) -> bool:
+def user_exists(db_path: Database, username: str) -> bool:
     """Whether `username` has an account; False while there is no database or no users
     table yet (the recipe asks before its schema step has run). Read-only, like
     schema_version."""
+    if isinstance(db_path, PostgresDatabase):
+        from appliance.auth import postgres
+
+        return bool(postgres.query(db_path, "SELECT 1 FROM users WHERE username = ?", (username,)))
     db_path = Path(db_path)
     if schema_version(db_path) is None:
         return False
@@ -235,9 +269,13 @@ def user_exists(db_path: Path, username: str) -> bool:
         connection.close()
 
 
-def project_quotas(db_path: Path) -> dict[str, int | None]:
+def project_quotas(db_path: Database) -> dict[str, int | None]:
     """Every project path with its quota (None: none), read-only, so that root reading it
     leaves no file behind; empty while there is no database yet."""
+    if isinstance(db_path, PostgresDatabase):
+        from appliance.auth import postgres
+
+        return dict(postgres.query(db_path, "SELECT path, quota_bytes FROM projects"))
     db_path = Path(db_path)
     if schema_version(db_path) is None:
         return {}
@@ -254,7 +292,7 @@ def _read_only(db_path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"{db_path.absolute().as_uri()}?mode=ro", uri=True)
 
 
-def ensure_admin(db_path: Path, username: str, password: str) -> bool:
+def ensure_admin(db_path: Database, username: str, password: str) -> bool:
     """Create the administrator if missing (True); never touches an existing user."""
     from appliance.auth import credentials  # argon2: see the module docstring
 
@@ -274,14 +312,22 @@ def ensure_admin(db_path: Path, username: str, password: str) -> bool:
 class Store:
     """All reads and writes of users, projects, memberships, tokens and sign-in failures."""
 
-    def __init__(self, db_path: Path) -> None:
-        self.db_path = Path(db_path)
+    def __init__(self, db_path: Database | str) -> None:
+        self.db_path: Database = db_path if isinstance(db_path, PostgresDatabase) else Path(db_path)
         self._local = threading.local()
+        self._integrity_errors: tuple[type[BaseException], ...] = (sqlite3.IntegrityError,)
+        if isinstance(self.db_path, PostgresDatabase):
+            from appliance.auth import postgres
+
+            self._integrity_errors = (sqlite3.IntegrityError, postgres.IntegrityError)
 
     # -- connection handling -------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use in this process (a connection
+        never crosses a fork); a PostgreSQL connection the server dropped (a restart, a
+        failover) is opened again at the next request."""
         local = self._local
-        if getattr(local, "pid", None) != os.getpid():
+        if getattr(local, "pid", None) != os.getpid() or getattr(local.connection, "broken", False):
             local.connection = connect(self.db_path)
             local.pid = os.getpid()
         return local.connection
@@ -295,7 +341,7 @@ class Store:
     def _write(self, sql: str, params: Iterable = ()) -> sqlite3.Cursor:
         try:
             return self._db().execute(sql, tuple(params))
-        except sqlite3.IntegrityError as error:
+        except self._integrity_errors as error:
             raise _IntegrityProblem(str(error)) from error
 
     def _one(self, sql: str, params: Iterable = ()) -> tuple | None:
@@ -306,6 +352,16 @@ class Store:
 
     def ping(self) -> None:
         self._one("SELECT 1")
+
+    def shared_maintenance_window(self) -> Window | None:
+        """The maintenance window a run on any node opened (appliance/auth/cluster.py),
+        None when there is none, its run is gone, or the store is SQLite (one host: the
+        marker file says it)."""
+        if not isinstance(self.db_path, PostgresDatabase):
+            return None
+        from appliance.auth.cluster import read_window
+
+        return read_window(self._db())
 
     # -- users -----------------------------------------------------------------------
     _USER_COLUMNS = "id, username, password_hash, admin, blocked, credentials_version, created_at"
@@ -570,7 +626,7 @@ class Store:
             "INSERT INTO tag_reservations (repository, tag, digest, reserved_at)"
             " VALUES (?, ?, ?, ?) ON CONFLICT (repository, tag) DO UPDATE SET"
             " digest = excluded.digest, reserved_at = excluded.reserved_at"
-            " WHERE digest != excluded.digest",
+            " WHERE tag_reservations.digest != excluded.digest",
             (repository, tag, digest, now),
         )
 
@@ -617,7 +673,7 @@ class Store:
         cursor = self._write(
             "INSERT INTO personal_access_tokens"
             " (user_id, name, token_digest, scopes, expires_at, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
             (
                 user.id,
                 name,
@@ -627,7 +683,7 @@ class Store:
                 int(time.time()),
             ),
         )
-        return self.personal_access_token(cursor.lastrowid), secret
+        return self.personal_access_token(cursor.fetchall()[0][0]), secret
 
     def personal_access_token(self, token_id: int) -> PersonalAccessToken:
         row = self._one(
@@ -681,7 +737,7 @@ class Store:
             cursor = db.execute(
                 "INSERT INTO deploy_tokens"
                 " (project_id, name, token_digest, scopes, expires_at, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
                 (
                     project.id,
                     name,
@@ -691,7 +747,7 @@ class Store:
                     int(time.time()),
                 ),
             )
-            token_id = cursor.lastrowid
+            token_id = cursor.fetchall()[0][0]
             db.execute(
                 "UPDATE deploy_tokens SET username = ? WHERE id = ?",
                 (DEPLOY_TOKEN_USERNAME.format(id=token_id), token_id),
@@ -805,10 +861,11 @@ class Store:
         for subject in subjects:
             self._write(
                 "INSERT INTO failed_signins (subject, window_start, failures) VALUES (?, ?, 1)"
-                " ON CONFLICT (subject) DO UPDATE SET"
-                " failures = CASE WHEN window_start <= ? THEN 1 ELSE failures + 1 END,"
-                " window_start = CASE WHEN window_start <= ? THEN excluded.window_start"
-                " ELSE window_start END",
+                " ON CONFLICT (subject) DO UPDATE SET failures = CASE"
+                " WHEN failed_signins.window_start <= ? THEN 1"
+                " ELSE failed_signins.failures + 1 END,"
+                " window_start = CASE WHEN failed_signins.window_start <= ?"
+                " THEN excluded.window_start ELSE failed_signins.window_start END",
                 (subject, now, now - window, now - window),
             )
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from appliance.auth.config import AuthConfig, from_mapping
+from appliance.auth.database import PostgresDatabase
 from appliance.auth.server import gunicorn_options
-from appliance.errors import ConfigError
+from appliance.errors import AuthError, ConfigError
 from appliance.resources import restart
 from recipes import auth, supervisor
 from tests.support.recipes import SECRETS, settings_for
@@ -136,7 +137,8 @@ NON_DEFAULT_SETTINGS = {
         "threads": 5,
         "token_lifetime": 600,
         "refresh_token_lifetime": 86400,
-        "database_path": "/srv/db/users.db",
+        "database_url": "postgresql://appliance@db.example.org:5433/registry",
+        "database_password_file": "/etc/appliance/database-password",
         "max_failed_logins": 4,
         "failed_login_window": 120,
         "credential_cache_ttl": 15,
@@ -147,7 +149,11 @@ NON_DEFAULT_SETTINGS = {
     "default_projects_features": {"container_registry": False},
 }
 ARRIVES_AS = {
-    "database": Path("/srv/db/users.db"),
+    "database": PostgresDatabase(
+        "postgresql://appliance@db.example.org:5433/registry",
+        OTHER_ROOT / "var/opt/appliance/auth/database-password",
+    ),
+    "database_password_file": str(OTHER_ROOT / "var/opt/appliance/auth/database-password"),
     "signing_key": Path("/etc/keys/signing.key"),
     "signing_certificate": OTHER_ROOT / "var/opt/appliance/auth/token-signing.crt",
     "issuer": "example-issuer",
@@ -192,6 +198,34 @@ def test_every_field_of_the_service_config_comes_from_the_settings():
         if getattr(custom, spec.name) == getattr(default, spec.name)
     ]
     assert unchanged == ["trusted_proxies", "events_secret_digest"]
+
+
+def test_a_sqlite_database_path_arrives_as_the_service_database():
+    custom = auth.auth_config(
+        settings_for(OTHER_ROOT, auth={"database_path": "/srv/db/users.db"}), SECRETS
+    )
+    assert (custom.database, custom.database_password_file) == (Path("/srv/db/users.db"), "")
+
+
+def test_the_postgresql_password_is_copied_for_the_service_and_masked(tmp_path):
+    """The admin's file may be root's alone: the service gets its own copy, 0600, whose
+    content never reaches a diff."""
+    admin_file = tmp_path / "db-password"
+    admin_file.write_text("s3cret-pw\nignored second line\n")
+    settings = settings_for(
+        ROOT,
+        auth={
+            "database_url": "postgresql://appliance@db.example.org/registry",
+            "database_password_file": str(admin_file),
+        },
+    )
+    [copy] = [
+        r for r in auth.resources(settings, SECRETS) if str(r.name).endswith("database-password")
+    ]
+    assert (copy.content, copy.mode, copy.sensitive) == (b"s3cret-pw\n", 0o600, True)
+    admin_file.unlink()
+    with pytest.raises(AuthError, match="password file .* cannot be read"):
+        auth.resources(settings, SECRETS)
 
 
 def test_on_the_registry_socket_the_auth_account_joins_the_web_group():

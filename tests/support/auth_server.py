@@ -22,6 +22,7 @@ from cryptography.x509.oid import NameOID
 
 from appliance.auth import store as auth_store
 from appliance.auth.config import AuthConfig, to_mapping
+from appliance.auth.database import PostgresDatabase
 
 APPLIANCE_AUTH = Path(sys.executable).with_name("appliance-auth")
 
@@ -71,6 +72,7 @@ def make_config(directory: Path, port: int = 0, key_kind: str = "ec", **override
     port = port or free_port()
     values = dict(
         database=directory / "auth.db",
+        database_password_file="",
         signing_key=key_path,
         signing_certificate=cert_path,
         issuer="appliance-token-issuer",
@@ -103,6 +105,9 @@ def make_config(directory: Path, port: int = 0, key_kind: str = "ec", **override
         maintenance_file=directory / "registry-maintenance.json",
     )
     values.update(overrides)
+    database = values["database"]
+    if isinstance(database, PostgresDatabase) and database.password_file is not None:
+        values["database_password_file"] = str(database.password_file)  # as the recipe does
     config = AuthConfig(**values)
     auth_store.ensure_schema(config.database)
     return config

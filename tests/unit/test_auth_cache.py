@@ -33,8 +33,9 @@ def _worker(config, connection) -> None:
 
 
 @pytest.fixture
-def two_workers(tmp_path: Path):
-    config = make_config(tmp_path, credential_cache_ttl=300)
+def two_workers(tmp_path: Path, auth_database):
+    """Two processes on one database: two workers of a node, or (PostgreSQL) two nodes."""
+    config = make_config(tmp_path, credential_cache_ttl=300, database=auth_database)
     store = Store(config.database)
     store.create_user("alice", credentials.hash_password(OLD))  # production argon2 cost
     store.create_project("team/app", "private", True)

@@ -26,9 +26,10 @@ class Context:
 
 
 @pytest.fixture
-def ctl(tmp_path: Path, monkeypatch):
+def ctl(tmp_path: Path, monkeypatch, auth_database):
+    """The commands on each engine (SQLite, PostgreSQL) in turn."""
     use_cheap_hasher(monkeypatch)
-    config = make_config(tmp_path)
+    config = make_config(tmp_path, database=auth_database)
     context = Context(config.database)
     parser = argparse.ArgumentParser(prog="appliance-ctl")
     cli.register(parser.add_subparsers(dest="command", required=True))

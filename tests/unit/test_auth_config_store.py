@@ -53,6 +53,7 @@ COMPLETE = {
     "gc_stats_file": "/var/opt/appliance/registry-gc.json",
     "registry_address": "127.0.0.1:5000",
     "maintenance_file": "/var/opt/appliance/registry-maintenance.json",
+    "database_password_file": "",
 }
 
 

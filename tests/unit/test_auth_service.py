@@ -20,10 +20,12 @@ PASSWORD = "correct horse"
 
 
 @pytest.fixture
-def service(tmp_path: Path, monkeypatch) -> TokenService:
+def service(tmp_path: Path, monkeypatch, auth_database) -> TokenService:
+    """The service on each engine (SQLite, PostgreSQL) in turn."""
     use_cheap_hasher(monkeypatch)
     config = make_config(
         tmp_path,
+        database=auth_database,
         rate_limit_user_failures=3,
         rate_limit_address_failures=5,
         rate_limit_window=300,

@@ -385,6 +385,50 @@ BAD_CONFIGS = {
         {"auth": {"database_path": "/srv/a'b.db"}},
         [f'auth.database_path: "/srv/a\'b.db" {PATH_MSG}'],
     ),
+    "database URL with its password: the password is not repeated": (
+        {"auth": {"database_url": "postgresql://app:hunter2@db.example.org/registry"}},
+        [
+            'auth.database_url: "postgresql://app:***@db.example.org/registry" is not a usable'
+            " database URL: it must not hold the password (postgresql://user@host:port/db);"
+            " put it in the file named by auth.database_password_file"
+        ],
+    ),
+    "database URL of another engine": (
+        {"auth": {"database_url": "mysql://app@db/registry"}},
+        [
+            'auth.database_url: "mysql://app@db/registry" is not a usable database URL: it'
+            " must start with postgresql://"
+        ],
+    ),
+    "database URL without a database": (
+        {"auth": {"database_url": "postgresql://app@db.example.org:5432"}},
+        [
+            'auth.database_url: "postgresql://app@db.example.org:5432" is not a usable'
+            " database URL: it names no database (or more than one path part):"
+            " postgresql://user@host:port/db"
+        ],
+    ),
+    "database URL without a user": (
+        {"auth": {"database_url": "postgresql://db.example.org/registry"}},
+        [
+            'auth.database_url: "postgresql://db.example.org/registry" is not a usable'
+            " database URL: it names no user: postgresql://user@host:port/db"
+        ],
+    ),
+    "two databases named": (
+        {"auth": {"database_url": "postgresql://a@db/r", "database_path": "/srv/auth.db"}},
+        [
+            "auth.database_path: set together with auth.database_url; remove one"
+            " (database_path is the SQLite file, database_url the PostgreSQL database)"
+        ],
+    ),
+    "a password file without a database URL": (
+        {"auth": {"database_password_file": "/etc/appliance/db-password"}},
+        [
+            "auth.database_password_file: only used with auth.database_url; set"
+            " database_url or remove it"
+        ],
+    ),
     "relative path": (
         {"registry": {"key_path": "keys/token.key"}},
         ['registry.key_path: "keys/token.key" is not an absolute path'],
@@ -778,6 +822,9 @@ def test_resolved_settings_leave_optional_only_what_the_services_may_go_without(
         "letsencrypt.ca_bundle",
         "redis.url",
         "redis.password_file",
+        # unset: the auth data on SQLite; set: on PostgreSQL (with or without a password)
+        "auth.database_url",
+        "auth.database_password_file",
     }
 
 

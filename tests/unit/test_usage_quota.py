@@ -186,8 +186,8 @@ def test_events_naming_no_valid_repository_are_skipped():
     assert events.parse(envelope(bad, "junk")).manifests == []
 
 
-def test_history_keeps_the_last_events_per_repository_and_kind(tmp_path):
-    config = make_config(tmp_path)
+def test_history_keeps_the_last_events_per_repository_and_kind(tmp_path, auth_database):
+    config = make_config(tmp_path, database=auth_database)
     store = Store(config.database)
 
     def record(action: str, number: int, repository: str = "team/app") -> RegistryEvent:
@@ -278,9 +278,10 @@ def test_metrics_text_escapes_labels_and_reads_the_gc_figures():
 
 
 @pytest.fixture
-def service(tmp_path: Path, monkeypatch) -> TokenService:
+def service(tmp_path: Path, monkeypatch, auth_database) -> TokenService:
+    """The service on each engine (SQLite, PostgreSQL) in turn."""
     use_cheap_hasher(monkeypatch)
-    config = make_config(tmp_path)
+    config = make_config(tmp_path, database=auth_database)
     service = TokenService(config)
     from appliance.auth import credentials
 

@@ -21,9 +21,10 @@ PASSWORD = "correct horse"
 
 
 @pytest.fixture
-def service(tmp_path: Path, monkeypatch) -> TokenService:
+def service(tmp_path: Path, monkeypatch, auth_database) -> TokenService:
+    """The service on each engine (SQLite, PostgreSQL) in turn."""
     use_cheap_hasher(monkeypatch)
-    config = make_config(tmp_path)
+    config = make_config(tmp_path, database=auth_database)
     store = Store(config.database)
     for name, admin in (("root", True), ("alice", False), ("bob", False), ("carol", False)):
         store.create_user(name, credentials.hash_password(PASSWORD), admin=admin)

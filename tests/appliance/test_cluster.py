@@ -1,23 +1,31 @@
 """Several hosts, proven with network-namespace hosts on one machine (tests/support/cluster.py):
-a db host (Redis, the moto S3 server), two appliance nodes A and B sharing the bucket,
-the Redis and the secrets (cluster export on A, join on B), and an nginx front.
+a db host (PostgreSQL, Redis, the moto S3 server), two appliance nodes A and B sharing
+the auth database, the bucket, the Redis and the secrets (cluster export on A, join on
+B), and an nginx front.
 
+- both nodes reconfigured at once onto an empty database: one migration, no error;
 - an image pushed through A is pulled through B with identical digests, and Redis holds
   the blob descriptors both registries share;
 - a token A's token service issued is accepted by B's registry;
+- a PAT revoked and a user blocked on A are refused by B at its next request;
+- a garbage collection on A while pulls go on through the front: 0 failed pulls, and
+  B refuses pushes with the maintenance sentence;
 - A killed (kill -9 of supervisord and every child) during a pull loop through the
   front: failures stop within a few seconds, the images are all still there.
 
-One cluster serves the module (it starts in about 10 s); the failover test runs last
-and brings A back.
+One cluster serves the module (it starts in about 10 s); the tests run in order, the
+failover last (it brings A back).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
+import os
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +33,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from appliance.auth import store as auth_store
+from appliance.auth.database import PostgresDatabase
+from appliance.auth.migrations import MIGRATIONS
+from tests.support.appliance import BIN
 from tests.support.cluster import Cluster, Node
 from tests.support.counting_client import Registry
 from tests.support.oci import build_image
@@ -68,6 +80,64 @@ def get(address: str, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
         conn.close()
 
 
+SENTENCE = "registry is in maintenance (garbage collection) until about "
+ALICE = "alice's password 1"
+
+
+def wait_for(condition, timeout: float = 60, what: str = "") -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def token_reply(node: Node, username: str, password: str, scope: str) -> tuple[int, str]:
+    """What the node's own token service answers (its address, from the front host)."""
+    basic = base64.b64encode(f"{username}:{password}".encode()).decode()
+    path = f"/jwt/auth?service=container_registry&scope={scope}"
+    status, body = get(node.address, path, {"Authorization": f"Basic {basic}"})
+    return status, body.decode(errors="replace")
+
+
+def test_both_nodes_reconfigured_at_once_onto_an_empty_database_migrate_once(cluster, tmp_path):
+    """Both nodes moved to a new, empty database and reconfigured at the same moment
+    (each held at its schema step until both are there): both succeed, the schema is
+    migrated once to the latest version, one root user."""
+    with cluster.db.entered():
+        cluster.postgres.sql('CREATE DATABASE "fresh"')
+    url = cluster.postgres.url("fresh")
+    hold = tmp_path / "hold"
+    hold.touch()
+    runs = []
+    for node in cluster.nodes:
+        node.write_config({"auth": {"database_url": url}})
+        runs.append(
+            subprocess.Popen(
+                [*node.host.prefix, str(BIN / "appliance-ctl"), "-c", str(node.config_file),
+                 "reconfigure"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={**os.environ, "APPLIANCE_TEST_HOLD_AT": f"auth-schema:{hold}"},
+            )
+        )  # fmt: skip
+    try:
+        wait_for(lambda: len(list(tmp_path.glob("hold.arrived.*"))) == 2, 120, "both runs")
+    finally:
+        hold.unlink()
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    for run, output in zip(runs, outputs, strict=True):
+        assert run.returncode == 0, output
+        assert "Error" not in output and "a-test-only-password" not in output
+    with cluster.db.entered():
+        database = PostgresDatabase(url, cluster.postgres.password_file)
+        assert auth_store.schema_version(database) == len(MIGRATIONS)
+        assert [u.username for u in auth_store.Store(database).list_users()] == ["root"]
+    with cluster.front_host.entered():
+        for node in cluster.nodes:
+            assert token_reply(node, "root", node.password, "repository:root/x:pull")[0] == 200
+
+
 def test_push_through_a_pull_through_b_identical_digests(cluster, tmp_path):
     a, b = cluster.nodes
     image = build_image(tmp_path / "image", tag="v1", random_bytes=256 * 1024)
@@ -98,6 +168,39 @@ def test_a_token_issued_by_a_is_accepted_by_bs_registry(cluster, tmp_path):
         assert (status, json.loads(body)["tags"]) == (200, ["v1"])
         status, _ = get(b.address, "/v2/root/shared/tags/list", {"Authorization": "Bearer x"})
         assert status == 401
+
+
+@pytest.fixture(scope="module")
+def alice(cluster) -> dict:
+    """Alice, her project and a personal access token, all made on node A."""
+    a = cluster.nodes[0]
+    a.ctl("user", "create", "alice", "--password-stdin", input=ALICE + "\n")
+    a.ctl("project", "create", "team/app", "--owner", "alice")
+    made = a.ctl("token", "create", "alice", "--name", "ci", "--scope", "read_registry")
+    token_id = int(made.stdout.split("personal access token ")[1].split()[0])
+    return {"pat": made.stdout.strip().splitlines()[-1], "pat_id": token_id}
+
+
+def test_a_pat_revoked_on_a_is_refused_by_b_at_its_next_request(cluster, alice):
+    a, b = cluster.nodes
+    scope = "repository:team/app:pull"
+    with cluster.front_host.entered():
+        assert token_reply(b, "alice", alice["pat"], scope)[0] == 200
+        a.ctl("token", "revoke", "alice", str(alice["pat_id"]))
+        assert token_reply(b, "alice", alice["pat"], scope)[0] == 401
+
+
+def test_a_user_blocked_on_a_is_refused_by_b_at_its_next_request(cluster, alice):
+    """B has just verified alice's password (its credential cache holds it)."""
+    a, b = cluster.nodes
+    scope = "repository:team/app:pull"
+    with cluster.front_host.entered():
+        assert token_reply(b, "alice", ALICE, scope)[0] == 200
+        assert token_reply(b, "alice", ALICE, scope)[0] == 200  # a cache hit now
+        a.ctl("user", "block", "alice")
+        assert token_reply(b, "alice", ALICE, scope)[0] == 401
+        a.ctl("user", "unblock", "alice")
+        assert token_reply(b, "alice", ALICE, scope)[0] == 200
 
 
 @dataclass
@@ -145,19 +248,42 @@ class TimedPulls:
         return [d for d in self.done if not d[1]]
 
 
+def test_a_garbage_collection_on_a_costs_no_pull_and_b_refuses_pushes(cluster, tmp_path):
+    a, b = cluster.nodes
+    images = push_images(cluster, "kept", 2)
+    doomed = push_images(cluster, "doomed", 1)
+    with cluster.front_host.entered():
+        root = Skopeo(home=tmp_path / "c", registry=a.address, username="root", password=a.password)
+        root.delete(doomed[0][0], "v1")  # something for the collection to free
+    hold = tmp_path / "hold"
+    hold.touch()
+    loop = TimedPulls(cluster, images).start()
+    run = subprocess.Popen(
+        [*a.host.prefix, str(BIN / "appliance-ctl"), "-c", str(a.config_file), "gc"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "APPLIANCE_TEST_HOLD_AT": f"gc-window:{hold}"},
+    )
+    try:
+        wait_for(lambda: list(tmp_path.glob("hold.arrived.*")), 120, "A's window")
+        with cluster.front_host.entered():
+            status, body = token_reply(b, "root", b.password, "repository:root/late:pull,push")
+        assert status != 200 and SENTENCE in body and "UTC; retry later" in body, body
+        time.sleep(2)  # pulls through both nodes while the window is open
+    finally:
+        hold.unlink()
+        output = run.communicate(timeout=300)[0]
+        loop.stop()
+    assert run.returncode == 0, output
+    assert len(loop.done) > 10 and loop.failures() == [], loop.failures()[:5]
+    with cluster.front_host.entered():
+        assert token_reply(b, "root", b.password, "repository:root/late:pull,push")[0] == 200
+
+
 def test_a_killed_node_costs_pulls_through_the_front_a_few_seconds_at_most(cluster, tmp_path):
     a, b = cluster.nodes
-    images = []
-    with cluster.front_host.entered():
-        registry = Registry(cluster.front)
-        conn = registry.client()
-        for number in range(3):
-            repository = f"root/failover-{number}"
-            token = registry.token(conn, repository)
-            layer = hashlib.sha256(str(number).encode()).digest() * 2048
-            registry.push_image(conn, token, repository, "v1", layer)
-            images.append((repository, "v1"))
-        conn.close()
+    images = push_images(cluster, "failover", 3)
     loop = TimedPulls(cluster, images).start()
     try:
         time.sleep(3)
@@ -185,3 +311,19 @@ def test_a_killed_node_costs_pulls_through_the_front_a_few_seconds_at_most(clust
     # A comes back with a reconfigure, as after a reboot.
     a.reconfigure()
     a.wait_until_running()
+
+
+def push_images(cluster: Cluster, prefix: str, count: int) -> list[tuple[str, str]]:
+    """`count` small images pushed through the front (a token, two blobs, a manifest)."""
+    images = []
+    with cluster.front_host.entered():
+        registry = Registry(cluster.front)
+        conn = registry.client()
+        for number in range(count):
+            repository = f"root/{prefix}-{number}"
+            token = registry.token(conn, repository)
+            layer = hashlib.sha256(f"{prefix}{number}".encode()).digest() * 2048
+            registry.push_image(conn, token, repository, "v1", layer)
+            images.append((repository, "v1"))
+        conn.close()
+    return images

@@ -1,6 +1,6 @@
 """Several appliance nodes on one machine, each a host of its own (tests/support/netns.py):
 
-    db     10.77.0.2    Redis, the moto S3 server (and PostgreSQL, once used)
+    db     10.77.0.2    PostgreSQL (the auth data), Redis, the moto S3 server
     front  10.77.0.10   an nginx load-balancing the nodes (round robin, passive health
                         checks), where the clients run too
     a, b   10.77.0.11,  appliance nodes: own temporary roots, the same bucket, the same
@@ -23,10 +23,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tests.support.appliance import BIN, ApplianceUnderTest
 from tests.support.netns import Host, Network
 from tests.support.redis import RedisServer, start_redis
+
+if TYPE_CHECKING:
+    from tests.support.postgres import PostgresServer
 
 FRONT_PORT = 443
 S3_PORT = 5000
@@ -186,6 +190,77 @@ def wait_port(host: Host, address: str, port: int, timeout: float = 30) -> None:
                 time.sleep(0.1)
 
 
+POSTGRES_PORT = 5432
+
+
+def start_postgres(db: Host, base: Path) -> tuple[PostgresServer, subprocess.Popen]:
+    """PostgreSQL on the db host, as tests/support/postgres.py starts it (Debian's
+    initdb as `nobody`, scram passwords, its superuser and password file), but listening
+    on the host's address, with pg_hba letting the nodes' subnet in."""
+    from tests.support.postgres import (
+        PASSWORD,
+        PG_BIN,
+        SUPERUSER,
+        PostgresServer,
+        _as_server_account,
+    )
+
+    data = base / "data"
+    base.mkdir(parents=True, exist_ok=True)
+    base.chmod(0o755)
+    superuser_password = base / "superuser-password"
+    superuser_password.write_text(PASSWORD + "\n")
+    password_file = base / "appliance-password"
+    password_file.write_text(PASSWORD + "\n")
+    password_file.chmod(0o600)
+    data.mkdir(mode=0o700)
+    if os.geteuid() == 0:
+        shutil.chown(superuser_password, "nobody", "nogroup")
+        shutil.chown(data, "nobody", "nogroup")
+    subprocess.run(
+        _as_server_account(
+            [
+                str(PG_BIN / "initdb"), "-D", str(data), "-U", SUPERUSER,
+                f"--pwfile={superuser_password}", "--auth-host=scram-sha-256",
+                "--auth-local=trust", "--no-sync", "-E", "UTF8", "--locale=C",
+            ]
+        ),
+        capture_output=True,
+        check=True,
+    )  # fmt: skip
+    subnet = db.address.rsplit(".", 1)[0] + ".0/24"
+    with open(data / "pg_hba.conf", "a") as hba:
+        hba.write(f"host all all {subnet} scram-sha-256\n")
+    log = open(base / "postgres.log", "ab")  # noqa: SIM115 - lives as long as the server
+    process = subprocess.Popen(
+        [
+            *db.prefix,
+            *_as_server_account(
+                [
+                    str(PG_BIN / "postgres"), "-D", str(data),
+                    "-c", f"listen_addresses={db.address}", "-c", f"port={POSTGRES_PORT}",
+                    "-c", f"unix_socket_directories={data}", "-c", "fsync=off",
+                    "-c", "synchronous_commit=off", "-c", "max_connections=200",
+                ]
+            ),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    server = PostgresServer(base, db.address, POSTGRES_PORT, password_file)
+    deadline = time.monotonic() + 30
+    with db.entered():
+        while True:
+            try:
+                server.sql("SELECT 1")
+                return server, process
+            except Exception:  # noqa: BLE001 - not up yet
+                if process.poll() is not None or time.monotonic() > deadline:
+                    process.kill()
+                    raise AssertionError("postgres did not start on the db host") from None
+                time.sleep(0.1)
+
+
 def make_certificate(directory: Path, address: str) -> tuple[Path, Path]:
     """One certificate for the cluster's address, as an admin would buy or make it."""
     cert, key = directory / "cluster.crt", directory / "cluster.key"
@@ -211,6 +286,8 @@ class Cluster:
     directory: Path
     redis: RedisServer | None = None
     s3: subprocess.Popen | None = None
+    postgres: PostgresServer | None = None
+    postgres_process: subprocess.Popen | None = None
     front: Front | None = None
     nodes: list[Node] = field(default_factory=list)
     node_config: dict = field(default_factory=dict)
@@ -239,6 +316,9 @@ class Cluster:
             stderr=subprocess.DEVNULL,
         )
         wait_port(db, db.address, S3_PORT)
+        self.postgres, self.postgres_process = start_postgres(db, self.directory / "postgres")
+        with db.entered():
+            self.postgres.sql('CREATE DATABASE "registry"')
         from tests.support.s3 import s3_client
 
         with db.entered():
@@ -267,6 +347,10 @@ class Cluster:
                 }
             },
             "redis": {"url": self.redis.url, "password_file": str(redis_password)},
+            "auth": {
+                "database_url": self.postgres.url("registry"),
+                "database_password_file": str(self.postgres.password_file),
+            },
         }
         from tests.support.appliance import deep_merge
 
@@ -306,5 +390,11 @@ class Cluster:
         if self.s3 and self.s3.poll() is None:
             self.s3.terminate()
             self.s3.wait(10)
+        if self.postgres_process and self.postgres_process.poll() is None:
+            self.postgres_process.send_signal(signal.SIGINT)  # fast shutdown
+            try:
+                self.postgres_process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.postgres_process.kill()
         self.network.destroy()
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -20,16 +20,13 @@ failover last (it brings A back).
 from __future__ import annotations
 
 import base64
-import hashlib
 import http.client
 import json
 import os
 import ssl
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import pytest
 
@@ -37,7 +34,7 @@ from appliance.auth import store as auth_store
 from appliance.auth.database import PostgresDatabase
 from appliance.auth.migrations import MIGRATIONS
 from tests.support.appliance import BIN
-from tests.support.cluster import Cluster, Node
+from tests.support.cluster import Cluster, Node, TimedPulls, push_images
 from tests.support.counting_client import Registry
 from tests.support.oci import build_image
 from tests.support.pull_loop import PullLoop
@@ -203,51 +200,6 @@ def test_a_user_blocked_on_a_is_refused_by_b_at_its_next_request(cluster, alice)
         assert token_reply(b, "alice", ALICE, scope)[0] == 200
 
 
-@dataclass
-class TimedPulls:
-    """Pulls through the front in a loop from the front host, each success and failure
-    with its time (time.monotonic)."""
-
-    cluster: Cluster
-    images: list[tuple[str, str]]
-    threads: int = 2
-    done: list[tuple[float, bool, str]] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _workers: list[threading.Thread] = field(default_factory=list)
-
-    def start(self) -> TimedPulls:
-        for number in range(self.threads):
-            worker = threading.Thread(target=self._loop, args=(number,), daemon=True)
-            worker.start()
-            self._workers.append(worker)
-        return self
-
-    def stop(self) -> TimedPulls:
-        self._stop.set()
-        for worker in self._workers:
-            worker.join(60)
-        return self
-
-    def _loop(self, number: int) -> None:
-        self.cluster.front_host.enter_for_good()  # this worker thread only
-        registry = Registry(self.cluster.front)
-        conn = registry.client()
-        turn = number
-        while not self._stop.is_set():
-            repository, tag = self.images[turn % len(self.images)]
-            turn += 1
-            try:
-                PullLoop.pull(registry, conn, repository, tag)
-                self.done.append((time.monotonic(), True, ""))
-            except (OSError, http.client.HTTPException, AssertionError, ValueError) as exc:
-                self.done.append((time.monotonic(), False, repr(exc)[:200]))
-                conn.reset()
-                time.sleep(0.05)
-
-    def failures(self) -> list[tuple[float, bool, str]]:
-        return [d for d in self.done if not d[1]]
-
-
 def test_a_garbage_collection_on_a_costs_no_pull_and_b_refuses_pushes(cluster, tmp_path):
     a, b = cluster.nodes
     images = push_images(cluster, "kept", 2)
@@ -311,19 +263,3 @@ def test_a_killed_node_costs_pulls_through_the_front_a_few_seconds_at_most(clust
     # A comes back with a reconfigure, as after a reboot.
     a.reconfigure()
     a.wait_until_running()
-
-
-def push_images(cluster: Cluster, prefix: str, count: int) -> list[tuple[str, str]]:
-    """`count` small images pushed through the front (a token, two blobs, a manifest)."""
-    images = []
-    with cluster.front_host.entered():
-        registry = Registry(cluster.front)
-        conn = registry.client()
-        for number in range(count):
-            repository = f"root/{prefix}-{number}"
-            token = registry.token(conn, repository)
-            layer = hashlib.sha256(f"{prefix}{number}".encode()).digest() * 2048
-            registry.push_image(conn, token, repository, "v1", layer)
-            images.append((repository, "v1"))
-        conn.close()
-    return images

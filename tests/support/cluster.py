@@ -15,18 +15,23 @@ included; tests/appliance/test_cluster.py and bench/cluster use it.
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tests.support.appliance import BIN, ApplianceUnderTest
+from tests.support.counting_client import Registry
 from tests.support.netns import Host, Network
+from tests.support.pull_loop import PullLoop
 from tests.support.redis import RedisServer, start_redis
 
 if TYPE_CHECKING:
@@ -398,3 +403,64 @@ class Cluster:
                 self.postgres_process.kill()
         self.network.destroy()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@dataclass
+class TimedPulls:
+    """Pulls through the front in a loop from the front host, each success and failure
+    with its time (time.monotonic)."""
+
+    cluster: Cluster
+    images: list[tuple[str, str]]
+    threads: int = 2
+    done: list[tuple[float, bool, str]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _workers: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> TimedPulls:
+        for number in range(self.threads):
+            worker = threading.Thread(target=self._loop, args=(number,), daemon=True)
+            worker.start()
+            self._workers.append(worker)
+        return self
+
+    def stop(self) -> TimedPulls:
+        self._stop.set()
+        for worker in self._workers:
+            worker.join(60)
+        return self
+
+    def _loop(self, number: int) -> None:
+        self.cluster.front_host.enter_for_good()  # this worker thread only
+        registry = Registry(self.cluster.front)
+        conn = registry.client()
+        turn = number
+        while not self._stop.is_set():
+            repository, tag = self.images[turn % len(self.images)]
+            turn += 1
+            try:
+                PullLoop.pull(registry, conn, repository, tag)
+                self.done.append((time.monotonic(), True, ""))
+            except (OSError, http.client.HTTPException, AssertionError, ValueError) as exc:
+                self.done.append((time.monotonic(), False, repr(exc)[:200]))
+                conn.reset()
+                time.sleep(0.05)
+
+    def failures(self) -> list[tuple[float, bool, str]]:
+        return [d for d in self.done if not d[1]]
+
+
+def push_images(cluster: Cluster, prefix: str, count: int) -> list[tuple[str, str]]:
+    """`count` small images pushed through the front (a token, two blobs, a manifest)."""
+    images = []
+    with cluster.front_host.entered():
+        registry = Registry(cluster.front)
+        conn = registry.client()
+        for number in range(count):
+            repository = f"root/{prefix}-{number}"
+            token = registry.token(conn, repository)
+            layer = hashlib.sha256(f"{prefix}{number}".encode()).digest() * 2048
+            registry.push_image(conn, token, repository, "v1", layer)
+            images.append((repository, "v1"))
+        conn.close()
+    return images

@@ -231,6 +231,10 @@ def test_a_garbage_collection_on_a_costs_no_pull_and_b_refuses_pushes(cluster, t
     assert len(loop.done) > 10 and loop.failures() == [], loop.failures()[:5]
     with cluster.front_host.entered():
         assert token_reply(b, "root", b.password, "repository:root/late:pull,push")[0] == 200
+    # The cluster's record in the bucket is no blob: the collection left it alone.
+    assert "ok    cluster: Signing key and http secret are the cluster's" in (
+        b.ctl("check", check=False).stdout
+    )
 
 
 def test_a_killed_node_costs_pulls_through_the_front_a_few_seconds_at_most(cluster, tmp_path):

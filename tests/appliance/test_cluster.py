@@ -267,3 +267,17 @@ def test_a_killed_node_costs_pulls_through_the_front_a_few_seconds_at_most(clust
     # A comes back with a reconfigure, as after a reboot.
     a.reconfigure()
     a.wait_until_running()
+
+
+def test_a_guesser_spread_over_both_nodes_meets_one_limit(cluster, alice):
+    """auth.max_failed_logins (10) wrong passwords, alternating between A and B (five
+    each, under the limit of either node alone): the counters are the database's, so
+    both nodes then answer 429 even to the right password. Last in the module: the
+    front host's address is limited too."""
+    a, b = cluster.nodes
+    scope = "repository:team/app:pull"
+    with cluster.front_host.entered():
+        statuses = [token_reply((a, b)[n % 2], "alice", "wrong", scope)[0] for n in range(10)]
+        assert statuses == [401] * 10
+        assert token_reply(a, "alice", ALICE, scope)[0] == 429
+        assert token_reply(b, "alice", ALICE, scope)[0] == 429

@@ -12,7 +12,8 @@ can drift from the first:
   BIGINT (sizes and quotas pass 2^31), REAL a DOUBLE PRECISION;
 - `INSERT OR IGNORE` becomes `INSERT ... ON CONFLICT DO NOTHING`;
 - `BEGIN IMMEDIATE` (take the write lock now) becomes `BEGIN`: PostgreSQL locks rows;
-- `rowid` (insertion order) becomes `ctid`.
+- `rowid` becomes `ctid` (a row's identity within a statement; PostgreSQL's is not
+  insertion order, so statements order by a time column first).
 
 SQLite's `user_version` pragma is a one-row `appliance_schema` table on PostgreSQL.
 
@@ -130,10 +131,6 @@ def database_of(value: str | Path, password_file: str | Path | None = None) -> D
     if text.split("://", 1)[0] in URL_SCHEMES and "://" in text:
         return PostgresDatabase(text, Path(password_file) if password_file else None)
     return Path(text)
-
-
-def is_postgres(database: object) -> bool:
-    return isinstance(database, PostgresDatabase)
 
 
 # -- the dialect ---------------------------------------------------------------------------

@@ -98,8 +98,7 @@ def connect(database: PostgresDatabase) -> Connection:
             application_name="appliance",
         )
     except psycopg.Error as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error)
-        reason = str(reason).rstrip(".")
+        reason = " ".join(_first_line(error).split())
         raise AuthError(
             f"The auth database {database.url} cannot be reached ({reason}); check"
             " auth.database_url, auth.database_password_file and that the server accepts"

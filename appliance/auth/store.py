@@ -843,7 +843,7 @@ class Store:
             self._write(
                 f"DELETE FROM refresh_tokens WHERE {owner[0]} = ? AND rowid NOT IN"
                 f" (SELECT rowid FROM refresh_tokens WHERE {owner[0]} = ?"
-                " ORDER BY rowid DESC LIMIT ?)",
+                " ORDER BY created_at DESC, rowid DESC LIMIT ?)",
                 (owner[1], owner[1], keep),
             )
 

@@ -10,6 +10,7 @@ hand out are the appliance's kind: one line, mode 0600.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import shutil
@@ -39,10 +40,12 @@ class PostgresServer:
     host: str
     port: int
     password_file: Path
-    _numbers: Iterator[int] = itertools.count(1)
+    prefix: tuple[str, ...] = ()  # e.g. ("ip", "netns", "exec", "db"): where it runs
+    _numbers: Iterator[int] = dataclasses.field(default_factory=lambda: itertools.count(1))
 
     def url(self, name: str) -> str:
-        return f"postgresql://{SUPERUSER}@{self.host}:{self.port}/{name}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"postgresql://{SUPERUSER}@{host}:{self.port}/{name}"
 
     def create_database(self) -> PostgresDatabase:
         """A new, empty database on this server, as the appliance would be given it."""
@@ -51,6 +54,17 @@ class PostgresServer:
         return PostgresDatabase(self.url(name), self.password_file)
 
     def sql(self, statement: str, database: str = "postgres") -> list[tuple]:
+        """Run one statement as the superuser (through `prefix`: psql in its namespace)."""
+        if self.prefix:
+            result = subprocess.run(
+                [*self.prefix, str(PG_BIN / "psql"), "-XAtq", "-v", "ON_ERROR_STOP=1",
+                 "-c", statement, self.url(database)],
+                capture_output=True, text=True, env={**os.environ, "PGPASSWORD": PASSWORD},
+                timeout=30,
+            )  # fmt: skip
+            if result.returncode != 0:
+                raise RuntimeError(result.stderr.strip())
+            return [tuple(line.split("|")) for line in result.stdout.splitlines()]
         import psycopg
 
         with psycopg.connect(
@@ -67,7 +81,16 @@ def _as_server_account(command: list[str]) -> list[str]:
     return command
 
 
-def start_server(base: Path) -> tuple[PostgresServer, subprocess.Popen]:
+def start_server(
+    base: Path,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    prefix: tuple[str, ...] = (),
+) -> tuple[PostgresServer, subprocess.Popen]:
+    """initdb into `base`, then the server on `host`:`port` (a free loopback port by
+    default). Another address (a network namespace's, say) is also let in by
+    pg_hba.conf, with passwords; `prefix` runs the server under a command such as
+    `ip netns exec NS`, and the readiness check is made through it too."""
     if not (PG_BIN / "initdb").exists():
         pytest.fail(
             f"PostgreSQL is not installed ({PG_BIN}/initdb is missing): run ./bootstrap"
@@ -107,35 +130,41 @@ def start_server(base: Path) -> tuple[PostgresServer, subprocess.Popen]:
     )
     if initdb.returncode != 0:  # e.g. a parent directory `nobody` cannot traverse
         pytest.fail(f"initdb failed in {data}: {initdb.stderr.strip()[-2000:]}")
-    port = free_port()
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        with open(data / "pg_hba.conf", "a") as hba:
+            hba.write("host all all 0.0.0.0/0 scram-sha-256\nhost all all ::/0 scram-sha-256\n")
+    port = port or free_port()
     log = base / "postgres.log"
     log_handle = open(log, "ab")  # noqa: SIM115 - lives as long as the server
     process = subprocess.Popen(
-        _as_server_account(
-            [
-                str(PG_BIN / "postgres"),
-                "-D",
-                str(data),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                f"port={port}",
-                "-c",
-                f"unix_socket_directories={data}",
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
-                "-c",
-                "max_connections=300",
-            ]
-        ),
+        [
+            *prefix,
+            *_as_server_account(
+                [
+                    str(PG_BIN / "postgres"),
+                    "-D",
+                    str(data),
+                    "-c",
+                    f"listen_addresses={host}",
+                    "-c",
+                    f"port={port}",
+                    "-c",
+                    f"unix_socket_directories={data}",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "max_connections=300",
+                ]
+            ),
+        ],
         stdout=log_handle,
         stderr=subprocess.STDOUT,
     )
-    server = PostgresServer(base, "127.0.0.1", port, password_file)
+    server = PostgresServer(base, host, port, password_file, prefix)
     deadline = time.monotonic() + 30
     while True:
         try:

@@ -278,3 +278,25 @@ def test_a_url_with_several_hosts_connects_to_one_that_answers(postgres_server, 
     assert dialect.url_problem(listed) is None
     auth_store.ensure_schema(PostgresDatabase(listed, postgres_database.password_file))
     assert auth_store.schema_version(postgres_database) == len(MIGRATIONS)
+
+
+def test_the_newest_refresh_tokens_are_kept_on_both_engines(auth_database):
+    """`keep` drops the owner's oldest tokens: by creation time, then insertion (ctid
+    on PostgreSQL is a row's identity, not its age)."""
+    auth_store.ensure_schema(auth_database)
+    store = auth_store.Store(auth_database)
+    user = store.create_user("alice", "a hash")
+    now = int(time.time())
+    for number in range(6):
+        store.store_refresh_token(
+            f"digest-{number}",
+            user_id=user.id,
+            personal_access_token_id=None,
+            deploy_token_id=None,
+            credentials_version=1,
+            client_id=None,
+            expires_at=now + 600,
+            keep=3,
+        )
+    kept = [n for n in range(6) if store.find_refresh_token(f"digest-{n}") is not None]
+    assert kept == [3, 4, 5]

@@ -199,71 +199,11 @@ POSTGRES_PORT = 5432
 
 
 def start_postgres(db: Host, base: Path) -> tuple[PostgresServer, subprocess.Popen]:
-    """PostgreSQL on the db host, as tests/support/postgres.py starts it (Debian's
-    initdb as `nobody`, scram passwords, its superuser and password file), but listening
-    on the host's address, with pg_hba letting the nodes' subnet in."""
-    from tests.support.postgres import (
-        PASSWORD,
-        PG_BIN,
-        SUPERUSER,
-        PostgresServer,
-        _as_server_account,
-    )
+    """PostgreSQL on the db host: tests/support/postgres.py's server (Debian's initdb as
+    `nobody`, scram passwords) on the host's address, run through `ip netns exec`."""
+    from tests.support.postgres import start_server
 
-    data = base / "data"
-    base.mkdir(parents=True, exist_ok=True)
-    base.chmod(0o755)
-    superuser_password = base / "superuser-password"
-    superuser_password.write_text(PASSWORD + "\n")
-    password_file = base / "appliance-password"
-    password_file.write_text(PASSWORD + "\n")
-    password_file.chmod(0o600)
-    data.mkdir(mode=0o700)
-    if os.geteuid() == 0:
-        shutil.chown(superuser_password, "nobody", "nogroup")
-        shutil.chown(data, "nobody", "nogroup")
-    subprocess.run(
-        _as_server_account(
-            [
-                str(PG_BIN / "initdb"), "-D", str(data), "-U", SUPERUSER,
-                f"--pwfile={superuser_password}", "--auth-host=scram-sha-256",
-                "--auth-local=trust", "--no-sync", "-E", "UTF8", "--locale=C",
-            ]
-        ),
-        capture_output=True,
-        check=True,
-    )  # fmt: skip
-    subnet = db.address.rsplit(".", 1)[0] + ".0/24"
-    with open(data / "pg_hba.conf", "a") as hba:
-        hba.write(f"host all all {subnet} scram-sha-256\n")
-    log = open(base / "postgres.log", "ab")  # noqa: SIM115 - lives as long as the server
-    process = subprocess.Popen(
-        [
-            *db.prefix,
-            *_as_server_account(
-                [
-                    str(PG_BIN / "postgres"), "-D", str(data),
-                    "-c", f"listen_addresses={db.address}", "-c", f"port={POSTGRES_PORT}",
-                    "-c", f"unix_socket_directories={data}", "-c", "fsync=off",
-                    "-c", "synchronous_commit=off", "-c", "max_connections=200",
-                ]
-            ),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    server = PostgresServer(base, db.address, POSTGRES_PORT, password_file)
-    deadline = time.monotonic() + 30
-    with db.entered():
-        while True:
-            try:
-                server.sql("SELECT 1")
-                return server, process
-            except Exception:  # noqa: BLE001 - not up yet
-                if process.poll() is not None or time.monotonic() > deadline:
-                    process.kill()
-                    raise AssertionError("postgres did not start on the db host") from None
-                time.sleep(0.1)
+    return start_server(base, db.address, POSTGRES_PORT, db.prefix)
 
 
 def make_certificate(directory: Path, address: str) -> tuple[Path, Path]:
@@ -322,8 +262,7 @@ class Cluster:
         )
         wait_port(db, db.address, S3_PORT)
         self.postgres, self.postgres_process = start_postgres(db, self.directory / "postgres")
-        with db.entered():
-            self.postgres.sql('CREATE DATABASE "registry"')
+        self.postgres.sql('CREATE DATABASE "registry"')
         from tests.support.s3 import s3_client
 
         with db.entered():

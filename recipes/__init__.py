@@ -290,16 +290,31 @@ def cluster_verdict(settings: Settings, secrets: Secrets) -> Verdict | None:
     return None if record is None else cluster.compare(record, secrets)
 
 
+CLUSTER_CHECK_SECONDS = 10
+
+
 def cluster_checked(settings: Settings, secrets: Secrets) -> Secrets:
     """The secrets reconfigure is about to use, refused before anything changes when
     they are not the cluster's: such a node would fail every token another node
     issued. A storage that does not answer decides nothing (the registry says why)."""
+    import threading
+
     from appliance import cluster
 
-    try:
-        verdict = cluster_verdict(settings, secrets)
-    except registry_storage_module.StorageError:
-        return secrets
+    found: list = []
+
+    def ask() -> None:
+        try:
+            found.append(cluster_verdict(settings, secrets))
+        except registry_storage_module.StorageError:
+            found.append(None)
+
+    # An endpoint that does not answer would hold the run for botocore's retries of its
+    # 60 s connect timeout: the question is given CLUSTER_CHECK_SECONDS, then dropped.
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    asking.join(CLUSTER_CHECK_SECONDS)
+    verdict = found[0] if found else None
     if verdict is not None and not verdict.matches:
         raise cluster.ClusterError(verdict.sentence[:1].upper() + verdict.sentence[1:])
     return secrets

@@ -14,11 +14,10 @@ import pytest
 
 from tests.support.appliance import ApplianceUnderTest
 from tests.support.oci import build_image
-from tests.support.redis import redis_server  # noqa: F401 - the fixture
 
 
 @pytest.fixture
-def appliance(redis_server, tmp_path):  # noqa: F811 - the fixture
+def appliance(redis_server, tmp_path):
     password_file = tmp_path / "redis-password"
     password_file.write_text(redis_server.password + "\n")
     appliance = ApplianceUnderTest.create(
@@ -34,7 +33,7 @@ def appliance(redis_server, tmp_path):  # noqa: F811 - the fixture
         appliance.destroy()
 
 
-def test_the_registry_caches_blob_descriptors_in_redis(appliance, redis_server, tmp_path):  # noqa: F811
+def test_the_registry_caches_blob_descriptors_in_redis(appliance, redis_server, tmp_path):
     assert redis_server.keys("blobs::*") == []
     client = appliance.skopeo(tmp_path / "client")
     image = build_image(tmp_path / "image", tag="v1", random_bytes=64 * 1024)
@@ -51,7 +50,7 @@ def test_the_registry_caches_blob_descriptors_in_redis(appliance, redis_server, 
     assert redis_server.password not in log
 
 
-def test_pulls_go_on_when_redis_is_gone(appliance, redis_server, tmp_path):  # noqa: F811
+def test_pulls_go_on_when_redis_is_gone(appliance, redis_server, tmp_path):
     client = appliance.skopeo(tmp_path / "client")
     image = build_image(tmp_path / "image", tag="v1", random_bytes=16 * 1024)
     client.push(image, "root/no-cache", "v1")

@@ -80,8 +80,8 @@ def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
         "--continue",
         dest="resume_external",
         action="store_true",
-        help="with an external registry: switch the token service to the new key once "
-        "that registry trusts the new bundle",
+        help="with an external registry, or on a node of a cluster: switch the token "
+        "service to the new key once that registry (every node) trusts the new bundle",
     )
     step.add_argument(
         "--finish",

@@ -135,3 +135,41 @@ def test_a_node_with_other_keys_is_told_by_check_and_reconfigure(nodes, shared_s
     finally:
         a.ctl("cluster", "export", str(tmp_path / "again.json"))
     b.reconfigure()
+
+
+def test_a_key_rotation_on_a_cluster_waits_for_every_node_and_refuses_no_token(nodes, tmp_path):
+    """rotate-token-key on A stops after step 1 (A's registry trusts both keys, A still
+    signs with the old one); the rotating state exported and joined on B makes B's
+    registry trust both too; --continue on A signs with the new key, whose tokens B's
+    registry accepts at once; a second export and join brings B onto the new key."""
+    a, b = nodes
+    old_key = json.loads(secrets_path(a).read_text())["token_signing_key"]
+    step_one = a.ctl("rotate-token-key").stdout
+    assert "Step 1 of 2 done: this node's registry trusts the old and the new key" in step_one
+    assert json.loads(secrets_path(a).read_text())["token_signing_key"] == old_key
+    again = a.ctl("rotate-token-key", check=False)
+    assert again.returncode != 0 and "A rotation waits for the other nodes" in again.stderr
+
+    a.ctl("cluster", "export", str(tmp_path / "rotating.json"))
+    b.ctl("cluster", "join", str(tmp_path / "rotating.json"))
+    bundle = (b.root / "var/opt/appliance/registry/token-bundle.crt").read_text()
+    assert bundle.count("BEGIN CERTIFICATE") == 2
+
+    done = a.ctl("rotate-token-key", "--continue").stdout
+    assert "The token service signs with the new key" in done
+    assert "cluster export FILE here and cluster join FILE on every other node" in done
+    new_key = json.loads(secrets_path(a).read_text())["token_signing_key"]
+    assert new_key != old_key
+    a.wait_listening()
+    b.wait_listening()
+    token = a.token("repository:root/rotated:pull")
+    assert registry_accepts(b, token, "root/rotated") in (200, 404)
+    assert registry_accepts(a, b.token("repository:root/rotated:pull"), "root/rotated") in (
+        200,
+        404,
+    )
+
+    a.ctl("cluster", "export", str(tmp_path / "rotated.json"))
+    b.ctl("cluster", "join", str(tmp_path / "rotated.json"))
+    assert json.loads(secrets_path(b).read_text())["token_signing_key"] == new_key
+    assert "ok    cluster:" in b.ctl("check", check=False).stdout

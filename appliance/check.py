@@ -129,6 +129,8 @@ class CheckPlan:
     # This node's secrets against the cluster's record (appliance/cluster.py); None when
     # no node ever ran `cluster export` (a single node).
     cluster: Callable[[], Verdict | None] | None = None
+    # The registry's Redis (redis.url): host:port, password; None without one.
+    redis: tuple[str, str | None] | None = None
 
 
 @dataclass
@@ -179,6 +181,7 @@ def run(plan: CheckPlan) -> Report:
         check_clock,
         check_disks,
         check_cluster,
+        check_redis,
     ]
     with ThreadPoolExecutor(max_workers=len(groups)) as pool:
         futures = [pool.submit(_guarded, group, plan) for group in groups]
@@ -570,6 +573,51 @@ def check_signing_key(plan: CheckPlan) -> list[Result]:
             OK,
             f"{plan.signing_key.name} matches a certificate of {plan.trusted_bundle} "
             f"({len(bundle)} in the bundle).",
+        )
+    ]
+
+
+def redis_ping(address: str, password: str | None, timeout: float = CONNECT_TIMEOUT) -> str:
+    """Redis's answer to (AUTH and) PING in its protocol, or the connection's error."""
+    host, _, port = address.rpartition(":")
+
+    def command(*words: str) -> bytes:
+        parts = [f"*{len(words)}\r\n".encode()]
+        for word in words:
+            data = word.encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        return b"".join(parts)
+
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout) as conn:
+            reader = conn.makefile("rb")
+            if password:
+                conn.sendall(command("AUTH", password))
+                answer = reader.readline().decode(errors="replace").strip()
+                if answer != "+OK":
+                    return answer.lstrip("-") or "no answer to AUTH"
+            conn.sendall(command("PING"))
+            return reader.readline().decode(errors="replace").strip().lstrip("+-")
+    except OSError as error:
+        return error.strerror or str(error)
+
+
+def check_redis(plan: CheckPlan) -> list[Result]:
+    """The registry's blob-descriptor cache: a Redis that does not answer costs no
+    request (the registry reads the storage instead) but every pull is colder: warn."""
+    if plan.redis is None:
+        return []
+    address, password = plan.redis
+    answer = redis_ping(address, password)
+    if answer == "PONG":
+        return [Result("redis", OK, f"{address} answers PING: the registry's cache is shared.")]
+    return [
+        Result(
+            "redis",
+            WARN,
+            f"{address} does not answer PING ({answer}): the registry reads every blob "
+            f"descriptor from the storage (slower, nothing fails).",
+            "check redis.url, redis.password_file and that Redis accepts this host.",
         )
     ]
 

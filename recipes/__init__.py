@@ -14,6 +14,7 @@ rotation's (`rotate_token_key`, `finish_token_key_rotation`; recipes/rotation.py
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -272,6 +273,7 @@ def check_plan(settings: Settings) -> CheckPlan:
         disks=disks,
         ntp_servers=check.host_ntp_servers(),
         cluster=lambda: cluster_verdict(settings, secrets_module.for_settings(settings)),
+        redis=redis_probe(settings),
     )
 
 
@@ -363,6 +365,22 @@ def cluster_join(settings: Settings, source: Path) -> Report:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, (json.dumps(values, indent=2, sort_keys=True) + "\n").encode(), 0o600)
     return pipeline.execute(settings, reconfigure(settings))
+
+
+def redis_probe(settings: Settings) -> tuple[str, str | None] | None:
+    """Where `check` pings the registry's Redis, and with which password."""
+    from appliance.errors import ConfigError
+    from recipes import registry
+
+    if not settings.registry.enable or not settings.redis.url:
+        return None
+    try:
+        section = registry.redis(settings)
+    except ConfigError:  # an unreadable password file: Redis's own answer says the rest
+        section = registry.redis(dataclasses.replace(settings, redis=dataclasses.replace(
+            settings.redis, password_file=None)))  # fmt: skip
+    assert section is not None
+    return section["addr"], section.get("password")
 
 
 def registry_content(settings: Settings) -> RegistryContent:

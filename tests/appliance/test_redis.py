@@ -1,6 +1,6 @@
 """redis.url on a running appliance: the registry keeps its blob-descriptor cache in a real
-redis-server (with a password from redis.password_file), and a Redis that goes away
-costs pulls nothing but the cache.
+redis-server (with a password from redis.password_file), a Redis that goes away costs
+pulls nothing but the cache, and `check` says whether it answers (ok, then warn).
 
 tests/recipes/test_recipe_redis.py shows what the settings render; this shows the
 registry using it.
@@ -54,6 +54,11 @@ def test_pulls_go_on_when_redis_is_gone(appliance, redis_server, tmp_path):
     client = appliance.skopeo(tmp_path / "client")
     image = build_image(tmp_path / "image", tag="v1", random_bytes=16 * 1024)
     client.push(image, "root/no-cache", "v1")
+    check = appliance.ctl("check", check=False).stdout
+    assert f"ok    redis: 127.0.0.1:{redis_server.port} answers PING" in check
     redis_server.stop()
     pulled = client.pull("root/no-cache", "v1", Path(tmp_path / "pulled"))
     assert pulled.layer_digests == image.layer_digests
+    check = appliance.ctl("check", check=False)
+    assert f"warn  redis: 127.0.0.1:{redis_server.port} does not answer PING" in check.stdout
+    assert check.returncode == 0  # a warning: nothing fails without the cache

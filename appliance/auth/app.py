@@ -114,6 +114,7 @@ class TokenService:
             if config.registry_address
             else None,
             config.default_registry_enabled,
+            self.maintenance_refusal,
         )
         self.maintenance = Watch(config.maintenance_file)
 

@@ -51,6 +51,7 @@ from appliance.contracts import Service
 from appliance.errors import ApplianceError
 
 if TYPE_CHECKING:
+    from appliance.cluster import Verdict
     from appliance.registry_api import RegistryAPI
     from appliance.registry_storage import S3Storage, Storage
 
@@ -125,6 +126,11 @@ class CheckPlan:
     clock_urls: list[str]
     disks: list[tuple[str, Path]]
     ntp_servers: list[str] = field(default_factory=list)
+    # This node's secrets against the cluster's record (appliance/cluster.py); None when
+    # no node ever ran `cluster export` (a single node).
+    cluster: Callable[[], Verdict | None] | None = None
+    # The registry's Redis (redis.url): host:port, password; None without one.
+    redis: tuple[str, str | None] | None = None
 
 
 @dataclass
@@ -174,6 +180,8 @@ def run(plan: CheckPlan) -> Report:
         check_push_pull,
         check_clock,
         check_disks,
+        check_cluster,
+        check_redis,
     ]
     with ThreadPoolExecutor(max_workers=len(groups)) as pool:
         futures = [pool.submit(_guarded, group, plan) for group in groups]
@@ -185,6 +193,7 @@ GROUP_NAMES = {
     "check_push_pull": ("push and pull", "appliance-ctl tail registry says why."),
     "check_token_round_trip": ("token round trip", "appliance-ctl tail auth says why."),
     "check_storage": ("storage", "check registry.storage and appliance-ctl tail registry."),
+    "check_cluster": ("cluster", "check registry.storage: every node must share it."),
 }
 
 
@@ -566,6 +575,63 @@ def check_signing_key(plan: CheckPlan) -> list[Result]:
             f"({len(bundle)} in the bundle).",
         )
     ]
+
+
+def redis_ping(address: str, password: str | None, timeout: float = CONNECT_TIMEOUT) -> str:
+    """Redis's answer to (AUTH and) PING in its protocol, or the connection's error."""
+    host, _, port = address.rpartition(":")
+
+    def command(*words: str) -> bytes:
+        parts = [f"*{len(words)}\r\n".encode()]
+        for word in words:
+            data = word.encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        return b"".join(parts)
+
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout) as conn:
+            reader = conn.makefile("rb")
+            if password:
+                conn.sendall(command("AUTH", password))
+                answer = reader.readline().decode(errors="replace").strip()
+                if answer != "+OK":
+                    return answer.lstrip("-") or "no answer to AUTH"
+            conn.sendall(command("PING"))
+            return reader.readline().decode(errors="replace").strip().lstrip("+-")
+    except OSError as error:
+        return error.strerror or str(error)
+
+
+def check_redis(plan: CheckPlan) -> list[Result]:
+    """The registry's blob-descriptor cache: a Redis that does not answer costs no
+    request (the registry reads the storage instead) but every pull is colder: warn."""
+    if plan.redis is None:
+        return []
+    address, password = plan.redis
+    answer = redis_ping(address, password)
+    if answer == "PONG":
+        return [Result("redis", OK, f"{address} answers PING: the registry's cache is shared.")]
+    return [
+        Result(
+            "redis",
+            WARN,
+            f"{address} does not answer PING ({answer}): the registry reads every blob "
+            f"descriptor from the storage (slower, nothing fails).",
+            "check redis.url, redis.password_file and that Redis accepts this host.",
+        )
+    ]
+
+
+def check_cluster(plan: CheckPlan) -> list[Result]:
+    """A node whose signing key or http secret is not the cluster's fails every token and
+    upload another node began; no line at all on a node that is no cluster's."""
+    verdict = plan.cluster() if plan.cluster else None
+    if verdict is None:
+        return []
+    if verdict.matches:
+        return [Result("cluster", OK, verdict.sentence[:1].upper() + verdict.sentence[1:])]
+    sentence, _, fix = verdict.sentence.partition("; run ")
+    return [Result("cluster", FAIL, sentence[:1].upper() + sentence[1:] + ".", "Run " + fix)]
 
 
 class _LocalHTTPS(http.client.HTTPSConnection):

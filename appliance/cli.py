@@ -80,8 +80,8 @@ def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
         "--continue",
         dest="resume_external",
         action="store_true",
-        help="with an external registry: switch the token service to the new key once "
-        "that registry trusts the new bundle",
+        help="with an external registry, or on a node of a cluster: switch the token "
+        "service to the new key once that registry (every node) trusts the new bundle",
     )
     step.add_argument(
         "--finish",
@@ -224,6 +224,26 @@ def build_parser(with_auth_commands: bool = True) -> argparse.ArgumentParser:
         help="migrate to a storage that is not empty (it is made a copy of the current one)",
     )
     p.set_defaults(handler=cmd_storage_migrate)
+
+    p = sub.add_parser(
+        "cluster",
+        help="share this node's keys with the other nodes of a cluster (README, Several hosts)",
+    )
+    steps = p.add_subparsers(dest="cluster_command", metavar="STEP", required=True)
+    step = steps.add_parser(
+        "export",
+        help="write the secrets every node must share to FILE (mode 0600) and make them "
+        "the cluster's",
+    )
+    step.add_argument("file", metavar="FILE")
+    step.set_defaults(handler=cmd_cluster_export)
+    step = steps.add_parser(
+        "join",
+        help="install the secrets of FILE (written by cluster export) on this node, then "
+        "reconfigure",
+    )
+    step.add_argument("file", metavar="FILE")
+    step.set_defaults(handler=cmd_cluster_join)
 
     if with_auth_commands:
         from appliance import registry_content_cli
@@ -415,6 +435,24 @@ def cmd_rotate_token_key(args: argparse.Namespace, s: settings_module.Settings) 
             pipeline.execute(s, recipes.finish_token_key_rotation(s, force=args.force))
         else:
             pipeline.execute(s, recipes.rotate_token_key(s, resume_external=args.resume_external))
+    return 0
+
+
+def cmd_cluster_export(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    from pathlib import Path
+
+    import recipes
+
+    print(recipes.cluster_export(s, Path(args.file)))
+    return 0
+
+
+def cmd_cluster_join(args: argparse.Namespace, s: settings_module.Settings) -> int:
+    from pathlib import Path
+
+    import recipes
+
+    recipes.cluster_join(s, Path(args.file))
     return 0
 
 

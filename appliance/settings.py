@@ -270,6 +270,27 @@ def check_log_level(value: str) -> str | None:
     return None if value in levels else "one of " + ", ".join(levels)
 
 
+REDIS_URL_EXAMPLE = "redis://10.0.0.5:6379/0"
+
+
+def check_redis_url(value: str) -> str | None:
+    """redis://HOST[:PORT][/DB]: what the registry's `redis` section is made of. No
+    password in it (it would be printed by show-config and sit in every backup of the
+    file): redis.password_file holds it."""
+    problem = check_url(value, ("redis",))
+    if problem:
+        return f"{problem} (such as {REDIS_URL_EXAMPLE})"
+    parts = urlsplit(value)
+    if parts.username is not None or parts.password is not None:
+        return (
+            f"a URL without a user or password (such as {REDIS_URL_EXAMPLE}); "
+            f"put the password in redis.password_file"
+        )
+    if parts.query or parts.fragment or not re.fullmatch(r"/?|/[0-9]{1,2}", parts.path):
+        return f"a URL whose path is at most a database number (such as {REDIS_URL_EXAMPLE})"
+    return None
+
+
 def check_pem_key(value: str) -> str | None:
     return (
         None
@@ -568,6 +589,24 @@ class LetsEncryptSettings:
 
 
 @dataclass(frozen=True)
+class RedisSettings:
+    url: str | None = setting(
+        None,
+        "Redis the registry keeps its blob-descriptor cache in (storage.cache.blobdescriptor: "
+        "redis), redis://HOST[:PORT][/DB]; every node of a cluster names the same one "
+        "(README, Several hosts). Empty: the registry caches in its own memory.",
+        check_redis_url,
+        example=REDIS_URL_EXAMPLE,
+    )
+    password_file: str | None = setting(
+        None,
+        "File holding the Redis password (requirepass), read by reconfigure; the "
+        "password itself never goes in appliance.yml.",
+        check_safe_path,
+    )
+
+
+@dataclass(frozen=True)
 class DefaultProjectsFeatures:
     container_registry: bool = setting(
         True, "Registry on for new projects (owners may change it per project)."
@@ -768,6 +807,7 @@ class RawSettings:
     web_server: WebServerSettings = section(WebServerSettings, "nginx worker account.")
     auth: AuthSettings = section(AuthSettings, "The token service.")
     letsencrypt: LetsEncryptSettings = section(LetsEncryptSettings, "Let's Encrypt.")
+    redis: RedisSettings = section(RedisSettings, "A shared Redis (several hosts).")
     default_projects_features: DefaultProjectsFeatures = section(
         DefaultProjectsFeatures, "Defaults for new projects."
     )
@@ -1188,9 +1228,15 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     return cls(**values)
 
 
+_URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@")
+
+
 def _show(key: str, value: Any) -> str:
     if is_sensitive(str(key)):
         return "the value"
+    if isinstance(value, str):
+        # a URL's password (redis://:PASSWORD@host) is no more shown than a password key
+        value = _URL_PASSWORD.sub(r"\1********@", value)
     # JSON quoting: a newline or quote in the value stays visible and the problem stays
     # on one line of the report.
     if isinstance(value, str):
@@ -1241,6 +1287,7 @@ def _cross_checks(s: RawSettings, rejected: set[str] | None = None) -> list[str]
     """
     return [
         *check_storage(s.registry.storage),
+        *check_redis(s),
         *check_notifications(s.registry.notifications),
         *check_env(s.registry.env),
         *check_nginx(s.nginx),
@@ -1250,6 +1297,22 @@ def _cross_checks(s: RawSettings, rejected: set[str] | None = None) -> list[str]
         *check_retention_default(s.retention.default),
         *check_auth_database(s.auth),
     ]
+
+
+def check_redis(s: RawSettings) -> list[str]:
+    """redis: a password file needs a URL, and the registry's cache in Redis needs one."""
+    problems = []
+    if s.redis.password_file and not s.redis.url:
+        problems.append(
+            "redis.password_file: set only with redis.url (the Redis it is the password of)"
+        )
+    cache = s.registry.storage.get("cache")
+    if isinstance(cache, dict) and cache.get("blobdescriptor") == "redis" and not s.redis.url:
+        problems.append(
+            "registry.storage.cache.blobdescriptor: redis needs redis.url, the Redis "
+            "to keep the cache in"
+        )
+    return problems
 
 
 def check_auth_database(auth: AuthSettings) -> list[str]:

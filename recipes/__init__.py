@@ -16,6 +16,7 @@ projects' retention policies; recipes/retention.py) and `storage_migration`
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +33,7 @@ from appliance.settings import Settings
 
 if TYPE_CHECKING:
     from appliance.check import CheckPlan
+    from appliance.cluster import Verdict
     from appliance.registry_content import RegistryContent
     from recipes.retention import Retention as RetentionState
 
@@ -71,7 +73,7 @@ def reconfigure(settings: Settings) -> Run:
         resources=lambda secrets: resources(settings, secrets),
         late_resources=lambda secrets: late_resources(settings, secrets),
         services=services(settings),
-        secrets=lambda: secrets_module.for_settings(settings),
+        secrets=lambda: cluster_checked(settings, secrets_module.for_settings(settings)),
         preflight=lambda: preflight(settings),
         summary=summary,
         messages=lambda report: messages(settings, report),
@@ -294,7 +296,115 @@ def check_plan(settings: Settings) -> CheckPlan:
         clock_urls=clock_urls,
         disks=disks,
         ntp_servers=check.host_ntp_servers(),
+        cluster=lambda: cluster_verdict(settings, secrets_module.for_settings(settings)),
+        redis=redis_probe(settings),
     )
+
+
+def cluster_verdict(settings: Settings, secrets: Secrets) -> Verdict | None:
+    """This node's secrets against the cluster's record in the registry's storage; None
+    when there is none (a single node) or the storage is no kind the appliance reads."""
+    from appliance import cluster
+
+    if not settings.registry.enable:
+        return None
+    try:
+        storage = registry_storage(settings)
+    except registry_storage_module.StorageError:
+        return None  # a driver the appliance cannot read (azure, gcs, ...)
+    record = cluster.recorded(storage)
+    return None if record is None else cluster.compare(record, secrets)
+
+
+CLUSTER_CHECK_SECONDS = 10
+
+
+def cluster_checked(settings: Settings, secrets: Secrets) -> Secrets:
+    """The secrets reconfigure is about to use, refused before anything changes when
+    they are not the cluster's: such a node would fail every token another node
+    issued. A storage that does not answer decides nothing (the registry says why)."""
+    import threading
+
+    from appliance import cluster
+
+    found: list = []
+
+    def ask() -> None:
+        try:
+            found.append(cluster_verdict(settings, secrets))
+        except registry_storage_module.StorageError:
+            found.append(None)
+
+    # An endpoint that does not answer would hold the run for botocore's retries of its
+    # 60 s connect timeout: the question is given CLUSTER_CHECK_SECONDS, then dropped.
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    asking.join(CLUSTER_CHECK_SECONDS)
+    verdict = found[0] if found else None
+    if verdict is not None and not verdict.matches:
+        raise cluster.ClusterError(verdict.sentence[:1].upper() + verdict.sentence[1:])
+    return secrets
+
+
+def cluster_export(settings: Settings, target: Path) -> str:
+    """`appliance-ctl cluster export FILE`: the shared secrets to FILE (0600), and their
+    fingerprints made the cluster's in the shared storage; returns what to tell the
+    admin."""
+    from appliance import cluster
+    from appliance.resources import atomic_write
+
+    if not settings.paths.secrets_file.exists():
+        raise cluster.ClusterError(
+            f"{settings.paths.secrets_file} does not exist yet; run appliance-ctl "
+            f"reconfigure on this node first, then export."
+        )
+    if not target.parent.is_dir():
+        raise cluster.ClusterError(
+            f"{target.parent} is not a directory; name a file in an existing directory."
+        )
+    secrets = secrets_module.for_settings(settings)
+    storage = registry_storage(settings)
+    cluster.record(storage, secrets)
+    atomic_write(target, cluster.export_document(secrets), 0o600)
+    return (
+        f"cluster export: wrote {target} (mode 0600: it holds the signing key and the "
+        f"registry's http secret); these keys are now the cluster's (fingerprints in "
+        f"{storage.description}). Copy it to each other node, run appliance-ctl cluster "
+        f"join {target.name} there, then delete every copy."
+    )
+
+
+def cluster_join(settings: Settings, source: Path) -> Report:
+    """`appliance-ctl cluster join FILE`: the file checked whole, its secrets installed
+    in this node's secrets file, then the one pipeline's reconfigure."""
+    import json
+
+    from appliance import cluster, pipeline
+    from appliance.resources import atomic_write
+
+    shared = cluster.read_document(source)
+    cluster.check_joinable(settings.registry.internal_key, shared)
+    path = settings.paths.secrets_file
+    values = cluster.joined(secrets_module.read(path), shared)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, (json.dumps(values, indent=2, sort_keys=True) + "\n").encode(), 0o600)
+    return pipeline.execute(settings, reconfigure(settings))
+
+
+def redis_probe(settings: Settings) -> tuple[str, str | None] | None:
+    """Where `check` pings the registry's Redis, and with which password."""
+    from appliance.errors import ConfigError
+    from recipes import registry
+
+    if not settings.registry.enable or not settings.redis.url:
+        return None
+    try:
+        section = registry.redis(settings)
+    except ConfigError:  # an unreadable password file: Redis's own answer says the rest
+        section = registry.redis(dataclasses.replace(settings, redis=dataclasses.replace(
+            settings.redis, password_file=None)))  # fmt: skip
+    assert section is not None
+    return section["addr"], section.get("password")
 
 
 def registry_content(settings: Settings) -> RegistryContent:

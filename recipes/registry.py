@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import ClassVar
+from urllib.parse import urlsplit
 
 from appliance import registry_maintenance
 from appliance.contracts import Service, signal
 from appliance.engine import Report
-from appliance.errors import ServiceError
+from appliance.errors import ConfigError, ServiceError
 from appliance.resources import Change, Directory, File, Resource, Template, reload
 from appliance.secrets import Secrets
 from appliance.settings import (
@@ -55,7 +56,59 @@ def storage(settings: Settings) -> dict:
     for extra in STORAGE_EXTRAS:
         if extra in configured:
             out[extra] = configured[extra]
+    if settings.redis.url and "cache" not in configured:
+        # Every node then shares what it learnt about blobs, and none serves a
+        # descriptor another node's garbage collection has made stale for long.
+        out["cache"] = {"blobdescriptor": "redis"}
     return out
+
+
+def redis(settings: Settings) -> dict | None:
+    """The registry's `redis` section (Distribution 2.8's shape: addr, password, db,
+    timeouts, pool) from redis.url and redis.password_file; None without redis.url.
+
+    The timeouts are short on purpose: the blob-descriptor cache is only a cache, and
+    2.8 falls back to the storage when Redis does not answer, so a Redis that is down
+    costs each request at most a dial timeout instead of hanging it."""
+    url = settings.redis.url
+    if not url:
+        return None
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    out: dict = {
+        "addr": f"{f'[{host}]' if ':' in host else host}:{parts.port or 6379}",
+        "db": int(parts.path.strip("/") or 0),
+        "dialtimeout": "1s",
+        "readtimeout": "1s",
+        "writetimeout": "1s",
+        "pool": {"maxidle": 16, "maxactive": 64, "idletimeout": "300s"},
+    }
+    password = redis_password(settings)
+    if password:
+        out["password"] = password
+    return out
+
+
+def redis_password(settings: Settings) -> str | None:
+    """The password in redis.password_file (its first line), None without one; a file
+    that cannot be read is a ConfigError naming it."""
+    path = settings.redis.password_file
+    if not path:
+        return None
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+        raise ConfigError(
+            f"redis.password_file: cannot read {path} ({reason}); write the Redis "
+            f"password there, or remove the setting for a Redis without one."
+        ) from None
+    password = text.splitlines()[0].strip() if text.strip() else ""
+    if not password:
+        raise ConfigError(
+            f"redis.password_file: {path} is empty; write the Redis password on its first line."
+        )
+    return password
 
 
 def readonly_storage(settings: Settings) -> dict:
@@ -166,6 +219,9 @@ def secret_values(settings: Settings, secrets: Secrets) -> list[str]:
             found.append(str(value))
 
     walk(settings.registry.storage)
+    password = redis_password(settings)
+    if password:
+        found.append(password)
     for endpoint in settings.registry.notifications:
         for values in (endpoint.get("headers") or {}).values():
             found.extend(str(v) for v in values)
@@ -382,6 +438,7 @@ def config_context(settings: Settings, secrets: Secrets) -> dict:
         "notifications": notifications(settings) + appliance_endpoints(settings, secrets),
         "health_storagedriver_enabled": r.health_storagedriver_enabled,
         "compatibility_schema1_enabled": r.compatibility_schema1_enabled,
+        "redis": redis(settings),
     }
 
 

@@ -16,6 +16,14 @@ With an external registry (registry.enable: false) the appliance cannot hand tha
 registry over: the first run stops after step 1 and says which file to copy there; the
 admin restarts that registry and runs `rotate-token-key --continue` for step 2.
 
+On a node of a cluster (`appliance-ctl cluster export` recorded the cluster's keys in
+the shared storage: appliance/cluster.py) the other nodes' registries are in the same
+position as an external one: the run stops after step 1 too, the admin shares the
+rotating state (`cluster export` here, `cluster join` on every other node: every
+registry then trusts both keys, every node still signs with the old one), and
+`rotate-token-key --continue` makes this node sign with the new key; a second export
+and join brings the others onto it. No token is refused on the way.
+
 `--finish` drops the previous certificate once its time has passed (earlier only with
 `--force`); any reconfigure after that time drops it too.
 """
@@ -68,6 +76,17 @@ def external(settings: Settings) -> bool:
     return not settings.registry.enable
 
 
+def clustered(settings: Settings) -> bool:
+    """Other nodes' registries check this node's tokens: the cluster's record exists."""
+    from appliance import cluster
+    from recipes import registry_storage
+
+    try:
+        return cluster.recorded(registry_storage(settings)) is not None
+    except ApplianceError:
+        return False  # a storage the appliance cannot read: no record it could see
+
+
 def until_text(epoch: float) -> str:
     return f"{datetime.fromtimestamp(epoch, UTC):%H:%M} UTC ({secrets_module.format_time(epoch)})"
 
@@ -87,9 +106,17 @@ def rotation(settings: Settings, resume_external: bool = False) -> Run:
 
     state: dict[str, Secrets] = {}
     outside = external(settings)
+    others = not outside and clustered(settings)
+    waits = outside or others  # step 2 waits for registries this run cannot hand over
 
     def begin() -> Secrets:
         current = secrets_module.for_settings(settings)
+        if others and current.rotating and not resume_external:
+            raise ConfigError(
+                "A rotation waits for the other nodes of the cluster: run appliance-ctl "
+                "cluster export FILE here and cluster join FILE on every other node, then "
+                "appliance-ctl rotate-token-key --continue here."
+            )
         if outside and current.rotating and not resume_external:
             raise ConfigError(
                 f"A rotation waits for the external registry: copy "
@@ -97,10 +124,10 @@ def rotation(settings: Settings, resume_external: bool = False) -> Run:
                 f"certificate) to its auth.token.rootcertbundle and restart it, then run "
                 f"appliance-ctl rotate-token-key --continue."
             )
-        if resume_external and not (outside and current.rotating):
+        if resume_external and not (waits and current.rotating):
             raise ConfigError(
-                "There is no rotation waiting for an external registry; run "
-                "appliance-ctl rotate-token-key without --continue."
+                "There is no rotation waiting for an external registry or the other nodes "
+                "of a cluster; run appliance-ctl rotate-token-key without --continue."
             )
         state["before"] = current
         rotating = secrets_module.begin_rotation(
@@ -120,7 +147,7 @@ def rotation(settings: Settings, resume_external: bool = False) -> Run:
         return out
 
     def step_two(secrets: Secrets) -> Iterable[Resource]:
-        if outside and not resume_external:
+        if waits and not resume_external:
             return []
         lifetime = max(settings.auth.token_lifetime, ADMIN_TOKEN_LIFETIME)
         until = secrets_module.trusted_until(time.time(), lifetime, AUTH_GRACEFUL_SECONDS)
@@ -145,6 +172,15 @@ def rotation(settings: Settings, resume_external: bool = False) -> Run:
         lines = []
         if resumed:
             lines.append("Resumed the rotation begun earlier (same new key).")
+        if others and not resume_external:
+            return [
+                *lines,
+                f"Step 1 of 2 done: this node's registry trusts the old and the new key "
+                f"(new key {new_kid}); every node still signs with the old one.",
+                "Share it: appliance-ctl cluster export FILE here, cluster join FILE on "
+                "every other node (their registries then trust the new key too), then "
+                "appliance-ctl rotate-token-key --continue here.",
+            ]
         if outside and not resume_external:
             return [
                 *lines,
@@ -163,6 +199,12 @@ def rotation(settings: Settings, resume_external: bool = False) -> Run:
             f"The old key stays trusted until {until_text(until)}; any reconfigure after "
             f"that removes it (or appliance-ctl rotate-token-key --finish).",
         ]
+        if others:
+            lines.append(
+                "The other nodes sign with the old key until they join again: run "
+                "appliance-ctl cluster export FILE here and cluster join FILE on every "
+                "other node (both keys are trusted everywhere meanwhile)."
+            )
         if outside:
             lines.append(
                 "The external registry needs no change now; after --finish, copy "

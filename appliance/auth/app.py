@@ -123,6 +123,7 @@ class TokenService:
             if config.registry_address
             else None,
             config.default_registry_enabled,
+            self.maintenance_refusal,
         )
         self.maintenance = Watch(config.maintenance_file)
         self._pages: WebPages | None = None

@@ -23,6 +23,7 @@ import hashlib
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from appliance.auth import tag_rules
@@ -59,9 +60,12 @@ class TagGate:
         verifier: TokenVerifier,
         registry: RegistryAPI | None,
         default_registry_enabled: bool,
+        maintenance: Callable[[list[str], float], str] | None = None,
     ) -> None:
         self.store, self.verifier, self.registry = store, verifier, registry
         self.default_registry_enabled = default_registry_enabled
+        self.maintenance = maintenance
+        """The maintenance window's refusal for these actions, or "" (TokenService)."""
 
     def decide(self, environ: dict) -> Answer:
         method = environ.get("REQUEST_METHOD", "")
@@ -78,6 +82,13 @@ class TagGate:
             )
         if not is_repository_name(repository):
             return PASS  # the registry refuses the name itself
+        if self.maintenance is not None:
+            # A token issued before a window opened still carries push: refused here on
+            # every node, whose own registry may still be read-write (a window opened on
+            # another node of a cluster) while that node's collector runs.
+            refusal = self.maintenance(["push" if method == "PUT" else "delete"], time.time())
+            if refusal:
+                return Answer(403, refusal, "DENIED")
         project = self.store.project_access(repository, None, None, self.default_registry_enabled)
         if project is None or project.project_id is None:
             return PASS

@@ -72,6 +72,37 @@ def token_status(node: ApplianceUnderTest, username: str, password: str, scope: 
         return error.code
 
 
+def put_manifest(node: ApplianceUnderTest, repository: str, tag: str, token: str) -> tuple:
+    """A manifest PUT through the node's nginx with a bearer token: status and body."""
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": "sha256:" + "0" * 64,
+                "size": 2,
+            },
+            "layers": [],
+        }
+    ).encode()
+    request = urllib.request.Request(
+        f"https://{node.registry_address}/v2/{repository}/manifests/{tag}",
+        data=manifest,
+        method="PUT",
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Content-Type": "application/vnd.oci.image.manifest.v1+json",
+        },
+    )
+    context = ssl.create_default_context(cafile=str(node.certificate))
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=30) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
 def test_both_nodes_reconfigured_at_once_migrate_once_without_error(nodes, database, tmp_path):
     """An empty database, two first reconfigures at the same moment: both succeed (no
     "relation already exists", no duplicate admin), the schema is at the latest
@@ -186,6 +217,8 @@ def test_a_garbage_collection_window_opened_on_a_refuses_pushes_on_b(nodes, data
     root_a.push(doomed, "root/doomed", "v1")
     root_a.delete("root/doomed", "v1")
     late = build_layered(tmp_path / "late", "v1", [{"late": os.urandom(1024)}])
+    # A push token B issued before the window: it still says push during A's window.
+    early_token = node_b.token("repository:root/late:push,pull")
     hold = tmp_path / "hold"
     hold.touch()
     store = auth_store.Store(database)
@@ -201,6 +234,10 @@ def test_a_garbage_collection_window_opened_on_a_refuses_pushes_on_b(nodes, data
         with pytest.raises(SkopeoError) as refused:
             root_b.push(late, "root/late", "v1")
         assert SENTENCE in refused.value.stderr and "UTC; retry later" in refused.value.stderr
+        # B's own registry is read-write, but a manifest written with that earlier token
+        # is refused in front of it, so nothing lands while A's collector runs.
+        status, body = put_manifest(node_b, "root/late", "v1", early_token)
+        assert status == 403 and SENTENCE in body, (status, body)
         # A second maintenance run, on the other node, is refused while A's runs.
         second = node_b.ctl("gc", check=False)
         assert second.returncode != 0

@@ -829,6 +829,8 @@ def test_resolved_settings_leave_optional_only_what_the_services_may_go_without(
         "retention.default.older_than",
         "retention.default.pulled_within",
         "retention.default.max_delete",
+        "redis.url",
+        "redis.password_file",
         # unset: the auth data on SQLite; set: on PostgreSQL (with or without a password)
         "auth.database_url",
         "auth.database_password_file",
@@ -932,6 +934,7 @@ def test_example_config_documents_every_key_and_its_examples_are_valid(tmp_path:
         **config.get("registry", {}),
         **config.get("letsencrypt", {}),
         **config.get("retention", {}).get("default", {}),
+        **config.get("redis", {}),
     }
     assert {k: flat[k] for k in documented} == documented
     # registry_external_url example is its own domain on 443: the vhost and nginx.http_port

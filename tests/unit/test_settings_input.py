@@ -243,7 +243,7 @@ HOSTILE = {
         [
             "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx...: unknown key; valid "
             "keys here: auth, default_projects_features, external_url, initial_root_password, "
-            "janitor, letsencrypt, logging, manage_accounts, nginx, registry, "
+            "janitor, letsencrypt, logging, manage_accounts, nginx, redis, registry, "
             "registry_external_url, registry_nginx, retention, root, web_server"
         ],
     ),

@@ -27,6 +27,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
@@ -44,20 +45,6 @@ MAX_BODY_BYTES = 64 * 1024
 StartResponse = Callable[..., object]
 Handler = Callable[["ops.Context", "Principal", dict, dict], tuple[int, object]]
 
-STATUS_TEXT = {
-    200: "OK",
-    201: "Created",
-    204: "No Content",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    409: "Conflict",
-    413: "Content Too Large",
-    429: "Too Many Requests",
-    503: "Service Unavailable",
-}
 ERROR_WORDS = {
     400: "invalid",
     401: "unauthorized",
@@ -525,7 +512,7 @@ def _send(
     headers: list[tuple[str, str]] | None = None,
 ) -> list[bytes]:
     start_response(
-        f"{status} {STATUS_TEXT[status]}",
+        f"{status} {HTTPStatus(status).phrase}",
         [
             *((("Content-Type", "application/json"),) if status != 204 else ()),
             ("Content-Length", str(len(payload))),
@@ -679,13 +666,13 @@ def openapi() -> dict:
             "summary": route.summary,
             "operationId": f"{route.method.lower()}{re.sub(r'[^A-Za-z]+', '_', route.path)}",
             "responses": {
-                str(status): {"description": STATUS_TEXT[status], "content": error}
+                str(status): {"description": HTTPStatus(status).phrase, "content": error}
                 for status in (400, 401, 403, 404, 409)
             },
         }
         if route.response:
             operation["responses"][str(route.status)] = {
-                "description": STATUS_TEXT[route.status],
+                "description": HTTPStatus(route.status).phrase,
                 "content": {"application/json": {"schema": _ref(route.response)}},
             }
         else:

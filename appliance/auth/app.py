@@ -33,6 +33,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterable
+from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
 from appliance.auth import events as registry_events
@@ -666,20 +667,6 @@ def _error_body(message: str, oauth_error: str, code: str = "DENIED") -> dict:
     }
 
 
-_REASONS = {
-    200: "OK",
-    204: "No Content",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    413: "Content Too Large",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    429: "Too Many Requests",
-    503: "Service Unavailable",
-}
-
-
 def _respond(
     start_response: StartResponse,
     status: int,
@@ -688,7 +675,7 @@ def _respond(
 ) -> list[bytes]:
     payload = json.dumps(body, separators=(",", ":")).encode()
     start_response(
-        f"{status} {_REASONS[status]}",
+        f"{status} {HTTPStatus(status).phrase}",
         [
             ("Content-Type", "application/json"),
             ("Content-Length", str(len(payload))),

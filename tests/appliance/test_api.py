@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 from openapi_spec_validator import validate
 
-from tests.support.appliance import ApplianceUnderTest
+from tests.support.appliance import ApplianceUnderTest, team_app_appliance
 from tests.support.oci import build_image, build_index
 from tests.support.skopeo import Skopeo, SkopeoError
 
@@ -24,20 +24,10 @@ PASSWORDS = {"rep": "reporter password 1", "maint": "maintainer password 1"}
 
 @pytest.fixture(scope="module")
 def appliance():
-    appliance = ApplianceUnderTest.create(
-        {"registry": {"storage_delete_enabled": True}}, prefix="appliance-api-"
-    )
-    try:
-        appliance.reconfigure()
-        appliance.wait_listening()
-        appliance.ctl("project", "create", "team/app")
-        for name, password in PASSWORDS.items():
-            appliance.ctl("user", "create", name, "--password-stdin", input=password + "\n")
-        appliance.ctl("member", "add", "team/app", "rep", "reporter")
-        appliance.ctl("member", "add", "team/app", "maint", "maintainer")
+    roles = {"rep": "reporter", "maint": "maintainer"}
+    members = {name: (PASSWORDS[name], role) for name, role in roles.items()}
+    with team_app_appliance("appliance-api-", members) as appliance:
         yield appliance
-    finally:
-        appliance.destroy()
 
 
 def api(

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.appliance import ApplianceUnderTest
+from tests.support.appliance import ApplianceUnderTest, team_app_appliance
 from tests.support.browser import AXE, CHROMEDRIVER, CHROMIUM, start_browser
 from tests.support.oci import build_image, build_index
 from tests.support.skopeo import SkopeoError
@@ -39,20 +39,10 @@ IMG = '"><img src=x onerror="window.injected = 2">'
 
 @pytest.fixture(scope="module")
 def appliance():
-    appliance = ApplianceUnderTest.create(
-        {"registry": {"storage_delete_enabled": True}}, prefix="appliance-web-"
-    )
-    try:
-        appliance.reconfigure()
-        appliance.wait_listening()
-        appliance.ctl("project", "create", "team/app")
-        for name, password in PASSWORDS.items():
-            appliance.ctl("user", "create", name, "--password-stdin", input=password + "\n")
-        appliance.ctl("member", "add", "team/app", "maint", "maintainer")
-        appliance.ctl("member", "add", "team/app", "rep", "reporter")
+    roles = {"maint": "maintainer", "rep": "reporter"}
+    members = {name: (PASSWORDS[name], role) for name, role in roles.items()}
+    with team_app_appliance("appliance-web-", members) as appliance:
         yield appliance
-    finally:
-        appliance.destroy()
 
 
 @pytest.fixture(scope="module")

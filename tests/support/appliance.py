@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -251,3 +252,23 @@ class ApplianceUnderTest:
             self.shutdown()
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextmanager
+def team_app_appliance(prefix: str, members: dict[str, tuple[str, str]]):
+    """A running appliance (deletes enabled) with the project team/app and its members
+    (username: (password, role)), destroyed after: what the API and page tests share."""
+    appliance = ApplianceUnderTest.create(
+        {"registry": {"storage_delete_enabled": True}}, prefix=prefix
+    )
+    try:
+        appliance.reconfigure()
+        appliance.wait_listening()
+        appliance.ctl("project", "create", "team/app")
+        for name, (password, _) in members.items():
+            appliance.ctl("user", "create", name, "--password-stdin", input=password + "\n")
+        for name, (_, role) in members.items():
+            appliance.ctl("member", "add", "team/app", name, role)
+        yield appliance
+    finally:
+        appliance.destroy()

@@ -21,6 +21,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -69,20 +70,6 @@ SECURITY_HEADERS = [
     ("Referrer-Policy", "same-origin"),
     ("X-Frame-Options", "DENY"),
 ]
-
-_STATUS = {
-    200: "OK",
-    303: "See Other",
-    304: "Not Modified",
-    400: "Bad Request",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    409: "Conflict",
-    413: "Content Too Large",
-    429: "Too Many Requests",
-    503: "Service Unavailable",
-}
 
 
 class PageError(Exception):
@@ -242,7 +229,7 @@ class WebPages:
             headers.append(("Cache-Control", "no-store"))
         headers += SECURITY_HEADERS
         headers.append(("Content-Length", str(len(response.body))))
-        start_response(f"{response.status} {_STATUS.get(response.status, '')}", headers)
+        start_response(f"{response.status} {HTTPStatus(response.status).phrase}", headers)
         return [response.body]
 
     def respond(self, environ: dict) -> Response:

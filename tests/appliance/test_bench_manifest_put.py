@@ -28,5 +28,3 @@ def test_bench_manifest_put_reports_every_case():
         assert figure["requests"] > 0 and figure["rate"] > 0, case
         assert figure["p99_ms"] >= figure["p50_ms"] > 0, case
         assert figure["non_2xx"] == 0, case
-    # The gate is on again after the baseline: the auth service saw the gated cases only.
-    assert figures["no-gate"]["auth_cpu_us"] < figures["no-rules"]["auth_cpu_us"]

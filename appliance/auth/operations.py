@@ -48,8 +48,10 @@ from appliance.auth.permissions import (
 from appliance.auth.sizes import parse_size
 from appliance.auth.store import (
     AlreadyExistsError,
+    DeployToken,
     InvalidValueError,
     NotFoundError,
+    PersonalAccessToken,
     Project,
     Store,
 )
@@ -204,6 +206,22 @@ class TokenView:
     state: str  # active, expired, revoked
     username: str | None = None  # a deploy token's sign-in name
     secret: str | None = field(default=None, repr=False)  # only in the answer to create
+
+    @classmethod
+    def of(
+        cls, token: PersonalAccessToken | DeployToken, state: str, secret: str | None = None
+    ) -> TokenView:
+        """The view of a personal access token or a deploy token (with its username)."""
+        return cls(
+            token.id,
+            token.name,
+            tuple(sorted(token.scopes)),
+            token.expires_at,
+            token.created_at,
+            state,
+            username=token.username if isinstance(token, DeployToken) else None,
+            secret=secret,
+        )
 
     def to_json(self) -> dict:
         body = {
@@ -490,14 +508,7 @@ def list_tokens(ctx: Context, principal: Principal) -> list[TokenView]:
     _require_user(principal)
     now = ctx.clock()
     return [
-        TokenView(
-            t.id,
-            t.name,
-            tuple(sorted(t.scopes)),
-            t.expires_at,
-            t.created_at,
-            token_state(t.revoked, t.usable(now)),
-        )
+        TokenView.of(t, token_state(t.revoked, t.usable(now)))
         for t in ctx.store.list_personal_access_tokens(principal.name)
     ]
 
@@ -545,15 +556,7 @@ def create_token(
     token, secret = _store_call(
         ctx.store.create_personal_access_token, principal.name, name, chosen, expires_at
     )
-    return TokenView(
-        token.id,
-        token.name,
-        tuple(sorted(token.scopes)),
-        token.expires_at,
-        token.created_at,
-        "active",
-        secret=secret,
-    )
+    return TokenView.of(token, "active", secret)
 
 
 def revoke_token(ctx: Context, principal: Principal, token_id: int) -> None:
@@ -582,15 +585,7 @@ def list_deploy_tokens(ctx: Context, principal: Principal, path: str) -> list[To
     project = _manage(ctx, principal, path, MAINTAINERS)
     now = ctx.clock()
     return [
-        TokenView(
-            t.id,
-            t.name,
-            tuple(sorted(t.scopes)),
-            t.expires_at,
-            t.created_at,
-            token_state(t.revoked, t.usable(now)),
-            username=t.username,
-        )
+        TokenView.of(t, token_state(t.revoked, t.usable(now)))
         for t in ctx.store.list_deploy_tokens(project.path)
     ]
 
@@ -610,16 +605,7 @@ def create_deploy_token(
     token, secret = _store_call(
         ctx.store.create_deploy_token, project.path, name, chosen, expires_at
     )
-    return TokenView(
-        token.id,
-        token.name,
-        tuple(sorted(token.scopes)),
-        token.expires_at,
-        token.created_at,
-        "active",
-        username=token.username,
-        secret=secret,
-    )
+    return TokenView.of(token, "active", secret)
 
 
 def revoke_deploy_token(ctx: Context, principal: Principal, path: str, token_id: int) -> None:

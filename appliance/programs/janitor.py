@@ -23,8 +23,8 @@ from typing import NoReturn
 
 from appliance import registry_gc, retention
 from appliance import settings as settings_module
-from appliance.errors import ApplianceError, ConfigError
-from appliance.programs.renewer import CONFIG_RETRY_FIRST_SECONDS, CONFIG_RETRY_MAX_SECONDS
+from appliance.errors import ApplianceError
+from appliance.programs.settings_poll import SettingsPoll, read_settings
 from appliance.registry_storage import storage_lock
 from appliance.settings import Settings
 
@@ -104,26 +104,16 @@ def janitor_forever(
     The first slot is waited for (a restart neither repeats nor skips a run); a config
     that cannot be used is said once and looked at again at growing intervals."""
     slot: float | None = None
-    problem = ""
-    retry = CONFIG_RETRY_FIRST_SECONDS
     last: dict | None = None  # read once the settings say where
+    poll = SettingsPoll(
+        "janitor",
+        lambda: read_settings(config, named, "the janitor waits", " until it is fixed"),
+        f"{config} can be used again; runs resume.",
+        say,
+        sleep,
+    )
     while True:
-        try:
-            if named and not config.exists():
-                raise ConfigError(f"{config} does not exist (deleted since the last reconfigure?)")
-            settings = settings_module.load(config, must_exist=named)
-        except ConfigError as exc:
-            details = f" ({'; '.join(exc.problems)})" if exc.problems else ""
-            sentence = f"{str(exc).rstrip('.')}{details}, so the janitor waits until it is fixed."
-            if sentence != problem:
-                problem = sentence
-                say(f"janitor: {problem}")
-            sleep(retry)
-            retry = min(retry * 2, CONFIG_RETRY_MAX_SECONDS)
-            continue
-        if problem:
-            say(f"janitor: {config} can be used again; runs resume.")
-            problem, retry = "", CONFIG_RETRY_FIRST_SECONDS
+        settings = poll.settings()
         period = retention.parse_age("janitor.schedule", settings.janitor.schedule)
         if last is None:  # the previous process's last run, until this one has run
             last = retention.read_janitor_state(settings.paths.janitor_state).get("last") or {}

@@ -31,17 +31,14 @@ from appliance.certificates import (
     read_certificate,
     unusable_pair,
 )
-from appliance.errors import ApplianceError, ConfigError
+from appliance.errors import ApplianceError
+from appliance.programs.settings_poll import SettingsPoll, read_settings
 from appliance.settings import Settings
 
 # While nginx still serves the placeholder (the first order failed: DNS not there yet,
 # port 80 closed), the renewer retries hourly: within Let's Encrypt's limit of 5 failed
 # validations per host and hour, and the certificate appears without another reconfigure.
 PLACEHOLDER_RUNS_PER_DAY = 24
-# How soon an unusable appliance.yml is looked at again: doubling from the first to the
-# last (a restored file is noticed within the hour; a deleted one costs a stat an hour).
-CONFIG_RETRY_FIRST_SECONDS = 60.0
-CONFIG_RETRY_MAX_SECONDS = 3600.0
 
 
 def renewal_runs_per_day(settings: Settings) -> int:
@@ -59,23 +56,6 @@ def renewal_runs_per_day(settings: Settings) -> int:
     except pki.CertificateError:
         waiting = True
     return max(runs, PLACEHOLDER_RUNS_PER_DAY) if waiting else runs
-
-
-def read_settings(config: Path, named: bool) -> Settings:
-    """This pass's settings, or a ConfigError whose message is the one sentence to log."""
-    if named and not config.exists():
-        raise ConfigError(
-            f"{config} does not exist (deleted since the last reconfigure?), "
-            f"so no certificate is renewed until it is back: restore it, or "
-            f"run appliance-ctl reconfigure."
-        )
-    try:
-        return settings_module.load(config, must_exist=named)
-    except ConfigError as exc:
-        problems = f" ({'; '.join(exc.problems)})" if exc.problems else ""
-        raise ConfigError(
-            f"{str(exc).rstrip('.')}{problems}, so no certificate is renewed until it is fixed."
-        ) from None
 
 
 def renew_once(settings: Settings, say: Callable[[str], None]) -> None:
@@ -103,21 +83,20 @@ def renew_forever(
     missing file means the embedded defaults, as for appliance-ctl.
     """
     slot: datetime | None = None  # the slot slept towards; None before the first
-    problem = ""  # the last sentence said about the settings, said once
-    retry = CONFIG_RETRY_FIRST_SECONDS
+    poll = SettingsPoll(
+        "renewer",
+        lambda: read_settings(
+            config,
+            named,
+            "no certificate is renewed",
+            " until it is back: restore it, or run appliance-ctl reconfigure",
+        ),
+        f"{config} can be used again; renewals resume.",
+        say,
+        sleep,
+    )
     while True:
-        try:
-            settings = read_settings(config, named)
-        except ConfigError as exc:
-            if str(exc) != problem:
-                problem = str(exc)
-                say(f"renewer: {problem}")
-            sleep(retry)
-            retry = min(retry * 2, CONFIG_RETRY_MAX_SECONDS)
-            continue
-        if problem:
-            say(f"renewer: {config} can be used again; renewals resume.")
-            problem, retry = "", CONFIG_RETRY_FIRST_SECONDS
+        settings = poll.settings()
         if slot is not None and datetime.now(UTC) >= slot:
             renew_once(settings, say)  # also a slot missed while the settings were unusable
         now = datetime.now(UTC)

@@ -23,14 +23,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.appliance import ApplianceUnderTest, team_app_appliance
-from tests.support.browser import AXE, CHROMEDRIVER, CHROMIUM, start_browser
+from tests.support.browser import AXE, start_browser
 from tests.support.oci import build_image, build_index
 from tests.support.skopeo import SkopeoError
-
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-    reason="chromium and chromium-driver are not installed (./bootstrap installs them)",
-)
 
 PASSWORDS = {"maint": "maintainer password 1", "rep": "reporter password 1"}
 SCRIPT = "<script>window.injected = 1</script>"

@@ -7,8 +7,13 @@ that nginx refuses would fail the reload on a live host.
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import shlex
+import ssl
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +22,7 @@ from appliance import pki
 from appliance.errors import ConfigError, ResourceError
 from appliance.resources import reload
 from recipes import nginx, supervisor
+from tests.support.appliance import free_port
 from tests.support.recipes import SECRETS, settings_for
 
 
@@ -79,7 +85,7 @@ def test_default_config_passes_nginx_t_and_proxies_registry_and_auth(tmp_path):
     assert "server 127.0.0.1:5000 max_fails=0;" in config  # registry.http_addr
     # auth.listen_network: unix, the default
     assert f"server unix:{tmp_path}/var/opt/appliance/auth-socket/auth.sock;" in config
-    assert "location /v2/ {\nproxy_pass http://registry;" in tls
+    assert "location /v2/ {\nproxy_pass http://$registry_pool;" in tls
     assert "location = /jwt/auth {\nproxy_pass http://auth;" in tls
     assert "location = /-/health {\nproxy_pass http://auth;" in tls
     # the admin API, the web pages and their static files (issue 16)
@@ -130,8 +136,8 @@ def test_every_writable_path_is_under_the_prefix(tmp_path):
 
 
 def test_upstreams_keep_connections_alive(tmp_path):
-    config = nginx_config(settings_for(tmp_path))
-    # tmp_path is too deep for a standby socket: the registry's address alone.
+    # A root too deep for a standby socket (107 bytes): the registry's address alone.
+    config = nginx_config(settings_for(tmp_path / ("deep" * 20), auth={"listen_network": "tcp"}))
     assert (
         "upstream registry {\n        server 127.0.0.1:5000 max_fails=0;\n"
         "        keepalive 32;" in config
@@ -438,8 +444,103 @@ def test_small_registry_requests_may_be_retried_large_bodies_stream(tmp_path):
     ):
         assert directive in v2.splitlines(), directive
     streamed = location(tls, "location @registry_streamed {")
-    assert streamed[:2] == ["location @registry_streamed {", "proxy_pass http://registry;"]
+    assert streamed[:2] == ["location @registry_streamed {", "proxy_pass http://registry_once;"]
     assert "proxy_request_buffering off;" in streamed
+
+
+class RecordingRegistry(http.server.ThreadingHTTPServer):
+    """An HTTP/1.1 upstream that notes, for each request, the connection it came on."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, int]] = []  # method, path, nginx's source port
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def handle_one_request(self) -> None:  # noqa: D102 - every method alike
+                self.raw_requestline = self.rfile.readline(65537)
+                if not self.raw_requestline or not self.parse_request():
+                    self.close_connection = True
+                    return
+                if self.headers.get("Transfer-Encoding") == "chunked":
+                    while size := int(self.rfile.readline(), 16):
+                        self.rfile.read(size + 2)
+                    self.rfile.readline()
+                else:
+                    self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                server.seen.append((self.command, self.path, self.client_address[1]))
+                self.send_response(202 if self.command == "PATCH" else 201)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        server = self
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+def test_what_must_not_run_twice_reaches_the_registry_on_a_new_connection(tmp_path):
+    # A registry retiring in a handover may close an idle connection on which it has
+    # just read a request, and still carry the request out (golang/go#65802): nginx
+    # then sends it to the other registry too. An upload's final PUT or a DELETE done
+    # twice fails the second time, so nginx never sends one on a reused connection; a
+    # pull may be repeated and keeps its connections. The real nginx, before a registry
+    # that records which connection each request came on.
+    registry = RecordingRegistry()
+    threading.Thread(target=registry.serve_forever, daemon=True).start()
+    port = free_port()
+    settings = settings_for(
+        tmp_path,
+        registry_external_url=f"https://localhost:{port}",
+        nginx={"http_port": free_port(), "listen_addresses": ["127.0.0.1"]},
+        registry={"http_addr": f"127.0.0.1:{registry.server_address[1]}"},
+    )
+    with_certificate(settings)
+    assert nginx_accepts(settings, nginx_config(settings)).returncode == 0
+    server = subprocess.Popen(
+        [*nginx.command(settings, settings.paths.nginx_config), "-g", "daemon off;"],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        context = ssl.create_default_context(cafile=settings.registry_nginx.ssl_certificate)
+        client = http.client.HTTPSConnection("localhost", port, context=context)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.connect()
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline and server.poll() is None, "nginx did not start"
+                time.sleep(0.05)
+        upload = "/v2/a/blobs/uploads/7f0e?_state=s&digest=sha256:" + "0" * 64
+        requests = [
+            ("GET", "/v2/a/blobs/sha256:" + "1" * 64, None),
+            ("GET", "/v2/a/manifests/latest", None),
+            ("PUT", upload, b"config"),
+            ("PUT", upload, b""),
+            ("DELETE", "/v2/a/blobs/sha256:" + "2" * 64, None),
+            ("PATCH", "/v2/a/blobs/uploads/7f0e", b"x" * (2 * 1024 * 1024)),
+            ("HEAD", "/v2/a/blobs/sha256:" + "1" * 64, None),
+            ("GET", "/v2/", None),
+        ]
+        for method, path, body in requests:
+            client.request(method, path, body=body)
+            client.getresponse().read()
+        client.close()
+    finally:
+        server.terminate()
+        server.wait(10)
+        registry.shutdown()
+    assert [(method, path) for method, path, _ in registry.seen] == [
+        (method, path) for method, path, _ in requests
+    ]
+    once = [port for method, _, port in registry.seen if method in ("PUT", "DELETE", "PATCH")]
+    again = [port for method, _, port in registry.seen if method in ("GET", "HEAD")]
+    assert len(set(once)) == len(once) and not set(once) & set(again), registry.seen
+    assert len(set(again)) < len(again), registry.seen  # pulls keep their connection
 
 
 def test_manifest_writes_pass_the_tag_rules_first_and_nothing_else_does(tmp_path):

@@ -337,7 +337,8 @@ def test_program_runs_the_registry_on_its_config(tmp_path):
     wrapper = program_json(tmp_path)
     assert wrapper["command"] == ["/usr/bin/docker-registry", "serve", str(config)]
     assert wrapper["primary"] == "127.0.0.1:5000"
-    assert wrapper["standby"] is None  # tmp_path is too deep for a socket path
+    deep = tmp_path / ("deep" * 20)  # too deep for a socket path (107 bytes)
+    assert program_json(deep, auth={"listen_network": "tcp"})["standby"] is None
     assert (
         program_json(Path("/srv/appliance"))["standby"]
         == "/srv/appliance/var/opt/appliance/registry-socket/standby.sock"

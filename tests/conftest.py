@@ -19,6 +19,7 @@ from tests.support.postgres import (  # noqa: F401 - fixtures, found by name
 PACKAGE_TESTS = Path(__file__).parent / "package"
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         path = Path(item.path)

@@ -51,6 +51,7 @@ from appliance.contracts import Service
 from appliance.errors import ApplianceError
 
 if TYPE_CHECKING:
+    from appliance.auth.database import Database
     from appliance.cluster import Verdict
     from appliance.registry_api import RegistryAPI
     from appliance.registry_storage import S3Storage, Storage
@@ -131,6 +132,10 @@ class CheckPlan:
     cluster: Callable[[], Verdict | None] | None = None
     # The registry's Redis (redis.url): host:port, password; None without one.
     redis: tuple[str, str | None] | None = None
+    # The token service's database (a SQLite file or PostgreSQL); None without the service.
+    database: Database | None = None
+    # janitor.json, the janitor's last run and next; None with the janitor off.
+    janitor_state: Path | None = None
 
 
 @dataclass
@@ -182,6 +187,8 @@ def run(plan: CheckPlan) -> Report:
         check_disks,
         check_cluster,
         check_redis,
+        check_database,
+        check_janitor,
     ]
     with ThreadPoolExecutor(max_workers=len(groups)) as pool:
         futures = [pool.submit(_guarded, group, plan) for group in groups]
@@ -194,6 +201,7 @@ GROUP_NAMES = {
     "check_token_round_trip": ("token round trip", "appliance-ctl tail auth says why."),
     "check_storage": ("storage", "check registry.storage and appliance-ctl tail registry."),
     "check_cluster": ("cluster", "check registry.storage: every node must share it."),
+    "check_database": ("auth database", ""),
 }
 
 
@@ -618,6 +626,80 @@ def check_redis(plan: CheckPlan) -> list[Result]:
             f"{address} does not answer PING ({answer}): the registry reads every blob "
             f"descriptor from the storage (slower, nothing fails).",
             "check redis.url, redis.password_file and that Redis accepts this host.",
+        )
+    ]
+
+
+def check_database(plan: CheckPlan) -> list[Result]:
+    """The token service's users, projects and tokens: a database it cannot reach, or
+    whose schema is not the one this version writes, refuses every sign-in. The schema
+    number is read without changing anything (SQLite opened read-only)."""
+    if plan.database is None:
+        return []
+    from appliance.auth.migrations import MIGRATIONS
+    from appliance.auth.store import schema_version
+
+    name = "auth database"
+    where = (
+        f"PostgreSQL {plan.database}"
+        if not isinstance(plan.database, Path)
+        else (f"SQLite {plan.database}")
+    )
+    version = schema_version(plan.database)  # unreachable: one sentence, see _guarded
+    current = len(MIGRATIONS)
+    if version is None:
+        return [
+            Result(
+                name,
+                FAIL,
+                f"{where} holds no schema yet: the token service cannot start on it.",
+                "run appliance-ctl reconfigure (it creates the schema).",
+            )
+        ]
+    if version < current:
+        return [
+            Result(
+                name,
+                FAIL,
+                f"{where} has schema {version}, this version needs {current}.",
+                "run appliance-ctl reconfigure (it migrates the schema).",
+            )
+        ]
+    if version > current:
+        return [
+            Result(
+                name,
+                FAIL,
+                f"{where} has schema {version}, newer than this version's {current}: a "
+                f"newer appliance migrated it.",
+                "install on this host the package version the other nodes run.",
+            )
+        ]
+    return [Result(name, OK, f"{where} answers; schema {version}, current.")]
+
+
+def check_janitor(plan: CheckPlan) -> list[Result]:
+    """The scheduled retention and collection run unattended: a failed run says so only
+    in the janitor's log, so the next check warns until a run succeeds."""
+    if plan.janitor_state is None:
+        return []
+    from appliance.retention import read_janitor_state, stamp
+
+    state = read_janitor_state(plan.janitor_state)
+    last, upcoming = state.get("last") or {}, state.get("next")
+    following = f" The next run is at {stamp(upcoming)}." if upcoming else ""
+    if not last:
+        return [Result("janitor", OK, f"no scheduled run yet.{following}")]
+    when = stamp(last.get("started", 0))
+    if last.get("result", "ok") == "ok":
+        return [Result("janitor", OK, f"the last run ({when}) succeeded.{following}")]
+    return [
+        Result(
+            "janitor",
+            WARN,
+            f"the last run ({when}) ended with: {last['result']}.{following}",
+            "appliance-ctl tail janitor says why; appliance-ctl retention run and "
+            "appliance-ctl registry-garbage-collect run the same steps by hand.",
         )
     ]
 

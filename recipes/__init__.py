@@ -298,6 +298,8 @@ def check_plan(settings: Settings) -> CheckPlan:
         ntp_servers=check.host_ntp_servers(),
         cluster=lambda: cluster_verdict(settings, secrets_module.for_settings(settings)),
         redis=redis_probe(settings),
+        database=settings.auth_database if settings.auth.enable else None,
+        janitor_state=settings.paths.janitor_state if settings.janitor.enable else None,
     )
 
 

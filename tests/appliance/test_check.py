@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import os
 import re
+import sqlite3
 import ssl
 import urllib.request
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from appliance import pki
+from appliance.auth.migrations import MIGRATIONS
 from appliance.check import FAIL, OK, SKIP, probe_s3
 from appliance.registry_storage import S3Storage
 from tests.support.appliance import ApplianceUnderTest
@@ -80,15 +82,18 @@ def test_a_healthy_appliance_passes_every_check(appliance) -> None:
         "push and pull",
         "disk storage",
         "disk logs",
+        "auth database",
     ):
         assert results[name]["status"] == OK, text
+    assert f"schema {len(MIGRATIONS)}, current" in results["auth database"]["message"]
+    assert "janitor" not in results  # janitor.enable is false by default
     ports = [name for name in results if name.startswith("port ")]
     assert len(ports) == 2  # nginx.http_port and registry_nginx.listen_port
     # Nothing external is reachable here: the clock is skipped with a note, quickly.
     assert results["clock"]["status"] in (SKIP, OK)
     # The last line counts the results and says how long the checks took (bench/check
     # measures it; a timed test would only measure the machine's other load).
-    assert re.search(r"^check: (15 ok, 1 skip|16 ok) in \d+\.\d\d s$", text, re.M), text
+    assert re.search(r"^check: (16 ok, 1 skip|17 ok) in \d+\.\d\d s$", text, re.M), text
     # The probe repository is gone: no directory of it, nothing in the catalog.
     repositories = storage_root(appliance) / "docker/registry/v2/repositories"
     assert not (repositories / "appliance--check").exists()
@@ -170,6 +175,37 @@ def test_unwritable_storage_fails(appliance) -> None:
         assert "appliance-ctl reconfigure" in storage["fix"]
     finally:
         os.chmod(root, mode)
+    assert run_check(appliance)[0] == 0
+
+
+def set_schema_version(database: Path, version: int) -> None:
+    connection = sqlite3.connect(database)
+    try:
+        connection.execute(f"PRAGMA user_version = {version:d}")
+    finally:
+        connection.close()
+
+
+def test_an_auth_database_behind_this_version_fails_with_reconfigure_as_the_fix(
+    appliance,
+) -> None:
+    # What a host sees when a package upgrade ran without its reconfigure (or a restore
+    # brought back an older database): the service would refuse to start on it.
+    database = appliance.root / "var/opt/appliance/auth/auth.db"
+    current = len(MIGRATIONS)
+    set_schema_version(database, current - 1)
+    try:
+        status, results, text = run_check(appliance)
+        assert status == 1, text
+        line = results["auth database"]
+        assert line["status"] == FAIL
+        assert (
+            f"SQLite {database} has schema {current - 1}, this version needs {current}"
+            in (line["message"])
+        )
+        assert line["fix"] == "run appliance-ctl reconfigure (it migrates the schema)."
+    finally:
+        set_schema_version(database, current)
     assert run_check(appliance)[0] == 0
 
 

@@ -327,3 +327,40 @@ def test_the_probes_registry_events_are_not_recorded() -> None:
     parsed = events.parse(body)
     assert [e.repository for e in parsed.manifests] == ["team/app"]
     assert [b[0] for b in parsed.pushed_blobs] == ["team/app"]
+
+
+def test_a_failed_janitor_run_warns_until_one_succeeds(tmp_path: Path) -> None:
+    state = tmp_path / "janitor.json"
+    plan = SimpleNamespace(janitor_state=state)
+    [result] = check.check_janitor(plan)
+    assert (result.status, result.message) == (OK, "no scheduled run yet.")
+    started, upcoming = 1_800_000_000, 1_800_086_400
+    failed = "retention failed: the registry does not answer"
+    state.write_text(json.dumps({"last": {"started": started, "result": failed}, "next": upcoming}))
+    [result] = check.check_janitor(plan)
+    assert result.status == WARN
+    assert result.message == (
+        f"the last run (2027-01-15 08:00:00 UTC) ended with: {failed}."
+        " The next run is at 2027-01-16 08:00:00 UTC."
+    )
+    assert result.fix.startswith("appliance-ctl tail janitor says why")
+    state.write_text(json.dumps({"last": {"started": upcoming, "result": "ok"}}))
+    [result] = check.check_janitor(plan)
+    assert (result.status, result.message) == (
+        OK,
+        "the last run (2027-01-16 08:00:00 UTC) succeeded.",
+    )
+    assert check.check_janitor(SimpleNamespace(janitor_state=None)) == []  # janitor off
+
+
+def test_an_auth_database_with_no_schema_fails_and_says_reconfigure(tmp_path: Path) -> None:
+    database = tmp_path / "auth.db"
+    [result] = check.check_database(SimpleNamespace(database=database))
+    assert result == Result(
+        "auth database",
+        FAIL,
+        f"SQLite {database} holds no schema yet: the token service cannot start on it.",
+        "run appliance-ctl reconfigure (it creates the schema).",
+    )
+    assert not database.exists()  # asking created nothing
+    assert check.check_database(SimpleNamespace(database=None)) == []  # no token service

@@ -640,11 +640,8 @@ def check_database(plan: CheckPlan) -> list[Result]:
     from appliance.auth.store import schema_version
 
     name = "auth database"
-    where = (
-        f"PostgreSQL {plan.database}"
-        if not isinstance(plan.database, Path)
-        else (f"SQLite {plan.database}")
-    )
+    engine = "SQLite" if isinstance(plan.database, Path) else "PostgreSQL"
+    where = f"{engine} {plan.database}"
     version = schema_version(plan.database)  # unreachable: one sentence, see _guarded
     current = len(MIGRATIONS)
     if version is None:

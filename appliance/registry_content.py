@@ -143,6 +143,19 @@ class RepositoryRow:
 
 
 @dataclass(frozen=True)
+class PlatformManifest:
+    """One platform's manifest of an index: what `docker pull REPO@DIGEST` fetches for
+    that platform alone, and what a scanner or a signature names."""
+
+    platform: str
+    digest: str
+    size: int  # the manifest and its blobs
+
+    def to_json(self) -> dict:
+        return {"platform": self.platform, "digest": self.digest, "size": self.size}
+
+
+@dataclass(frozen=True)
 class TagRow:
     tag: str
     digest: str
@@ -150,6 +163,7 @@ class TagRow:
     platforms: tuple[str, ...]
     size: int  # the manifest and everything it references (an index: its children's too)
     created: dt.datetime | None  # the image config's; an index's: its newest child's
+    manifests: tuple[PlatformManifest, ...] = ()  # an index's platform manifests
 
     def to_json(self) -> dict:
         return {
@@ -159,6 +173,7 @@ class TagRow:
             "platforms": list(self.platforms),
             "size": self.size,
             "created": format_created(self.created),
+            "manifests": [m.to_json() for m in self.manifests],
         }
 
 
@@ -211,7 +226,8 @@ def repository_rows(
 
 
 def tag_rows(content: Content, storage: Storage, name: str) -> list[TagRow]:
-    """Every tag of repository `name`: digest, platforms, size, creation date."""
+    """Every tag of repository `name`: digest, platforms, size, creation date, and an
+    index's platform manifests."""
     repository = _existing(content, name)
     configs: dict[str, dict] = {}
 
@@ -241,7 +257,14 @@ def tag_rows(content: Content, storage: Storage, name: str) -> list[TagRow]:
                 for child in manifest.children
             ]
             created = max((d for d in dates if d), default=None)
+            manifests = tuple(
+                PlatformManifest(
+                    child.platform or "unknown", child.digest, size_of(content, child.digest)
+                )
+                for child in manifest.children
+            )
         else:
+            manifests = ()
             config = config_of(manifest)
             platform = "/".join(
                 str(config[key]) for key in ("os", "architecture", "variant") if config.get(key)
@@ -256,6 +279,7 @@ def tag_rows(content: Content, storage: Storage, name: str) -> list[TagRow]:
                 platforms,
                 size_of(content, digest),
                 created,
+                manifests,
             )
         )
     return rows

@@ -591,6 +591,11 @@ SCHEMAS: dict[str, dict] = {
             "pushed_at": _TIME,
             "pushed_by": {"type": "string", "nullable": True},
             "last_pulled": _TIME,
+            "manifests": {
+                "type": "array",
+                "description": "an index's platform manifests (empty for an image)",
+                "items": _object({"platform": _STRING, "digest": _STRING, "size": _INT}),
+            },
         }
     ),
     "Deleted": _object({"deleted": {"type": "array", "items": _STRING}}),

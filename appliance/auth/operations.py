@@ -58,6 +58,7 @@ from appliance.auth.store import (
 from appliance.auth.usage import project_bytes, project_history
 from appliance.errors import ApplianceError, AuthError, UsageError
 from appliance.registry_content import (
+    PlatformManifest,
     RepositoryRow,
     TagDeletePlan,
     TagRow,
@@ -180,6 +181,7 @@ class TagView:
     pushed_at: float | None  # from the push history where it exists
     pushed_by: str | None
     last_pulled: float | None
+    manifests: tuple[PlatformManifest, ...] = ()  # an index's platform manifests
 
     def to_json(self) -> dict:
         return {
@@ -193,6 +195,7 @@ class TagView:
             "pushed_at": self.pushed_at,
             "pushed_by": self.pushed_by,
             "last_pulled": self.last_pulled,
+            "manifests": [m.to_json() for m in self.manifests],
         }
 
 
@@ -448,6 +451,7 @@ def _tag_view(name: str, row: TagRow, facts: retention.TagFacts | None) -> TagVi
         facts.pushed_at if facts else None,
         facts.pushed_by if facts and facts.pushed_at else None,
         facts.last_pulled if facts else None,
+        row.manifests,
     )
 
 

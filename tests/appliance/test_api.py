@@ -174,6 +174,11 @@ def test_an_index_a_shared_digest_and_a_repository_delete(appliance, tmp_path):
     rows = {t["tag"]: t for t in tags}
     assert rows["multi"]["platforms"] == ["linux/amd64", "linux/arm64"]
     assert rows["multi"]["size"] == index.size and rows["multi"]["digest"] == index.index_digest
+    assert rows["multi"]["manifests"] == [
+        {"platform": platform, "digest": child.manifest_digest, "size": child.size}
+        for platform, child in index.children.items()
+    ]
+    assert rows["v1"]["manifests"] == []
     status, error = api(appliance, "DELETE", "/api/v1/repositories/team%2Fapp%2Fmore/tags/v1", me)
     assert status == 409
     assert error["message"] == (

@@ -133,6 +133,7 @@ def test_tag_list_reports_digest_platforms_size_and_creation_as_pushed(appliance
         "platforms": ["linux/amd64"],
         "size": image.size,  # manifest + config + layer, as pushed
         "created": "2024-05-01T10:00:00Z",
+        "manifests": [],  # an image, not an index
     }
     assert rows["latest"]["digest"] == image.manifest_digest
     assert rows["multi"] == {
@@ -142,6 +143,10 @@ def test_tag_list_reports_digest_platforms_size_and_creation_as_pushed(appliance
         "platforms": ["linux/amd64", "linux/arm64"],
         "size": index.size,  # the index, both platform manifests and their blobs
         "created": "2024-06-02T07:30:00Z",  # the newest platform's, in UTC
+        "manifests": [
+            {"platform": platform, "digest": child.manifest_digest, "size": child.size}
+            for platform, child in index.children.items()
+        ],
     }
     assert root.digest("team/app/list", "multi") == index.index_digest
     table = appliance.ctl("tag", "list", "team/app/list").stdout.splitlines()

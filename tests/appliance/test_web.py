@@ -263,6 +263,7 @@ def pushed(appliance, tmp_path_factory) -> dict:
     return {
         "v2": client.digest("team/app/web", "v2"),
         "multi": index.index_digest,
+        "multi_children": {p: child.manifest_digest for p, child in index.children.items()},
         "client": client,
     }
 
@@ -305,6 +306,21 @@ def test_browse_to_a_tag_and_copy_the_pull_command(appliance, maint, pushed) -> 
         "navigator.clipboard.readText().then(done, e => done('failed: ' + e));"
     )
     assert copied == command
+
+
+def test_a_multi_platform_tag_shows_each_platforms_manifest(appliance, maint, pushed) -> None:
+    maint.open("/repositories/team/app/web/-/tags/multi")
+    assert pushed["multi"] in maint.text()
+    rows = [
+        row.text for row in maint.driver.find_elements("css selector", "table.manifests tbody tr")
+    ]
+    assert len(rows) == 2
+    for (platform, digest), row in zip(pushed["multi_children"].items(), rows, strict=True):
+        assert row.startswith(f"{platform} {digest} ")
+        assert f"docker pull {appliance.registry_address}/team/app/web@{digest}" in row
+    maint.check("tag-index")
+    maint.open("/repositories/team/app/web/-/tags/v2")  # an image: no such table
+    assert not maint.driver.find_elements("css selector", "table.manifests")
 
 
 def test_maintainer_deletes_a_tag(appliance, maint, pushed) -> None:

@@ -237,7 +237,7 @@ def check_plan(settings: Settings) -> CheckPlan:
     from appliance.auth.tokens import TokenSigner
     from appliance.certificates import certificate_paths
     from appliance.pipeline import stopped_by_admin, supervisord_pid
-    from recipes import base, registry, tls
+    from recipes import base, janitor, registry, tls
 
     p, n, rn = settings.paths, settings.nginx, settings.registry_nginx
     local = [{"*": "127.0.0.1", "[::]": "[::1]"}.get(a, a) for a in n.listen_addresses]
@@ -299,7 +299,7 @@ def check_plan(settings: Settings) -> CheckPlan:
         cluster=lambda: cluster_verdict(settings, secrets_module.for_settings(settings)),
         redis=redis_probe(settings),
         database=settings.auth_database if settings.auth.enable else None,
-        janitor_state=settings.paths.janitor_state if settings.janitor.enable else None,
+        janitor_state=settings.paths.janitor_state if janitor.janitor_wanted(settings) else None,
     )
 
 

@@ -1229,19 +1229,20 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
 
 
 _URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@")
+# libpq also takes a password as a URL parameter (?password=..., ?sslpassword=...).
+_URL_PASSWORD_PARAMETER = re.compile(r"([?&](?:ssl)?password=)[^&]*")
 
 
 def _show(key: str, value: Any) -> str:
     if is_sensitive(str(key)):
         return "the value"
     if isinstance(value, str):
-        # a URL's password (redis://:PASSWORD@host) is no more shown than a password key
-        value = _URL_PASSWORD.sub(r"\1********@", value)
+        # A URL's password (redis://:PASSWORD@host, a database_url's user:PASSWORD@ or
+        # ?password=) is no more shown than a password key.
+        value = _URL_PASSWORD.sub(r"\1***@", value)
+        value = _URL_PASSWORD_PARAMETER.sub(r"\1***", value)
     # JSON quoting: a newline or quote in the value stays visible and the problem stays
     # on one line of the report.
-    if isinstance(value, str):
-        # A URL given with its password (a database_url, say) is shown without it.
-        value = re.sub(r"(://[^/@:\s]*):[^@/\s]*@", r"\1:***@", value)
     text = json.dumps(value[:100], ensure_ascii=False) if isinstance(value, str) else _brief(value)
     return text if len(text) < 80 else text[:77] + '..."'
 

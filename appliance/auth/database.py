@@ -28,7 +28,7 @@ import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 URL_SCHEMES = ("postgresql", "postgres")
 
@@ -94,9 +94,10 @@ def url_problem(url: str) -> str | None:
     if not sep or scheme not in URL_SCHEMES:
         return "must start with postgresql://"
     netloc, _, path = rest.partition("/")
-    path = path.partition("?")[0]
+    path, _, query = path.partition("?")
     userinfo, at, hosts = netloc.rpartition("@")
-    if ":" in userinfo:
+    parameters = {name for name, _ in parse_qsl(query, keep_blank_values=True)}
+    if ":" in userinfo or parameters & {"password", "sslpassword"}:
         return (
             "must not hold the password (postgresql://user@host:port/db); put it in the file"
             " named by auth.database_password_file"

@@ -397,6 +397,15 @@ BAD_CONFIGS = {
             " put it in the file named by auth.database_password_file"
         ],
     ),
+    "database URL with a password parameter: the password is not repeated": (
+        {"auth": {"database_url": "postgresql://app@db/registry?sslmode=require&password=hunter2"}},
+        [
+            'auth.database_url: "postgresql://app@db/registry?sslmode=require&password=***" is'
+            " not a usable database URL: it must not hold the password"
+            " (postgresql://user@host:port/db); put it in the file named by"
+            " auth.database_password_file"
+        ],
+    ),
     "database URL of another engine": (
         {"auth": {"database_url": "mysql://app@db/registry"}},
         [

@@ -274,11 +274,17 @@ def schema_version(db_path: Database) -> int | None:
     check_database_files(db_path)  # a linked auth.db-wal: one sentence, never followed
     if not db_path.exists():
         return None
-    connection = _read_only(db_path)
     try:
-        return connection.execute("PRAGMA user_version").fetchone()[0]
-    finally:
-        connection.close()
+        connection = _read_only(db_path)
+        try:
+            return connection.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            connection.close()
+    except sqlite3.Error as error:  # not a database, damaged, unreadable: one sentence
+        raise AuthError(
+            f"The auth database {db_path} cannot be read: {error}; restore it from a backup"
+            " (appliance-ctl restore)."
+        ) from None
 
 
 def user_exists(db_path: Database, username: str) -> bool:

@@ -364,3 +364,15 @@ def test_an_auth_database_with_no_schema_fails_and_says_reconfigure(tmp_path: Pa
     )
     assert not database.exists()  # asking created nothing
     assert check.check_database(SimpleNamespace(database=None)) == []  # no token service
+
+
+def test_a_damaged_auth_database_is_one_sentence_not_a_traceback(tmp_path: Path) -> None:
+    database = tmp_path / "auth.db"
+    database.write_bytes(b"not a database, but a file in its place\n" * 100)
+    [result] = check._guarded(check.check_database, SimpleNamespace(database=database))
+    assert result == Result(
+        "auth database",
+        FAIL,
+        f"The auth database {database} cannot be read: file is not a database; restore it"
+        " from a backup (appliance-ctl restore).",
+    )
